@@ -1,0 +1,21 @@
+"""regrow: sparse training and post-training sparsity for PyTorch.
+
+The pieces (structures, criteria, allocation, schedules) compose into methods with an optimizer-like
+lifecycle::
+
+    import regrow
+    sp = regrow.RigL(model, optimizer, sparsity=0.9, distribution="erk", total_steps=10_000)
+    ...  # loss.backward(); optimizer.step(); sp.step()
+    sp.finalize()
+"""
+
+__version__ = "0.1.0"
+
+from . import allocation, criteria, masking, schedules, structures  # noqa: E402
+from .errors import CheckpointError, ConfigError, DataError, RegrowError, TrainingDivergedError  # noqa: E402
+from .methods import GMP, SET, Dense, OneShot, RigL, Sparsifier, Static, create  # noqa: E402
+from .models import create_model  # noqa: E402
+
+__all__ = ["GMP", "SET", "CheckpointError", "ConfigError", "DataError", "Dense", "OneShot", "RegrowError", "RigL",
+           "Sparsifier", "Static", "TrainingDivergedError", "allocation", "create", "create_model", "criteria",
+           "masking", "schedules", "structures"]

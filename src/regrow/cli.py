@@ -1,0 +1,201 @@
+"""Command line: ``regrow train | eval | report | demo | methods``.
+
+Every error of the regrow family is printed as one line on stderr (no traceback) with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .allocation import DISTRIBUTIONS
+from .errors import ConfigError, RegrowError
+from .methods import METHODS, method_options
+from .models import MODELS
+
+
+def _parse_option(text: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--opt takes key=value, got {text!r}")
+    low = raw.lower()
+    if low in ("true", "false"):
+        return key, low == "true"
+    for cast in (int, float):
+        try:
+            return key, cast(raw)
+        except ValueError:
+            pass
+    return key, raw
+
+
+def _train_parser(sub) -> None:
+    p = sub.add_parser("train", help="train a model with a sparsification method",
+                       description="Train with a sparsification method and write DIR/summary.json, "
+                                   "DIR/metrics.jsonl, DIR/model.safetensors and a resumable checkpoint.",
+                       epilog="Method options (--opt key=value; a float in (0, 1] for a step option is a fraction "
+                              "of training, an int is a step count):\n" + _methods_text(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="resnet20", help=f"one of {', '.join(MODELS)} (default resnet20)")
+    p.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist (default) or synthetic")
+    p.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST idx .gz files "
+                   "(default $REGROW_DATA_DIR, else /usr/share/datasets/fashion-mnist)")
+    p.add_argument("--method", default="rigl", help=f"one of {', '.join(METHODS)} (default rigl)")
+    p.add_argument("--sparsity", type=float, default=0.9, help="target fraction of zeros in [0, 1) (default 0.9)")
+    p.add_argument("--distribution", default="erk", help=f"one of {', '.join(DISTRIBUTIONS)} (default erk)")
+    p.add_argument("--structure", default="unstructured", help="unstructured (default) or N:M such as 2:4")
+    p.add_argument("--dense-first", action="store_true", help="keep the first layer dense")
+    p.add_argument("--dense-last", action="store_true", help="keep the last layer dense")
+    p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="a method option (repeatable)")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (schedules use it)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.1, help="peak learning rate of the cosine schedule")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--no-nesterov", action="store_true")
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--warmup-epochs", type=float, default=0.0)
+    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--no-augment", action="store_true", help="no random crop and flip")
+    p.add_argument("--train-subset", type=int, default=None, help="train on a seeded subset of N samples")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/latest", help="output folder (default runs/latest)")
+    p.add_argument("--log-every", type=int, default=50, help="steps between metric lines")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: every epoch)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _methods_text() -> str:
+    lines = []
+    for name, cls in METHODS.items():
+        if name == "dense":
+            lines.append("  dense: no options")
+            continue
+        own = {k: v for k, v in method_options(cls).items()
+               if k not in ("sparsity", "distribution", "structure", "total_steps", "include", "exclude",
+                            "dense_first", "dense_last", "seed")}
+        lines.append(f"  {name}: " + (", ".join(f"{k}={v}" for k, v in own.items()) or "no options"))
+    return "\n".join(lines)
+
+
+def _config_from(args) -> Any:
+    from .training import TrainConfig
+
+    return TrainConfig(
+        model=args.model, dataset=args.dataset, data_dir=args.data_dir, method=args.method, sparsity=args.sparsity,
+        distribution=args.distribution, structure=args.structure, method_options=dict(map(_parse_option, args.opt)),
+        dense_first=args.dense_first, dense_last=args.dense_last, epochs=args.epochs, max_steps=args.max_steps,
+        batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, nesterov=not args.no_nesterov,
+        weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing,
+        augment=not args.no_augment, train_subset=args.train_subset, seed=args.seed, log_every=args.log_every,
+        checkpoint_every=args.checkpoint_every, progress=not args.no_progress)
+
+
+def cmd_train(args) -> int:
+    from .training import Trainer
+
+    summary = Trainer(_config_from(args), args.out).run(resume=args.resume)
+    print(f"{summary['method']} {summary['model']}: test accuracy {summary['test_accuracy']:.4f}, sparsity "
+          f"{summary['sparsity_actual']:.4f}, training FLOPs {summary['train_flops_ratio']:.3f}× dense, "
+          f"{summary['wall_seconds']:.1f} s -> {Path(args.out) / 'summary.json'}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import format_report, plot_densities, read_summary
+
+    summary = read_summary(args.run)
+    print(json.dumps(summary, indent=2) if args.json else format_report(summary))
+    if args.plot:
+        plot_densities(summary, args.plot)
+        print(f"per-layer density plot -> {args.plot}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .data import load_dataset
+    from .training import evaluate, load_model
+
+    model, meta = load_model(args.checkpoint, expect_model=args.model)
+    data = load_dataset(args.dataset or meta["dataset"], "test", args.data_dir)
+    if (data.in_channels, data.input_size, data.num_classes) != (meta["in_channels"], meta["input_size"],
+                                                                 meta["num_classes"]):
+        raise ConfigError(f"{args.checkpoint} expects {meta['in_channels']}×{meta['input_size']}² inputs and "
+                          f"{meta['num_classes']} classes; the dataset does not match")
+    accuracy, loss = evaluate(model, data)
+    from . import masking
+
+    layers = masking.masked_layers(model)
+    total = sum(m.weight_mask.numel() for m in layers.values())
+    sparsity = 1 - sum(float(m.weight_mask.sum()) for m in layers.values()) / total if total else 0.0
+    result = {"checkpoint": str(args.checkpoint), "model": meta["model"], "test_accuracy": accuracy,
+              "test_loss": loss, "sparsity": sparsity}
+    print(json.dumps(result) if args.json else
+          f"{meta['model']}: test accuracy {accuracy:.4f}, loss {loss:.4f}, sparsity {sparsity:.4f}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .report import format_report
+    from .training import TrainConfig, Trainer
+
+    out = Path(args.out)
+    config = TrainConfig(model="resnet20", method="rigl", sparsity=0.9, distribution="erk", epochs=1,
+                         max_steps=args.max_steps, data_dir=args.data_dir, seed=0, progress=not args.no_progress)
+    print("regrow demo: RigL, ResNet-20 on Fashion-MNIST, 90 % sparsity (ERK), one epoch")
+    summary = Trainer(config, out).run(resume=(out / "checkpoint.safetensors").exists())
+    print(format_report(summary))
+    return 0
+
+
+def cmd_methods(args) -> int:
+    print(_methods_text())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="regrow", description="Sparse training and pruning for PyTorch")
+    parser.add_argument("--version", action="version", version=f"regrow {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub)
+    r = sub.add_parser("report", help="per-layer table, parameters, MACs and sparsity of a finished run")
+    r.add_argument("run", help="the --out folder of 'regrow train'")
+    r.add_argument("--json", action="store_true", help="print the whole summary as JSON")
+    r.add_argument("--plot", default=None, metavar="PNG", help="also write a per-layer density plot")
+    e = sub.add_parser("eval", help="re-evaluate a saved model (model.safetensors or checkpoint.safetensors)")
+    e.add_argument("checkpoint")
+    e.add_argument("--model", default=None, help="fail unless the checkpoint is of this architecture")
+    e.add_argument("--dataset", default=None, help="default: the dataset it was trained on")
+    e.add_argument("--data-dir", default=None)
+    e.add_argument("--json", action="store_true")
+    d = sub.add_parser("demo", help="a short sparse training on Fashion-MNIST that ends with a report")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--data-dir", default=None)
+    d.add_argument("--max-steps", type=int, default=None, help="shorten the demo")
+    d.add_argument("--no-progress", action="store_true")
+    sub.add_parser("methods", help="list the methods and their options")
+    return parser
+
+
+COMMANDS = {"train": cmd_train, "report": cmd_report, "eval": cmd_eval, "demo": cmd_demo, "methods": cmd_methods}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except RegrowError as e:
+        print(f"regrow: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("regrow: interrupted; the last checkpoint is intact (resume with --resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,238 @@
+"""The masking core: binary masks that live in the model, and an optimizer guard that keeps them honest.
+
+A masked layer keeps its dense ``weight`` parameter (so pruned values are remembered, as IEE needs) and gets a
+buffer ``weight_mask`` in its own ``state_dict``. Its class is swapped for a subclass whose ``forward`` uses
+``weight * weight_mask``; parameters keep their identity, so an optimizer built before masking still works.
+
+Which entries the optimizer may change is a second, separate set per layer, the *trainable* set. By default it
+equals the mask; IEE's exploration sets it to the complement of the mask (active weights frozen). The
+:class:`OptimizerGuard` makes every non-trainable entry bit-identical across ``optimizer.step()`` (value and
+per-entry optimizer state such as momentum or Adam moments), whatever the optimizer does with weight decay or
+momentum. Masked-out entries additionally have their optimizer state zeroed when they are pruned
+(:func:`reset_optimizer_state`), so no momentum builds up behind a pruned weight.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import CheckpointError, ConfigError
+
+MASK = "weight_mask"
+PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+class _MaskedMixin:
+    """Forward with ``weight * weight_mask``; optionally record the dense gradient of that product."""
+
+    def forward(self, input):  # noqa: A002 - same signature as the layer it replaces
+        weight = self.weight * self.weight_mask
+        if self._regrow_capture and weight.requires_grad:
+            weight.register_hook(self._regrow_store_grad)
+        return self._regrow_forward(input, weight)
+
+    def _regrow_store_grad(self, grad: torch.Tensor) -> None:
+        # Gradient w.r.t. the effective weight: dL/dW for every entry, pruned ones included (RigL's dense grad).
+        if self._regrow_dense_grad is None:
+            self._regrow_dense_grad = grad.detach().clone()
+        else:
+            self._regrow_dense_grad += grad.detach()
+
+
+def _linear_forward(self, input, weight):
+    return F.linear(input, weight, self.bias)
+
+
+def _conv_forward(self, input, weight):
+    return self._conv_forward(input, weight, self.bias)
+
+
+_MASKED_CLASSES: dict[type, type] = {}
+
+
+def _masked_class(cls: type) -> type:
+    if cls not in _MASKED_CLASSES:
+        forward = _linear_forward if issubclass(cls, nn.Linear) else _conv_forward
+        _MASKED_CLASSES[cls] = type(f"Masked{cls.__name__}", (_MaskedMixin, cls), {"_regrow_forward": forward})
+    return _MASKED_CLASSES[cls]
+
+
+def is_masked(module: nn.Module) -> bool:
+    return isinstance(module, _MaskedMixin)
+
+
+def prunable_layers(model: nn.Module, include: Iterable[str] | None = None,
+                    exclude: Iterable[str] = ()) -> dict[str, nn.Module]:
+    """Linear and Conv layers of ``model`` in registration order (embeddings and norms are never included).
+
+    ``include`` restricts to the given module names; ``exclude`` removes names. Unknown names are an error.
+    """
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES)}
+    for name in list(include or []) + list(exclude):
+        if name not in layers:
+            raise ConfigError(f"no prunable Linear/Conv layer named {name!r}; prunable: {', '.join(layers)}")
+    if include is not None:
+        wanted = set(include)
+        layers = {n: m for n, m in layers.items() if n in wanted}
+    for name in exclude:
+        layers.pop(name, None)
+    return layers
+
+
+def add_mask(module: nn.Module) -> nn.Module:
+    """Give ``module`` an all-ones ``weight_mask`` buffer and the masked forward (idempotent)."""
+    if is_masked(module):
+        return module
+    if not isinstance(module, PRUNABLE_TYPES):
+        raise ConfigError(f"cannot mask {type(module).__name__}: only Linear and Conv1d/2d/3d layers are supported")
+    module.register_buffer(MASK, torch.ones_like(module.weight, requires_grad=False))
+    module.__class__ = _masked_class(type(module))
+    module._regrow_capture = False
+    module._regrow_dense_grad = None
+    module._regrow_trainable = None  # None: trainable set == mask
+    return module
+
+
+def remove_mask(module: nn.Module, bake: bool = True) -> nn.Module:
+    """Undo :func:`add_mask`; with ``bake`` the pruned weights are set to zero first."""
+    if not is_masked(module):
+        return module
+    with torch.no_grad():
+        if bake:
+            module.weight.mul_(module.weight_mask)
+    del module._buffers[MASK]
+    for attr in ("_regrow_capture", "_regrow_dense_grad", "_regrow_trainable"):
+        module.__dict__.pop(attr, None)
+    module.__class__ = type(module).__mro__[2]  # Masked<cls> -> (_MaskedMixin, cls)
+    return module
+
+
+def masked_layers(model: nn.Module) -> dict[str, nn.Module]:
+    return {name: m for name, m in model.named_modules() if is_masked(m)}
+
+
+def mask_of(module: nn.Module) -> torch.Tensor:
+    """The layer's mask as a bool tensor."""
+    return module.weight_mask.bool()
+
+
+def set_mask(module: nn.Module, mask: torch.Tensor) -> None:
+    if mask.shape != module.weight.shape:
+        raise ConfigError(f"mask shape {tuple(mask.shape)} != weight shape {tuple(module.weight.shape)}")
+    module.weight_mask.copy_(mask.to(module.weight_mask.dtype))
+
+
+def set_trainable(module: nn.Module, trainable: torch.Tensor | None) -> None:
+    """Restrict which entries the optimizer may change (``None``: the active ones, i.e. the mask)."""
+    if trainable is not None and trainable.shape != module.weight.shape:
+        raise ConfigError("trainable set must have the weight's shape")
+    module._regrow_trainable = None if trainable is None else trainable.bool().clone()
+
+
+def trainable_of(module: nn.Module) -> torch.Tensor:
+    return mask_of(module) if module._regrow_trainable is None else module._regrow_trainable
+
+
+def capture_dense_grad(module: nn.Module, on: bool = True) -> None:
+    """Record dL/d(weight ⊙ mask) at the next backward passes (summed) into ``dense_grad(module)``."""
+    module._regrow_capture = on
+    if not on:
+        module._regrow_dense_grad = None
+
+
+def dense_grad(module: nn.Module) -> torch.Tensor | None:
+    return module._regrow_dense_grad
+
+
+def clear_dense_grad(module: nn.Module) -> None:
+    module._regrow_dense_grad = None
+
+
+def density(module: nn.Module) -> float:
+    return float(module.weight_mask.sum().item()) / module.weight_mask.numel() if is_masked(module) else 1.0
+
+
+def reset_optimizer_state(optimizer: torch.optim.Optimizer | None, param: torch.Tensor,
+                          where: torch.Tensor) -> None:
+    """Zero every per-entry optimizer state tensor of ``param`` (momentum, Adam moments) at ``where``."""
+    if optimizer is None:
+        return
+    for value in optimizer.state.get(param, {}).values():
+        if torch.is_tensor(value) and value.shape == param.shape:
+            value.masked_fill_(where, 0)
+
+
+class OptimizerGuard:
+    """Keep non-trainable entries of masked layers bit-identical through ``optimizer.step()``.
+
+    Weight decay and momentum would otherwise move a weight whose gradient is zero. Before each step the guard
+    snapshots the value and per-entry state of every layer that has frozen entries; after the step it writes
+    them back where the entry is not trainable. State that the step creates (first step) is zeroed there.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, layers: Iterable[nn.Module]):
+        self.optimizer = optimizer
+        self.layers = list(layers)
+        self._snapshot: list = []
+        self._handles = [optimizer.register_step_pre_hook(self._before_step),
+                         optimizer.register_step_post_hook(self._after_step)]
+
+    def _before_step(self, optimizer, args, kwargs) -> None:
+        self._snapshot = []
+        for module in self.layers:
+            param = module.weight
+            frozen = ~trainable_of(module)
+            if not frozen.any():
+                continue
+            state = {k: v.clone() for k, v in optimizer.state.get(param, {}).items()
+                     if torch.is_tensor(v) and v.shape == param.shape}
+            self._snapshot.append((param, frozen, param.detach().clone(), state))
+
+    def _after_step(self, optimizer, args, kwargs) -> None:
+        with torch.no_grad():
+            for param, frozen, value, state in self._snapshot:
+                param.copy_(torch.where(frozen, value, param))
+                for key, current in optimizer.state.get(param, {}).items():
+                    if torch.is_tensor(current) and current.shape == param.shape:
+                        before = state.get(key)
+                        current.copy_(torch.where(frozen, before, current) if before is not None
+                                      else current.masked_fill(frozen, 0))
+        self._snapshot = []
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+def load_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Load a state dict that may hold masks into ``model`` (of its original class), adding masks as needed.
+
+    Mismatched keys or shapes raise :class:`CheckpointError` naming them, instead of a half-loaded model.
+    """
+    modules = dict(model.named_modules())
+    for key in state_dict:
+        if key.endswith("." + MASK) or key == MASK:
+            owner = key[: -len(MASK) - 1] if "." in key else ""
+            if owner not in modules or not isinstance(modules[owner], PRUNABLE_TYPES):
+                raise CheckpointError(f"checkpoint has a mask for {owner!r}, which this model has no layer for "
+                                      "(checkpoint of another architecture?)")
+    expected = model.state_dict()
+    masks_expected = {k for k in state_dict if k.endswith(MASK)}
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected and k not in masks_expected]
+    wrong_shape = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+                   if k in state_dict and state_dict[k].shape != v.shape]
+    if missing or unexpected or wrong_shape:
+        parts = []
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong_shape)):
+            if items:
+                parts.append(f"{label}: {', '.join(items[:4])}{' ...' if len(items) > 4 else ''}")
+        raise CheckpointError("checkpoint does not match this model (another architecture?): " + "; ".join(parts))
+    for key in masks_expected:
+        add_mask(modules[key[: -len(MASK) - 1] if "." in key else ""])
+    model.load_state_dict(state_dict, strict=True)

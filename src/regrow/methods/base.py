@@ -1,0 +1,200 @@
+"""The sparsifier lifecycle, shaped like ``torch.optim``.
+
+    sp = regrow.RigL(model, optimizer, sparsity=0.9, total_steps=10_000)
+    for x, y in data:
+        loss = criterion(model(x), y); optimizer.zero_grad(); loss.backward()
+        optimizer.step()
+        sp.step()                      # mask updates happen here, on the method's schedule
+    sp.finalize()                      # bake the masks into the weights and remove them
+
+Masks live in the model (``<layer>.weight_mask`` buffers in its ``state_dict``); the sparsifier's own
+``state_dict()`` holds only its schedule position, random generator and update history, like an optimizer's.
+Options given as a float in (0, 1] where a step count is expected (``t_end=0.75``) are fractions of
+``total_steps``; integers are absolute step counts.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import masking
+from ..allocation import DISTRIBUTIONS, keep_counts
+from ..criteria import magnitude
+from ..errors import ConfigError, check_sparsity, unknown
+from ..structures import NM, get_structure
+
+
+class Sparsifier:
+    """Masks on the prunable layers of ``model``, an optimizer guard, a seeded generator and a step counter.
+
+    Args:
+        model: the network; its Linear/Conv layers (or ``include`` minus ``exclude``) get masks.
+        optimizer: the optimizer that trains ``model``; pruned and frozen entries are kept exact through its
+            steps (see :class:`regrow.masking.OptimizerGuard`). ``None`` for mask-only use.
+        sparsity: global target fraction of zeros over the masked layers, in [0, 1).
+        distribution: ``uniform``, ``global``, ``er`` or ``erk`` (per-layer allocation).
+        structure: ``unstructured`` or ``"N:M"``; N:M fixes every supported layer at N/M density, so
+            ``sparsity`` must be 1 - N/M, and layers whose input dimension is not a multiple of M stay dense.
+        total_steps: length of training, needed for options given as fractions.
+        dense_first, dense_last: keep the first / last masked layer dense (any distribution).
+        seed: seeds the sparsifier's own generator (random masks, random growth).
+    """
+
+    name = "base"
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
+                 sparsity: float = 0.9, distribution: str = "erk", structure: str = "unstructured",
+                 total_steps: int | None = None, include: list[str] | None = None, exclude: list[str] = (),
+                 dense_first: bool = False, dense_last: bool = False, seed: int = 0):
+        self.model = model
+        self.optimizer = optimizer
+        self.sparsity = check_sparsity(sparsity)
+        if distribution not in DISTRIBUTIONS:
+            raise unknown("distribution", distribution, DISTRIBUTIONS)
+        self.distribution = distribution
+        self.structure = get_structure(structure)
+        if total_steps is not None and (not isinstance(total_steps, int) or total_steps <= 0):
+            raise ConfigError(f"total_steps must be a positive integer, got {total_steps!r}")
+        self.total_steps = total_steps
+        self.dense_first, self.dense_last = dense_first, dense_last
+        layers = masking.prunable_layers(model, include, exclude)
+        self.skipped: dict[str, str] = {}
+        if isinstance(self.structure, NM):
+            if abs(self.sparsity - (1 - self.structure.density)) > 1e-9:
+                raise ConfigError(f"{self.structure.name} sparsity is {1 - self.structure.density:g} by definition; "
+                                  f"got sparsity={self.sparsity:g}")
+            for name in [n for n, m in layers.items() if not self.structure.supports(m.weight.shape)]:
+                self.skipped[name] = f"input dimension not a multiple of {self.structure.m}"
+                del layers[name]
+        if not layers:
+            raise ConfigError("no prunable layer left to sparsify")
+        self.layers: dict[str, nn.Module] = layers
+        for module in layers.values():
+            masking.add_mask(module)
+        self.guard = masking.OptimizerGuard(optimizer, layers.values()) if optimizer is not None else None
+        self.generator = torch.Generator().manual_seed(seed)
+        self.seed = seed
+        self.step_count = 0
+        self.history: list[dict[str, Any]] = []
+        self.initialize()
+
+    # ----- schedule helpers -------------------------------------------------------------------------------
+    def steps(self, value: int | float, option: str) -> int:
+        """An option in steps: a float in (0, 1] is a fraction of ``total_steps``, an int is absolute."""
+        if isinstance(value, float):
+            if not 0.0 < value <= 1.0:
+                raise ConfigError(f"{option}={value} as a fraction of training must be in (0, 1]")
+            if self.total_steps is None:
+                raise ConfigError(f"{option}={value} is a fraction of training: pass total_steps")
+            return max(1, int(round(value * self.total_steps)))
+        if not isinstance(value, int) or value < 0:
+            raise ConfigError(f"{option} must be a step count (int >= 0) or a fraction (float), got {value!r}")
+        return value
+
+    # ----- masks ------------------------------------------------------------------------------------------
+    def target_counts(self, sparsity: float | None = None) -> dict[str, int]:
+        """Keep counts per layer at ``sparsity`` (default: the target) under this distribution and structure."""
+        sparsity = self.sparsity if sparsity is None else sparsity
+        shapes = {n: m.weight.shape for n, m in self.layers.items()}
+        if isinstance(self.structure, NM):
+            return {n: self.structure.keep_count(s, self.structure.density) for n, s in shapes.items()}
+        scores = None
+        if self.distribution == "global":
+            scores = {n: magnitude(m.weight * m.weight_mask) for n, m in self.layers.items()}
+        return keep_counts(shapes, sparsity, self.distribution, dense_first=self.dense_first,
+                           dense_last=self.dense_last, scores=scores)
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        return {n: masking.mask_of(m) for n, m in self.layers.items()}
+
+    def set_layer_mask(self, name: str, new_mask: torch.Tensor, zero_grown: bool = False) -> dict[str, int]:
+        """Install ``new_mask`` on layer ``name``; changed entries get fresh optimizer state.
+
+        ``zero_grown`` sets newly activated weights to 0 (RigL, SET); otherwise they come back with their
+        most recent value (IEE's MRU). Returns counts of dropped and grown entries.
+        """
+        module = self.layers[name]
+        old = masking.mask_of(module)
+        grown, dropped = new_mask & ~old, old & ~new_mask
+        with torch.no_grad():
+            if zero_grown:
+                module.weight.masked_fill_(grown, 0.0)
+            masking.set_mask(module, new_mask)
+        masking.reset_optimizer_state(self.optimizer, module.weight, grown | dropped)
+        return {"dropped": int(dropped.sum()), "grown": int(grown.sum())}
+
+    def select_masks(self, scores: dict[str, torch.Tensor], counts: dict[str, int]) -> None:
+        """Every layer keeps its ``counts[name]`` highest-scored units."""
+        for name in self.layers:
+            self.set_layer_mask(name, self.structure.select(scores[name], counts[name]))
+
+    def random_masks(self, counts: dict[str, int]) -> None:
+        """Random masks at the given counts, from the sparsifier's generator."""
+        scores = {n: torch.rand(m.weight.shape, generator=self.generator) for n, m in self.layers.items()}
+        self.select_masks(scores, counts)
+
+    # ----- lifecycle --------------------------------------------------------------------------------------
+    def initialize(self) -> None:
+        """Set the starting masks (all ones by default)."""
+
+    def step(self) -> None:
+        """Call once after every ``optimizer.step()``."""
+        self.step_count += 1
+        self.update(self.step_count)
+
+    def update(self, step: int) -> None:
+        """Change masks if the schedule says so at ``step`` (1-based: the number of optimizer steps taken)."""
+
+    def densities(self) -> dict[str, float]:
+        return {n: masking.density(m) for n, m in self.layers.items()}
+
+    def forward_densities(self) -> dict[str, float]:
+        """Densities as the forward pass runs now, for FLOPs accounting (IEE's exploration runs dense)."""
+        return self.densities()
+
+    def extra_flops(self, macs: dict[str, int], batch_size: int) -> float:
+        """FLOPs this step spent beyond 3 × the forward (e.g. RigL's dense gradient at an update step)."""
+        return 0.0
+
+    def actual_sparsity(self) -> float:
+        total = sum(m.weight_mask.numel() for m in self.layers.values())
+        kept = sum(float(m.weight_mask.sum()) for m in self.layers.values())
+        return 1.0 - kept / total
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"method": self.name, "step_count": self.step_count, "generator": self.generator.get_state(),
+                "history": [dict(h) for h in self.history]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("method") != self.name:
+            raise ConfigError(f"sparsifier state is for {state.get('method')!r}, not {self.name!r}")
+        self.step_count = int(state["step_count"])
+        self.generator.set_state(state["generator"])
+        self.history = [dict(h) for h in state["history"]]
+        self.prepare()
+
+    def prepare(self) -> None:
+        """Set up what the next step needs (e.g. gradient capture); runs after every step and after loading."""
+
+    def finalize(self) -> nn.Module:
+        """Bake masks into the weights, remove them and the optimizer guard; return the plain model."""
+        if self.guard is not None:
+            self.guard.remove()
+        for module in self.layers.values():
+            masking.remove_mask(module, bake=True)
+        return self.model
+
+
+def method_options(cls: type) -> dict[str, Any]:
+    """Keyword options of a sparsifier class and its bases, with defaults (for help texts and validation)."""
+    options: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        if "__init__" in vars(klass) and issubclass(klass, Sparsifier):
+            for p in inspect.signature(klass.__init__).parameters.values():
+                if p.kind is p.KEYWORD_ONLY:
+                    options[p.name] = p.default
+    return options

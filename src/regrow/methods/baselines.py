@@ -1,0 +1,208 @@
+"""Baselines for sparse training (methods.md §1): dense, static, one-shot + fine-tune, GMP, SET, RigL.
+
+SET and RigL share :meth:`DynamicSparsifier.drop_and_grow` (the library's one prune step, then one grow step)
+and differ only in :meth:`grow_scores`: random for SET, |dense gradient| for RigL.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import masking
+from ..criteria import magnitude
+from ..errors import ConfigError, unknown
+from ..schedules import FRACTIONS, gmp_sparsity
+from ..structures import NM
+from .base import Sparsifier
+
+
+class Dense(Sparsifier):
+    """No masks at all: the reference every method is compared with (same API, ``step()`` does nothing)."""
+
+    name = "dense"
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
+                 total_steps: int | None = None, seed: int = 0, **ignored: Any):
+        self.model, self.optimizer, self.total_steps, self.seed = model, optimizer, total_steps, seed
+        self.sparsity, self.distribution, self.skipped = 0.0, "dense", {}
+        self.layers: dict[str, nn.Module] = {}
+        self.guard = None
+        self.generator = torch.Generator().manual_seed(seed)
+        self.step_count = 0
+        self.history: list[dict[str, Any]] = []
+
+    def actual_sparsity(self) -> float:
+        return 0.0
+
+
+class Static(Sparsifier):
+    """A random mask at the allocation's densities, never changed."""
+
+    name = "static"
+
+    def initialize(self) -> None:
+        self.random_masks(self.target_counts())
+
+
+class OneShot(Sparsifier):
+    """Train dense, prune by magnitude once to the target at ``prune_at``, then fine-tune with the mask fixed.
+
+    ``prune_at`` defaults to half of training (a fraction, or a step count).
+    """
+
+    name = "oneshot"
+
+    def __init__(self, model, optimizer=None, *, prune_at: int | float = 0.5, **base):
+        super().__init__(model, optimizer, **base)
+        self.prune_at = self.steps(prune_at, "prune_at")
+
+    def update(self, step: int) -> None:
+        if step == self.prune_at:
+            counts = self.target_counts()
+            scores = {n: magnitude(m.weight) for n, m in self.layers.items()}
+            self.select_masks(scores, counts)
+            self.history.append({"step": step, "sparsity": self.actual_sparsity()})
+
+
+class GMP(Sparsifier):
+    """Gradual magnitude pruning (Zhu & Gupta 2017): dense start, cubic ramp, fixed mask after ``end``.
+
+    Every ``interval`` steps in (``begin``, ``end``] (and at ``end``) each layer is pruned by magnitude to its
+    allocation at s_t; pruned weights never return. Defaults: begin 0, end 75 % of training, interval 100.
+    """
+
+    name = "gmp"
+
+    def __init__(self, model, optimizer=None, *, initial_sparsity: float = 0.0, begin: int | float = 0,
+                 end: int | float = 0.75, interval: int = 100, **base):
+        super().__init__(model, optimizer, **base)
+        if isinstance(self.structure, NM):
+            raise ConfigError("GMP's gradual ramp cannot express N:M sparsity; use oneshot, static, set or rigl")
+        if not 0.0 <= initial_sparsity <= self.sparsity:
+            raise ConfigError(f"initial_sparsity must be in [0, sparsity], got {initial_sparsity}")
+        self.initial_sparsity = initial_sparsity
+        self.begin = self.steps(begin, "begin")
+        self.end = self.steps(end, "end")
+        if self.end <= self.begin:
+            raise ConfigError(f"GMP needs end > begin (got {self.begin} and {self.end} steps)")
+        if not isinstance(interval, int) or interval <= 0:
+            raise ConfigError(f"interval must be a positive number of steps, got {interval!r}")
+        self.interval = interval
+
+    def is_prune_step(self, step: int) -> bool:
+        return self.begin < step <= self.end and ((step - self.begin) % self.interval == 0 or step == self.end)
+
+    def update(self, step: int) -> None:
+        if not self.is_prune_step(step):
+            return
+        target = gmp_sparsity(step, self.initial_sparsity, self.sparsity, self.begin, self.end)
+        counts = self.target_counts(target)
+        for name, module in self.layers.items():
+            mask = masking.mask_of(module)
+            excess = int(mask.sum()) - counts[name]
+            if excess > 0:
+                self.set_layer_mask(name, self.structure.prune(mask, magnitude(module.weight), excess))
+        self.history.append({"step": step, "target": target, "sparsity": self.actual_sparsity()})
+
+
+class DynamicSparsifier(Sparsifier):
+    """Drop-and-grow at constant per-layer density: every ``interval`` steps until ``t_end``.
+
+    At an update, each layer drops k = f(t)·(active count) active units by |w| and grows k inactive ones by
+    :meth:`grow_scores` (just-dropped units are eligible). f is the ``schedule`` fraction (``cosine``:
+    alpha/2·(1 + cos(pi t / t_end)); ``exponential`` too). Grown weights start at 0 with fresh optimizer state.
+    The start mask is random at the allocation's densities.
+    """
+
+    def __init__(self, model, optimizer=None, *, interval: int = 100, alpha: float = 0.3,
+                 t_end: int | float = 0.75, schedule: str = "cosine", **base):
+        if schedule not in FRACTIONS:
+            raise unknown("update-fraction schedule", schedule, FRACTIONS)
+        if not 0.0 < alpha < 1.0:
+            raise ConfigError(f"alpha (initial update fraction) must be in (0, 1), got {alpha}")
+        if not isinstance(interval, int) or interval <= 0:
+            raise ConfigError(f"interval must be a positive number of steps, got {interval!r}")
+        self.interval, self.alpha, self.schedule = interval, alpha, schedule
+        super().__init__(model, optimizer, **base)
+        self.t_end = self.steps(t_end, "t_end")
+        self.prepare()
+
+    def initialize(self) -> None:
+        self.random_masks(self.target_counts())
+
+    def fraction(self, step: int) -> float:
+        return FRACTIONS[self.schedule](step, self.alpha, self.t_end)
+
+    def is_update_step(self, step: int) -> bool:
+        return step % self.interval == 0 and step < self.t_end
+
+    def update(self, step: int) -> None:
+        if self.is_update_step(step):
+            self.drop_and_grow(step)
+        self.prepare()
+
+    def drop_and_grow(self, step: int) -> None:
+        fraction = self.fraction(step)
+        record: dict[str, Any] = {"step": step, "fraction": fraction, "dropped": 0, "grown": 0, "layers": {}}
+        for name, module in self.layers.items():
+            mask = masking.mask_of(module)
+            k = int(fraction * int(mask.sum()))
+            if k == 0:
+                continue
+            after_drop = self.structure.prune(mask, magnitude(module.weight), k)
+            new_mask = self.structure.grow(after_drop, self.grow_scores(name, module), k)
+            changed = self.set_layer_mask(name, new_mask, zero_grown=True)
+            record["layers"][name] = {"k": k, **changed}
+            record["dropped"] += k
+            record["grown"] += k
+        self.history.append(record)
+
+    def grow_scores(self, name: str, module: nn.Module) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class SET(DynamicSparsifier):
+    """SET (Mocanu et al. 2018): regrow at random among inactive weights."""
+
+    name = "set"
+
+    def grow_scores(self, name: str, module: nn.Module) -> torch.Tensor:
+        return torch.rand(module.weight.shape, generator=self.generator)
+
+
+class RigL(DynamicSparsifier):
+    """RigL (Evci et al. 2020): regrow the inactive weights with the largest dense-gradient magnitude.
+
+    The dense gradient is recorded during the backward pass of the update step's minibatch (the masking core
+    captures dL/d(W ⊙ M) only at those steps), so ``step()`` must follow that step's ``loss.backward()``.
+    """
+
+    name = "rigl"
+
+    def grow_scores(self, name: str, module: nn.Module) -> torch.Tensor:
+        grad = masking.dense_grad(module)
+        if grad is None:
+            raise ConfigError(f"RigL found no dense gradient for {name!r} at step {self.step_count}: call "
+                              "sp.step() after loss.backward() and optimizer.step() of every training step")
+        return grad.abs()
+
+    def prepare(self) -> None:
+        # Record the dense gradient during the next step only if that step updates masks.
+        wanted = self.is_update_step(self.step_count + 1)
+        for module in self.layers.values():
+            masking.capture_dense_grad(module, wanted)
+
+    def extra_flops(self, macs: dict[str, int], batch_size: int) -> float:
+        # At an update step the weight gradient is computed dense, not sparse: (1 - d) of a dense backward-
+        # weight pass (one forward's worth of FLOPs) comes on top of 3 × the sparse forward.
+        if not self.is_update_step(self.step_count):
+            return 0.0
+        return float(sum(2 * macs[n] * (1.0 - masking.density(m)) for n, m in self.layers.items()) * batch_size)
+
+
+METHODS: dict[str, type[Sparsifier]] = {
+    "dense": Dense, "static": Static, "oneshot": OneShot, "gmp": GMP, "set": SET, "rigl": RigL,
+}

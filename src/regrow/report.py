@@ -1,0 +1,82 @@
+"""Reports of a finished run: the per-layer table, parameters, MACs, target vs achieved sparsity, and a plot."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from .errors import DataError
+
+SUMMARY = "summary.json"
+
+
+def read_summary(run_dir: str | os.PathLike) -> dict[str, Any]:
+    path = Path(run_dir) / SUMMARY
+    if not path.is_file():
+        raise DataError(f"no {SUMMARY} in {run_dir}: is it the --out folder of a finished 'regrow train'?")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path} is not valid JSON: {e}") from None
+
+
+def _si(value: float) -> str:
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.2f}{unit}"
+    return f"{value:.0f}"
+
+
+def format_report(summary: dict[str, Any]) -> str:
+    rows = [("layer", "shape", "params", "nonzero", "density", "MACs")]
+    for layer in summary["layers"]:
+        nonzero = int(round(layer["numel"] * layer["density"]))
+        rows.append((layer["name"], "×".join(map(str, layer["shape"])), str(layer["numel"]), str(nonzero),
+                     f"{layer['density']:.4f}", _si(layer["macs"] * layer["density"])))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [f"run: {summary['method']} on {summary['model']} / {summary['dataset']} "
+             f"(seed {summary['seed']}, {summary['steps']} steps)"]
+    for i, row in enumerate(rows):
+        lines.append("  ".join(cell.ljust(w) if j < 2 else cell.rjust(w) for j, (cell, w) in
+                               enumerate(zip(row, widths))))
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    macs_ratio = summary["macs_sparse"] / summary["macs_dense"] if summary["macs_dense"] else 1.0
+    lines += [
+        "",
+        f"sparsity        target {summary['sparsity_target']:.4f}   achieved {summary['sparsity_actual']:.4f}"
+        f"   ({summary['distribution']}, {summary['structure']})",
+        f"parameters      {summary['params_total']:,} total, {summary['params_nonzero']:,} nonzero "
+        f"({summary['params_nonzero'] / summary['params_total']:.2%})",
+        f"MACs / sample   dense {_si(summary['macs_dense'])}, sparse {_si(summary['macs_sparse'])} "
+        f"({macs_ratio:.2%} of dense)",
+        f"training FLOPs  {_si(summary['train_flops'])} ({summary['train_flops_ratio']:.3f}× dense training "
+        f"of {_si(summary['dense_train_flops'])})",
+        f"test accuracy   {summary['test_accuracy']:.4f} (last epoch)",
+        f"wall time       {summary['wall_seconds']:.1f} s",
+    ]
+    if summary.get("skipped_layers"):
+        lines.append("left dense      " + ", ".join(f"{k} ({v})" for k, v in summary["skipped_layers"].items()))
+    return "\n".join(lines)
+
+
+def plot_densities(summary: dict[str, Any], path: str | os.PathLike) -> None:
+    """Bar chart of per-layer density."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [layer["name"] for layer in summary["layers"]]
+    fig, ax = plt.subplots(figsize=(max(6, 0.3 * len(names)), 3.5))
+    ax.bar(range(len(names)), [layer["density"] for layer in summary["layers"]], color="tab:blue")
+    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+    ax.set_ylabel("density")
+    ax.set_ylim(0, 1.05)
+    ax.set_title(f"{summary['method']} {summary['model']}: target sparsity {summary['sparsity_target']:g}, "
+                 f"achieved {summary['sparsity_actual']:.4f}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,334 @@
+"""The reference trainer: SGD + cosine learning rate, a sparsifier step after every optimizer step, JSON-lines
+metrics, atomic checkpoints every N steps, and a resume that ends bit-identical to an uninterrupted run.
+
+Everything random in a run is a function of the seed and the step (data order, augmentation, the sparsifier's
+own generator is checkpointed), so stopping after any checkpoint and resuming gives the same weights, masks and
+metrics. The output folder holds ``checkpoint.safetensors`` (resumable state), ``metrics.jsonl``,
+``model.safetensors`` (the final masked model) and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import __version__, checkpoint, masking, methods
+from .data import Dataset, batches_per_epoch, eval_batches, get_batch, load_dataset, subset_indices
+from .errors import CheckpointError, ConfigError, TrainingDivergedError, check_sparsity
+from .flops import forward_flops, layer_macs
+from .models import create_model
+from .schedules import cosine_lr
+
+CHECKPOINT, MODEL, SUMMARY, METRICS = "checkpoint.safetensors", "model.safetensors", "summary.json", "metrics.jsonl"
+# Options that do not change what a run computes, so a resume may change them.
+_RESUME_FREE = {"data_dir", "checkpoint_every", "progress"}
+
+
+@dataclass
+class TrainConfig:
+    model: str = "resnet20"
+    dataset: str = "fashion-mnist"
+    data_dir: str | None = None
+    method: str = "rigl"
+    sparsity: float = 0.9
+    distribution: str = "erk"
+    structure: str = "unstructured"
+    method_options: dict[str, Any] = field(default_factory=dict)
+    dense_first: bool = False
+    dense_last: bool = False
+    epochs: int = 1
+    max_steps: int | None = None
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 0.0
+    label_smoothing: float = 0.0
+    augment: bool = True
+    train_subset: int | None = None
+    synthetic_size: int = 512
+    seed: int = 0
+    log_every: int = 50
+    checkpoint_every: int = 0  # steps; 0: only at the end of every epoch
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.method != "dense":
+            check_sparsity(self.sparsity)
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "log_every": self.log_every}
+        for name, value in positive.items():
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps <= 0):
+            raise ConfigError(f"max_steps must be a positive integer, got {self.max_steps!r}")
+        if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
+            raise ConfigError(f"checkpoint_every must be an integer >= 0, got {self.checkpoint_every!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"lr must be a positive number, got {self.lr}")
+        if self.weight_decay < 0 or not 0 <= self.momentum < 1 or not 0 <= self.label_smoothing < 1:
+            raise ConfigError("weight_decay must be >= 0, momentum and label_smoothing in [0, 1)")
+        if self.warmup_epochs < 0:
+            raise ConfigError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in _RESUME_FREE}
+
+
+def evaluate(model: nn.Module, data: Dataset, batch_size: int = 1000) -> tuple[float, float]:
+    """(top-1 accuracy in [0, 1], mean cross-entropy) on ``data``."""
+    was_training = model.training
+    model.eval()
+    correct, loss_sum = 0, 0.0
+    with torch.no_grad():
+        for x, y in eval_batches(data, batch_size):
+            logits = model(x)
+            loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+            correct += int((logits.argmax(1) == y).sum())
+    model.train(was_training)
+    return correct / len(data), loss_sum / len(data)
+
+
+def layer_table(model: nn.Module, macs: dict[str, int]) -> list[dict[str, Any]]:
+    """Per prunable layer: name, shape, numel, density, MACs (dense) — the ``layers`` field of a summary."""
+    return [{"name": name, "shape": list(m.weight.shape), "numel": m.weight.numel(),
+             "density": masking.density(m), "macs": macs.get(name, 0)}
+            for name, m in masking.prunable_layers(model).items()]
+
+
+def model_metadata(config: TrainConfig, data: Dataset) -> dict[str, Any]:
+    return {"kind": "model", "model": config.model, "dataset": config.dataset, "in_channels": data.in_channels,
+            "num_classes": data.num_classes, "input_size": data.input_size, "method": config.method,
+            "regrow_version": __version__}
+
+
+def build_model(meta: dict[str, Any]) -> nn.Module:
+    return create_model(meta["model"], in_channels=meta["in_channels"], num_classes=meta["num_classes"],
+                        input_size=meta["input_size"])
+
+
+def load_model(path: str | os.PathLike, expect_model: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model saved in a ``model.safetensors`` or ``checkpoint.safetensors`` (masks included)."""
+    sections, meta = checkpoint.load(path)
+    if "model" not in sections or "model" not in meta:
+        raise CheckpointError(f"{path} holds no model")
+    if expect_model is not None and meta["model"] != expect_model:
+        raise CheckpointError(f"{path} is a {meta['model']} checkpoint, not {expect_model}")
+    model = build_model(meta)
+    masking.load_state_dict(model, sections["model"])
+    return model, meta
+
+
+class Trainer:
+    """One training run into ``out``; :meth:`run` trains (or resumes) and returns the summary."""
+
+    def __init__(self, config: TrainConfig, out: str | os.PathLike):
+        config.validate()
+        self.config = config
+        self.out = Path(out)
+        c = config
+        torch.manual_seed(c.seed)
+        self.train_data = load_dataset(c.dataset, "train", c.data_dir, synthetic_size=c.synthetic_size, seed=c.seed)
+        self.test_data = load_dataset(c.dataset, "test", c.data_dir, synthetic_size=c.synthetic_size, seed=c.seed)
+        if c.train_subset is not None:
+            self.train_data = self.train_data.subset(subset_indices(self.train_data.labels, c.train_subset, c.seed))
+        self.model = create_model(c.model, in_channels=self.train_data.in_channels,
+                                  num_classes=self.train_data.num_classes, input_size=self.train_data.input_size)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=c.lr, momentum=c.momentum,
+                                         nesterov=c.nesterov and c.momentum > 0, weight_decay=c.weight_decay)
+        self.steps_per_epoch = batches_per_epoch(len(self.train_data), c.batch_size)
+        self.total_steps = c.epochs * self.steps_per_epoch
+        if c.max_steps is not None:
+            self.total_steps = min(self.total_steps, c.max_steps)
+        options = dict(c.method_options)
+        if c.method != "dense":
+            options.update(sparsity=c.sparsity, distribution=c.distribution, structure=c.structure,
+                           dense_first=c.dense_first, dense_last=c.dense_last)
+        self.sparsifier = methods.create(c.method, self.model, self.optimizer, total_steps=self.total_steps,
+                                         seed=c.seed, **options)
+        self.macs = layer_macs(self.model, tuple(self.train_data.images.shape[1:]))
+        self.dense_forward = forward_flops(self.macs)
+        self.state: dict[str, Any] = {"step": 0, "train_flops": 0.0, "dense_train_flops": 0.0,
+                                      "wall_seconds": 0.0, "loss_sum": 0.0, "loss_count": 0, "evaluations": []}
+
+    # ----- persistence ------------------------------------------------------------------------------------
+    def _metadata(self) -> dict[str, Any]:
+        return {**model_metadata(self.config, self.train_data), "kind": "training",
+                "config": self.config.fingerprint(), "step": self.state["step"]}
+
+    def save_checkpoint(self) -> None:
+        for name, p in self.model.named_parameters():
+            if not torch.isfinite(p).all():
+                raise TrainingDivergedError(f"parameter {name} is not finite at step {self.state['step']}; "
+                                            "the previous checkpoint is kept")
+        sections = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    "sparsifier": self.sparsifier.state_dict(), "trainer": self.state,
+                    "rng": torch.get_rng_state()}
+        checkpoint.save(self.out / CHECKPOINT, sections, self._metadata())
+
+    def restore(self) -> None:
+        path = self.out / CHECKPOINT
+        sections, meta = checkpoint.load(path)
+        if meta.get("kind") != "training":
+            raise CheckpointError(f"{path} is not a training checkpoint")
+        saved, current = meta.get("config", {}), self.config.fingerprint()
+        diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+        if diff:
+            details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in diff[:5])
+            raise CheckpointError(f"cannot resume {path}: the configuration differs ({details})")
+        masking.load_state_dict(self.model, sections["model"])
+        self.optimizer.load_state_dict(sections["optimizer"])
+        self.sparsifier.load_state_dict(sections["sparsifier"])
+        self.state = sections["trainer"]
+        torch.set_rng_state(sections["rng"])
+        self._truncate_metrics(self.state["step"])
+
+    def _truncate_metrics(self, step: int) -> None:
+        path = self.out / METRICS
+        if not path.exists():
+            return
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        checkpoint.atomic_write(path, lambda tmp: Path(tmp).write_text("".join(ln + "\n" for ln in lines)))
+
+    def _log(self, record: dict[str, Any]) -> None:
+        with open(self.out / METRICS, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # ----- the loop ---------------------------------------------------------------------------------------
+    def train_step(self, step: int) -> float:
+        c = self.config
+        epoch, index = divmod(step, self.steps_per_epoch)
+        x, y = get_batch(self.train_data, c.batch_size, c.seed, epoch, index, train_augment=c.augment)
+        lr = cosine_lr(step, self.total_steps, c.lr, warmup=int(round(c.warmup_epochs * self.steps_per_epoch)))
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        densities = self.sparsifier.forward_densities()
+        self.model.train()
+        loss = F.cross_entropy(self.model(x), y, label_smoothing=c.label_smoothing)
+        if not torch.isfinite(loss):
+            raise TrainingDivergedError(
+                f"loss is {float(loss)} at step {step + 1} (epoch {epoch}); training stopped and the last "
+                f"checkpoint (step {self._last_saved}) was left as it was. Try a smaller --lr.")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.sparsifier.step()
+        batch = x.shape[0]
+        self.state["train_flops"] += 3 * forward_flops(self.macs, densities) * batch \
+            + self.sparsifier.extra_flops(self.macs, batch)
+        self.state["dense_train_flops"] += 3 * self.dense_forward * batch
+        return loss.item()
+
+    def run(self, resume: bool = False, stop_after: int | None = None) -> dict[str, Any] | None:
+        """Train to the end (or, for tests, stop after checkpointing at step ``stop_after``)."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        if resume:
+            self.restore()
+        elif (self.out / CHECKPOINT).exists():
+            raise CheckpointError(f"{self.out} already holds a run; pass --resume to continue it, or choose "
+                                  "another --out")
+        else:
+            (self.out / METRICS).unlink(missing_ok=True)
+        self._last_saved = self.state["step"]
+        c = self.config
+        start_time = time.perf_counter()
+        bar = _progress(self.total_steps, self.state["step"], enabled=c.progress, desc=f"{c.method} {c.model}")
+        try:
+            for step in range(self.state["step"], self.total_steps):
+                loss = self.train_step(step)
+                self.state["step"] = step + 1
+                self.state["loss_sum"] += loss
+                self.state["loss_count"] += 1
+                bar.update(1)
+                if (step + 1) % c.log_every == 0:
+                    mean = self.state["loss_sum"] / self.state["loss_count"]
+                    self._log({"step": step + 1, "epoch": step // self.steps_per_epoch, "loss": mean,
+                               "lr": self.optimizer.param_groups[0]["lr"],
+                               "sparsity": self.sparsifier.actual_sparsity()})
+                    self.state["loss_sum"], self.state["loss_count"] = 0.0, 0
+                    bar.set_postfix(loss=f"{mean:.3f}")
+                epoch_end = (step + 1) % self.steps_per_epoch == 0 or step + 1 == self.total_steps
+                if epoch_end:
+                    accuracy, test_loss = evaluate(self.model, self.test_data)
+                    record = {"step": step + 1, "epoch": step // self.steps_per_epoch,
+                              "test_accuracy": accuracy, "test_loss": test_loss,
+                              "sparsity": self.sparsifier.actual_sparsity()}
+                    self.state["evaluations"].append(record)
+                    self._log(record)
+                    bar.set_postfix(acc=f"{accuracy:.4f}")
+                if epoch_end or (c.checkpoint_every and (step + 1) % c.checkpoint_every == 0):
+                    self.state["wall_seconds"] += time.perf_counter() - start_time
+                    start_time = time.perf_counter()
+                    self.save_checkpoint()
+                    self._last_saved = step + 1
+                if stop_after is not None and step + 1 >= stop_after and self._last_saved == step + 1:
+                    return None
+        finally:
+            bar.close()
+        return self.finish()
+
+    def finish(self) -> dict[str, Any]:
+        c, s = self.config, self.state
+        final = s["evaluations"][-1]
+        layers = layer_table(self.model, self.macs)
+        params_total = sum(p.numel() for p in self.model.parameters())
+        pruned = sum(int((m.weight_mask == 0).sum()) for m in masking.masked_layers(self.model).values())
+        summary = {
+            "method": c.method, "model": c.model, "dataset": c.dataset,
+            "sparsity_target": 0.0 if c.method == "dense" else c.sparsity,
+            "sparsity_actual": self.sparsifier.actual_sparsity(),
+            "distribution": c.distribution, "structure": c.structure,
+            "test_accuracy": final["test_accuracy"], "test_loss": final["test_loss"],
+            "test_accuracy_per_epoch": [e["test_accuracy"] for e in s["evaluations"]],
+            "train_flops": s["train_flops"], "dense_train_flops": s["dense_train_flops"],
+            "train_flops_ratio": s["train_flops"] / s["dense_train_flops"],
+            "wall_seconds": s["wall_seconds"], "steps": s["step"], "epochs": c.epochs, "seed": c.seed,
+            "params_total": params_total, "params_nonzero": params_total - pruned,
+            "macs_dense": sum(self.macs.values()),
+            "macs_sparse": sum(layer["macs"] * layer["density"] for layer in layers),
+            "layers": layers, "skipped_layers": getattr(self.sparsifier, "skipped", {}),
+            "mask_updates": len(self.sparsifier.history),
+            "config": dataclasses.asdict(c), "environment": environment(),
+        }
+        meta = {**model_metadata(c, self.train_data), "sparsity_actual": summary["sparsity_actual"],
+                "test_accuracy": summary["test_accuracy"]}
+        checkpoint.save(self.out / MODEL, {"model": self.model.state_dict()}, meta)
+        checkpoint.write_json(self.out / SUMMARY, summary)
+        return summary
+
+
+def environment() -> dict[str, Any]:
+    return {"regrow": __version__, "torch": torch.__version__, "python": platform.python_version(),
+            "machine": platform.machine(), "processor": _cpu_name(), "threads": torch.get_num_threads()}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _progress(total: int, initial: int, enabled: bool, desc: str):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, unit="step", leave=False,
+                dynamic_ncols=True)
+
+
+def train(config: TrainConfig, out: str | os.PathLike, resume: bool = False) -> dict[str, Any]:
+    """Train ``config`` into ``out`` and return the summary (also written to ``out/summary.json``)."""
+    return Trainer(config, out).run(resume=resume)
