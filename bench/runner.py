@@ -1,0 +1,115 @@
+"""Resumable benchmark grids on the reference trainer.
+
+A grid is a list of named runs (a :class:`regrow.training.TrainConfig` each). Every run trains into
+``bench/results/runs/<grid>/<run id>``: a finished run (``summary.json`` present) is skipped, an interrupted one
+(checkpoint present) resumes, so a long grid can span several sessions. Results are aggregated over seeds
+(mean ± std of the **last-epoch** test accuracy, never the best) and written as JSON + markdown (+ plots by
+the grid's own script) under ``bench/results/``, with hardware, commit, training FLOPs and wall time.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+from regrow.checkpoint import write_json  # noqa: E402
+from regrow.training import CHECKPOINT, SUMMARY, TrainConfig, Trainer, environment  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+
+
+def commit() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return head + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def run_grid(grid: str, runs: dict[str, TrainConfig], log: Callable[[str], None] = print) -> dict[str, dict]:
+    """Train every run not yet finished; return ``{run id: summary}`` for all of them."""
+    summaries = {}
+    for i, (run_id, config) in enumerate(runs.items(), 1):
+        out = RESULTS / "runs" / grid / run_id
+        if (out / SUMMARY).exists():
+            summaries[run_id] = json.loads((out / SUMMARY).read_text())
+            log(f"[{i}/{len(runs)}] {run_id}: done already, skipped")
+            continue
+        resume = (out / CHECKPOINT).exists()
+        log(f"[{i}/{len(runs)}] {run_id}: {'resuming' if resume else 'training'}")
+        summaries[run_id] = Trainer(config, out).run(resume=resume)
+        s = summaries[run_id]
+        log(f"    accuracy {s['test_accuracy']:.4f}, FLOPs {s['train_flops_ratio']:.3f}× dense, "
+            f"{s['wall_seconds']:.0f} s")
+    return summaries
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def aggregate(summaries: dict[str, dict], group_of: Callable[[str, dict], str]) -> dict[str, dict[str, Any]]:
+    """Group runs (e.g. by method and sparsity, over seeds) into mean ± std rows."""
+    groups: dict[str, list[dict]] = {}
+    for run_id, s in summaries.items():
+        groups.setdefault(group_of(run_id, s), []).append(s)
+    rows = {}
+    for key, items in groups.items():
+        acc = mean_std([s["test_accuracy"] for s in items])
+        rows[key] = {
+            "method": items[0]["method"], "sparsity_target": items[0]["sparsity_target"],
+            "sparsity_actual": statistics.fmean(s["sparsity_actual"] for s in items),
+            "seeds": sorted(s["seed"] for s in items), "n": len(items),
+            "test_accuracy_mean": acc[0], "test_accuracy_std": acc[1],
+            "test_accuracies": [s["test_accuracy"] for s in items],
+            "train_flops_ratio": statistics.fmean(s["train_flops_ratio"] for s in items),
+            "train_flops": statistics.fmean(s["train_flops"] for s in items),
+            "wall_seconds_mean": statistics.fmean(s["wall_seconds"] for s in items),
+            "epochs": items[0]["epochs"], "steps": items[0]["steps"],
+        }
+    return rows
+
+
+def markdown_table(rows: dict[str, dict[str, Any]]) -> str:
+    lines = ["| run | sparsity (achieved) | last-epoch test accuracy, mean ± std | seeds | training FLOPs (× dense) "
+             "| wall time per run |",
+             "|---|---|---|---|---|---|"]
+    for key, r in rows.items():
+        lines.append(f"| {key} | {r['sparsity_actual']:.4f} | {100 * r['test_accuracy_mean']:.2f} ± "
+                     f"{100 * r['test_accuracy_std']:.2f} % | {r['n']} | {r['train_flops_ratio']:.3f} | "
+                     f"{r['wall_seconds_mean']:.0f} s |")
+    return "\n".join(lines)
+
+
+def write_results(grid: str, rows: dict[str, dict], summaries: dict[str, dict], setup: dict[str, Any],
+                  command: str) -> str:
+    """Write ``bench/results/<grid>.json`` and ``.md``; return the markdown."""
+    env = environment()
+    total_wall = sum(s["wall_seconds"] for s in summaries.values())
+    runs = {k: {f: v for f, v in s.items() if f not in ("layers", "config", "environment")}
+            for k, s in summaries.items()}
+    write_json(RESULTS / f"{grid}.json", {"grid": grid, "command": command, "commit": commit(),
+                                          "environment": env, "setup": setup, "total_wall_seconds": total_wall,
+                                          "rows": rows, "runs": runs})
+    md = "\n".join([
+        f"# {grid}", "",
+        f"Command: `{command}`  ",
+        f"Commit: {commit()}; {env['processor']}, {env['threads']} threads, torch {env['torch']}  ",
+        "Setup: " + ", ".join(f"{k} {v}" for k, v in setup.items()) + "  ",
+        f"Total wall time of the grid: {total_wall / 60:.1f} min (sum over runs)", "",
+        markdown_table(rows), "",
+        "Accuracy is the test accuracy after the last epoch (not the best epoch). Training FLOPs follow "
+        "3 × forward FLOPs of the network as it ran, relative to dense training of the same length.", ""])
+    (RESULTS / f"{grid}.md").write_text(md)
+    return md
