@@ -60,7 +60,8 @@ def main(argv=None) -> int:
     rows = aggregate(summaries, lambda run_id, s: s["method"])
     setup = {"model": args.model, "dataset": "fashion-mnist", "sparsity": args.sparsity, "distribution": "erk",
              "epochs": 1 if args.quick else args.epochs, "batch size": 128, "seeds": args.seeds,
-             "optimizer": "SGD Nesterov 0.9, lr 0.1 cosine, wd 5e-4", "mask updates": ("every 10 steps" if args.quick else "every 100 steps") + " until 75 %"}
+             "optimizer": "SGD Nesterov 0.9, lr 0.1 cosine, wd 5e-4",
+             "mask updates": ("every 10 steps" if args.quick else "every 100 steps") + " until 75 %"}
     command = "python bench/baselines.py" + (" --quick" if args.quick else "") + \
         ("" if args.epochs == 3 or args.quick else f" --epochs {args.epochs}") + \
         ("" if args.seeds == 2 else f" --seeds {args.seeds}")

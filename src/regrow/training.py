@@ -218,7 +218,7 @@ class Trainer:
         loss = F.cross_entropy(self.model(x), y, label_smoothing=c.label_smoothing)
         if not torch.isfinite(loss):
             raise TrainingDivergedError(
-                f"loss is {float(loss)} at step {step + 1} (epoch {epoch}); training stopped and the last "
+                f"loss is {loss.item()} at step {step + 1} (epoch {epoch}); training stopped and the last "
                 f"checkpoint (step {self._last_saved}) was left as it was. Try a smaller --lr.")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

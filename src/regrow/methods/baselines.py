@@ -151,6 +151,7 @@ class DynamicSparsifier(Sparsifier):
             mask = masking.mask_of(module)
             k = int(fraction * int(mask.sum()))
             if k == 0:
+                record["layers"][name] = {"k": 0, "dropped": 0, "grown": 0}
                 continue
             after_drop = self.structure.prune(mask, magnitude(module.weight), k)
             new_mask = self.structure.grow(after_drop, self.grow_scores(name, module), k)

@@ -1,0 +1,64 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from regrow.cli import main
+
+SMALL = ["--model", "resnet8", "--dataset", "synthetic", "--epochs", "1", "--batch-size", "32", "--no-progress"]
+
+
+def run_cli(*args):
+    """The CLI as a user runs it: a separate process, so tracebacks and exit codes are what they see."""
+    return subprocess.run([sys.executable, "-m", "regrow.cli", *args], capture_output=True, text=True)
+
+
+def test_train_report_eval_round_trip(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *SMALL, "--method", "rigl", "--sparsity", "0.9", "--distribution", "erk",
+                 "--max-steps", "8", "--opt", "interval=2", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    # updates at steps 2 and 4: T_end = 0.75 × 8 = 6 and none from T_end on
+    assert summary["method"] == "rigl" and summary["steps"] == 8 and summary["mask_updates"] == 2
+    assert summary["sparsity_target"] == 0.9 and abs(summary["sparsity_actual"] - 0.9) < 1e-4
+    capsys.readouterr()
+    assert main(["report", str(out)]) == 0
+    report = capsys.readouterr().out
+    assert "layer1.0.conv1" in report and "target 0.9000   achieved 0.9000" in report and "MACs" in report
+    assert main(["report", str(out), "--plot", str(tmp_path / "d.png")]) == 0
+    assert (tmp_path / "d.png").stat().st_size > 1000
+    capsys.readouterr()
+    assert main(["eval", str(out / "model.safetensors"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["test_accuracy"] == pytest.approx(summary["test_accuracy"])
+    assert result["sparsity"] == pytest.approx(summary["sparsity_actual"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--sparsity", "1.3"], "sparsity must be in [0, 1)"),
+    (["train", "--sparsity", "-0.1"], "sparsity must be in [0, 1)"),
+    (["train", "--model", "resnet21"], "unknown model 'resnet21'"),
+    (["train", "--method", "rigel"], "unknown method 'rigel'"),
+    (["train", "--distribution", "erkk"], "unknown distribution 'erkk'"),
+    (["train", "--dataset", "fashion-mnist", "--data-dir", "/nonexistent"], "Fashion-MNIST not found"),
+    (["train", "--opt", "nonsense"], "--opt takes key=value"),
+    (["report", "/nonexistent"], "no summary.json"),
+    (["eval", "/nonexistent/model.safetensors"], "no checkpoint at"),
+])
+def test_bad_input_is_one_line_without_traceback(tmp_path, args, message):
+    if args[0] == "train":
+        args = args + (["--dataset", "synthetic"] if "--dataset" not in args else []) + ["--out", str(tmp_path)]
+    proc = run_cli(*args)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_nan_loss_and_wrong_architecture_from_the_cli(tmp_path):
+    proc = run_cli("train", *SMALL, "--lr", "1e30", "--method", "static", "--out", str(tmp_path / "nan"))
+    assert proc.returncode == 2 and "loss is" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "nan" / "model.safetensors").exists()
+    assert main(["train", *SMALL, "--method", "static", "--max-steps", "2", "--out", str(tmp_path / "ok")]) == 0
+    proc = run_cli("eval", str(tmp_path / "ok" / "model.safetensors"), "--model", "resnet20")
+    assert proc.returncode == 2 and "resnet8 checkpoint, not resnet20" in proc.stderr

@@ -1,0 +1,114 @@
+import pytest
+import torch
+from torch import nn
+
+import regrow
+from conftest import TinyNet, batch, train_steps
+from regrow import masking
+from regrow.errors import CheckpointError
+
+OPTIMIZERS = {
+    "sgd-momentum-wd": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=1e-2),
+    "sgd-nesterov-wd": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-2),
+    "adam-wd": lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=1e-2),
+    "adamw": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1),
+}
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_pruned_weights_stay_zero_and_keep_no_optimizer_state(tiny, name):
+    optimizer = OPTIMIZERS[name](tiny.parameters())
+    sp = regrow.Static(tiny, optimizer, sparsity=0.8, distribution="uniform", seed=1)
+    before = {n: m.weight.detach().clone() for n, m in sp.layers.items()}
+    masks = sp.masks()
+    train_steps(tiny, optimizer, sp, 100)
+    for n, m in sp.layers.items():
+        pruned = ~masks[n]
+        assert torch.equal(masking.mask_of(m), masks[n])
+        # The forward sees exactly zero, and the remembered dense value did not drift (weight decay, momentum).
+        assert (m.weight * m.weight_mask)[pruned].abs().max() == 0
+        assert torch.equal(m.weight[pruned], before[n][pruned])
+        # Active weights did train.
+        assert not torch.equal(m.weight[masks[n]], before[n][masks[n]])
+        for key, state in optimizer.state[m.weight].items():
+            if torch.is_tensor(state) and state.shape == m.weight.shape:
+                assert state[pruned].abs().max() == 0, key
+
+
+def test_forward_sees_weight_times_mask(tiny):
+    layer = masking.add_mask(tiny.grouped)
+    mask = torch.rand(layer.weight.shape) > 0.5
+    masking.set_mask(layer, mask)
+    x = torch.randn(2, 8, 6, 6)
+    expected = nn.functional.conv2d(x, layer.weight * mask, None, 1, 1, 1, 2)
+    assert torch.allclose(layer(x), expected)
+    assert "grouped.weight_mask" in tiny.state_dict()
+
+
+def test_only_linear_and_conv_are_prunable(tiny):
+    names = set(masking.prunable_layers(tiny))
+    assert names == {"conv1", "grouped", "depthwise", "fc"}
+    with pytest.raises(regrow.ConfigError, match="cannot mask BatchNorm2d"):
+        masking.add_mask(tiny.bn1)
+    with pytest.raises(regrow.ConfigError, match="no prunable"):
+        masking.prunable_layers(tiny, include=["bn1"])
+    emb = nn.Sequential(nn.Embedding(10, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    assert list(masking.prunable_layers(emb)) == ["2"]
+
+
+def test_frozen_entries_do_not_change_bit_for_bit(tiny):
+    optimizer = torch.optim.SGD(tiny.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    sp = regrow.Static(tiny, optimizer, sparsity=0.5, distribution="uniform")
+    train_steps(tiny, optimizer, sp, 5)
+    layer = sp.layers["fc"]
+    active = masking.mask_of(layer)
+    momentum_before = optimizer.state[layer.weight]["momentum_buffer"].clone()
+    # Explore: forward sees every weight, but only the pruned ones may change.
+    masking.set_mask(layer, torch.ones_like(active))
+    masking.set_trainable(layer, ~active)
+    weight_before = layer.weight.detach().clone()
+    train_steps(tiny, optimizer, None, 10, seed=100)
+    assert torch.equal(layer.weight[active], weight_before[active])
+    assert torch.equal(optimizer.state[layer.weight]["momentum_buffer"][active], momentum_before[active])
+    assert not torch.equal(layer.weight[~active], weight_before[~active])
+
+
+def test_masks_round_trip_through_state_dict_into_original_class(tiny):
+    sp = regrow.Static(tiny, None, sparsity=0.7, distribution="erk")
+    state = tiny.state_dict()
+    fresh = TinyNet()
+    masking.load_state_dict(fresh, state)
+    x, _ = batch()
+    tiny.eval()
+    fresh.eval()
+    assert torch.equal(tiny(x), fresh(x))
+    assert masking.masked_layers(fresh).keys() == sp.layers.keys()
+    # finalize gives a plain model whose state dict loads into the original class with strict loading.
+    sp.finalize()
+    plain = TinyNet()
+    plain.load_state_dict(tiny.state_dict())
+    plain.eval()
+    tiny.eval()
+    assert torch.equal(plain(x), fresh(x))
+    assert not masking.masked_layers(tiny)
+    assert type(tiny.fc) is nn.Linear
+
+
+def test_loading_another_architecture_is_a_clear_error(tiny):
+    regrow.Static(tiny, None, sparsity=0.5)
+    other = nn.Sequential(nn.Linear(3, 3))
+    with pytest.raises(CheckpointError, match="another architecture"):
+        masking.load_state_dict(other, tiny.state_dict())
+
+
+def test_dense_gradient_is_recorded_for_pruned_weights(tiny):
+    sp = regrow.Static(tiny, None, sparsity=0.9, distribution="uniform")
+    layer = sp.layers["fc"]
+    masking.capture_dense_grad(layer)
+    x, y = batch()
+    nn.functional.cross_entropy(tiny(x), y).backward()
+    dense = masking.dense_grad(layer)
+    pruned = ~masking.mask_of(layer)
+    assert dense is not None and dense[pruned].abs().sum() > 0
+    assert layer.weight.grad[pruned].abs().sum() == 0  # the parameter's own gradient is masked
+    assert torch.allclose(layer.weight.grad, dense * layer.weight_mask)

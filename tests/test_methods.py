@@ -1,0 +1,150 @@
+import pytest
+import torch
+from torch import nn
+
+import regrow
+from conftest import TinyNet, batch, train_steps
+from regrow import masking
+from regrow.criteria import magnitude
+from regrow.errors import ConfigError
+from regrow.schedules import cosine_fraction, gmp_sparsity
+
+
+def make(method, steps=60, **options):
+    torch.manual_seed(0)
+    model = TinyNet()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    sp = regrow.create(method, model, optimizer, total_steps=steps, **options)
+    return model, optimizer, sp
+
+
+def one_step(model, optimizer, t):
+    x, y = batch(t)
+    loss = nn.functional.cross_entropy(model(x), y)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+
+
+@pytest.mark.parametrize("method", ["rigl", "set"])
+def test_drop_and_grow_keeps_density_and_follows_the_cosine_fraction(method):
+    model, optimizer, sp = make(method, sparsity=0.8, distribution="erk", interval=5, t_end=40, seed=3)
+    counts = {n: int(m.weight_mask.sum()) for n, m in sp.layers.items()}
+    assert counts == sp.target_counts()
+    for t in range(1, 61):
+        one_step(model, optimizer, t)
+        old = sp.masks()
+        weights = {n: m.weight.detach().clone() for n, m in sp.layers.items()}
+        grads = {n: masking.dense_grad(m) for n, m in sp.layers.items()}
+        if method == "rigl":
+            assert all((g is not None) == (t % 5 == 0 and t < 40) for g in grads.values())
+        n_updates = len(sp.history)
+        sp.step()
+        assert {n: int(m.weight_mask.sum()) for n, m in sp.layers.items()} == counts
+        if t % 5 or t >= 40:
+            assert len(sp.history) == n_updates  # no update off-schedule or after T_end
+            assert all(torch.equal(old[n], masking.mask_of(m)) for n, m in sp.layers.items())
+            continue
+        record = sp.history[-1]
+        assert record["step"] == t and record["fraction"] == pytest.approx(cosine_fraction(t, 0.3, 40))
+        for name, m in sp.layers.items():
+            k = int(record["fraction"] * counts[name])
+            assert record["layers"][name]["k"] == k
+            new = masking.mask_of(m)
+            grown = new & ~old[name]
+            assert int((old[name] & ~new).sum()) == int(grown.sum()) <= k
+            assert (m.weight[grown] == 0).all()
+            assert (optimizer.state[m.weight]["momentum_buffer"][grown] == 0).all()
+            if method == "rigl":
+                after_drop = sp.structure.prune(old[name], magnitude(weights[name]), k)
+                assert torch.equal(new, sp.structure.grow(after_drop, grads[name].abs(), k))
+        assert record["dropped"] == record["grown"] == sum(r["k"] for r in record["layers"].values())
+    assert [r["step"] for r in sp.history] == list(range(5, 40, 5))
+
+
+def test_set_growth_is_random_and_seeded():
+    def grown_after_one_update(seed):
+        model, optimizer, sp = make("set", sparsity=0.8, interval=2, t_end=10, seed=0)
+        sp.generator.manual_seed(seed)
+        for t in range(1, 3):
+            one_step(model, optimizer, t)
+            old = sp.masks()
+            sp.step()
+        return torch.cat([(masking.mask_of(m) & ~old[n]).flatten() for n, m in sp.layers.items()])
+    assert torch.equal(grown_after_one_update(1), grown_after_one_update(1))
+    assert not torch.equal(grown_after_one_update(1), grown_after_one_update(2))
+
+
+def test_gmp_follows_cubic_and_ends_exactly_at_target():
+    model, optimizer, sp = make("gmp", sparsity=0.9, distribution="erk", interval=5, begin=0, end=42)
+    assert sp.actual_sparsity() == 0.0
+    prev = sp.masks()
+    for t in range(1, 61):
+        one_step(model, optimizer, t)
+        sp.step()
+        masks = sp.masks()
+        assert all(not (masks[n] & ~prev[n]).any() for n in masks)  # pruned weights never return
+        prev = masks
+        if sp.is_prune_step(t):
+            expected = sp.target_counts(gmp_sparsity(t, 0.0, 0.9, 0, 42))
+            assert {n: int(m.sum()) for n, m in masks.items()} == expected
+    assert [r["step"] for r in sp.history] == [5, 10, 15, 20, 25, 30, 35, 40, 42]
+    assert {n: int(m.sum()) for n, m in sp.masks().items()} == sp.target_counts()
+    assert sp.history[-1]["target"] == pytest.approx(0.9)
+
+
+def test_static_mask_never_changes_and_oneshot_prunes_once_by_magnitude():
+    model, optimizer, sp = make("static", sparsity=0.7, distribution="uniform")
+    start = sp.masks()
+    train_steps(model, optimizer, sp, 20)
+    assert all(torch.equal(start[n], m) for n, m in sp.masks().items())
+
+    model, optimizer, sp = make("oneshot", steps=20, sparsity=0.7, distribution="uniform", prune_at=0.5)
+    train_steps(model, optimizer, sp, 9)
+    assert sp.actual_sparsity() == 0.0
+    one_step(model, optimizer, 10)
+    weights = {n: m.weight.detach().clone() for n, m in sp.layers.items()}
+    sp.step()
+    for n, m in sp.layers.items():
+        mask = masking.mask_of(m)
+        assert int(mask.sum()) == sp.target_counts()[n]
+        assert weights[n][mask].abs().min() >= weights[n][~mask].abs().max()
+
+
+def test_nm_structure_with_rigl_keeps_n_per_group():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sp = regrow.RigL(model, optimizer, sparsity=0.5, structure="2:4", interval=2, t_end=20, total_steps=30)
+    for _t in range(1, 21):
+        x = torch.randn(8, 16)
+        loss = nn.functional.cross_entropy(model(x), torch.randint(0, 4, (8,)))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        sp.step()
+        for m in sp.layers.values():
+            assert (m.weight_mask.reshape(-1, 4).sum(1) == 2).all()
+    assert sp.history
+
+
+def test_method_option_errors():
+    model = TinyNet()
+    with pytest.raises(ConfigError, match="unknown method 'rigel'"):
+        regrow.create("rigel", model)
+    with pytest.raises(ConfigError, match=r"\[0, 1\)"):
+        regrow.create("rigl", model, sparsity=1.3)
+    with pytest.raises(ConfigError, match="fraction of training: pass total_steps"):
+        regrow.create("rigl", TinyNet(), sparsity=0.5)
+    with pytest.raises(ConfigError, match="2:4 sparsity is 0.5"):
+        regrow.create("static", TinyNet(), sparsity=0.9, structure="2:4")
+    with pytest.raises(ConfigError, match="takes no option 'alpha'"):
+        regrow.create("gmp", TinyNet(), sparsity=0.5, total_steps=10, alpha=0.3)
+    with pytest.raises(ConfigError, match="unknown distribution"):
+        regrow.create("static", TinyNet(), sparsity=0.5, distribution="normal")
+
+
+def test_rigl_without_backward_is_a_clear_error():
+    model, optimizer, sp = make("rigl", sparsity=0.8, interval=1, t_end=10)
+    with pytest.raises(ConfigError, match="no dense gradient"):
+        sp.step()
