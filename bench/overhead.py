@@ -14,7 +14,6 @@ Writes bench/results/overhead.json and overhead.md.
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import sys
 import time

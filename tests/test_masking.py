@@ -112,3 +112,27 @@ def test_dense_gradient_is_recorded_for_pruned_weights(tiny):
     assert dense is not None and dense[pruned].abs().sum() > 0
     assert layer.weight.grad[pruned].abs().sum() == 0  # the parameter's own gradient is masked
     assert torch.allclose(layer.weight.grad, dense * layer.weight_mask)
+
+
+def test_dense_gradient_sums_within_a_step_and_restarts_after_clearing(tiny):
+    sp = regrow.Static(tiny, None, sparsity=0.5, distribution="uniform")
+    layer = sp.layers["fc"]
+    masking.capture_dense_grad(layer)
+
+    def grad_of(seed):
+        tiny.zero_grad()
+        x, y = batch(seed)
+        nn.functional.cross_entropy(tiny(x), y).backward()
+        return layer.weight.grad.clone()
+
+    g1 = grad_of(1)
+    first = masking.dense_grad(layer).clone()
+    g2 = grad_of(2)
+    assert torch.allclose(masking.dense_grad(layer) * layer.weight_mask, g1 + g2)  # two backwards: summed
+    masking.clear_dense_grad(layer)
+    grad_of(3)
+    assert not torch.allclose(masking.dense_grad(layer), first + masking.dense_grad(layer))
+    g3 = grad_of(4)
+    masking.clear_dense_grad(layer)
+    grad_of(4)
+    assert torch.allclose(masking.dense_grad(layer) * layer.weight_mask, g3)

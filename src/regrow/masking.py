@@ -178,6 +178,7 @@ class OptimizerGuard:
         self.optimizer = optimizer
         self.layers = list(layers)
         self._snapshot: list = []
+        self._frozen: list[tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]] = []
         self._handles = [optimizer.register_step_pre_hook(self._before_step),
                          optimizer.register_step_post_hook(self._after_step)]
 
@@ -192,8 +193,31 @@ class OptimizerGuard:
                      if torch.is_tensor(v) and v.shape == param.shape}
             self._snapshot.append((param, frozen, param.detach().clone(), state))
 
+    def freeze(self, tensors: Iterable[torch.Tensor]) -> None:
+        """Hold whole tensors (parameters or buffers such as BatchNorm running statistics) at their current value
+        and optimizer state: after every ``optimizer.step()`` they are written back bit for bit."""
+        for t in tensors:
+            state = {k: v.clone() for k, v in self.optimizer.state.get(t, {}).items()
+                     if torch.is_tensor(v) and v.shape == t.shape}
+            self._frozen.append((t, t.detach().clone(), state))
+
+    def unfreeze(self) -> None:
+        self._frozen = []
+
+    @property
+    def frozen(self) -> list[torch.Tensor]:
+        return [t for t, _, _ in self._frozen]
+
     def _after_step(self, optimizer, args, kwargs) -> None:
         with torch.no_grad():
+            for tensor, value, state in self._frozen:
+                tensor.copy_(value)
+                for key, current in optimizer.state.get(tensor, {}).items():
+                    if torch.is_tensor(current) and current.shape == tensor.shape:
+                        if key in state:
+                            current.copy_(state[key])
+                        else:
+                            current.zero_()
             for param, frozen, value, state in self._snapshot:
                 param.copy_(torch.where(frozen, value, param))
                 for key, current in optimizer.state.get(param, {}).items():

@@ -260,7 +260,8 @@ class Trainer:
                     bar.set_postfix(loss=f"{mean:.3f}")
                 epoch_end = (step + 1) % self.steps_per_epoch == 0 or step + 1 == self.total_steps
                 if epoch_end:
-                    accuracy, test_loss = evaluate(self.model, self.test_data)
+                    with self.sparsifier.sparse_view():
+                        accuracy, test_loss = evaluate(self.model, self.test_data)
                     record = {"step": step + 1, "epoch": step // self.steps_per_epoch,
                               "test_accuracy": accuracy, "test_loss": test_loss,
                               "sparsity": self.sparsifier.actual_sparsity()}

@@ -6,7 +6,12 @@ from typing import Any
 
 from ..errors import ConfigError, unknown
 from .base import Sparsifier, method_options
-from .baselines import GMP, METHODS, SET, Dense, DynamicSparsifier, OneShot, RigL, Static
+from .baselines import GMP, SET, Dense, DynamicSparsifier, OneShot, RigL, Static
+from .iee import IEE
+
+METHODS: dict[str, type[Sparsifier]] = {
+    "dense": Dense, "static": Static, "oneshot": OneShot, "gmp": GMP, "set": SET, "rigl": RigL, "iee": IEE,
+}
 
 
 def create(method: str, model, optimizer=None, **options: Any) -> Sparsifier:
@@ -23,5 +28,5 @@ def create(method: str, model, optimizer=None, **options: Any) -> Sparsifier:
     return cls(model, optimizer, **options)
 
 
-__all__ = ["GMP", "METHODS", "SET", "Dense", "DynamicSparsifier", "OneShot", "RigL", "Sparsifier", "Static",
+__all__ = ["GMP", "IEE", "METHODS", "SET", "Dense", "DynamicSparsifier", "OneShot", "RigL", "Sparsifier", "Static",
            "create", "method_options"]

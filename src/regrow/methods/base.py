@@ -16,6 +16,8 @@ Options given as a float in (0, 1] where a step count is expected (``t_end=0.75`
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -26,6 +28,7 @@ from ..allocation import DISTRIBUTIONS, keep_counts
 from ..criteria import magnitude
 from ..errors import ConfigError, check_sparsity, unknown
 from ..structures import NM, get_structure
+from ..tracking import MaskTracker
 
 
 class Sparsifier:
@@ -80,6 +83,7 @@ class Sparsifier:
         self.seed = seed
         self.step_count = 0
         self.history: list[dict[str, Any]] = []
+        self.tracker = MaskTracker()  # masks after every update, for IoU and survival metrics
         self.initialize()
 
     # ----- schedule helpers -------------------------------------------------------------------------------
@@ -167,7 +171,7 @@ class Sparsifier:
 
     def state_dict(self) -> dict[str, Any]:
         return {"method": self.name, "step_count": self.step_count, "generator": self.generator.get_state(),
-                "history": [dict(h) for h in self.history]}
+                "history": [dict(h) for h in self.history], "tracker": self.tracker.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("method") != self.name:
@@ -175,10 +179,16 @@ class Sparsifier:
         self.step_count = int(state["step_count"])
         self.generator.set_state(state["generator"])
         self.history = [dict(h) for h in state["history"]]
+        self.tracker.load_state_dict(state["tracker"])
         self.prepare()
 
     def prepare(self) -> None:
         """Set up what the next step needs (e.g. gradient capture); runs after every step and after loading."""
+
+    @contextmanager
+    def sparse_view(self) -> Iterator[None]:
+        """Within this block the model runs as the sparse network (IEE overrides it during exploration)."""
+        yield
 
     def finalize(self) -> nn.Module:
         """Bake masks into the weights, remove them and the optimizer guard; return the plain model."""

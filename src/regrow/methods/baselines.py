@@ -16,6 +16,7 @@ from ..criteria import magnitude
 from ..errors import ConfigError, unknown
 from ..schedules import FRACTIONS, gmp_sparsity
 from ..structures import NM
+from ..tracking import MaskTracker
 from .base import Sparsifier
 
 
@@ -33,6 +34,7 @@ class Dense(Sparsifier):
         self.generator = torch.Generator().manual_seed(seed)
         self.step_count = 0
         self.history: list[dict[str, Any]] = []
+        self.tracker = MaskTracker()
 
     def actual_sparsity(self) -> float:
         return 0.0
@@ -146,6 +148,7 @@ class DynamicSparsifier(Sparsifier):
 
     def drop_and_grow(self, step: int) -> None:
         fraction = self.fraction(step)
+        before = self.masks()
         record: dict[str, Any] = {"step": step, "fraction": fraction, "dropped": 0, "grown": 0, "layers": {}}
         for name, module in self.layers.items():
             mask = masking.mask_of(module)
@@ -160,6 +163,7 @@ class DynamicSparsifier(Sparsifier):
             record["dropped"] += k
             record["grown"] += k
         self.history.append(record)
+        self.tracker.record(step, self.masks(), before)
 
     def grow_scores(self, name: str, module: nn.Module) -> torch.Tensor:
         raise NotImplementedError
@@ -188,6 +192,7 @@ class RigL(DynamicSparsifier):
         if grad is None:
             raise ConfigError(f"RigL found no dense gradient for {name!r} at step {self.step_count}: call "
                               "sp.step() after loss.backward() and optimizer.step() of every training step")
+        masking.clear_dense_grad(module)
         return grad.abs()
 
     def prepare(self) -> None:
@@ -203,7 +208,3 @@ class RigL(DynamicSparsifier):
             return 0.0
         return float(sum(2 * macs[n] * (1.0 - masking.density(m)) for n, m in self.layers.items()) * batch_size)
 
-
-METHODS: dict[str, type[Sparsifier]] = {
-    "dense": Dense, "static": Static, "oneshot": OneShot, "gmp": GMP, "set": SET, "rigl": RigL,
-}

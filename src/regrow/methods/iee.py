@@ -1,0 +1,349 @@
+"""IEE — Iterative Exploitation–Exploration (WACV 2025), for unstructured and N:M sparsity.
+
+One criterion both prunes and grows. A cycle is H + J + Q optimizer steps; cycles repeat until ``t_end``,
+then the mask is fixed. :meth:`IEE.update` dispatches the five stages:
+
+    1. estimate_importance  (every step of the first H): score the active set Θ_K
+    2. prune                (after step H): move Ω_t lowest-scored active units to Θ_P (values kept)
+    3. improve accuracy     (next J steps): ordinary training of the smaller Θ_K
+    4. reactivate_and_explore (after step H + J): unmask all of Θ_P, freeze Θ_K, train Θ_P for Q steps
+    5. grow                 (after the last step): move the Ω_t best units of Θ_P back by the same criterion
+
+Ω_t per layer is ⌊f(t) · active count⌋ with RigL's cosine fraction f (or exponential), so pruned = grown and
+per-layer density is constant (``ranking="global"`` ranks all layers together instead, keeping the total).
+Exploration starts every unit of Θ_P from its most recent value (MRU) with zero optimizer state (pruned entries
+never keep any), runs the full network forward (counted dense in training FLOPs), uses the current learning
+rate times ``explore_lr_scale``, and by default freezes BatchNorm (affine and running statistics) together with
+every other parameter that is not a masked weight: they belong to Θ_K.
+
+Ablation switches: ``explore=False`` (the Q steps train Θ_K as usual, growth ranks the stale |w| of Θ_P),
+``freeze_active=False`` (Θ_K trains during exploration too), ``improve_steps=0`` (no J stage),
+``grow_init="zero"`` (grown weights start at 0 instead of their explored value).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import masking
+from ..criteria import NEEDS_GRADIENT, ScoreAccumulator, get_criterion, magnitude
+from ..errors import ConfigError, unknown
+from ..schedules import FRACTIONS
+from ..structures import NM
+from .base import Sparsifier
+
+RANKINGS = ("layer", "global")
+GROW_INITS = ("mru", "zero")
+
+
+def split_global(scores: dict[str, torch.Tensor], eligible: dict[str, torch.Tensor], k: int,
+                 largest: bool) -> dict[str, int]:
+    """How many of the ``k`` globally best (or worst) eligible units fall in each layer."""
+    names = list(scores)
+    fill = float("-inf") if largest else float("inf")
+    flat = torch.cat([scores[n].float().masked_fill(~eligible[n], fill).reshape(-1) for n in names])
+    chosen = torch.zeros(flat.numel(), dtype=torch.bool)
+    chosen[torch.topk(flat, k, largest=largest).indices] = True
+    counts, offset = {}, 0
+    for n in names:
+        size = scores[n].numel()
+        counts[n] = int(chosen[offset: offset + size].sum())
+        offset += size
+    return counts
+
+
+class IEE(Sparsifier):
+    """Iterative Exploitation–Exploration. See the module docstring for the cycle and the switches.
+
+    Args (beyond :class:`Sparsifier`'s):
+        estimate_steps, improve_steps, explore_steps: H, J and Q (default 50 each: Fashion-MNIST scale).
+        criterion: ``magnitude`` (default), ``taylor`` or ``gradient``; gradient criteria accumulate over the
+            H steps (active units) and the Q steps (explored units).
+        alpha, schedule, t_end: Ω_t = ⌊f(t)·active⌋, f the ``cosine`` or ``exponential`` fraction from alpha,
+            no cycle may end after ``t_end`` (default 75 % of training).
+        ranking: ``layer`` (keeps each layer's density, default) or ``global``.
+        start: ``random`` (default) or ``magnitude`` start mask at the allocation's densities.
+        explore, freeze_active, freeze_bn, explore_lr_scale, grow_init: exploration options and ablations.
+    """
+
+    name = "iee"
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
+                 estimate_steps: int = 50, improve_steps: int = 50, explore_steps: int = 50,
+                 criterion: str = "magnitude", alpha: float = 0.3, schedule: str = "cosine",
+                 t_end: int | float = 0.75, ranking: str = "layer", start: str = "random", explore: bool = True,
+                 freeze_active: bool = True, freeze_bn: bool = True, explore_lr_scale: float = 1.0,
+                 grow_init: str = "mru", **base: Any):
+        for option, value in (("estimate_steps", estimate_steps), ("explore_steps", explore_steps)):
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{option} must be a positive number of steps, got {value!r}")
+        if not isinstance(improve_steps, int) or improve_steps < 0:
+            raise ConfigError(f"improve_steps must be a number of steps >= 0, got {improve_steps!r}")
+        get_criterion(criterion)
+        if schedule not in FRACTIONS:
+            raise unknown("update-fraction schedule", schedule, FRACTIONS)
+        if ranking not in RANKINGS:
+            raise unknown("ranking", ranking, RANKINGS)
+        if start not in ("random", "magnitude"):
+            raise unknown("start mask", start, ["random", "magnitude"])
+        if grow_init not in GROW_INITS:
+            raise unknown("grow_init", grow_init, GROW_INITS)
+        if not 0.0 < alpha < 1.0:
+            raise ConfigError(f"alpha (initial update fraction) must be in (0, 1), got {alpha}")
+        if not explore_lr_scale > 0:
+            raise ConfigError(f"explore_lr_scale must be > 0, got {explore_lr_scale}")
+        if optimizer is None:
+            raise ConfigError("IEE needs the optimizer: exploration freezes the active weights through it")
+        self.H, self.J, self.Q = estimate_steps, improve_steps, explore_steps
+        self.criterion, self.alpha, self.schedule, self.ranking, self.start = criterion, alpha, schedule, ranking, start
+        self.explore, self.freeze_active, self.freeze_bn = explore, freeze_active, freeze_bn
+        self.explore_lr_scale, self.grow_init = explore_lr_scale, grow_init
+        self.active: dict[str, torch.Tensor] | None = None  # Θ_K while exploring (the layer masks are all ones)
+        self.omega: dict[str, int] = {}  # units pruned this cycle, per layer (grown back at its end)
+        self.accumulators: dict[str, ScoreAccumulator] = {}
+        self._lr_saved: list[float] | None = None
+        super().__init__(model, optimizer, **base)
+        if ranking == "global" and isinstance(self.structure, NM):
+            raise ConfigError("global ranking cannot keep N:M groups full; use ranking=layer")
+        self.t_end = self.steps(t_end, "t_end")
+        self.cycles = self.t_end // self.cycle_length
+        if self.cycles == 0:
+            raise ConfigError(f"no IEE cycle of {self.cycle_length} steps (H + J + Q) fits before t_end = "
+                              f"{self.t_end} steps; shorten H, J, Q or train longer")
+        self._lr_hooks = [optimizer.register_step_pre_hook(self._scale_lr),
+                          optimizer.register_step_post_hook(self._restore_lr)]
+        self.prepare()
+
+    @property
+    def cycle_length(self) -> int:
+        return self.H + self.J + self.Q
+
+    def initialize(self) -> None:
+        counts = self.target_counts()
+        if self.start == "random":
+            self.random_masks(counts)
+        else:
+            self.select_masks({n: magnitude(m.weight) for n, m in self.layers.items()}, counts)
+        self._last_masks = self.masks()
+
+    # ----- where in the cycle are we ----------------------------------------------------------------------
+    def position(self, step: int) -> int | None:
+        """1-based position of optimizer step ``step`` in its cycle, or None once the cycles are over."""
+        if step < 1 or step > self.cycles * self.cycle_length:
+            return None
+        return (step - 1) % self.cycle_length + 1
+
+    def stage(self, step: int) -> str:
+        pos = self.position(step)
+        if pos is None:
+            return "fixed"
+        if pos <= self.H:
+            return "estimate"
+        if pos <= self.H + self.J:
+            return "improve"
+        return "explore" if self.explore else "improve"
+
+    @property
+    def exploring(self) -> bool:
+        return self.active is not None
+
+    # ----- the cycle --------------------------------------------------------------------------------------
+    def update(self, step: int) -> None:
+        pos = self.position(step)
+        if pos is not None:
+            if pos <= self.H:
+                self.estimate_importance()
+            if pos == self.H:
+                self.prune(step)
+            if pos > self.H + self.J and self.exploring:
+                self.accumulate_exploration()
+            if pos == self.H + self.J and self.explore:
+                self.reactivate_and_explore()
+            if pos == self.cycle_length:
+                self.grow(step)
+        self.prepare()
+
+    def estimate_importance(self) -> None:
+        """Stage 1 (each of the H steps): accumulate a gradient criterion over the active units."""
+        if self.criterion in NEEDS_GRADIENT:
+            self._accumulate()
+
+    def _accumulate(self) -> None:
+        for name, module in self.layers.items():
+            grad = masking.dense_grad(module)
+            if grad is None:
+                raise ConfigError(f"IEE's {self.criterion} criterion found no gradient for {name!r} at step "
+                                  f"{self.step_count}: call sp.step() after every loss.backward() and optimizer.step()")
+            self.accumulators.setdefault(name, ScoreAccumulator(self.criterion)).add(module.weight, grad)
+            masking.clear_dense_grad(module)  # consumed: the next step records its own gradient
+
+    def scores(self) -> dict[str, torch.Tensor]:
+        """The criterion's current scores per layer (|w|, or the accumulated gradient criterion)."""
+        if self.criterion in NEEDS_GRADIENT:
+            out = {n: acc.score() for n, acc in self.accumulators.items()}
+            self.accumulators = {}
+            return out
+        return {n: magnitude(m.weight) for n, m in self.layers.items()}
+
+    def prune(self, step: int) -> None:
+        """Stage 2: move Ω_t lowest-scored active units of every layer to Θ_P; their values stay in memory."""
+        fraction = FRACTIONS[self.schedule](step, self.alpha, self.t_end)
+        scores, masks = self.scores(), self.masks()
+        if self.ranking == "global":
+            total = int(fraction * sum(int(m.sum()) for m in masks.values()))
+            self.omega = split_global(scores, masks, total, largest=False)
+        else:
+            self.omega = {n: int(fraction * int(m.sum())) for n, m in masks.items()}
+        for name in self.layers:
+            self.set_layer_mask(name, self.structure.prune(masks[name], scores[name], self.omega[name]))
+        self._cycle_record = {"step": step, "fraction": fraction, "pruned": sum(self.omega.values())}
+
+    def reactivate_and_explore(self) -> None:
+        """Stage 4 (start): every unit of Θ_P joins the forward with its most recent value; Θ_K is frozen."""
+        self.active = self.masks()
+        for name, module in self.layers.items():
+            explored = ~self.active[name]
+            masking.reset_optimizer_state(self.optimizer, module.weight, explored)  # fresh (zero) momentum
+            masking.set_mask(module, torch.ones_like(explored))
+            masking.set_trainable(module, explored if self.freeze_active else torch.ones_like(explored))
+        self._freeze_rest()
+
+    def _freeze_rest(self) -> None:
+        masked_weights = {id(m.weight) for m in self.layers.values()}
+        frozen: list[torch.Tensor] = []
+        for module in self.model.modules():
+            is_bn = isinstance(module, nn.modules.batchnorm._NormBase)
+            if (is_bn and not self.freeze_bn) or (not is_bn and not self.freeze_active):
+                continue
+            frozen += [p for p in module.parameters(recurse=False) if id(p) not in masked_weights]
+            if is_bn:
+                frozen += [b for b in module.buffers(recurse=False) if b is not None]
+        self.guard.freeze(frozen)
+
+    def accumulate_exploration(self) -> None:
+        """Stage 4 (each of the Q steps): gradient criteria accumulate over the explored units too."""
+        if self.criterion in NEEDS_GRADIENT:
+            self._accumulate()
+
+    def grow(self, step: int) -> None:
+        """Stage 5: the Ω_t best units of Θ_P by the same criterion rejoin Θ_K; the rest are masked again."""
+        if self.exploring:
+            scores = self.scores()
+            active = self.active
+            self._end_exploration(active)
+        else:  # ablation: no exploration, rank Θ_P by its stale magnitudes
+            self.accumulators = {}
+            scores = {n: magnitude(m.weight) for n, m in self.layers.items()}
+            active = self.masks()
+        if self.ranking == "global":
+            counts = split_global(scores, {n: ~a for n, a in active.items()}, sum(self.omega.values()), largest=True)
+        else:
+            counts = self.omega
+        for name, module in self.layers.items():
+            new_mask = self.structure.grow(active[name], scores[name], counts[name])
+            if self.grow_init == "zero":
+                with torch.no_grad():
+                    module.weight.masked_fill_(new_mask & ~active[name], 0.0)
+            self.set_layer_mask(name, new_mask)
+        masks = self.masks()
+        record = dict(getattr(self, "_cycle_record", {"step": step}))
+        record.update(grow_step=step, grown=sum(counts.values()))
+        self.history.append(record)
+        self.tracker.record(step, masks, self._last_masks)
+        self._last_masks = masks
+        self.omega = {}
+
+    def _end_exploration(self, active: dict[str, torch.Tensor]) -> None:
+        for name, module in self.layers.items():
+            masking.set_mask(module, active[name])
+            masking.set_trainable(module, None)
+        self.guard.unfreeze()
+        self.active = None
+
+    # ----- learning rate during exploration ---------------------------------------------------------------
+    def _scale_lr(self, optimizer, args, kwargs) -> None:
+        if self.exploring and self.explore_lr_scale != 1.0:
+            self._lr_saved = [g["lr"] for g in optimizer.param_groups]
+            for g in optimizer.param_groups:
+                g["lr"] = g["lr"] * self.explore_lr_scale
+
+    def _restore_lr(self, optimizer, args, kwargs) -> None:
+        if self._lr_saved is not None:
+            for g, lr in zip(optimizer.param_groups, self._lr_saved):
+                g["lr"] = lr
+            self._lr_saved = None
+
+    # ----- bookkeeping ------------------------------------------------------------------------------------
+    def prepare(self) -> None:
+        wanted = self.criterion in NEEDS_GRADIENT and self.stage(self.step_count + 1) in ("estimate", "explore")
+        for module in self.layers.values():
+            masking.capture_dense_grad(module, wanted)
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        """Θ_K per layer (during exploration the layers' own masks are all ones)."""
+        if self.active is not None:
+            return {n: a.clone() for n, a in self.active.items()}
+        return super().masks()
+
+    def actual_sparsity(self) -> float:
+        masks = self.masks()
+        return 1.0 - sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
+
+    def densities(self) -> dict[str, float]:
+        return {n: float(m.sum()) / m.numel() for n, m in self.masks().items()}
+
+    def forward_densities(self) -> dict[str, float]:
+        return {n: masking.density(m) for n, m in self.layers.items()}  # all ones while exploring
+
+    @contextmanager
+    def sparse_view(self) -> Iterator[None]:
+        """Evaluate the sparse network Θ_K even in the middle of an exploration stage."""
+        if not self.exploring:
+            yield
+            return
+        for name, module in self.layers.items():
+            masking.set_mask(module, self.active[name])
+        try:
+            yield
+        finally:
+            for module in self.layers.values():
+                masking.set_mask(module, torch.ones_like(module.weight_mask, dtype=torch.bool))
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state.update(omega=dict(self.omega), active=None if self.active is None else dict(self.active),
+                     last_masks=dict(self._last_masks),
+                     cycle_record=dict(getattr(self, "_cycle_record", {})),
+                     accumulators={n: {"total": a.total, "count": a.count} for n, a in self.accumulators.items()})
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.omega = {k: int(v) for k, v in state["omega"].items()}
+        self._last_masks = {k: v.bool() for k, v in state["last_masks"].items()}
+        self._cycle_record = dict(state["cycle_record"])
+        self.accumulators = {}
+        for name, acc in state["accumulators"].items():
+            self.accumulators[name] = ScoreAccumulator(self.criterion)
+            self.accumulators[name].total, self.accumulators[name].count = acc["total"], int(acc["count"])
+        self.guard.unfreeze()
+        self.active = None
+        if state["active"] is not None:  # resume in the middle of an exploration stage
+            self.active = {k: v.bool() for k, v in state["active"].items()}
+            for name, module in self.layers.items():
+                explored = ~self.active[name]
+                masking.set_trainable(module, explored if self.freeze_active else torch.ones_like(explored))
+            self._freeze_rest()
+        self.prepare()
+
+    def finalize(self) -> nn.Module:
+        if self.exploring:
+            self._end_exploration(self.active)
+        for handle in self._lr_hooks:
+            handle.remove()
+        return super().finalize()
