@@ -10,15 +10,19 @@ the grid's own script) under ``bench/results/``, with hardware, commit, training
 from __future__ import annotations
 
 import json
+import multiprocessing
 import statistics
 import subprocess
 import sys
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
+
+import torch  # noqa: E402
 
 from regrow.checkpoint import write_json  # noqa: E402
 from regrow.training import CHECKPOINT, SUMMARY, TrainConfig, Trainer, environment  # noqa: E402
@@ -37,22 +41,45 @@ def commit() -> str:
         return "unknown"
 
 
-def run_grid(grid: str, runs: dict[str, TrainConfig], log: Callable[[str], None] = print) -> dict[str, dict]:
-    """Train every run not yet finished; return ``{run id: summary}`` for all of them."""
-    summaries = {}
-    for i, (run_id, config) in enumerate(runs.items(), 1):
+def _train_one(config: TrainConfig, out: Path, resume: bool, threads: int | None) -> dict:
+    if threads:
+        torch.set_num_threads(threads)
+    return Trainer(config, out).run(resume=resume)
+
+
+def run_grid(grid: str, runs: dict[str, TrainConfig], log: Callable[[str], None] = print,
+             jobs: int = 1) -> dict[str, dict]:
+    """Train every run not yet finished; return ``{run id: summary}`` for all of them.
+
+    ``jobs > 1`` trains that many runs at once in worker processes, each with an equal share of the threads
+    (small nets use two cores better as two single-threaded runs than as one run on two threads).
+    """
+    summaries, todo = {}, {}
+    for run_id, config in runs.items():
         out = RESULTS / "runs" / grid / run_id
         if (out / SUMMARY).exists():
             summaries[run_id] = json.loads((out / SUMMARY).read_text())
-            log(f"[{i}/{len(runs)}] {run_id}: done already, skipped")
-            continue
-        resume = (out / CHECKPOINT).exists()
-        log(f"[{i}/{len(runs)}] {run_id}: {'resuming' if resume else 'training'}")
-        summaries[run_id] = Trainer(config, out).run(resume=resume)
-        s = summaries[run_id]
-        log(f"    accuracy {s['test_accuracy']:.4f}, FLOPs {s['train_flops_ratio']:.3f}× dense, "
-            f"{s['wall_seconds']:.0f} s")
-    return summaries
+        else:
+            todo[run_id] = (config, out, (out / CHECKPOINT).exists())
+    log(f"{grid}: {len(summaries)} of {len(runs)} runs done already, {len(todo)} to train with {jobs} job(s)")
+
+    def report(run_id: str, s: dict) -> None:
+        summaries[run_id] = s
+        log(f"[{len(summaries)}/{len(runs)}] {run_id}: accuracy {s['test_accuracy']:.4f}, "
+            f"FLOPs {s['train_flops_ratio']:.3f}× dense, {s['wall_seconds']:.0f} s")
+
+    if jobs <= 1:
+        for run_id, (config, out, resume) in todo.items():
+            report(run_id, _train_one(config, out, resume, None))
+    else:
+        threads = max(1, torch.get_num_threads() // jobs)
+        context = multiprocessing.get_context("spawn")  # no fork after OpenMP has started
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+            futures = {pool.submit(_train_one, config, out, resume, threads): run_id
+                       for run_id, (config, out, resume) in todo.items()}
+            for future in as_completed(futures):
+                report(futures[future], future.result())
+    return {run_id: summaries[run_id] for run_id in runs}
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:

@@ -299,7 +299,7 @@ class Trainer:
             "macs_dense": sum(self.macs.values()),
             "macs_sparse": sum(layer["macs"] * layer["density"] for layer in layers),
             "layers": layers, "skipped_layers": getattr(self.sparsifier, "skipped", {}),
-            "mask_updates": len(self.sparsifier.history),
+            "mask_updates": len(self.sparsifier.history), "mask_metrics": self.sparsifier.tracker.summary(),
             "config": dataclasses.asdict(c), "environment": environment(),
         }
         meta = {**model_metadata(c, self.train_data), "sparsity_actual": summary["sparsity_actual"],
