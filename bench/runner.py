@@ -47,7 +47,11 @@ def _train_one(config: TrainConfig, out: Path, resume: bool, threads: int | None
     return Trainer(config, out).run(resume=resume)
 
 
-def run_grid(grid: str, runs: dict[str, TrainConfig], log: Callable[[str], None] = print,
+def _log(message: str) -> None:
+    print(message, flush=True)
+
+
+def run_grid(grid: str, runs: dict[str, TrainConfig], log: Callable[[str], None] = _log,
              jobs: int = 1) -> dict[str, dict]:
     """Train every run not yet finished; return ``{run id: summary}`` for all of them.
 

@@ -62,3 +62,17 @@ def test_nan_loss_and_wrong_architecture_from_the_cli(tmp_path):
     assert main(["train", *SMALL, "--method", "static", "--max-steps", "2", "--out", str(tmp_path / "ok")]) == 0
     proc = run_cli("eval", str(tmp_path / "ok" / "model.safetensors"), "--model", "resnet20")
     assert proc.returncode == 2 and "resnet8 checkpoint, not resnet20" in proc.stderr
+
+
+def test_iee_from_the_cli_with_options_and_mask_metrics(tmp_path):
+    out = tmp_path / "iee"
+    assert main(["train", *SMALL, "--method", "iee", "--sparsity", "0.8", "--max-steps", "16",
+                 "--opt", "estimate_steps=2", "--opt", "improve_steps=1", "--opt", "explore_steps=2",
+                 "--opt", "criterion=taylor", "--opt", "freeze_bn=false", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["method_options"] == {"estimate_steps": 2, "improve_steps": 1, "explore_steps": 2,
+                                                   "criterion": "taylor", "freeze_bn": False}
+    assert summary["mask_updates"] == 12 // 5 == summary["mask_metrics"]["updates"]  # T_end = 12: 2 cycles of 5
+    assert len(summary["mask_metrics"]["iou_consecutive"]) == 1
+    help_text = run_cli("train", "--help").stdout
+    assert "iee: " in help_text and "explore_steps=50" in help_text
