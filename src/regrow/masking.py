@@ -233,22 +233,30 @@ class OptimizerGuard:
         self._handles = []
 
 
+def _mask_owner(key: str) -> str | None:
+    """``"layer1.conv.weight_mask"`` -> ``"layer1.conv"``; None for keys that are not masks."""
+    if key == MASK:
+        return ""
+    return key[: -len(MASK) - 1] if key.endswith("." + MASK) else None
+
+
 def load_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
     """Load a state dict that may hold masks into ``model`` (of its original class), adding masks as needed.
 
     Mismatched keys or shapes raise :class:`CheckpointError` naming them, instead of a half-loaded model.
     """
     modules = dict(model.named_modules())
-    for key in state_dict:
-        if key.endswith("." + MASK) or key == MASK:
-            owner = key[: -len(MASK) - 1] if "." in key else ""
-            if owner not in modules or not isinstance(modules[owner], PRUNABLE_TYPES):
-                raise CheckpointError(f"checkpoint has a mask for {owner!r}, which this model has no layer for "
-                                      "(checkpoint of another architecture?)")
+    owners = {key: owner for key in state_dict if (owner := _mask_owner(key)) is not None}
+    for key, owner in owners.items():
+        if owner not in modules or not isinstance(modules[owner], PRUNABLE_TYPES):
+            raise CheckpointError(f"checkpoint has a mask for {owner!r}, which this model has no layer for "
+                                  "(checkpoint of another architecture?)")
+        if state_dict[key].shape != modules[owner].weight.shape:
+            raise CheckpointError(f"mask {key} has shape {tuple(state_dict[key].shape)}, its layer's weight "
+                                  f"{tuple(modules[owner].weight.shape)}")
     expected = model.state_dict()
-    masks_expected = {k for k in state_dict if k.endswith(MASK)}
     missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected and k not in masks_expected]
+    unexpected = [k for k in state_dict if k not in expected and k not in owners]
     wrong_shape = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
                    if k in state_dict and state_dict[k].shape != v.shape]
     if missing or unexpected or wrong_shape:
@@ -257,6 +265,6 @@ def load_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> No
             if items:
                 parts.append(f"{label}: {', '.join(items[:4])}{' ...' if len(items) > 4 else ''}")
         raise CheckpointError("checkpoint does not match this model (another architecture?): " + "; ".join(parts))
-    for key in masks_expected:
-        add_mask(modules[key[: -len(MASK) - 1] if "." in key else ""])
+    for owner in owners.values():
+        add_mask(modules[owner])
     model.load_state_dict(state_dict, strict=True)
