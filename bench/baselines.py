@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from runner import RESULTS, aggregate, run_grid, write_results
+from runner import RESULTS, aggregate, figure, run_grid, style, write_results
 
 from regrow.training import TrainConfig
 
@@ -20,23 +20,11 @@ METHODS = ("dense", "static", "gmp", "set", "rigl")
 
 
 def plot(rows: dict, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for key, r in rows.items():
-        ax.errorbar(r["train_flops_ratio"], 100 * r["test_accuracy_mean"], yerr=100 * r["test_accuracy_std"],
-                    fmt="o", capsize=3, label=key)
-    ax.set_xlabel("training FLOPs (× dense)")
-    ax.set_ylabel("last-epoch test accuracy (%)")
-    ax.set_title("ResNet-20, Fashion-MNIST, 90 % ERK")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, figsize=(6, 3.5)) as ax:
+        for key, r in rows.items():
+            ax.errorbar(r["train_flops_ratio"], 100 * r["test_accuracy_mean"], yerr=100 * r["test_accuracy_std"],
+                        fmt="o", capsize=3, label=key)
+        style(ax, "training FLOPs (× dense)", "last-epoch test accuracy (%)", "ResNet-20, Fashion-MNIST, 90 % ERK")
 
 
 def main(argv=None) -> int:

@@ -14,8 +14,9 @@ import multiprocessing
 import statistics
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -144,3 +145,30 @@ def write_results(grid: str, rows: dict[str, dict], summaries: dict[str, dict], 
         "3 × forward FLOPs of the network as it ran, relative to dense training of the same length.", ""])
     (RESULTS / f"{grid}.md").write_text(md)
     return md
+
+
+@contextmanager
+def figure(path: Path, ncols: int = 1, figsize: tuple[float, float] = (6, 4)) -> Iterator[Any]:
+    """A matplotlib figure (headless) whose axes are yielded, then saved to ``path`` as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, ncols, figsize=figsize)
+    try:
+        yield axes
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)
+
+
+def style(ax, xlabel: str, ylabel: str | None = None, title: str | None = None) -> None:
+    ax.set_xlabel(xlabel)
+    if ylabel:
+        ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)

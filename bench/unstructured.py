@@ -17,7 +17,7 @@ import argparse
 import statistics
 import sys
 
-from runner import RESULTS, aggregate, run_grid, write_results
+from runner import RESULTS, aggregate, figure, run_grid, style, write_results
 
 from regrow.training import TrainConfig
 
@@ -75,43 +75,27 @@ def mean_curve(curves: list[list[float | None]]) -> list[float]:
 
 
 def plot(rows: dict, summaries: dict, prefix: str) -> None:
-    import matplotlib
+    with figure(RESULTS / f"{prefix}-accuracy.png") as ax:
+        for method in METHODS:
+            keys = [f"{method}-{s:g}" for s in SPARSITIES if f"{method}-{s:g}" in rows]
+            ax.errorbar([100 * rows[k]["sparsity_target"] for k in keys],
+                        [100 * rows[k]["test_accuracy_mean"] for k in keys],
+                        yerr=[100 * rows[k]["test_accuracy_std"] for k in keys], marker="o", capsize=3, label=method)
+        if "dense" in rows:
+            ax.axhline(100 * rows["dense"]["test_accuracy_mean"], color="black", ls="--", lw=1, label="dense")
+        style(ax, "sparsity (%)", "last-epoch test accuracy (%)")
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method in METHODS:
-        keys = [f"{method}-{s:g}" for s in SPARSITIES if f"{method}-{s:g}" in rows]
-        ax.errorbar([100 * rows[k]["sparsity_target"] for k in keys],
-                    [100 * rows[k]["test_accuracy_mean"] for k in keys],
-                    yerr=[100 * rows[k]["test_accuracy_std"] for k in keys], marker="o", capsize=3, label=method)
-    if "dense" in rows:
-        ax.axhline(100 * rows["dense"]["test_accuracy_mean"], color="black", ls="--", lw=1, label="dense")
-    ax.set_xlabel("sparsity (%)")
-    ax.set_ylabel("last-epoch test accuracy (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(RESULTS / f"{prefix}-accuracy.png", dpi=120)
-    plt.close(fig)
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for method in ("set", "rigl", "iee"):
-        runs = [s for k, s in summaries.items() if group(k, s) == f"{method}-0.95" and s["mask_metrics"]["updates"]]
-        if not runs:
-            continue
-        axes[0].plot(mean_curve([r["mask_metrics"]["iou_consecutive"] for r in runs]), marker=".", label=method)
-        axes[1].plot(mean_curve([r["mask_metrics"]["survival_to_end"] for r in runs]), marker=".", label=method)
-    axes[0].set_title("mask IoU between consecutive updates (95 %)")
-    axes[1].set_title("grown units still active at the end (95 %)")
-    for ax in axes:
-        ax.set_xlabel("update (RigL/SET) or cycle (IEE)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(RESULTS / f"{prefix}-masks.png", dpi=120)
-    plt.close(fig)
+    with figure(RESULTS / f"{prefix}-masks.png", ncols=2, figsize=(10, 3.8)) as axes:
+        for method in ("set", "rigl", "iee"):
+            runs = [s for k, s in summaries.items()
+                    if group(k, s) == f"{method}-0.95" and s["mask_metrics"]["updates"]]
+            if runs:
+                axes[0].plot(mean_curve([r["mask_metrics"]["iou_consecutive"] for r in runs]), marker=".",
+                             label=method)
+                axes[1].plot(mean_curve([r["mask_metrics"]["survival_to_end"] for r in runs]), marker=".",
+                             label=method)
+        style(axes[0], "update (RigL/SET) or cycle (IEE)", title="mask IoU between consecutive updates (95 %)")
+        style(axes[1], "update (RigL/SET) or cycle (IEE)", title="grown units still active at the end (95 %)")
 
 
 def main(argv=None) -> int:

@@ -34,14 +34,17 @@ def batch(seed=0, n=16):
     return torch.randn(n, 1, 12, 12, generator=g), torch.randint(0, 4, (n,), generator=g)
 
 
-def train_steps(model, optimizer, sparsifier, steps, seed=0, on_step=None):
+def train_step(model, optimizer, t):
+    """One optimizer step on the deterministic batch number ``t``."""
+    x, y = batch(t)
+    loss = nn.functional.cross_entropy(model(x), y)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+
+
+def train_steps(model, optimizer, sparsifier, steps, seed=0):
     for t in range(steps):
-        x, y = batch(seed + t)
-        loss = nn.functional.cross_entropy(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        train_step(model, optimizer, seed + t)
         if sparsifier is not None:
             sparsifier.step()
-        if on_step is not None:
-            on_step(t + 1)

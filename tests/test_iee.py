@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 import regrow
-from conftest import TinyNet, batch
+from conftest import TinyNet, batch, train_step
 from regrow import masking
 from regrow.criteria import magnitude
 from regrow.errors import ConfigError
@@ -22,14 +22,6 @@ def make(model=None, steps=64, **options):
                     t_end=48, seed=0)
     defaults.update(options)
     return model, optimizer, regrow.IEE(model, optimizer, total_steps=steps, **defaults)
-
-
-def forward_backward_step(model, optimizer, t):
-    x, y = batch(t)
-    loss = nn.functional.cross_entropy(model(x), y)
-    optimizer.zero_grad()
-    loss.backward()
-    optimizer.step()
 
 
 def counts(masks):
@@ -51,7 +43,7 @@ def test_cycle_keeps_density_and_prunes_and_grows_omega(criterion):
     start = counts(sp.masks())
     assert start == sp.target_counts()
     for t in range(1, 65):
-        forward_backward_step(model, optimizer, t)
+        train_step(model, optimizer, t)
         before = counts(sp.masks())
         sp.step()
         after = counts(sp.masks())
@@ -72,14 +64,14 @@ def test_cycle_keeps_density_and_prunes_and_grows_omega(criterion):
 def test_exploration_freezes_active_and_bn_and_grown_weights_keep_explored_values():
     model, optimizer, sp = make()
     for t in range(1, H + J + 1):
-        forward_backward_step(model, optimizer, t)
+        train_step(model, optimizer, t)
         sp.step()
     assert sp.exploring and sp.stage(H + J + 1) == "explore"
     assert all(bool(m.weight_mask.all()) for m in sp.layers.values())  # every pruned unit is in the forward
     frozen = frozen_state(model, sp)
     explored_before = {n: m.weight[~sp.active[n]].clone() for n, m in sp.layers.items()}
     for t in range(H + J + 1, L + 1):
-        forward_backward_step(model, optimizer, t)
+        train_step(model, optimizer, t)
         now = frozen_state(model, sp)
         assert all(torch.equal(now[k], frozen[k]) for k in frozen), [k for k in frozen if not torch.equal(now[k],
                                                                                                            frozen[k])]
@@ -101,7 +93,7 @@ def run_first_cycle(**options):
     model, optimizer, sp = make(**options)
     snapshots = {}
     for t in range(1, L + 1):
-        forward_backward_step(model, optimizer, t)
+        train_step(model, optimizer, t)
         snapshots[t] = {n: (m.weight.detach().clone(), masking.mask_of(m).clone()) for n, m in sp.layers.items()}
         if sp.exploring:
             snapshots[t]["active"] = {n: a.clone() for n, a in sp.active.items()}
@@ -147,7 +139,7 @@ def test_ablation_without_improvement_stage_explores_right_after_pruning():
     model, optimizer, sp = make(improve_steps=0)
     assert sp.cycle_length == H + Q
     for t in range(1, H + 1):
-        forward_backward_step(model, optimizer, t)
+        train_step(model, optimizer, t)
         sp.step()
     assert sp.exploring and sum(sp.omega.values()) > 0  # pruned and reactivated in the same step
 
@@ -158,7 +150,7 @@ def test_nm_groups_stay_full_after_every_cycle():
     model, optimizer, sp = make(model=model, sparsity=0.5, structure="2:4")
     assert "0" in sp.skipped  # one input channel: not a multiple of 4
     for t in range(1, 49):
-        forward_backward_step(model, optimizer, t)
+        train_step(model, optimizer, t)
         sp.step()
         if sp.position(t) == L:
             for m in sp.layers.values():
@@ -170,7 +162,7 @@ def test_global_ranking_keeps_the_total():
     model, optimizer, sp = make(ranking="global")
     total = sum(counts(sp.masks()).values())
     for t in range(1, 49):
-        forward_backward_step(model, optimizer, t)
+        train_step(model, optimizer, t)
         sp.step()
         if sp.position(t) == L:
             assert sum(counts(sp.masks()).values()) == total
@@ -199,7 +191,7 @@ def test_resume_in_the_middle_of_exploration_is_bit_identical(tmp_path, criterio
 def test_exploration_counts_dense_flops_and_evaluation_sees_the_sparse_net():
     model, optimizer, sp = make()
     for t in range(1, H + J + 1):
-        forward_backward_step(model, optimizer, t)
+        train_step(model, optimizer, t)
         sp.step()
     assert set(sp.forward_densities().values()) == {1.0}
     assert all(d < 1.0 for n, d in sp.densities().items() if sp.target_counts()[n] < sp.layers[n].weight.numel())

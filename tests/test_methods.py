@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 import regrow
-from conftest import TinyNet, batch, train_steps
+from conftest import TinyNet, train_step, train_steps
 from regrow import masking
 from regrow.criteria import magnitude
 from regrow.errors import ConfigError
@@ -18,21 +18,13 @@ def make(method, steps=60, **options):
     return model, optimizer, sp
 
 
-def one_step(model, optimizer, t):
-    x, y = batch(t)
-    loss = nn.functional.cross_entropy(model(x), y)
-    optimizer.zero_grad()
-    loss.backward()
-    optimizer.step()
-
-
 @pytest.mark.parametrize("method", ["rigl", "set"])
 def test_drop_and_grow_keeps_density_and_follows_the_cosine_fraction(method):
     model, optimizer, sp = make(method, sparsity=0.8, distribution="erk", interval=5, t_end=40, seed=3)
     counts = {n: int(m.weight_mask.sum()) for n, m in sp.layers.items()}
     assert counts == sp.target_counts()
     for t in range(1, 61):
-        one_step(model, optimizer, t)
+        train_step(model, optimizer, t)
         old = sp.masks()
         weights = {n: m.weight.detach().clone() for n, m in sp.layers.items()}
         grads = {n: masking.dense_grad(m) for n, m in sp.layers.items()}
@@ -67,7 +59,7 @@ def test_set_growth_is_random_and_seeded():
         model, optimizer, sp = make("set", sparsity=0.8, interval=2, t_end=10, seed=0)
         sp.generator.manual_seed(seed)
         for t in range(1, 3):
-            one_step(model, optimizer, t)
+            train_step(model, optimizer, t)
             old = sp.masks()
             sp.step()
         return torch.cat([(masking.mask_of(m) & ~old[n]).flatten() for n, m in sp.layers.items()])
@@ -80,7 +72,7 @@ def test_gmp_follows_cubic_and_ends_exactly_at_target():
     assert sp.actual_sparsity() == 0.0
     prev = sp.masks()
     for t in range(1, 61):
-        one_step(model, optimizer, t)
+        train_step(model, optimizer, t)
         sp.step()
         masks = sp.masks()
         assert all(not (masks[n] & ~prev[n]).any() for n in masks)  # pruned weights never return
@@ -102,7 +94,7 @@ def test_static_mask_never_changes_and_oneshot_prunes_once_by_magnitude():
     model, optimizer, sp = make("oneshot", steps=20, sparsity=0.7, distribution="uniform", prune_at=0.5)
     train_steps(model, optimizer, sp, 9)
     assert sp.actual_sparsity() == 0.0
-    one_step(model, optimizer, 10)
+    train_step(model, optimizer, 10)
     weights = {n: m.weight.detach().clone() for n, m in sp.layers.items()}
     sp.step()
     for n, m in sp.layers.items():
