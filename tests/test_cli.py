@@ -4,7 +4,8 @@ import sys
 
 import pytest
 
-from regrow.cli import main
+from regrow.cli import _config_from, build_parser, main
+from regrow.training import Trainer
 
 SMALL = ["--model", "resnet8", "--dataset", "synthetic", "--epochs", "1", "--batch-size", "32", "--no-progress"]
 
@@ -76,3 +77,19 @@ def test_iee_from_the_cli_with_options_and_mask_metrics(tmp_path):
     assert len(summary["mask_metrics"]["iou_consecutive"]) == 1
     help_text = run_cli("train", "--help").stdout
     assert "iee: " in help_text and "explore_steps=50" in help_text
+
+
+def test_cli_resume_matches_an_uninterrupted_run(tmp_path):
+    args = [*SMALL, "--method", "set", "--sparsity", "0.8", "--epochs", "2", "--opt", "interval=3",
+            "--checkpoint-every", "5"]
+    assert main(["train", *args, "--out", str(tmp_path / "full")]) == 0
+    # interrupt a second run right after its step-5 checkpoint, then resume it from the command line
+    config = _config_from(build_parser().parse_args(["train", *args, "--out", str(tmp_path / "cut")]))
+    assert Trainer(config, tmp_path / "cut").run(stop_after=5) is None
+    assert not (tmp_path / "cut" / "summary.json").exists()
+    proc = run_cli("train", *args, "--out", str(tmp_path / "cut"))
+    assert proc.returncode == 2 and "already holds a run" in proc.stderr
+    assert main(["train", *args, "--out", str(tmp_path / "cut"), "--resume"]) == 0
+    full = (tmp_path / "full" / "model.safetensors").read_bytes()
+    assert full == (tmp_path / "cut" / "model.safetensors").read_bytes()
+    assert (tmp_path / "full" / "metrics.jsonl").read_text() == (tmp_path / "cut" / "metrics.jsonl").read_text()
