@@ -92,3 +92,14 @@ def test_bad_training_options(tmp_path):
     for bad in (dict(epochs=0), dict(batch_size=-1), dict(lr=float("nan")), dict(sparsity=1.0)):
         with pytest.raises(ConfigError):
             Trainer(config(**bad), tmp_path)
+
+
+def test_channels_last_trains_the_same_masked_network(tmp_path):
+    options = {"estimate_steps": 3, "improve_steps": 2, "explore_steps": 3}
+    standard = Trainer(config(method="iee", method_options=options), tmp_path / "a")
+    nhwc = Trainer(config(method="iee", method_options=options, channels_last=True), tmp_path / "b")
+    a, b = standard.run(), nhwc.run()
+    conv = nhwc.model.layer1[0].conv1
+    assert conv.weight_mask.is_contiguous(memory_format=torch.channels_last)
+    assert a["sparsity_actual"] == b["sparsity_actual"] and a["mask_updates"] == b["mask_updates"]
+    assert abs(a["test_accuracy"] - b["test_accuracy"]) < 0.05  # same math, another summation order

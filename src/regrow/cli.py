@@ -61,6 +61,7 @@ def _train_parser(sub) -> None:
     p.add_argument("--warmup-epochs", type=float, default=0.0)
     p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("--no-augment", action="store_true", help="no random crop and flip")
+    p.add_argument("--channels-last", action="store_true", help="NHWC memory layout (faster convolutions on CPU)")
     p.add_argument("--train-subset", type=int, default=None, help="train on a seeded subset of N samples")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/latest", help="output folder (default runs/latest)")
@@ -92,7 +93,8 @@ def _config_from(args) -> Any:
         dense_first=args.dense_first, dense_last=args.dense_last, epochs=args.epochs, max_steps=args.max_steps,
         batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, nesterov=not args.no_nesterov,
         weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing,
-        augment=not args.no_augment, train_subset=args.train_subset, seed=args.seed, log_every=args.log_every,
+        augment=not args.no_augment, channels_last=args.channels_last, train_subset=args.train_subset,
+        seed=args.seed, log_every=args.log_every,
         checkpoint_every=args.checkpoint_every, progress=not args.no_progress)
 
 

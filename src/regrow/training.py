@@ -57,6 +57,7 @@ class TrainConfig:
     warmup_epochs: float = 0.0
     label_smoothing: float = 0.0
     augment: bool = True
+    channels_last: bool = False  # NHWC memory layout: faster convolutions on CPU
     train_subset: int | None = None
     synthetic_size: int = 512
     seed: int = 0
@@ -145,6 +146,8 @@ class Trainer:
             self.train_data = self.train_data.subset(subset_indices(self.train_data.labels, c.train_subset, c.seed))
         self.model = create_model(c.model, in_channels=self.train_data.in_channels,
                                   num_classes=self.train_data.num_classes, input_size=self.train_data.input_size)
+        if c.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=c.lr, momentum=c.momentum,
                                          nesterov=c.nesterov and c.momentum > 0, weight_decay=c.weight_decay)
         self.steps_per_epoch = batches_per_epoch(len(self.train_data), c.batch_size)
@@ -210,6 +213,8 @@ class Trainer:
         c = self.config
         epoch, index = divmod(step, self.steps_per_epoch)
         x, y = get_batch(self.train_data, c.batch_size, c.seed, epoch, index, train_augment=c.augment)
+        if c.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         lr = cosine_lr(step, self.total_steps, c.lr, warmup=int(round(c.warmup_epochs * self.steps_per_epoch)))
         for group in self.optimizer.param_groups:
             group["lr"] = lr
