@@ -48,6 +48,7 @@ def grid(args) -> dict[str, TrainConfig]:
             options = {**dict.fromkeys(("estimate_steps", "improve_steps", "explore_steps"), hjq), **options}
         return TrainConfig(model=args.model, method=method, sparsity=sparsity, distribution="erk",
                            epochs=args.epochs, max_steps=40 if args.quick else None, seed=seed,
+                           channels_last=args.channels_last,
                            progress=sys.stderr.isatty() and args.jobs == 1, method_options=options)
 
     runs = {}
@@ -105,13 +106,14 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--model", default="resnet20")
     p.add_argument("--jobs", type=int, default=1, help="runs trained at once (threads are split between them)")
+    p.add_argument("--channels-last", action="store_true", help="NHWC layout for every run (faster on CPU)")
     p.add_argument("--grid-name", default=None, help="results name (default unstructured, or with the epochs)")
     args = p.parse_args(argv)
     name = args.grid_name or ("unstructured-quick" if args.quick else f"unstructured-{args.model}-e{args.epochs}")
     summaries = run_grid(name, grid(args), jobs=args.jobs)
     rows = aggregate(summaries, group)
     setup = {"model": args.model, "dataset": "fashion-mnist", "distribution": "erk", "epochs": args.epochs,
-             "batch size": 128, "seeds": args.seeds, "jobs": args.jobs,
+             "batch size": 128, "seeds": args.seeds, "jobs": args.jobs, "channels last": args.channels_last,
              "optimizer": "SGD Nesterov 0.9, lr 0.1 cosine, wd 5e-4",
              "RigL/SET": "update every 100 steps, alpha 0.3 cosine, T_end 75 %",
              "IEE": f"H = J = Q = {5 if args.quick else HJQ}, magnitude, cosine Omega, T_end 75 %"}
