@@ -29,6 +29,7 @@ from regrow.checkpoint import write_json  # noqa: E402
 from regrow.training import CHECKPOINT, SUMMARY, TrainConfig, Trainer, environment  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
+COMMIT = "commit.txt"
 
 
 def commit() -> str:
@@ -66,6 +67,9 @@ def run_grid(grid: str, runs: dict[str, TrainConfig], log: Callable[[str], None]
             summaries[run_id] = json.loads((out / SUMMARY).read_text())
         else:
             todo[run_id] = (config, out, (out / CHECKPOINT).exists())
+            if not (out / COMMIT).exists():  # the code a run was trained with, for the results page
+                out.mkdir(parents=True, exist_ok=True)
+                (out / COMMIT).write_text(commit() + "\n")
     log(f"{grid}: {len(summaries)} of {len(runs)} runs done already, {len(todo)} to train with {jobs} job(s)")
 
     def report(run_id: str, s: dict) -> None:
@@ -131,13 +135,17 @@ def write_results(grid: str, rows: dict[str, dict], summaries: dict[str, dict], 
     total_wall = sum(s["wall_seconds"] for s in summaries.values())
     runs = {k: {f: v for f, v in s.items() if f not in ("layers", "config", "environment")}
             for k, s in summaries.items()}
+    trained_at = sorted({(RESULTS / "runs" / grid / k / COMMIT).read_text().strip()
+                         for k in summaries if (RESULTS / "runs" / grid / k / COMMIT).exists()}) or ["unknown"]
     write_json(RESULTS / f"{grid}.json", {"grid": grid, "command": command, "commit": commit(),
+                                          "runs_trained_at": trained_at,
                                           "environment": env, "setup": setup, "total_wall_seconds": total_wall,
                                           "rows": rows, "runs": runs})
     md = "\n".join([
         f"# {grid}", "",
         f"Command: `{command}`  ",
-        f"Commit: {commit()}; {env['processor']}, {env['threads']} threads, torch {env['torch']}  ",
+        f"Runs trained at commit {', '.join(trained_at)}; tables written at {commit()}  ",
+        f"Hardware: {env['processor']}, {env['threads']} threads, torch {env['torch']}  ",
         "Setup: " + ", ".join(f"{k} {v}" for k, v in setup.items()) + "  ",
         f"Total wall time of the grid: {total_wall / 60:.1f} min (sum over runs)", "",
         markdown_table(rows), "",
