@@ -24,7 +24,8 @@ def plot(rows: dict, path) -> None:
         for key, r in rows.items():
             ax.errorbar(r["train_flops_ratio"], 100 * r["test_accuracy_mean"], yerr=100 * r["test_accuracy_std"],
                         fmt="o", capsize=3, label=key)
-        style(ax, "training FLOPs (× dense)", "last-epoch test accuracy (%)", "ResNet-20, Fashion-MNIST, 90 % ERK")
+        style(ax, "training FLOPs (× dense)", "last-epoch test accuracy (%)", "ResNet-20, Fashion-MNIST, 90 % ERK",
+              legend="lower right")
 
 
 def main(argv=None) -> int:

@@ -173,11 +173,11 @@ def figure(path: Path, ncols: int = 1, figsize: tuple[float, float] = (6, 4)) ->
         plt.close(fig)
 
 
-def style(ax, xlabel: str, ylabel: str | None = None, title: str | None = None) -> None:
+def style(ax, xlabel: str, ylabel: str | None = None, title: str | None = None, legend: str = "best") -> None:
     ax.set_xlabel(xlabel)
     if ylabel:
         ax.set_ylabel(ylabel)
     if title:
         ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc=legend)
