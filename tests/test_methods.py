@@ -140,3 +140,12 @@ def test_rigl_without_backward_is_a_clear_error():
     model, optimizer, sp = make("rigl", sparsity=0.8, interval=1, t_end=10)
     with pytest.raises(ConfigError, match="no dense gradient"):
         sp.step()
+
+
+@pytest.mark.parametrize("method", ["static", "set", "rigl", "iee"])
+def test_sparse_start_is_w_times_m_with_inactive_weights_zero(method):
+    options = {"estimate_steps": 2, "improve_steps": 1, "explore_steps": 2} if method == "iee" else {}
+    model, optimizer, sp = make(method, sparsity=0.8, **options)
+    for m in sp.layers.values():
+        assert (m.weight[~masking.mask_of(m)] == 0).all()
+        assert (m.weight[masking.mask_of(m)] != 0).all()

@@ -131,15 +131,24 @@ class Sparsifier:
         masking.reset_optimizer_state(self.optimizer, module.weight, grown | dropped)
         return {"dropped": int(dropped.sum()), "grown": int(grown.sum())}
 
-    def select_masks(self, scores: dict[str, torch.Tensor], counts: dict[str, int]) -> None:
-        """Every layer keeps its ``counts[name]`` highest-scored units."""
-        for name in self.layers:
-            self.set_layer_mask(name, self.structure.select(scores[name], counts[name]))
+    def select_masks(self, scores: dict[str, torch.Tensor], counts: dict[str, int],
+                     zero_inactive: bool = False) -> None:
+        """Every layer keeps its ``counts[name]`` highest-scored units.
+
+        ``zero_inactive`` is for a sparse *start*: the network then is W ⊙ M, so a unit that was never active has
+        no value to remember but 0 (IEE's explorations start from it; RigL and SET grow at 0 anyway).
+        """
+        for name, module in self.layers.items():
+            mask = self.structure.select(scores[name], counts[name])
+            self.set_layer_mask(name, mask)
+            if zero_inactive:
+                with torch.no_grad():
+                    module.weight.masked_fill_(~mask, 0.0)
 
     def random_masks(self, counts: dict[str, int]) -> None:
-        """Random masks at the given counts, from the sparsifier's generator."""
+        """A sparse start: random masks at the given counts (sparsifier's generator), inactive weights zero."""
         scores = {n: torch.rand(m.weight.shape, generator=self.generator) for n, m in self.layers.items()}
-        self.select_masks(scores, counts)
+        self.select_masks(scores, counts, zero_inactive=True)
 
     # ----- lifecycle --------------------------------------------------------------------------------------
     def initialize(self) -> None:

@@ -128,7 +128,7 @@ class IEE(Sparsifier):
         if self.start == "random":
             self.random_masks(counts)
         else:
-            self.select_masks({n: magnitude(m.weight) for n, m in self.layers.items()}, counts)
+            self.select_masks({n: magnitude(m.weight) for n, m in self.layers.items()}, counts, zero_inactive=True)
         self._last_masks = self.masks()
 
     # ----- where in the cycle are we ----------------------------------------------------------------------
