@@ -33,6 +33,7 @@ def variants(hjq: int) -> dict[str, dict]:
         "iee-no-freeze": {"freeze_active": False},
         "iee-no-improve": {"improve_steps": 0},
         "iee-zero-init": {"grow_init": "zero"},
+        "iee-explore-full-lr": {"explore_lr_scale": 1.0},  # the spec's starting point: the current learning rate
         "iee-hjq-third": dict.fromkeys(("estimate_steps", "improve_steps", "explore_steps"), max(1, hjq // 3)),
         "iee-hjq-double": dict.fromkeys(("estimate_steps", "improve_steps", "explore_steps"), 2 * hjq),
     }
@@ -116,7 +117,8 @@ def main(argv=None) -> int:
              "batch size": 128, "seeds": args.seeds, "jobs": args.jobs, "channels last": args.channels_last,
              "optimizer": "SGD Nesterov 0.9, lr 0.1 cosine, wd 5e-4",
              "RigL/SET": "update every 100 steps, alpha 0.3 cosine, T_end 75 %",
-             "IEE": f"H = J = Q = {5 if args.quick else HJQ}, magnitude, cosine Omega, T_end 75 %"}
+             "IEE": f"H = J = Q = {5 if args.quick else HJQ}, magnitude, cosine Omega, T_end 75 %, "
+                    "exploration lr × 0.1"}
     command = " ".join(["python bench/unstructured.py", *(argv if argv is not None else sys.argv[1:])])
     print(write_results(name, rows, summaries, setup, command))
     plot(rows, summaries, name)
