@@ -303,7 +303,7 @@ class Trainer:
             "params_total": params_total, "params_nonzero": params_total - pruned,
             "macs_dense": sum(self.macs.values()),
             "macs_sparse": sum(layer["macs"] * layer["density"] for layer in layers),
-            "layers": layers, "skipped_layers": getattr(self.sparsifier, "skipped", {}),
+            "layers": layers, "skipped_layers": self.sparsifier.skipped,
             "mask_updates": len(self.sparsifier.history), "mask_metrics": self.sparsifier.tracker.summary(),
             "config": dataclasses.asdict(c), "environment": environment(),
         }

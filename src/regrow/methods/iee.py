@@ -107,6 +107,7 @@ class IEE(Sparsifier):
         self.active: dict[str, torch.Tensor] | None = None  # Θ_K while exploring (the layer masks are all ones)
         self.omega: dict[str, int] = {}  # units pruned this cycle, per layer (grown back at its end)
         self.accumulators: dict[str, ScoreAccumulator] = {}
+        self._cycle_record: dict[str, Any] = {}  # what this cycle's prune did, completed by its grow
         self._lr_saved: list[float] | None = None
         super().__init__(model, optimizer, **base)
         if ranking == "global" and isinstance(self.structure, NM):
@@ -252,8 +253,7 @@ class IEE(Sparsifier):
                     module.weight.masked_fill_(new_mask & ~active[name], 0.0)
             self.set_layer_mask(name, new_mask)
         masks = self.masks()
-        record = dict(getattr(self, "_cycle_record", {"step": step}))
-        record.update(grow_step=step, grown=sum(counts.values()))
+        record = {**self._cycle_record, "grow_step": step, "grown": sum(counts.values())}
         self.history.append(record)
         self.tracker.record(step, masks, self._last_masks)
         self._last_masks = masks
@@ -319,7 +319,7 @@ class IEE(Sparsifier):
         state = super().state_dict()
         state.update(omega=dict(self.omega), active=None if self.active is None else dict(self.active),
                      last_masks=dict(self._last_masks),
-                     cycle_record=dict(getattr(self, "_cycle_record", {})),
+                     cycle_record=dict(self._cycle_record),
                      accumulators={n: {"total": a.total, "count": a.count} for n, a in self.accumulators.items()})
         return state
 
