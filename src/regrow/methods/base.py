@@ -79,12 +79,16 @@ class Sparsifier:
         for module in layers.values():
             masking.add_mask(module)
         self.guard = masking.OptimizerGuard(optimizer, layers.values()) if optimizer is not None else None
+        self._start_lifecycle(seed)
+        self.initialize()
+
+    def _start_lifecycle(self, seed: int) -> None:
+        """The state every sparsifier has, masked layers or not (the dense reference has none)."""
         self.generator = torch.Generator().manual_seed(seed)
         self.seed = seed
         self.step_count = 0
         self.history: list[dict[str, Any]] = []
         self.tracker = MaskTracker()  # masks after every update, for IoU and survival metrics
-        self.initialize()
 
     # ----- schedule helpers -------------------------------------------------------------------------------
     def steps(self, value: int | float, option: str) -> int:
@@ -163,20 +167,22 @@ class Sparsifier:
         """Change masks if the schedule says so at ``step`` (1-based: the number of optimizer steps taken)."""
 
     def densities(self) -> dict[str, float]:
-        return {n: masking.density(m) for n, m in self.layers.items()}
+        """Density of the sparse network per layer (from :meth:`masks`)."""
+        return {n: float(m.sum()) / m.numel() for n, m in self.masks().items()}
 
     def forward_densities(self) -> dict[str, float]:
         """Densities as the forward pass runs now, for FLOPs accounting (IEE's exploration runs dense)."""
-        return self.densities()
+        return {n: masking.density(m) for n, m in self.layers.items()}
 
     def extra_flops(self, macs: dict[str, int], batch_size: int) -> float:
         """FLOPs this step spent beyond 3 × the forward (e.g. RigL's dense gradient at an update step)."""
         return 0.0
 
     def actual_sparsity(self) -> float:
-        total = sum(m.weight_mask.numel() for m in self.layers.values())
-        kept = sum(float(m.weight_mask.sum()) for m in self.layers.values())
-        return 1.0 - kept / total
+        """Fraction of zeros of the sparse network over the masked layers (0 when there are none)."""
+        masks = self.masks()
+        total = sum(m.numel() for m in masks.values())
+        return 1.0 - sum(int(m.sum()) for m in masks.values()) / total if total else 0.0
 
     def state_dict(self) -> dict[str, Any]:
         return {"method": self.name, "step_count": self.step_count, "generator": self.generator.get_state(),

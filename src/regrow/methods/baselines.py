@@ -16,7 +16,6 @@ from ..criteria import magnitude
 from ..errors import ConfigError, unknown
 from ..schedules import FRACTIONS, gmp_sparsity
 from ..structures import NM
-from ..tracking import MaskTracker
 from .base import Sparsifier
 
 
@@ -27,17 +26,11 @@ class Dense(Sparsifier):
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
                  total_steps: int | None = None, seed: int = 0, **ignored: Any):
-        self.model, self.optimizer, self.total_steps, self.seed = model, optimizer, total_steps, seed
+        self.model, self.optimizer, self.total_steps = model, optimizer, total_steps
         self.sparsity, self.distribution, self.skipped = 0.0, "dense", {}
         self.layers: dict[str, nn.Module] = {}
         self.guard = None
-        self.generator = torch.Generator().manual_seed(seed)
-        self.step_count = 0
-        self.history: list[dict[str, Any]] = []
-        self.tracker = MaskTracker()
-
-    def actual_sparsity(self) -> float:
-        return 0.0
+        self._start_lifecycle(seed)
 
 
 class Static(Sparsifier):

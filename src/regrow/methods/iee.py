@@ -291,16 +291,6 @@ class IEE(Sparsifier):
             return {n: a.clone() for n, a in self.active.items()}
         return super().masks()
 
-    def actual_sparsity(self) -> float:
-        masks = self.masks()
-        return 1.0 - sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
-
-    def densities(self) -> dict[str, float]:
-        return {n: float(m.sum()) / m.numel() for n, m in self.masks().items()}
-
-    def forward_densities(self) -> dict[str, float]:
-        return {n: masking.density(m) for n, m in self.layers.items()}  # all ones while exploring
-
     @contextmanager
     def sparse_view(self) -> Iterator[None]:
         """Evaluate the sparse network Θ_K even in the middle of an exploration stage."""
