@@ -212,3 +212,17 @@ def test_iee_option_errors():
                                                            "global ranking")):
         with pytest.raises(ConfigError, match=message):
             make(**bad)
+
+
+def test_exponential_omega_schedule():
+    from regrow.schedules import exponential_fraction
+
+    model, optimizer, sp = make(schedule="exponential", alpha=0.4)
+    for t in range(1, 2 * L + 1):
+        train_step(model, optimizer, t)
+        before = counts(sp.masks())
+        sp.step()
+        if sp.position(t) == H:
+            fraction = exponential_fraction(t, 0.4, 48)
+            assert sp.omega == {n: int(fraction * before[n]) for n in before}
+    assert [r["fraction"] for r in sp.history] == pytest.approx([exponential_fraction(t, 0.4, 48) for t in (H, L + H)])
