@@ -27,6 +27,8 @@ def test_train_report_eval_round_trip(tmp_path, capsys):
     assert main(["report", str(out)]) == 0
     report = capsys.readouterr().out
     assert "layer1.0.conv1" in report and "target 0.9000   achieved 0.9000" in report and "MACs" in report
+    iou = summary["mask_metrics"]["iou_consecutive"][-1]
+    assert f"mask updates    2, IoU with the previous update at the last one {iou:.3f}" in report
     assert main(["report", str(out), "--plot", str(tmp_path / "d.png")]) == 0
     assert (tmp_path / "d.png").stat().st_size > 1000
     capsys.readouterr()

@@ -57,6 +57,15 @@ def format_report(summary: dict[str, Any]) -> str:
         f"test accuracy   {summary['test_accuracy']:.4f} (last epoch)",
         f"wall time       {summary['wall_seconds']:.1f} s",
     ]
+    metrics = summary.get("mask_metrics") or {}
+    if metrics.get("updates"):
+        survival = [v for v in metrics["survival_to_end"][:-1] if v is not None]
+        line = f"mask updates    {metrics['updates']}"
+        if metrics["iou_consecutive"]:
+            line += f", IoU with the previous update at the last one {metrics['iou_consecutive'][-1]:.3f}"
+        if survival:
+            line += f", grown units active at the end {sum(survival) / len(survival):.1%} (mean over updates)"
+        lines.append(line)
     if summary.get("skipped_layers"):
         lines.append("left dense      " + ", ".join(f"{k} ({v})" for k, v in summary["skipped_layers"].items()))
     return "\n".join(lines)
