@@ -67,8 +67,9 @@ def run_grid(grid: str, runs: dict[str, TrainConfig], log: Callable[[str], None]
         if (out / SUMMARY).exists():
             summaries[run_id] = json.loads((out / SUMMARY).read_text())
         else:
-            todo[run_id] = (config, out, (out / CHECKPOINT).exists())
-            if not (out / COMMIT).exists():  # the code a run was trained with, for the results page
+            resume = (out / CHECKPOINT).exists()
+            todo[run_id] = (config, out, resume)
+            if not resume:  # the code a run is trained with, for the results page
                 out.mkdir(parents=True, exist_ok=True)
                 (out / COMMIT).write_text(commit() + "\n")
     log(f"{grid}: {len(summaries)} of {len(runs)} runs done already, {len(todo)} to train with {jobs} job(s)")
