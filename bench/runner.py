@@ -62,6 +62,7 @@ def run_grid(grid: str, runs: dict[str, TrainConfig], log: Callable[[str], None]
     (small nets use two cores better as two single-threaded runs than as one run on two threads).
     """
     summaries, todo = {}, {}
+    code_commit = commit()
     for run_id, config in runs.items():
         out = RESULTS / "runs" / grid / run_id
         if (out / SUMMARY).exists():
@@ -71,7 +72,7 @@ def run_grid(grid: str, runs: dict[str, TrainConfig], log: Callable[[str], None]
             todo[run_id] = (config, out, resume)
             if not resume:  # the code a run is trained with, for the results page
                 out.mkdir(parents=True, exist_ok=True)
-                (out / COMMIT).write_text(commit() + "\n")
+                (out / COMMIT).write_text(code_commit + "\n")
     log(f"{grid}: {len(summaries)} of {len(runs)} runs done already, {len(todo)} to train with {jobs} job(s)")
 
     def report(run_id: str, s: dict) -> None:
@@ -134,19 +135,20 @@ def write_results(grid: str, rows: dict[str, dict], summaries: dict[str, dict], 
                   command: str) -> str:
     """Write ``bench/results/<grid>.json`` and ``.md``; return the markdown."""
     env = environment()
+    written_at = commit()
     total_wall = sum(s["wall_seconds"] for s in summaries.values())
     runs = {k: {f: v for f, v in s.items() if f not in ("layers", "config", "environment")}
             for k, s in summaries.items()}
     trained_at = sorted({(RESULTS / "runs" / grid / k / COMMIT).read_text().strip()
                          for k in summaries if (RESULTS / "runs" / grid / k / COMMIT).exists()}) or ["unknown"]
-    write_json(RESULTS / f"{grid}.json", {"grid": grid, "command": command, "commit": commit(),
+    write_json(RESULTS / f"{grid}.json", {"grid": grid, "command": command, "commit": written_at,
                                           "runs_trained_at": trained_at,
                                           "environment": env, "setup": setup, "total_wall_seconds": total_wall,
                                           "rows": rows, "runs": runs})
     md = "\n".join([
         f"# {grid}", "",
         f"Command: `{command}`  ",
-        f"Runs trained at commit {', '.join(trained_at)}; tables written at {commit()}  ",
+        f"Runs trained at commit {', '.join(trained_at)}; tables written at {written_at}  ",
         f"Hardware: {env['processor']}, {env['threads']} threads, torch {env['torch']}  ",
         "Setup: " + ", ".join(f"{k} {v}" for k, v in setup.items()) + "  ",
         f"Total wall time of the grid: {total_wall / 60:.1f} min (sum over runs)", "",
