@@ -2,8 +2,10 @@ import pytest
 import torch
 from torch import nn
 
-from regrow.channels import IN, OUT, channel_groups
-from regrow.errors import ConfigError
+from regrow import masking
+from regrow.channels import IN, OUT, ChannelMasks, channel_groups
+from regrow.errors import CheckpointError, ConfigError
+from regrow.export import count_parameters, export_channels, export_onnx, load_exported, save_exported
 from regrow.models import MODELS, create_model
 
 
@@ -73,3 +75,97 @@ def test_untraceable_model_or_unknown_layer_is_a_clear_error():
         channel_groups(create_model("resnet20"), torch.randn(1, 3, 28, 28))  # 3 channels into a 1-channel stem
     with pytest.raises(ConfigError, match="no layer named 'stem'"):
         channel_groups(create_model("resnet20"), torch.randn(1, 1, 28, 28), ignored=["stem"])
+
+
+class ConcatNet(nn.Module):
+    """A user model: two branches concatenated, BatchNorm after the concat, a classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.a = nn.Conv2d(8, 6, 3, padding=1)
+        self.b = nn.Conv2d(8, 10, 1)
+        self.bn = nn.BatchNorm2d(16)
+        self.head = nn.Conv2d(16, 12, 3, stride=2, padding=1, bias=False)
+        self.fc = nn.Linear(12, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = torch.relu(self.bn(torch.cat([self.a(x), self.b(x)], 1)))
+        return self.fc(torch.relu(self.head(x)).mean((2, 3)))
+
+
+def random_channel_masks(model, x, seed=1):
+    torch.manual_seed(seed)
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(8, *x.shape[1:]))  # BatchNorm statistics that are not the identity
+    masks = ChannelMasks(model, channel_groups(model, x[:1]))
+    g = torch.Generator().manual_seed(seed)
+    for i, group in enumerate(masks.groups):
+        keep = torch.rand(group.size, generator=g) > 0.5
+        keep[torch.randint(group.size, (1,), generator=g)] = True
+        masks.set_keep(i, keep)
+    return masks
+
+
+def test_a_residual_stage_shares_one_mask_and_its_channels_are_zero_everywhere():
+    model = create_model("resnet20")
+    x = torch.randn(2, 1, 28, 28)
+    masks = ChannelMasks(model, channel_groups(model, x[:1]))
+    stage = [i for i, g in enumerate(masks.groups) if g.root == "conv1"][0]
+    keep = torch.ones(16, dtype=torch.bool)
+    keep[[2, 7, 11]] = False
+    masks.set_keep(stage, keep)
+    for name in ["conv1", "layer1.0.conv2", "layer1.2.conv2"]:  # every producer into the stage's stream
+        assert torch.equal(masking.mask_of(masks.modules[name]).flatten(1).any(1), keep)
+    for name in ["bn1", "layer1.0.bn2", "layer1.1.bn2"]:
+        assert torch.equal(masking.mask_of(masks.modules[name], "bias"), keep)
+    assert torch.equal(masking.mask_of(masks.modules["layer1.1.conv1"]).transpose(0, 1).flatten(1).any(1), keep)
+    seen = []
+    hooks = [model.layer1[b].register_forward_hook(lambda m, i, o: seen.append(o)) for b in range(3)]
+    for mode in (True, False):
+        model.train(mode)
+        model(x)
+    for h in hooks:
+        h.remove()
+    assert all(out[:, ~keep].abs().max() == 0 and out[:, keep].abs().max() > 0 for out in seen)
+    assert masks.kept_indices()["conv1"] == [i for i in range(16) if keep[i]]
+
+
+@pytest.mark.parametrize("name", sorted(MODELS) + ["user-concat"])
+def test_export_removes_masked_channels_and_gives_the_masked_models_outputs(name):
+    model = ConcatNet() if name == "user-concat" else create_model(name)
+    x = torch.randn(4, 1, 28, 28)
+    masks = random_channel_masks(model, x)
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)
+    params_before = count_parameters(model)
+    exported, structure = export_channels(model, masks, x[:1])
+    assert not masking.masked_layers(exported)
+    assert count_parameters(exported) < params_before
+    for group_root, kept in structure["kept"].items():
+        module = dict(exported.named_modules())[group_root]
+        assert (module.out_features if isinstance(module, nn.Linear) else module.out_channels) == len(kept)
+    with torch.no_grad():
+        assert torch.allclose(exported(x), expected, atol=1e-5)
+
+
+def test_exported_model_saves_loads_and_runs_under_onnxruntime(tmp_path):
+    model = create_model("resnet8")
+    x = torch.randn(3, 1, 28, 28)
+    masks = random_channel_masks(model, x, seed=3)
+    exported, structure = export_channels(model, masks, x[:1])
+    exported.eval()
+    meta = {"model": "resnet8", "in_channels": 1, "num_classes": 10, "input_size": 28}
+    save_exported(tmp_path / "model.safetensors", exported, structure, meta)
+    loaded, loaded_meta = load_exported(tmp_path / "model.safetensors")
+    assert not masking.masked_layers(loaded) and type(loaded) is type(exported)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), exported(x))
+    assert loaded_meta["structure"]["kept"] == structure["kept"]
+    with pytest.raises(CheckpointError, match="does not fit"):
+        load_exported(tmp_path / "model.safetensors", model=create_model("resnet20"))
+    diff = export_onnx(exported, x, tmp_path / "model.onnx")
+    assert diff < 1e-4 and (tmp_path / "model.onnx").stat().st_size > 0

@@ -48,8 +48,8 @@ def test_forward_sees_weight_times_mask(tiny):
 def test_only_linear_and_conv_are_prunable(tiny):
     names = set(masking.prunable_layers(tiny))
     assert names == {"conv1", "grouped", "depthwise", "fc"}
-    with pytest.raises(regrow.ConfigError, match="cannot mask BatchNorm2d"):
-        masking.add_mask(tiny.bn1)
+    with pytest.raises(regrow.ConfigError, match="cannot mask LayerNorm"):
+        masking.add_mask(nn.LayerNorm(4))
     with pytest.raises(regrow.ConfigError, match="no prunable"):
         masking.prunable_layers(tiny, include=["bn1"])
     emb = nn.Sequential(nn.Embedding(10, 4), nn.LayerNorm(4), nn.Linear(4, 2))
@@ -136,3 +136,42 @@ def test_dense_gradient_sums_within_a_step_and_restarts_after_clearing(tiny):
     masking.clear_dense_grad(layer)
     grad_of(4)
     assert torch.allclose(masking.dense_grad(layer) * layer.weight_mask, g3)
+
+
+def test_bias_and_batchnorm_masks_zero_a_channel_and_hold_its_statistics(tiny):
+    """Channel masks: conv rows + bias + BN gamma/beta; the channel's output is exactly 0 in train and eval mode,
+    and its running statistics keep the values they had when it was masked."""
+    optimizer = torch.optim.SGD(tiny.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2)
+    conv, bn = masking.add_mask(tiny.conv1, bias=True), masking.add_mask(tiny.bn1)
+    assert masking.masked_params(conv) == ["weight", "bias"] and masking.masked_params(bn) == ["weight", "bias"]
+    guard = masking.OptimizerGuard(optimizer, [conv, bn])
+    train_steps(tiny, optimizer, None, 3)
+    keep = torch.ones(8, dtype=torch.bool)
+    keep[[1, 5]] = False
+    masking.set_mask(conv, keep[:, None, None, None].expand_as(conv.weight).clone())
+    masking.set_mask(conv, keep, "bias")
+    for param in ("weight", "bias"):
+        masking.set_mask(bn, keep, param)
+    stats = (bn.running_mean.clone(), bn.running_var.clone())
+    params = {"w": conv.weight, "b": conv.bias, "g": bn.weight, "be": bn.bias}
+    values = {n: p.detach().clone() for n, p in params.items()}
+    train_steps(tiny, optimizer, None, 5, seed=50)
+    assert torch.equal(bn.running_mean[~keep], stats[0][~keep]) and torch.equal(bn.running_var[~keep], stats[1][~keep])
+    assert not torch.equal(bn.running_mean[keep], stats[0][keep])
+    for name, p in params.items():
+        assert torch.equal(p[~keep], values[name][~keep]), name  # masked entries kept through wd + momentum
+    x, _ = batch(9)
+    for mode in (True, False):
+        tiny.train(mode)
+        out = tiny.bn1(tiny.conv1(x))
+        assert out[:, ~keep].abs().max() == 0 and out[:, keep].abs().max() > 0
+    state = tiny.state_dict()
+    assert "conv1.bias_mask" in state and "bn1.weight_mask" in state and "bn1.bias_mask" in state
+    fresh = TinyNet()
+    masking.load_state_dict(fresh, state)
+    assert torch.equal(masking.mask_of(fresh.bn1, "bias"), keep)
+    guard.remove()
+    masking.remove_mask(conv)
+    masking.remove_mask(bn)
+    assert (tiny.conv1.bias[~keep] == 0).all() and (tiny.bn1.weight[~keep] == 0).all()
+    assert type(tiny.bn1) is nn.BatchNorm2d and "bn1.bias_mask" not in tiny.state_dict()

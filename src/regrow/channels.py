@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from . import masking
 from .errors import ConfigError
 
 OUT, IN = "out", "in"
@@ -85,3 +86,111 @@ def channel_groups(model: nn.Module, example_inputs: torch.Tensor, ignored: list
         root_name, _, root_idxs = members[0]
         groups.append(ChannelGroup(root=root_name, size=len(root_idxs), members=members))
     return groups
+
+
+_CHANNEL_TYPES = masking.PRUNABLE_TYPES + masking.NORM_TYPES
+
+
+class ChannelMasks:
+    """Soft channel masks for coupled groups, on the weight-masking core.
+
+    A channel of a group is off when, in every member, its output row (conv/linear weight and bias, BatchNorm
+    gamma and beta) and its input column (consumers' weights) are masked. Values stay in memory, so a channel
+    that comes back (IEE) returns with what it had. Grouped convolutions follow their input channels through the
+    producer's zeros (their ``in`` member is not masked; a depthwise conv is an ``out`` member of its group).
+    """
+
+    def __init__(self, model: nn.Module, groups: list[ChannelGroup]):
+        modules = dict(model.named_modules())
+        self.groups = groups
+        self.modules: dict[str, nn.Module] = {}
+        for group in groups:
+            for name, _, _ in group.members:
+                module = modules[name]
+                if not isinstance(module, _CHANNEL_TYPES):
+                    raise ConfigError(f"channel masks support Conv, Linear and BatchNorm layers; {name!r} in the "
+                                      f"group of {group.root!r} is a {type(module).__name__}")
+                self.modules[name] = module
+        for module in self.modules.values():
+            masking.add_mask(module, bias=True)
+        self._out = {n: torch.ones(m.weight.shape[0], dtype=torch.bool) for n, m in self.modules.items()}
+        self._in = {n: torch.ones(m.weight.shape[1], dtype=torch.bool) for n, m in self.modules.items()
+                    if m.weight.dim() > 1}
+        self.keep = [torch.ones(g.size, dtype=torch.bool) for g in groups]
+
+    def set_keep(self, index: int, keep: torch.Tensor) -> None:
+        """Install the kept channels of group ``index`` (a bool vector of the group's size)."""
+        group = self.groups[index]
+        keep = keep.bool()
+        if keep.shape != (group.size,):
+            raise ConfigError(f"group {group.root!r} has {group.size} channels, "
+                              f"got a keep vector of {tuple(keep.shape)}")
+        self.keep[index] = keep.clone()
+        touched = set()
+        for name, role, idxs in group.members:
+            module = self.modules[name]
+            expanded = keep.repeat_interleave(len(idxs) // group.size)  # a flatten repeats each channel
+            if role == OUT:
+                self._out[name][idxs] = expanded
+            elif module.weight.dim() > 1 and getattr(module, "groups", 1) == 1:
+                self._in[name][idxs] = expanded
+            touched.add(name)
+        for name in touched:
+            self._refresh(name)
+
+    def _refresh(self, name: str) -> None:
+        module, out = self.modules[name], self._out[name]
+        if module.weight.dim() == 1:  # BatchNorm
+            masking.set_mask(module, out)
+        else:
+            shape = (-1, 1) + (1,) * (module.weight.dim() - 2)
+            mask = out.view(shape) & self._in[name].view((1, -1) + (1,) * (module.weight.dim() - 2))
+            masking.set_mask(module, mask.expand_as(module.weight))
+        if module.bias is not None:
+            masking.set_mask(module, out, "bias")
+
+    def active_out(self, name: str) -> int:
+        return int(self._out[name].sum())
+
+    def active_in(self, name: str) -> int:
+        """Active input channels of ``name`` (a grouped conv's follow its output channels when depthwise)."""
+        module = self.modules[name]
+        if getattr(module, "groups", 1) > 1:
+            return self.active_out(name) if module.groups == module.out_channels else module.in_channels
+        return int(self._in[name].sum())
+
+    def kept_indices(self) -> dict[str, list[int]]:
+        """The kept channels of every group, by root name (the recorded structure of an export)."""
+        return {g.root: torch.nonzero(k).flatten().tolist() for g, k in zip(self.groups, self.keep)}
+
+    def state_dict(self) -> dict[str, list[bool]]:
+        return {g.root: k.tolist() for g, k in zip(self.groups, self.keep)}
+
+    def load_state_dict(self, state: dict[str, list[bool]]) -> None:
+        roots = [g.root for g in self.groups]
+        if sorted(state) != sorted(roots):
+            raise ConfigError("channel mask state is for other channel groups (another model?)")
+        for i, root in enumerate(roots):
+            self.set_keep(i, torch.tensor(state[root], dtype=torch.bool))
+
+
+def channel_importance(masks: ChannelMasks, index: int) -> torch.Tensor:
+    """HALP's first-order Taylor importance of every channel of group ``index``, from the current ``.grad``s.
+
+    |Σ over the group's BatchNorms of (γ·∂L/∂γ + β·∂L/∂β)| per channel; a group without BatchNorm uses
+    |Σ over its producing layers of Σ_filter w·∂L/∂w|. Masked channels have zero gradient and score 0.
+    """
+    group = masks.groups[index]
+    total = torch.zeros(group.size)
+    norms = [(n, i) for n, r, i in group.members if r == OUT and isinstance(masks.modules[n], masking.NORM_TYPES)]
+    producers = norms or [(n, i) for n, r, i in group.members if r == OUT]
+    for name, idxs in producers:
+        module = masks.modules[name]
+        for param in (module.weight, module.bias):
+            if param is None or param.grad is None:
+                continue
+            contribution = (param.detach() * param.grad)
+            if contribution.dim() > 1:
+                contribution = contribution.flatten(1).sum(1)
+            total += contribution[idxs].reshape(group.size, -1).sum(1)
+    return total.abs()

@@ -3,6 +3,9 @@
 A masked layer keeps its dense ``weight`` parameter (so pruned values are remembered, as IEE needs) and gets a
 buffer ``weight_mask`` in its own ``state_dict``. Its class is swapped for a subclass whose ``forward`` uses
 ``weight * weight_mask``; parameters keep their identity, so an optimizer built before masking still works.
+Channel sparsity masks more than weights: ``add_mask(module, bias=True)`` also masks the bias (``bias_mask``), and
+BatchNorm layers can be masked too (gamma and beta; the running statistics of masked channels are held at their
+last value, so a channel that comes back finds the statistics it left with).
 
 Which entries the optimizer may change is a second, separate set per layer, the *trainable* set. By default it
 equals the mask; IEE's exploration sets it to the complement of the mask (active weights frozen). The
@@ -23,7 +26,13 @@ from torch import nn
 from .errors import CheckpointError, ConfigError
 
 MASK = "weight_mask"
+MASKABLE_PARAMS = ("weight", "bias")
 PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def mask_name(param: str) -> str:
+    return f"{param}_mask"
 
 
 class _MaskedMixin:
@@ -33,7 +42,9 @@ class _MaskedMixin:
         weight = self.weight * self.weight_mask
         if self._regrow_capture and weight.requires_grad:
             weight.register_hook(self._regrow_store_grad)
-        return self._regrow_forward(input, weight)
+        bias_mask = self._buffers.get("bias_mask")
+        bias = self.bias if bias_mask is None else self.bias * bias_mask
+        return self._regrow_forward(input, weight, bias)
 
     def _regrow_store_grad(self, grad: torch.Tensor) -> None:
         # Gradient w.r.t. the effective weight: dL/dW for every entry, pruned ones included (RigL's dense grad).
@@ -43,12 +54,37 @@ class _MaskedMixin:
             self._regrow_dense_grad += grad.detach()
 
 
-def _linear_forward(self, input, weight):
-    return F.linear(input, weight, self.bias)
+def _linear_forward(self, input, weight, bias):
+    return F.linear(input, weight, bias)
 
 
-def _conv_forward(self, input, weight):
-    return self._conv_forward(input, weight, self.bias)
+def _conv_forward(self, input, weight, bias):
+    return self._conv_forward(input, weight, bias)
+
+
+def _batch_norm_forward(self, input, weight, bias):
+    # nn.BatchNorm's own forward, with the masked affine parameters; masked channels' running statistics are put
+    # back afterwards (a pruned channel sees zeros and would otherwise decay its statistics towards them).
+    self._check_input_dim(input)
+    factor = 0.0 if self.momentum is None else self.momentum
+    if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+        self.num_batches_tracked.add_(1)
+        if self.momentum is None:
+            factor = 1.0 / float(self.num_batches_tracked)
+    use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+    tracks = not self.training or self.track_running_stats
+    mean, var = (self.running_mean, self.running_var) if tracks else (None, None)
+    hold = None
+    if self.training and self.track_running_stats and mean is not None and not self.weight_mask.bool().all():
+        # Update copies (autograd keeps the tensors batch_norm saw), then take them only where channels are active.
+        hold = ~self.weight_mask.bool()
+        mean, var = mean.clone(), var.clone()
+    out = F.batch_norm(input, mean, var, weight, bias, use_batch_stats, factor, self.eps)
+    if hold is not None:
+        with torch.no_grad():
+            self.running_mean.copy_(torch.where(hold, self.running_mean, mean))
+            self.running_var.copy_(torch.where(hold, self.running_var, var))
+    return out
 
 
 _MASKED_CLASSES: dict[type, type] = {}
@@ -56,7 +92,8 @@ _MASKED_CLASSES: dict[type, type] = {}
 
 def _masked_class(cls: type) -> type:
     if cls not in _MASKED_CLASSES:
-        forward = _linear_forward if issubclass(cls, nn.Linear) else _conv_forward
+        forward = (_linear_forward if issubclass(cls, nn.Linear) else
+                   _batch_norm_forward if issubclass(cls, NORM_TYPES) else _conv_forward)
         _MASKED_CLASSES[cls] = type(f"Masked{cls.__name__}", (_MaskedMixin, cls), {"_regrow_forward": forward})
     return _MASKED_CLASSES[cls]
 
@@ -83,28 +120,44 @@ def prunable_layers(model: nn.Module, include: Iterable[str] | None = None,
     return layers
 
 
-def add_mask(module: nn.Module) -> nn.Module:
-    """Give ``module`` an all-ones ``weight_mask`` buffer and the masked forward (idempotent)."""
-    if is_masked(module):
-        return module
-    if not isinstance(module, PRUNABLE_TYPES):
-        raise ConfigError(f"cannot mask {type(module).__name__}: only Linear and Conv1d/2d/3d layers are supported")
-    module.register_buffer(MASK, torch.ones_like(module.weight, requires_grad=False))
-    module.__class__ = _masked_class(type(module))
-    module._regrow_capture = False
-    module._regrow_dense_grad = None
-    module._regrow_trainable = None  # None: trainable set == mask
+def add_mask(module: nn.Module, bias: bool = False) -> nn.Module:
+    """Give ``module`` an all-ones ``weight_mask`` buffer and the masked forward (idempotent).
+
+    ``bias`` masks the bias too (``bias_mask``; channel sparsity). BatchNorm layers (affine) are always masked
+    in both gamma and beta: a channel is only gone when its shift is gone as well.
+    """
+    if isinstance(module, NORM_TYPES):
+        if not module.affine:
+            raise ConfigError(f"cannot mask {type(module).__name__} without affine parameters")
+        bias = True
+    elif not isinstance(module, PRUNABLE_TYPES):
+        raise ConfigError(f"cannot mask {type(module).__name__}: only Linear, Conv1d/2d/3d and BatchNorm layers "
+                          "are supported")
+    if not is_masked(module):
+        module.register_buffer(MASK, torch.ones_like(module.weight, requires_grad=False))
+        module.__class__ = _masked_class(type(module))
+        module._regrow_capture = False
+        module._regrow_dense_grad = None
+        module._regrow_trainable = {}  # param -> bool tensor; absent: trainable set == mask
+    if bias and module.bias is not None and "bias_mask" not in module._buffers:
+        module.register_buffer("bias_mask", torch.ones_like(module.bias, requires_grad=False))
     return module
 
 
+def masked_params(module: nn.Module) -> list[str]:
+    """Names of the masked parameters of a masked module (``weight``, and ``bias`` when its bias is masked)."""
+    return [p for p in MASKABLE_PARAMS if mask_name(p) in module._buffers] if is_masked(module) else []
+
+
 def remove_mask(module: nn.Module, bake: bool = True) -> nn.Module:
-    """Undo :func:`add_mask`; with ``bake`` the pruned weights are set to zero first."""
+    """Undo :func:`add_mask`; with ``bake`` the pruned weights (and biases) are set to zero first."""
     if not is_masked(module):
         return module
     with torch.no_grad():
-        if bake:
-            module.weight.mul_(module.weight_mask)
-    del module._buffers[MASK]
+        for param in masked_params(module):
+            if bake:
+                getattr(module, param).mul_(module._buffers[mask_name(param)])
+            del module._buffers[mask_name(param)]
     for attr in ("_regrow_capture", "_regrow_dense_grad", "_regrow_trainable"):
         module.__dict__.pop(attr, None)
     module.__class__ = type(module).__mro__[2]  # Masked<cls> -> (_MaskedMixin, cls)
@@ -115,26 +168,33 @@ def masked_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules() if is_masked(m)}
 
 
-def mask_of(module: nn.Module) -> torch.Tensor:
-    """The layer's mask as a bool tensor."""
-    return module.weight_mask.bool()
+def mask_of(module: nn.Module, param: str = "weight") -> torch.Tensor:
+    """The layer's mask of ``param`` as a bool tensor."""
+    return module._buffers[mask_name(param)].bool()
 
 
-def set_mask(module: nn.Module, mask: torch.Tensor) -> None:
-    if mask.shape != module.weight.shape:
-        raise ConfigError(f"mask shape {tuple(mask.shape)} != weight shape {tuple(module.weight.shape)}")
-    module.weight_mask.copy_(mask.to(module.weight_mask.dtype))
+def set_mask(module: nn.Module, mask: torch.Tensor, param: str = "weight") -> None:
+    target = module._buffers.get(mask_name(param))
+    if target is None:
+        raise ConfigError(f"{type(module).__name__} has no mask for its {param}")
+    if mask.shape != target.shape:
+        raise ConfigError(f"mask shape {tuple(mask.shape)} != {param} shape {tuple(target.shape)}")
+    target.copy_(mask.to(target.dtype))
 
 
-def set_trainable(module: nn.Module, trainable: torch.Tensor | None) -> None:
-    """Restrict which entries the optimizer may change (``None``: the active ones, i.e. the mask)."""
-    if trainable is not None and trainable.shape != module.weight.shape:
-        raise ConfigError("trainable set must have the weight's shape")
-    module._regrow_trainable = None if trainable is None else trainable.bool().clone()
+def set_trainable(module: nn.Module, trainable: torch.Tensor | None, param: str = "weight") -> None:
+    """Restrict which entries of ``param`` the optimizer may change (``None``: the active ones, i.e. the mask)."""
+    if trainable is None:
+        module._regrow_trainable.pop(param, None)
+        return
+    if trainable.shape != getattr(module, param).shape:
+        raise ConfigError(f"trainable set must have the {param}'s shape")
+    module._regrow_trainable[param] = trainable.bool().clone()
 
 
-def trainable_of(module: nn.Module) -> torch.Tensor:
-    return mask_of(module) if module._regrow_trainable is None else module._regrow_trainable
+def trainable_of(module: nn.Module, param: str = "weight") -> torch.Tensor:
+    trainable = module._regrow_trainable.get(param)
+    return mask_of(module, param) if trainable is None else trainable
 
 
 def capture_dense_grad(module: nn.Module, on: bool = True) -> None:
@@ -185,13 +245,14 @@ class OptimizerGuard:
     def _before_step(self, optimizer, args, kwargs) -> None:
         self._snapshot = []
         for module in self.layers:
-            param = module.weight
-            frozen = ~trainable_of(module)
-            if not frozen.any():
-                continue
-            state = {k: v.clone() for k, v in optimizer.state.get(param, {}).items()
-                     if torch.is_tensor(v) and v.shape == param.shape}
-            self._snapshot.append((param, frozen, param.detach().clone(), state))
+            for name in masked_params(module):
+                param = getattr(module, name)
+                frozen = ~trainable_of(module, name)
+                if not frozen.any():
+                    continue
+                state = {k: v.clone() for k, v in optimizer.state.get(param, {}).items()
+                         if torch.is_tensor(v) and v.shape == param.shape}
+                self._snapshot.append((param, frozen, param.detach().clone(), state))
 
     def freeze(self, tensors: Iterable[torch.Tensor]) -> None:
         """Hold whole tensors (parameters or buffers such as BatchNorm running statistics) at their current value
@@ -233,11 +294,15 @@ class OptimizerGuard:
         self._handles = []
 
 
-def _mask_owner(key: str) -> str | None:
-    """``"layer1.conv.weight_mask"`` -> ``"layer1.conv"``; None for keys that are not masks."""
-    if key == MASK:
-        return ""
-    return key[: -len(MASK) - 1] if key.endswith("." + MASK) else None
+def _mask_owner(key: str) -> tuple[str, str] | None:
+    """``"layer1.conv.weight_mask"`` -> ``("layer1.conv", "weight")``; None for keys that are not masks."""
+    for param in MASKABLE_PARAMS:
+        suffix = mask_name(param)
+        if key == suffix:
+            return "", param
+        if key.endswith("." + suffix):
+            return key[: -len(suffix) - 1], param
+    return None
 
 
 def load_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
@@ -247,13 +312,14 @@ def load_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> No
     """
     modules = dict(model.named_modules())
     owners = {key: owner for key in state_dict if (owner := _mask_owner(key)) is not None}
-    for key, owner in owners.items():
-        if owner not in modules or not isinstance(modules[owner], PRUNABLE_TYPES):
-            raise CheckpointError(f"checkpoint has a mask for {owner!r}, which this model has no layer for "
-                                  "(checkpoint of another architecture?)")
-        if state_dict[key].shape != modules[owner].weight.shape:
-            raise CheckpointError(f"mask {key} has shape {tuple(state_dict[key].shape)}, its layer's weight "
-                                  f"{tuple(modules[owner].weight.shape)}")
+    for key, (owner, param) in owners.items():
+        if owner not in modules or not isinstance(modules[owner], PRUNABLE_TYPES + NORM_TYPES) \
+                or getattr(modules[owner], param, None) is None:
+            raise CheckpointError(f"checkpoint has a {param} mask for {owner!r}, which this model has no layer "
+                                  "for (checkpoint of another architecture?)")
+        if state_dict[key].shape != getattr(modules[owner], param).shape:
+            raise CheckpointError(f"mask {key} has shape {tuple(state_dict[key].shape)}, its layer's {param} "
+                                  f"{tuple(getattr(modules[owner], param).shape)}")
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected and k not in owners]
@@ -265,6 +331,6 @@ def load_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> No
             if items:
                 parts.append(f"{label}: {', '.join(items[:4])}{' ...' if len(items) > 4 else ''}")
         raise CheckpointError("checkpoint does not match this model (another architecture?): " + "; ".join(parts))
-    for owner in owners.values():
-        add_mask(modules[owner])
+    for owner, param in owners.values():
+        add_mask(modules[owner], bias=param == "bias")
     model.load_state_dict(state_dict, strict=True)

@@ -1,0 +1,132 @@
+"""Physical channel removal: a channel-masked model becomes a smaller plain ``nn.Module`` (Torch-Pruning surgery).
+
+The recorded structure of an exported model is the list of kept channels per group root, so loading needs only
+the original architecture (a registry name, or the user's own constructor): build it, remove the same channels,
+load the weights. ONNX export goes through ``torch.onnx`` and is checked against onnxruntime when asked.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import checkpoint, masking
+from .channels import ChannelMasks, _tracer
+from .errors import CheckpointError, ConfigError
+
+EXPORT_FORMAT = "regrow-export/1"
+
+
+def remove_channels(model: nn.Module, example_inputs: torch.Tensor, kept: dict[str, list[int]]) -> nn.Module:
+    """Remove, in place, every channel of each group (named by its root layer) that is not in ``kept[root]``."""
+    tp = _tracer()
+    modules = dict(model.named_modules())
+    unknown = [root for root in kept if root not in modules]
+    if unknown:
+        raise ConfigError(f"no layer named {', '.join(map(repr, unknown))} in the model to remove channels from")
+    was_training = model.training
+    model.eval()
+    try:
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
+    except Exception as e:
+        raise ConfigError(f"the dependency graph cannot trace this model ({type(e).__name__}: {e})") from None
+    for root, keep in kept.items():
+        module = modules[root]
+        if isinstance(module, nn.Linear):
+            size, prune = module.out_features, tp.prune_linear_out_channels
+        else:
+            size, prune = module.out_channels, tp.prune_conv_out_channels
+        if not keep:
+            raise ConfigError(f"group {root!r} would lose every channel; at least one must stay")
+        drop = sorted(set(range(size)) - {int(i) for i in keep})
+        if drop:
+            graph.get_pruning_group(module, prune, idxs=drop).prune()
+    model.train(was_training)
+    return model
+
+
+def export_channels(model: nn.Module, masks: ChannelMasks, example_inputs: torch.Tensor) -> tuple[nn.Module, dict]:
+    """Bake the masks, remove them and the masked channels; return the plain model and its recorded structure.
+
+    The model is changed in place (it *becomes* the exported one); copy it first to keep the masked version.
+    """
+    kept = masks.kept_indices()
+    for module in masking.masked_layers(model).values():
+        masking.remove_mask(module, bake=True)
+    remove_channels(model, example_inputs, kept)
+    return model, {"kept": kept, "input_shape": list(example_inputs.shape[1:])}
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def save_exported(path: str | os.PathLike, model: nn.Module, structure: dict[str, Any],
+                  metadata: dict[str, Any] | None = None) -> None:
+    """Save an exported model: its state dict (safetensors) and the structure needed to rebuild it."""
+    if masking.masked_layers(model):
+        raise ConfigError("save_exported takes a plain (exported) model; this one still has masks")
+    meta = dict(metadata or {}, format=EXPORT_FORMAT, structure=structure)
+    checkpoint.save(path, {"model": model.state_dict()}, meta)
+
+
+def load_exported(path: str | os.PathLike, model: nn.Module | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild an exported model: ``model`` is a fresh instance of its original architecture, or ``None`` to build
+    it from the registry entry recorded at export time."""
+    sections, meta = checkpoint.load(path)
+    if meta.get("format") != EXPORT_FORMAT:
+        raise CheckpointError(f"{path} is a regrow checkpoint but not an exported model (use `regrow export`)")
+    if model is None:
+        from .training import build_model  # local: training imports the method registry
+        model = build_model(meta)
+    example = torch.zeros(1, *meta["structure"]["input_shape"])
+    try:
+        remove_channels(model, example, meta["structure"]["kept"])
+    except (ConfigError, IndexError, RuntimeError) as e:
+        raise CheckpointError(f"{path} does not fit this architecture: {e}") from None
+    state = sections["model"]
+    expected = model.state_dict()
+    bad = [k for k in expected if k not in state or state[k].shape != expected[k].shape]
+    if bad or len(state) != len(expected):
+        raise CheckpointError(f"{path} does not fit this architecture (first mismatch: "
+                              f"{bad[0] if bad else sorted(set(state) - set(expected))[0]})")
+    model.load_state_dict(state)
+    return model, meta
+
+
+def export_onnx(model: nn.Module, example_inputs: torch.Tensor, path: str | os.PathLike,
+                check: bool = True, atol: float = 1e-4) -> float | None:
+    """Write ``model`` as ONNX (batch dimension dynamic). With ``check``, run it under onnxruntime on
+    ``example_inputs`` and return the largest absolute difference to PyTorch (an error above ``atol``)."""
+    try:
+        import onnx  # noqa: F401 - torch.onnx needs it
+    except ImportError as e:
+        raise ConfigError("ONNX export needs the onnx package (pip install 'regrow[onnx]')") from e
+    model = model.eval()
+
+    def write(tmp):
+        # The TorchScript exporter: fast, and enough for convolutional nets; torch.export's exporter would add the
+        # onnxscript dependency and several seconds per export for the same graph here.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(model, (example_inputs,), tmp, input_names=["input"], output_names=["output"],
+                              dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}}, dynamo=False)
+    checkpoint.atomic_write(path, write)
+    if not check:
+        return None
+    try:
+        import onnxruntime
+    except ImportError as e:
+        raise ConfigError("checking an ONNX export needs onnxruntime (pip install 'regrow[onnx]')") from e
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"input": example_inputs.numpy()})[0]
+    with torch.no_grad():
+        want = model(example_inputs).numpy()
+    diff = float(abs(got - want).max())
+    if diff > atol:
+        raise ConfigError(f"ONNX output differs from PyTorch by {diff:.3g} (> {atol:g})")
+    return diff
