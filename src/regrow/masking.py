@@ -75,9 +75,12 @@ def _batch_norm_forward(self, input, weight, bias):
     tracks = not self.training or self.track_running_stats
     mean, var = (self.running_mean, self.running_var) if tracks else (None, None)
     hold = None
-    if self.training and self.track_running_stats and mean is not None and not self.weight_mask.bool().all():
+    held = ~self.weight_mask.bool()
+    if getattr(self, "_regrow_stats_frozen", None) is not None:
+        held = held | self._regrow_stats_frozen  # e.g. IEE's active channels while the pruned ones explore
+    if self.training and self.track_running_stats and mean is not None and held.any():
         # Update copies (autograd keeps the tensors batch_norm saw), then take them only where channels are active.
-        hold = ~self.weight_mask.bool()
+        hold = held
         mean, var = mean.clone(), var.clone()
     out = F.batch_norm(input, mean, var, weight, bias, use_batch_stats, factor, self.eps)
     if hold is not None:
@@ -158,7 +161,7 @@ def remove_mask(module: nn.Module, bake: bool = True) -> nn.Module:
             if bake:
                 getattr(module, param).mul_(module._buffers[mask_name(param)])
             del module._buffers[mask_name(param)]
-    for attr in ("_regrow_capture", "_regrow_dense_grad", "_regrow_trainable"):
+    for attr in ("_regrow_capture", "_regrow_dense_grad", "_regrow_trainable", "_regrow_stats_frozen"):
         module.__dict__.pop(attr, None)
     module.__class__ = type(module).__mro__[2]  # Masked<cls> -> (_MaskedMixin, cls)
     return module
@@ -180,6 +183,12 @@ def set_mask(module: nn.Module, mask: torch.Tensor, param: str = "weight") -> No
     if mask.shape != target.shape:
         raise ConfigError(f"mask shape {tuple(mask.shape)} != {param} shape {tuple(target.shape)}")
     target.copy_(mask.to(target.dtype))
+
+
+def hold_statistics(module: nn.Module, channels: torch.Tensor | None) -> None:
+    """Keep a masked BatchNorm's running statistics of ``channels`` (bool per channel) unchanged; ``None`` ends it.
+    Masked channels are always held."""
+    module._regrow_stats_frozen = None if channels is None else channels.bool().clone()
 
 
 def set_trainable(module: nn.Module, trainable: torch.Tensor | None, param: str = "weight") -> None:

@@ -58,60 +58,25 @@ def split_global(scores: dict[str, torch.Tensor], eligible: dict[str, torch.Tens
     return counts
 
 
-class IEE(Sparsifier):
-    """Iterative Exploitation–Exploration. See the module docstring for the cycle and the switches.
+class IEECycle:
+    """The IEE cycle as a schedule: H + J + Q steps repeated until ``t_end``, the five stages dispatched as five
+    calls, and the exploration learning rate. Shared by weight IEE (:class:`IEE`) and channel IEE
+    (:class:`regrow.methods.channel.ChannelIEE`), which supply the stages themselves."""
 
-    Args (beyond :class:`Sparsifier`'s):
-        estimate_steps, improve_steps, explore_steps: H, J and Q (default 50 each: Fashion-MNIST scale).
-        criterion: ``magnitude`` (default), ``taylor`` or ``gradient``; gradient criteria accumulate over the
-            H steps (active units) and the Q steps (explored units).
-        alpha, schedule, t_end: Ω_t = ⌊f(t)·active⌋, f the ``cosine`` or ``exponential`` fraction from alpha,
-            no cycle may end after ``t_end`` (default 75 % of training).
-        ranking: ``layer`` (keeps each layer's density, default) or ``global``.
-        start: ``random`` (default) or ``magnitude`` start mask at the allocation's densities.
-        explore, freeze_active, freeze_bn, explore_lr_scale, grow_init: exploration options and ablations.
-    """
-
-    name = "iee"
-
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
-                 estimate_steps: int = 50, improve_steps: int = 50, explore_steps: int = 50,
-                 criterion: str = "magnitude", alpha: float = 0.3, schedule: str = "cosine",
-                 t_end: int | float = 0.75, ranking: str = "layer", start: str = "random", explore: bool = True,
-                 freeze_active: bool = True, freeze_bn: bool = True, explore_lr_scale: float = 0.1,
-                 grow_init: str = "mru", **base: Any):
+    def _setup_cycle(self, optimizer, estimate_steps: int, improve_steps: int, explore_steps: int,
+                     t_end: int | float, explore_lr_scale: float) -> None:
         for option, value in (("estimate_steps", estimate_steps), ("explore_steps", explore_steps)):
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{option} must be a positive number of steps, got {value!r}")
         if not isinstance(improve_steps, int) or improve_steps < 0:
             raise ConfigError(f"improve_steps must be a number of steps >= 0, got {improve_steps!r}")
-        get_criterion(criterion)
-        if schedule not in FRACTIONS:
-            raise unknown("update-fraction schedule", schedule, FRACTIONS)
-        if ranking not in RANKINGS:
-            raise unknown("ranking", ranking, RANKINGS)
-        if start not in ("random", "magnitude"):
-            raise unknown("start mask", start, ["random", "magnitude"])
-        if grow_init not in GROW_INITS:
-            raise unknown("grow_init", grow_init, GROW_INITS)
-        if not 0.0 < alpha < 1.0:
-            raise ConfigError(f"alpha (initial update fraction) must be in (0, 1), got {alpha}")
         if not explore_lr_scale > 0:
             raise ConfigError(f"explore_lr_scale must be > 0, got {explore_lr_scale}")
         if optimizer is None:
             raise ConfigError("IEE needs the optimizer: exploration freezes the active weights through it")
         self.H, self.J, self.Q = estimate_steps, improve_steps, explore_steps
-        self.criterion, self.alpha, self.schedule, self.ranking, self.start = criterion, alpha, schedule, ranking, start
-        self.explore, self.freeze_active, self.freeze_bn = explore, freeze_active, freeze_bn
-        self.explore_lr_scale, self.grow_init = explore_lr_scale, grow_init
-        self.active: dict[str, torch.Tensor] | None = None  # Θ_K while exploring (the layer masks are all ones)
-        self.omega: dict[str, int] = {}  # units pruned this cycle, per layer (grown back at its end)
-        self.accumulators: dict[str, ScoreAccumulator] = {}
-        self._cycle_record: dict[str, Any] = {}  # what this cycle's prune did, completed by its grow
+        self.explore_lr_scale = explore_lr_scale
         self._lr_saved: list[float] | None = None
-        super().__init__(model, optimizer, **base)
-        if ranking == "global" and isinstance(self.structure, NM):
-            raise ConfigError("global ranking cannot keep N:M groups full; use ranking=layer")
         self.t_end = self.steps(t_end, "t_end")
         self.cycles = self.t_end // self.cycle_length
         if self.cycles == 0:
@@ -119,19 +84,10 @@ class IEE(Sparsifier):
                               f"{self.t_end} steps; shorten H, J, Q or train longer")
         self._lr_hooks = [optimizer.register_step_pre_hook(self._scale_lr),
                           optimizer.register_step_post_hook(self._restore_lr)]
-        self.prepare()
 
     @property
     def cycle_length(self) -> int:
         return self.H + self.J + self.Q
-
-    def initialize(self) -> None:
-        counts = self.target_counts()
-        if self.start == "random":
-            self.random_masks(counts)
-        else:
-            self.select_masks({n: magnitude(m.weight) for n, m in self.layers.items()}, counts, zero_inactive=True)
-        self._last_masks = self.masks()
 
     # ----- where in the cycle are we ----------------------------------------------------------------------
     def position(self, step: int) -> int | None:
@@ -170,6 +126,82 @@ class IEE(Sparsifier):
                 self.grow(step)
         self.prepare()
 
+    # ----- learning rate during exploration ---------------------------------------------------------------
+    def _scale_lr(self, optimizer, args, kwargs) -> None:
+        if self.exploring and self.explore_lr_scale != 1.0:
+            self._lr_saved = [g["lr"] for g in optimizer.param_groups]
+            for g in optimizer.param_groups:
+                g["lr"] = g["lr"] * self.explore_lr_scale
+
+    def _restore_lr(self, optimizer, args, kwargs) -> None:
+        if self._lr_saved is not None:
+            for g, lr in zip(optimizer.param_groups, self._lr_saved):
+                g["lr"] = lr
+            self._lr_saved = None
+
+    def _remove_lr_hooks(self) -> None:
+        for handle in self._lr_hooks:
+            handle.remove()
+        self._lr_hooks = []
+
+
+class IEE(IEECycle, Sparsifier):
+    """Iterative Exploitation–Exploration. See the module docstring for the cycle and the switches.
+
+    Args (beyond :class:`Sparsifier`'s):
+        estimate_steps, improve_steps, explore_steps: H, J and Q (default 50 each: Fashion-MNIST scale).
+        criterion: ``magnitude`` (default), ``taylor`` or ``gradient``; gradient criteria accumulate over the
+            H steps (active units) and the Q steps (explored units).
+        alpha, schedule, t_end: Ω_t = ⌊f(t)·active⌋, f the ``cosine`` or ``exponential`` fraction from alpha,
+            no cycle may end after ``t_end`` (default 75 % of training).
+        ranking: ``layer`` (keeps each layer's density, default) or ``global``.
+        start: ``random`` (default) or ``magnitude`` start mask at the allocation's densities.
+        explore, freeze_active, freeze_bn, explore_lr_scale, grow_init: exploration options and ablations.
+    """
+
+    name = "iee"
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
+                 estimate_steps: int = 50, improve_steps: int = 50, explore_steps: int = 50,
+                 criterion: str = "magnitude", alpha: float = 0.3, schedule: str = "cosine",
+                 t_end: int | float = 0.75, ranking: str = "layer", start: str = "random", explore: bool = True,
+                 freeze_active: bool = True, freeze_bn: bool = True, explore_lr_scale: float = 0.1,
+                 grow_init: str = "mru", **base: Any):
+        get_criterion(criterion)
+        if schedule not in FRACTIONS:
+            raise unknown("update-fraction schedule", schedule, FRACTIONS)
+        if ranking not in RANKINGS:
+            raise unknown("ranking", ranking, RANKINGS)
+        if start not in ("random", "magnitude"):
+            raise unknown("start mask", start, ["random", "magnitude"])
+        if grow_init not in GROW_INITS:
+            raise unknown("grow_init", grow_init, GROW_INITS)
+        if not 0.0 < alpha < 1.0:
+            raise ConfigError(f"alpha (initial update fraction) must be in (0, 1), got {alpha}")
+        if optimizer is None:
+            raise ConfigError("IEE needs the optimizer: exploration freezes the active weights through it")
+        self.criterion, self.alpha, self.schedule, self.ranking, self.start = criterion, alpha, schedule, ranking, start
+        self.explore, self.freeze_active, self.freeze_bn = explore, freeze_active, freeze_bn
+        self.grow_init = grow_init
+        self.active: dict[str, torch.Tensor] | None = None  # Θ_K while exploring (the layer masks are all ones)
+        self.omega: dict[str, int] = {}  # units pruned this cycle, per layer (grown back at its end)
+        self.accumulators: dict[str, ScoreAccumulator] = {}
+        self._cycle_record: dict[str, Any] = {}  # what this cycle's prune did, completed by its grow
+        super().__init__(model, optimizer, **base)
+        if ranking == "global" and isinstance(self.structure, NM):
+            raise ConfigError("global ranking cannot keep N:M groups full; use ranking=layer")
+        self._setup_cycle(optimizer, estimate_steps, improve_steps, explore_steps, t_end, explore_lr_scale)
+        self.prepare()
+
+    def initialize(self) -> None:
+        counts = self.target_counts()
+        if self.start == "random":
+            self.random_masks(counts)
+        else:
+            self.select_masks({n: magnitude(m.weight) for n, m in self.layers.items()}, counts, zero_inactive=True)
+        self._last_masks = self.masks()
+
+    # ----- the five stages ---------------------------------------------------------------------------------
     def estimate_importance(self) -> None:
         """Stage 1 (each of the H steps): accumulate a gradient criterion over the active units."""
         if self.criterion in NEEDS_GRADIENT:
@@ -266,19 +298,6 @@ class IEE(Sparsifier):
         self.guard.unfreeze()
         self.active = None
 
-    # ----- learning rate during exploration ---------------------------------------------------------------
-    def _scale_lr(self, optimizer, args, kwargs) -> None:
-        if self.exploring and self.explore_lr_scale != 1.0:
-            self._lr_saved = [g["lr"] for g in optimizer.param_groups]
-            for g in optimizer.param_groups:
-                g["lr"] = g["lr"] * self.explore_lr_scale
-
-    def _restore_lr(self, optimizer, args, kwargs) -> None:
-        if self._lr_saved is not None:
-            for g, lr in zip(optimizer.param_groups, self._lr_saved):
-                g["lr"] = lr
-            self._lr_saved = None
-
     # ----- bookkeeping ------------------------------------------------------------------------------------
     def prepare(self) -> None:
         wanted = self.criterion in NEEDS_GRADIENT and self.stage(self.step_count + 1) in ("estimate", "explore")
@@ -335,6 +354,5 @@ class IEE(Sparsifier):
     def finalize(self) -> nn.Module:
         if self.exploring:
             self._end_exploration(self.active)
-        for handle in self._lr_hooks:
-            handle.remove()
+        self._remove_lr_hooks()
         return super().finalize()

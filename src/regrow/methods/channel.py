@@ -1,0 +1,485 @@
+"""Channel sparsity under a latency (or MACs) budget: HALP, and IEE over coupled channel groups.
+
+Both are compositions of the same pieces: coupled channel groups and soft channel masks
+(:mod:`regrow.channels`), HALP's Taylor-BN importance accumulated over an interval, a cost model (a latency table
+measured on this device, or MACs; :mod:`regrow.latency`) and the prefix knapsack (:mod:`regrow.knapsack`).
+They differ in the schedule: HALP only prunes, towards the target along an exponential path, from a pretrained
+model; channel IEE prunes a fraction Ω_t of the budget, lets every pruned channel explore with the active ones
+frozen, and grows back by the same importance until the budget is full again (the knapsack with the active
+channels forced in).
+
+Latency figures are *predicted* by the table (the sum of the layers' measured latencies at their current
+widths); the exported model's real latency is measured separately (``regrow bench-latency``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import masking
+from ..channels import OUT, ChannelMasks, channel_groups, channel_importance
+from ..errors import ConfigError, unknown
+from ..knapsack import prefix_knapsack
+from ..latency import COSTS, make_cost_model
+from ..schedules import FRACTIONS
+from .base import Sparsifier
+from .iee import IEECycle
+
+
+class ChannelSparsifier(Sparsifier):
+    """Channel masks over the coupled groups of ``model``, a cost model and a budget.
+
+    Args:
+        latency_target: the budget as a fraction of the dense model's cost, in (0, 1).
+        cost: ``latency`` (a table measured on the model's device, cached on disk) or ``macs``.
+        group_size: G, channels per knapsack item (HALP: 32-128 on ResNet-50; 4 suits the small nets here).
+        input_shape: one sample's shape (channels, height, width), for tracing and the cost model.
+        prune_first: allow pruning the first conv's output channels (HALP never does; default False).
+        latency_batch: batch size the latency table is measured at (stated with every latency figure).
+        cache_dir: where the latency table is cached (default ``$REGROW_CACHE_DIR`` or ``~/.cache/regrow``).
+        resolution: grid steps of the knapsack's budget.
+        cost_model: a ready cost model (a callable ``(layer, c_in, c_out) -> cost``), e.g. a shared table.
+    """
+
+    name = "channel"
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
+                 latency_target: float = 0.5, cost: str = "latency", group_size: int = 4,
+                 input_shape: tuple[int, ...] | list[int] = (1, 28, 28), prune_first: bool = False,
+                 latency_batch: int = 64, cache_dir: str | None = None, resolution: int = 2000,
+                 total_steps: int | None = None, seed: int = 0, cost_model=None):
+        if not isinstance(latency_target, (int, float)) or not 0.0 < latency_target < 1.0:
+            raise ConfigError("latency_target is a fraction of the dense model's cost in (0, 1), "
+                              f"got {latency_target!r}")
+        if cost not in COSTS:
+            raise unknown("cost model", cost, COSTS)
+        if not isinstance(group_size, int) or group_size < 1:
+            raise ConfigError(f"group_size must be a positive integer, got {group_size!r}")
+        if total_steps is not None and (not isinstance(total_steps, int) or total_steps <= 0):
+            raise ConfigError(f"total_steps must be a positive integer, got {total_steps!r}")
+        self.model, self.optimizer, self.total_steps = model, optimizer, total_steps
+        self.latency_target, self.group_size, self.resolution = float(latency_target), group_size, resolution
+        self._start_lifecycle(seed)
+        param = next(model.parameters())
+        example = torch.zeros(1, *input_shape, device=param.device, dtype=param.dtype)
+        convs = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+        ignored = [] if prune_first or not convs else [convs[0]]
+        self.groups = channel_groups(model, example, ignored=ignored)
+        if not self.groups:
+            raise ConfigError("the model has no prunable channel group")
+        self.cost_model = cost_model or make_cost_model(
+            cost, model, example, **({"device": param.device, "batch_size": latency_batch, "cache_dir": cache_dir}
+                                     if cost == "latency" else {}))
+        self.channels = ChannelMasks(model, self.groups)
+        self.layers = {n: m for n, m in self.channels.modules.items() if isinstance(m, masking.PRUNABLE_TYPES)}
+        self.guard = masking.OptimizerGuard(optimizer, self.channels.modules.values()) if optimizer else None
+        self._wire_layers(model)
+        self.importance = [torch.zeros(g.size) for g in self.groups]
+        self.importance_steps = 0
+        self.dense_cost = self.cost_of([g.size for g in self.groups])
+        self.budget = self.latency_target * self.dense_cost
+        floor = self.cost_of([min(group_size, g.size) for g in self.groups])
+        if self.budget < floor:
+            raise ConfigError(f"latency_target={latency_target:g} ({self.budget:.4g} {self.cost_model.unit}) is below "
+                              f"what this model reaches with one group of {group_size} channels per layer "
+                              f"({floor:.4g} {self.cost_model.unit} = {floor / self.dense_cost:.3f} of dense)")
+        self.initialize()
+
+    # ----- costs ------------------------------------------------------------------------------------------
+    def _wire_layers(self, model: nn.Module) -> None:
+        """For every costed layer: which group sets its output width and which groups its input width."""
+        modules = dict(model.named_modules())
+        self._costed = list(self.cost_model.shapes)
+        self._out_group: dict[str, int] = {}
+        self._in_groups: dict[str, list[tuple[int, int]]] = {n: [] for n in self._costed}
+        for i, group in enumerate(self.groups):
+            for name, role, idxs in group.members:
+                if name not in self._in_groups:
+                    continue
+                if role == OUT:
+                    self._out_group[name] = i
+                elif getattr(modules[name], "groups", 1) == 1:
+                    self._in_groups[name].append((i, len(idxs) // group.size))
+        self._full = {}
+        for name in self._costed:
+            m = modules[name]
+            full_in, full_out = (m.in_features, m.out_features) if isinstance(m, nn.Linear) else (m.in_channels,
+                                                                                                m.out_channels)
+            self._full[name] = (full_in, full_out)
+
+    def layer_widths(self, kept: list[int]) -> dict[str, tuple[int, int]]:
+        """(c_in, c_out) of every costed layer when group i keeps ``kept[i]`` channels."""
+        widths = {}
+        for name in self._costed:
+            full_in, full_out = self._full[name]
+            c_out = kept[self._out_group[name]] if name in self._out_group else full_out
+            if self.cost_model.shapes[name].depthwise:
+                c_in = c_out
+            else:
+                pruned = sum((self.groups[i].size - kept[i]) * factor for i, factor in self._in_groups[name])
+                c_in = full_in - pruned
+            widths[name] = (c_in, c_out)
+        return widths
+
+    def cost_of(self, kept: list[int]) -> float:
+        return float(sum(self.cost_model(n, c_in, c_out) for n, (c_in, c_out) in self.layer_widths(kept).items()))
+
+    def kept_counts(self) -> list[int]:
+        return [int(k.sum()) for k in self.active_keep()]
+
+    def predicted_cost(self) -> float:
+        """The cost model's figure for the sparse network now (Θ_K, even mid-exploration)."""
+        return self.cost_of(self.kept_counts())
+
+    def active_keep(self) -> list[torch.Tensor]:
+        return [k.clone() for k in self.channels.keep]
+
+    # ----- importance -------------------------------------------------------------------------------------
+    def accumulate_importance(self) -> None:
+        """Add this step's HALP importance (from the current gradients) to every group's running sum."""
+        for i in range(len(self.groups)):
+            self.importance[i] += channel_importance(self.channels, i)
+        self.importance_steps += 1
+
+    def take_importance(self) -> list[torch.Tensor]:
+        """The importance averaged over the steps since the last call (then reset)."""
+        steps = max(self.importance_steps, 1)
+        scores = [s / steps for s in self.importance]
+        self.importance = [torch.zeros(g.size) for g in self.groups]
+        self.importance_steps = 0
+        return scores
+
+    # ----- the knapsack -----------------------------------------------------------------------------------
+    def select(self, scores: list[torch.Tensor], budget: float, allowed: list[torch.Tensor],
+               forced: list[torch.Tensor] | None = None, iterations: int = 10) -> list[torch.Tensor]:
+        """Kept channels per group: the most important ``allowed`` ones, ``forced`` ones first, a prefix per
+        group, at most ``budget`` by the cost model.
+
+        A layer's cost depends on its input width too, which another group decides. As in HALP, each solve
+        charges input widths at a reference; the first reference is the allowed counts (an upper bound for
+        monotone costs, so that answer fits), later ones are the previous answer's counts, which is much less
+        conservative when a cut is large (IEE's first prune goes from dense to the budget at once). An answer
+        over the budget (a table that is not monotone, or a reference too low) shrinks the room of the next
+        solve by the excess. The best answer within the budget wins.
+        """
+        forced = forced or [torch.zeros_like(a) for a in allowed]
+        G = self.group_size
+        orders, values, min_groups = [], [], []
+        for score, allow, force in zip(scores, allowed, forced):
+            first = torch.nonzero(force).flatten()
+            rest = torch.nonzero(allow & ~force).flatten()
+            order = torch.cat([first[torch.argsort(score[first], descending=True, stable=True)],
+                               rest[torch.argsort(score[rest], descending=True, stable=True)]])
+            orders.append(order)
+            values.append([float(score[order[j * G:(j + 1) * G]].sum()) for j in range(math.ceil(len(order) / G))])
+            min_groups.append(max(1, math.ceil(len(first) / G)))
+        best, best_value = None, -math.inf
+        if any(bool(f.any()) for f in forced):  # keeping exactly the forced channels is a fallback answer
+            counts = [max(int(f.sum()), min(G, g.size)) for f, g in zip(forced, self.groups)]
+            if all(int(f.sum()) >= min(G, g.size) for f, g in zip(forced, self.groups)) \
+                    and self.cost_of(counts) <= budget:
+                best = [f.clone() for f in forced]
+                best_value = sum(float(s[f].sum()) for s, f in zip(scores, forced))
+        upper = [int(a.sum()) for a in allowed]  # input widths can only be lower: a safe reference if it solves
+        lower = [max(int(f.sum()), min(G, g.size)) for f, g in zip(forced, self.groups)]
+        reference, fitted, shrink = upper, upper, 0.0
+        for _ in range(iterations):
+            try:
+                groups = self._solve(orders, values, min_groups, reference, budget - shrink)
+            except ConfigError:  # charged too much to fit even the fewest groups: a lower reference
+                reference = [(r + lo) // 2 for r, lo in zip(reference, lower)]
+                continue
+            keeps = []
+            for i, (order, k) in enumerate(zip(orders, groups)):
+                keep = torch.zeros(self.groups[i].size, dtype=torch.bool)
+                keep[order[: min(k * G, len(order))]] = True
+                keeps.append(keep)
+            counts = [int(k.sum()) for k in keeps]
+            excess = self.cost_of(counts) - budget
+            if excess <= 1e-9 * abs(budget):
+                value = sum(float(s[k].sum()) for s, k in zip(scores, keeps))
+                if value > best_value:
+                    best, best_value = keeps, value
+                if counts == reference:
+                    break  # a fixed point
+                fitted, reference = reference, counts
+            elif reference == upper:
+                shrink += excess  # not monotone: even the safe reference overshoots
+            else:  # the reference was too optimistic: halfway back towards the last one that fitted
+                reference = [math.ceil((r + f) / 2) for r, f in zip(reference, fitted)]
+        if best is None:
+            raise ConfigError(f"could not meet the budget {budget:.4g} {self.cost_model.unit}: the cost table is too "
+                              "irregular (re-measure it, or use --cost macs)")
+        return best
+
+    def _solve(self, orders, values, min_groups, reference_counts: list[int], budget: float) -> list[int]:
+        """One knapsack with input widths charged at ``reference_counts``."""
+        reference = self.layer_widths(reference_counts)
+        costs = []
+        for i, order in enumerate(orders):
+            layers = [n for n, g in self._out_group.items() if g == i]
+            row = []
+            for k in range(1, len(values[i]) + 1):
+                width = min(k * self.group_size, len(order))
+                row.append(sum(self.cost_model(n, width if self.cost_model.shapes[n].depthwise else reference[n][0],
+                                               width) for n in layers))
+            costs.append(row)
+        constant = sum(self.cost_model(n, *reference[n]) for n in self._costed if n not in self._out_group)
+        return prefix_knapsack(values, costs, budget - constant, min_groups, self.resolution)
+
+    def install(self, keeps: list[torch.Tensor]) -> dict[str, int]:
+        """Set every group's kept channels; entries that change get fresh optimizer state."""
+        before = {(n, p): masking.mask_of(m, p) for n, m in self.channels.modules.items()
+                  for p in masking.masked_params(m)}
+        dropped = sum(int((self.channels.keep[i] & ~k).sum()) for i, k in enumerate(keeps))
+        grown = sum(int((k & ~self.channels.keep[i]).sum()) for i, k in enumerate(keeps))
+        for i, keep in enumerate(keeps):
+            if not torch.equal(keep, self.channels.keep[i]):
+                self.channels.set_keep(i, keep)
+        for (name, param), old in before.items():
+            module = self.channels.modules[name]
+            changed = old ^ masking.mask_of(module, param)
+            if changed.any():
+                masking.reset_optimizer_state(self.optimizer, getattr(module, param), changed)
+        return {"dropped_channels": dropped, "grown_channels": grown}
+
+    # ----- lifecycle --------------------------------------------------------------------------------------
+    def masks(self) -> dict[str, torch.Tensor]:
+        return {n: masking.mask_of(m) for n, m in self.layers.items()}
+
+    def budget_report(self) -> dict[str, Any]:
+        return {"cost_model": self.cost_model.name, "unit": self.cost_model.unit, "dense_cost": self.dense_cost,
+                "budget": self.budget, "predicted_cost": self.predicted_cost(),
+                "predicted_fraction": self.predicted_cost() / self.dense_cost,
+                "kept_channels": dict(zip([g.root for g in self.groups], self.kept_counts())),
+                "group_channels": {g.root: g.size for g in self.groups}}
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state.update(keep=self.channels.state_dict(), importance=list(self.importance),
+                     importance_steps=self.importance_steps)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.channels.load_state_dict(state["keep"])
+        self.importance = [t.clone() for t in state["importance"]]
+        self.importance_steps = int(state["importance_steps"])
+        self.after_load(state)
+        self.prepare()
+
+    def after_load(self, state: dict[str, Any]) -> None:
+        """Method-specific state (IEE: the exploration in progress)."""
+
+    def save_cost_cache(self) -> None:
+        if hasattr(self.cost_model, "save"):
+            self.cost_model.save()
+
+
+class HALP(ChannelSparsifier):
+    """HALP (Shen et al., NeurIPS 2022): from a pretrained model, every ``prune_every`` steps for ``prune_steps``
+    prunings, keep the most important channels that fit the latency target of that moment,
+    L_k = exp(α·log L_target + (1 − α)·log L_dense) with α = k / prune_steps; then the mask is fixed (fine-tuning).
+    Importance: Taylor-BN averaged over the steps since the previous pruning. Channels never come back.
+    """
+
+    name = "halp"
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
+                 prune_every: int = 40, prune_steps: int = 30, start_step: int = 0, **base: Any):
+        for option, value in (("prune_every", prune_every), ("prune_steps", prune_steps)):
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{option} must be a positive integer, got {value!r}")
+        if not isinstance(start_step, int) or start_step < 0:
+            raise ConfigError(f"start_step must be an integer >= 0, got {start_step!r}")
+        self.prune_every, self.prune_steps, self.start_step = prune_every, prune_steps, start_step
+        super().__init__(model, optimizer, **base)
+        end = start_step + prune_every * prune_steps
+        if self.total_steps is not None and end > self.total_steps:
+            raise ConfigError(f"HALP's {prune_steps} prunings every {prune_every} steps end at step {end}, after "
+                              f"training ({self.total_steps} steps); lower prune_steps/prune_every or train longer")
+
+    def target_at(self, k: int) -> float:
+        alpha = k / self.prune_steps
+        return math.exp(alpha * math.log(self.budget) + (1 - alpha) * math.log(self.dense_cost))
+
+    def update(self, step: int) -> None:
+        since = step - self.start_step
+        if since <= 0 or since > self.prune_every * self.prune_steps:
+            return
+        self.accumulate_importance()
+        if since % self.prune_every == 0:
+            k = since // self.prune_every
+            target = self.target_at(k)
+            keeps = self.select(self.take_importance(), target, allowed=self.active_keep())
+            counts = self.install(keeps)
+            cost = self.predicted_cost()
+            self.history.append({"step": step, "pruning": k, "target": target, "predicted_cost": cost, **counts})
+            masks = self.masks()
+            self.tracker.record(step, masks, getattr(self, "_last_masks", masks))
+            self._last_masks = masks
+            self.save_cost_cache()
+
+
+class ChannelIEE(IEECycle, ChannelSparsifier):
+    """IEE over channel groups (``--method iee --structure channel``).
+
+    Each cycle: accumulate importance over H steps; prune the lowest-importance channels until the cost falls
+    to (1 − Ω_t)·budget (the first prune, from the dense start, lands there directly); train J steps;
+    reactivate every pruned channel with its remembered values and train only those for Q steps (active
+    channels' weights, BatchNorm affine and statistics bit-frozen), accumulating their importance; grow back by
+    the same importance with the knapsack, active channels forced in, until the budget is full.
+    Ablations: ``explore=False`` grows by each channel's importance from when it was last active;
+    ``freeze_active=False`` trains everything during exploration; ``improve_steps=0``.
+    """
+
+    name = "iee-channel"
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
+                 estimate_steps: int = 50, improve_steps: int = 50, explore_steps: int = 50, alpha: float = 0.3,
+                 schedule: str = "cosine", t_end: int | float = 0.75, explore: bool = True,
+                 freeze_active: bool = True, explore_lr_scale: float = 0.1, **base: Any):
+        if schedule not in FRACTIONS:
+            raise unknown("update-fraction schedule", schedule, FRACTIONS)
+        if not 0.0 < alpha < 1.0:
+            raise ConfigError(f"alpha (initial update fraction) must be in (0, 1), got {alpha}")
+        self.alpha, self.schedule, self.explore, self.freeze_active = alpha, schedule, explore, freeze_active
+        self.active: list[torch.Tensor] | None = None  # Θ_K while exploring (every channel is in the forward)
+        self._active_masks: dict[tuple[str, str], torch.Tensor] = {}
+        super().__init__(model, optimizer, **base)
+        self.last_importance = [torch.zeros(g.size) for g in self.groups]  # stale scores for explore=False
+        self._setup_cycle(optimizer, estimate_steps, improve_steps, explore_steps, t_end, explore_lr_scale)
+        self._last_masks = self.masks()
+        self._cycle_record: dict[str, Any] = {}
+        self.prepare()
+
+    # ----- the five stages --------------------------------------------------------------------------------
+    def estimate_importance(self) -> None:
+        """Stage 1 (each of the H steps): HALP importance of the active channels."""
+        self.accumulate_importance()
+
+    def prune(self, step: int) -> None:
+        """Stage 2: keep the most important active channels within (1 − Ω_t)·budget."""
+        fraction = FRACTIONS[self.schedule](step, self.alpha, self.t_end)
+        scores = self.take_importance()
+        active = self.active_keep()
+        for i, keep in enumerate(active):
+            self.last_importance[i][keep] = scores[i][keep]
+        keeps = self.select(scores, (1 - fraction) * self.budget, allowed=active)
+        counts = self.install(keeps)
+        self._cycle_record = {"step": step, "fraction": fraction, "pruned_channels": counts["dropped_channels"],
+                              "cost_after_prune": self.predicted_cost()}
+
+    def reactivate_and_explore(self) -> None:
+        """Stage 4 (start): every pruned channel rejoins the forward with its last values; Θ_K is frozen."""
+        self._open_exploration(reset_state=True)
+
+    def _open_exploration(self, reset_state: bool) -> None:
+        """All channels in the forward; only the ones outside Θ_K (the current keep vectors) may train.
+        ``reset_state`` gives explored entries fresh (zero) momentum; a resumed run keeps its loaded state."""
+        self.active = self.active_keep()
+        self._active_masks = {(n, p): masking.mask_of(m, p) for n, m in self.channels.modules.items()
+                              for p in masking.masked_params(m)}
+        for i, group in enumerate(self.groups):
+            self.channels.set_keep(i, torch.ones(group.size, dtype=torch.bool))
+        for (name, param), active in self._active_masks.items():
+            module = self.channels.modules[name]
+            explored = ~active
+            if reset_state:
+                masking.reset_optimizer_state(self.optimizer, getattr(module, param), explored)
+            masking.set_trainable(module, explored if self.freeze_active else torch.ones_like(explored), param)
+            if param == "weight" and isinstance(module, masking.NORM_TYPES) and self.freeze_active:
+                masking.hold_statistics(module, active)
+        if self.freeze_active:  # parameters outside every group (first conv, its BN) belong to Θ_K
+            masked = {id(getattr(m, p)) for m in self.channels.modules.values() for p in masking.masked_params(m)}
+            frozen = [p for p in self.model.parameters() if id(p) not in masked]
+            for module in self.model.modules():
+                if isinstance(module, masking.NORM_TYPES) and module not in self.channels.modules.values():
+                    frozen += [b for b in module.buffers(recurse=False) if b is not None]
+            self.guard.freeze(frozen)
+
+    def accumulate_exploration(self) -> None:
+        """Stage 4 (each of the Q steps): importance of the explored channels."""
+        self.accumulate_importance()
+
+    def grow(self, step: int) -> None:
+        """Stage 5: by the same importance, fill the budget again with the active channels forced in."""
+        if self.exploring:
+            scores = self.take_importance()
+            active = self.active
+            self._end_exploration()
+        else:
+            self.take_importance()
+            active = self.active_keep()
+            scores = [s.clone() for s in self.last_importance]
+        everything = [torch.ones(g.size, dtype=torch.bool) for g in self.groups]
+        keeps = self.select(scores, self.budget, allowed=everything, forced=active)
+        counts = self.install(keeps)
+        masks = self.masks()
+        self.history.append({**self._cycle_record, "grow_step": step, "grown_channels": counts["grown_channels"],
+                             "cost_after_grow": self.predicted_cost()})
+        self.tracker.record(step, masks, self._last_masks)
+        self._last_masks = masks
+        self.save_cost_cache()
+
+    def _end_exploration(self) -> None:
+        for i, keep in enumerate(self.active):
+            self.channels.set_keep(i, keep)
+        for (name, param) in self._active_masks:
+            module = self.channels.modules[name]
+            masking.set_trainable(module, None, param)
+            if isinstance(module, masking.NORM_TYPES):
+                masking.hold_statistics(module, None)
+        self.guard.unfreeze()
+        self.active, self._active_masks = None, {}
+
+    # ----- bookkeeping ------------------------------------------------------------------------------------
+    def active_keep(self) -> list[torch.Tensor]:
+        return [k.clone() for k in self.active] if self.active is not None else super().active_keep()
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        if self.active is None:
+            return super().masks()
+        return {n: self._active_masks[(n, "weight")].clone() for n in self.layers}
+
+    @contextmanager
+    def sparse_view(self) -> Iterator[None]:
+        if not self.exploring:
+            yield
+            return
+        for i, keep in enumerate(self.active):
+            self.channels.set_keep(i, keep)
+        try:
+            yield
+        finally:
+            for i, group in enumerate(self.groups):
+                self.channels.set_keep(i, torch.ones(group.size, dtype=torch.bool))
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        if self.active is not None:
+            state["keep"] = {g.root: k.tolist() for g, k in zip(self.groups, self.active)}
+        state.update(exploring=self.active is not None, last_importance=list(self.last_importance),
+                     last_masks=dict(self._last_masks), cycle_record=dict(self._cycle_record))
+        return state
+
+    def after_load(self, state: dict[str, Any]) -> None:
+        self.last_importance = [t.clone() for t in state["last_importance"]]
+        self._last_masks = {k: v.bool() for k, v in state["last_masks"].items()}
+        self._cycle_record = dict(state["cycle_record"])
+        self.guard.unfreeze()
+        self.active, self._active_masks = None, {}
+        if state["exploring"]:  # the keep vectors loaded are Θ_K: reopen the exploration on top of them
+            self._open_exploration(reset_state=False)
+
+    def finalize(self) -> nn.Module:
+        if self.exploring:
+            self._end_exploration()
+        self._remove_lr_hooks()
+        return super().finalize()

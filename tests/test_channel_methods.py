@@ -1,0 +1,164 @@
+import pytest
+import torch
+from torch import nn
+
+import regrow
+from regrow import masking
+from regrow.errors import ConfigError
+from regrow.latency import LatencyTable, layer_shapes
+from regrow.models import create_model
+
+
+def batch(t, n=16):
+    g = torch.Generator().manual_seed(t)
+    return torch.randn(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def train(model, optimizer, sp, steps, start=0, each=None):
+    for t in range(start, start + steps):
+        x, y = batch(t)
+        loss = nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        sp.step()
+        if each is not None:
+            each(sp.step_count)
+
+
+def setup(method="iee", seed=0, **options):
+    torch.manual_seed(seed)
+    model = create_model("resnet8")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    defaults = {"latency_target": 0.5, "cost": "macs", "group_size": 2, "total_steps": 60}
+    if method == "iee":
+        defaults.update(estimate_steps=4, improve_steps=3, explore_steps=4, t_end=1.0)
+    else:
+        defaults.update(prune_every=5, prune_steps=6)
+    sp = regrow.create(method, model, optimizer, structure="channel", seed=seed, **{**defaults, **options})
+    return model, optimizer, sp
+
+
+class CountingMeasure:
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, shape, c_in, c_out, batch_size, device, repeats):
+        self.calls += 1
+        return 1e-3 * c_in * c_out * (shape.in_size[0] if shape.in_size else 1) + 0.01
+
+
+def test_latency_table_is_reused_from_cache_and_rebuilt_for_another_device_or_shape(tmp_path):
+    model = create_model("resnet8")
+    shapes = layer_shapes(model, torch.zeros(1, 1, 28, 28))
+    first = CountingMeasure()
+    table = LatencyTable(shapes, cache_dir=tmp_path, measure=first, key="cpu|test-a")
+    costs = [table("layer1.0.conv1", 16, c) for c in (4, 8, 16)] + [table("fc", 64, 10)]
+    table.save()
+    assert first.calls == 4
+    again = CountingMeasure()
+    cached = LatencyTable(shapes, cache_dir=tmp_path, measure=again, key="cpu|test-a")
+    assert [cached("layer1.0.conv1", 16, c) for c in (4, 8, 16)] + [cached("fc", 64, 10)] == costs
+    assert again.calls == 0 and cached.measurements == 0
+    other_device = CountingMeasure()
+    LatencyTable(shapes, cache_dir=tmp_path, measure=other_device, key="cuda|test-b")("layer1.0.conv1", 16, 4)
+    assert other_device.calls == 1
+    bigger = layer_shapes(model, torch.zeros(1, 1, 32, 32))  # same layers, another input size
+    other_shape = CountingMeasure()
+    LatencyTable(bigger, cache_dir=tmp_path, measure=other_shape, key="cpu|test-a")("layer1.0.conv1", 16, 4)
+    assert other_shape.calls == 1
+
+
+def test_real_latency_measurement_is_positive_and_grows_with_width(tmp_path):
+    model = create_model("resnet8")
+    table = LatencyTable(layer_shapes(model, torch.zeros(1, 1, 28, 28)), cache_dir=tmp_path, batch_size=8,
+                         repeats=5)
+    small, large = table("layer3.0.conv2", 8, 8), table("layer3.0.conv2", 64, 64)
+    assert 0 < small < large
+    table.save()
+    assert list(tmp_path.glob("latency-*.json"))
+
+
+@pytest.mark.parametrize("target", [0.0, 1.0, 1.3, -0.5])
+def test_latency_target_outside_zero_one_is_an_error(target):
+    with pytest.raises(ConfigError, match="latency_target"):
+        setup(latency_target=target)
+
+
+def test_unreachable_target_and_unknown_cost_are_errors():
+    with pytest.raises(ConfigError, match="below what this model reaches with one group"):
+        setup(latency_target=0.01, group_size=8)
+    with pytest.raises(ConfigError, match="unknown cost model 'flops'"):
+        setup(cost="flops")
+    with pytest.raises(ConfigError, match="use structure='channel'"):
+        regrow.create("halp", create_model("resnet8"), None)
+
+
+def test_halp_prunes_along_the_exponential_path_to_the_budget_and_never_regrows():
+    model, optimizer, sp = setup("halp")
+    kept = []
+    train(model, optimizer, sp, 40, each=lambda s: kept.append(sp.kept_counts()))
+    targets = [h["target"] for h in sp.history]
+    assert len(sp.history) == 6 and targets == sorted(targets, reverse=True)
+    assert targets[-1] == pytest.approx(sp.budget)
+    assert all(h["predicted_cost"] <= h["target"] + 1e-9 for h in sp.history)
+    assert sp.predicted_cost() <= sp.budget
+    for before, after in zip(kept, kept[1:]):
+        assert all(a <= b for a, b in zip(after, before))  # channels only leave
+    assert kept[-1] == kept[30]  # fixed after the last pruning
+
+
+def test_iee_channel_keeps_the_budget_and_explores_with_the_active_channels_frozen():
+    model, optimizer, sp = setup("iee")
+    snapshots = {}
+
+    def watch(step):
+        if sp.exploring and step not in snapshots and sp.position(step) == sp.H + sp.J:
+            snapshots[step] = {n: p.detach().clone() for n, p in model.named_parameters()}
+            snapshots[step]["masks"] = {k: v.clone() for k, v in sp._active_masks.items()}
+            snapshots[step]["stats"] = {n: b.clone() for n, b in model.named_buffers() if "running" in n}
+        if sp.position(step) == sp.cycle_length - 1 and snapshots:  # last explore step before growth
+            start = max(snapshots)
+            snap = snapshots[start]
+            modules = dict(model.named_modules())
+            changed_explored = False
+            for (name, param), active in snap["masks"].items():
+                now, before = getattr(modules[name], param), snap[f"{name}.{param}"]
+                assert torch.equal(now[active], before[active]), (name, param)
+                changed_explored |= not torch.equal(now[~active], before[~active])
+            assert changed_explored
+            for name, module in modules.items():
+                if isinstance(module, nn.BatchNorm2d) and (name, "weight") in snap["masks"]:
+                    active = snap["masks"][(name, "weight")]
+                    assert torch.equal(module.running_mean[active], snap["stats"][f"{name}.running_mean"][active])
+
+    train(model, optimizer, sp, 60, each=watch)
+    assert len(sp.history) == sp.cycles >= 4 and snapshots
+    for record in sp.history:
+        assert record["cost_after_prune"] <= (1 - record["fraction"]) * sp.budget + 1e-9
+        assert record["cost_after_grow"] <= sp.budget + 1e-9
+    assert sum(record["grown_channels"] for record in sp.history) > 0
+    assert sp.history[0]["cost_after_grow"] > 0.9 * sp.budget  # the knapsack fills the budget, not far below it
+    assert sp.predicted_cost() <= sp.budget
+
+
+def test_iee_channel_resume_mid_exploration_is_bit_identical(tmp_path):
+    def run(split):
+        model, optimizer, sp = setup("iee", seed=3)
+        train(model, optimizer, sp, split)
+        if split < 30:
+            assert sp.exploring
+            state = {"model": model.state_dict(), "opt": optimizer.state_dict(), "sp": sp.state_dict()}
+            model, optimizer, sp = setup("iee", seed=3)
+            masking.load_state_dict(model, state["model"])
+            optimizer.load_state_dict(state["opt"])
+            sp.load_state_dict(state["sp"])
+        train(model, optimizer, sp, 30 - split, start=split)
+        return model.state_dict(), sp.history
+
+    uninterrupted, history = run(30)
+    split_cycle = 11 + 4 + 3 + 2  # second cycle, inside its exploration
+    resumed, history_resumed = run(split_cycle)
+    assert history == history_resumed
+    for key, value in uninterrupted.items():
+        assert torch.equal(value, resumed[key]), key
