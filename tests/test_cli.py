@@ -47,6 +47,16 @@ def test_train_report_eval_round_trip(tmp_path, capsys):
     (["train", "--dataset", "fashion-mnist", "--data-dir", "/nonexistent"], "Fashion-MNIST not found"),
     (["train", "--opt", "nonsense"], "--opt takes key=value"),
     (["report", "/nonexistent"], "no summary.json"),
+    (["train", "--method", "halp", "--structure", "channel", "--latency-target", "1.5"],
+     "latency_target is a fraction of the dense model's cost in (0, 1)"),
+    (["train", "--method", "iee", "--structure", "channel", "--latency-target", "0"], "latency_target"),
+    (["train", "--method", "halp"], "halp prunes channels: add --structure channel"),
+    (["train", "--method", "rigl", "--structure", "channel"], "--structure channel works with halp, iee"),
+    (["train", "--method", "iee", "--structure", "channel", "--cost", "macs", "--latency-target", "0.001",
+      "--model", "resnet8"], "below what this model reaches with one group"),
+    (["train", "--method", "halp", "--structure", "channel", "--init-from", "/nonexistent/model.safetensors"],
+     "no checkpoint at"),
+    (["export", "/nonexistent"], "no checkpoint at"),
     (["eval", "/nonexistent/model.safetensors"], "no checkpoint at"),
 ])
 def test_bad_input_is_one_line_without_traceback(tmp_path, args, message):
@@ -95,3 +105,32 @@ def test_cli_resume_matches_an_uninterrupted_run(tmp_path):
     full = (tmp_path / "full" / "model.safetensors").read_bytes()
     assert full == (tmp_path / "cut" / "model.safetensors").read_bytes()
     assert (tmp_path / "full" / "metrics.jsonl").read_text() == (tmp_path / "cut" / "metrics.jsonl").read_text()
+
+
+def test_channel_training_export_and_latency_from_the_cli(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("REGROW_CACHE_DIR", str(tmp_path / "cache"))
+    dense, run = tmp_path / "dense", tmp_path / "halp"
+    assert main(["train", *SMALL, "--method", "dense", "--max-steps", "6", "--out", str(dense)]) == 0
+    assert main(["train", *SMALL, "--method", "halp", "--structure", "channel", "--cost", "macs",
+                 "--latency-target", "0.4", "--max-steps", "20", "--init-from", str(dense / "model.safetensors"),
+                 "--opt", "prune_every=2", "--opt", "prune_steps=5", "--opt", "group_size=2", "--out", str(run)]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    channels = summary["channels"]
+    assert channels["predicted_cost"] <= channels["budget"] and channels["predicted_fraction"] <= 0.4
+    assert summary["mask_updates"] == 5 and summary["sparsity_target"] is None
+    dense_summary = json.loads((dense / "summary.json").read_text())
+    assert summary["total_train_flops"] == pytest.approx(summary["train_flops"] + dense_summary["train_flops"])
+    capsys.readouterr()
+    assert main(["report", str(run)]) == 0
+    assert "channel budget  macs" in capsys.readouterr().out
+    assert main(["export", str(run)]) == 0 and main(["export", str(run), "--format", "onnx"]) == 0
+    assert "onnxruntime matches PyTorch" in capsys.readouterr().out
+    from regrow.export import load_exported
+    model, meta = load_exported(run / "exported.safetensors")
+    params = sum(p.numel() for p in model.parameters())
+    assert params < summary["params_total"] and meta["model"] == "resnet8"
+    assert main(["bench-latency", str(run), "--repeats", "3", "--batch-size", "4", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["exported"]["params"] == params and result["batch_size"] == 4
+    assert result["exported"]["macs"] < result["dense"]["macs"]
+    assert result["exported"]["measured_ms"] > 0 and result["dense"]["predicted_ms"] > 0

@@ -1,4 +1,4 @@
-"""Command line: ``regrow train | eval | report | demo | methods``.
+"""Command line: ``regrow train | eval | report | export | bench-latency | demo | methods``.
 
 Every error of the regrow family is printed as one line on stderr (no traceback) with exit status 2.
 """
@@ -47,7 +47,15 @@ def _train_parser(sub) -> None:
     p.add_argument("--method", default="rigl", help=f"one of {', '.join(METHODS)} (default rigl)")
     p.add_argument("--sparsity", type=float, default=0.9, help="target fraction of zeros in [0, 1) (default 0.9)")
     p.add_argument("--distribution", default="erk", help=f"one of {', '.join(DISTRIBUTIONS)} (default erk)")
-    p.add_argument("--structure", default="unstructured", help="unstructured (default) or N:M such as 2:4")
+    p.add_argument("--structure", default="unstructured",
+                   help="unstructured (default), N:M such as 2:4, or channel (methods halp and iee)")
+    p.add_argument("--latency-target", type=float, default=0.5,
+                   help="channel structure: the budget as a fraction of the dense model's cost (default 0.5)")
+    p.add_argument("--cost", default="latency", choices=["latency", "macs"],
+                   help="channel structure: latency measured on this device (default) or MACs")
+    p.add_argument("--latency-batch", type=int, default=64, help="batch size of the latency table (default 64)")
+    p.add_argument("--init-from", default=None, metavar="MODEL",
+                   help="start from a dense model.safetensors (HALP's pretrained model; its cost is reported)")
     p.add_argument("--dense-first", action="store_true", help="keep the first layer dense")
     p.add_argument("--dense-last", action="store_true", help="keep the last layer dense")
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="a method option (repeatable)")
@@ -73,13 +81,17 @@ def _train_parser(sub) -> None:
 
 def _methods_text() -> str:
     lines = []
-    for name, cls in METHODS.items():
+    from .methods import CHANNEL_METHODS
+
+    entries = list(METHODS.items()) + [(f"{n} --structure channel", c) for n, c in CHANNEL_METHODS.items()]
+    for name, cls in entries:
         if name == "dense":
             lines.append("  dense: no options")
             continue
         own = {k: v for k, v in method_options(cls).items()
                if k not in ("sparsity", "distribution", "structure", "total_steps", "include", "exclude",
-                            "dense_first", "dense_last", "seed")}
+                            "dense_first", "dense_last", "seed", "latency_target", "cost", "input_shape",
+                            "latency_batch", "cost_model")}
         lines.append(f"  {name}: " + (", ".join(f"{k}={v}" for k, v in own.items()) or "no options"))
     return "\n".join(lines)
 
@@ -94,6 +106,8 @@ def _config_from(args) -> Any:
         batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, nesterov=not args.no_nesterov,
         weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing,
         augment=not args.no_augment, channels_last=args.channels_last, train_subset=args.train_subset,
+        latency_target=args.latency_target, cost=args.cost, latency_batch=args.latency_batch,
+        init_from=args.init_from,
         seed=args.seed, log_every=args.log_every,
         checkpoint_every=args.checkpoint_every, progress=not args.no_progress)
 
@@ -142,6 +156,45 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _load_run_model(run: str):
+    from .training import MODEL, load_model
+
+    path = Path(run)
+    path = path / MODEL if path.is_dir() else path
+    return load_model(path)
+
+
+def cmd_export(args) -> int:
+    import torch
+
+    from .export import count_parameters, export_masked_model, export_onnx, save_exported
+
+    model, meta = _load_run_model(args.run)
+    shape = (meta["in_channels"], meta["input_size"], meta["input_size"])
+    before = count_parameters(model)
+    model.eval()
+    exported, structure = export_masked_model(model, torch.zeros(1, *shape))
+    out = Path(args.out or Path(args.run) / ("exported.onnx" if args.format == "onnx" else "exported.safetensors"))
+    if args.format == "onnx":
+        diff = export_onnx(exported, torch.randn(args.check_batch, *shape), out)
+        detail = f"onnxruntime matches PyTorch within {diff:.2g}"
+    else:
+        keys = ("model", "dataset", "in_channels", "num_classes", "input_size", "method")
+        save_exported(out, exported, structure, {k: meta[k] for k in keys if k in meta})
+        detail = "load with regrow.export.load_exported"
+    print(f"exported {meta['model']}: {before:,} -> {count_parameters(exported):,} parameters -> {out} ({detail})")
+    return 0
+
+
+def cmd_bench_latency(args) -> int:
+    from .latency_report import format_latency_report, latency_report
+
+    model, meta = _load_run_model(args.run)
+    result = latency_report(model, meta, batch_size=args.batch_size, repeats=args.repeats, threads=args.threads)
+    print(json.dumps(result, indent=2) if args.json else format_latency_report(result))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .report import format_report
     from .training import TrainConfig, Trainer
@@ -181,10 +234,22 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-steps", type=int, default=None, help="shorten the demo")
     d.add_argument("--no-progress", action="store_true")
     sub.add_parser("methods", help="list the methods and their options")
+    x = sub.add_parser("export", help="remove masked channels physically; save as a plain model or ONNX")
+    x.add_argument("run", help="a run folder (its model.safetensors) or a model.safetensors")
+    x.add_argument("--format", choices=["torch", "onnx"], default="torch")
+    x.add_argument("--out", default=None, help="default RUN/exported.safetensors or RUN/exported.onnx")
+    x.add_argument("--check-batch", type=int, default=8, help="ONNX: batch the onnxruntime check runs on")
+    b = sub.add_parser("bench-latency", help="params, MACs, predicted and measured latency: dense vs exported")
+    b.add_argument("run", help="a run folder (its model.safetensors) or a model.safetensors")
+    b.add_argument("--batch-size", type=int, default=64, help="batch size of every latency figure (default 64)")
+    b.add_argument("--repeats", type=int, default=50, help="timed runs per model after warm-up (default 50)")
+    b.add_argument("--threads", type=int, default=None, help="torch threads while timing (default: torch's)")
+    b.add_argument("--json", action="store_true")
     return parser
 
 
-COMMANDS = {"train": cmd_train, "report": cmd_report, "eval": cmd_eval, "demo": cmd_demo, "methods": cmd_methods}
+COMMANDS = {"train": cmd_train, "report": cmd_report, "eval": cmd_eval, "demo": cmd_demo, "methods": cmd_methods,
+            "export": cmd_export, "bench-latency": cmd_bench_latency}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -61,6 +61,24 @@ def export_channels(model: nn.Module, masks: ChannelMasks, example_inputs: torch
     return model, {"kept": kept, "input_shape": list(example_inputs.shape[1:])}
 
 
+def export_masked_model(model: nn.Module, example_inputs: torch.Tensor) -> tuple[nn.Module, dict]:
+    """Export a model loaded with its masks (e.g. a run's ``model.safetensors``), without the sparsifier.
+
+    A group's channel is removed when its root layer's mask zeroes that output channel entirely; masks inside
+    channels that stay (unstructured zeros) are baked in as zeros. Changes ``model`` in place.
+    """
+    from .channels import channel_groups  # local: avoid a cycle at import time
+
+    row_alive = {name: masking.mask_of(m).flatten(1).any(1) for name, m in masking.masked_layers(model).items()
+                 if m.weight.dim() > 1}
+    for module in masking.masked_layers(model).values():
+        masking.remove_mask(module, bake=True)
+    groups = channel_groups(model, example_inputs)
+    kept = {g.root: torch.nonzero(row_alive[g.root]).flatten().tolist() for g in groups if g.root in row_alive}
+    remove_channels(model, example_inputs, kept)
+    return model, {"kept": kept, "input_shape": list(example_inputs.shape[1:])}
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

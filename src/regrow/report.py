@@ -44,10 +44,20 @@ def format_report(summary: dict[str, Any]) -> str:
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))
     macs_ratio = summary["macs_sparse"] / summary["macs_dense"] if summary["macs_dense"] else 1.0
+    channels = summary.get("channels")
+    if channels:
+        budget_line = (f"channel budget  {channels['cost_model']}: dense {channels['dense_cost']:.4g} "
+                       f"{channels['unit']}, budget {channels['budget']:.4g}, predicted "
+                       f"{channels['predicted_cost']:.4g} ({channels['predicted_fraction']:.2%} of dense)")
+        kept = ", ".join(f"{root} {n}/{channels['group_channels'][root]}"
+                         for root, n in channels["kept_channels"].items())
+        budget_lines = [budget_line, f"kept channels   {kept}"]
+    else:
+        budget_lines = [f"sparsity        target {summary['sparsity_target']:.4f}   achieved "
+                        f"{summary['sparsity_actual']:.4f}   ({summary['distribution']}, {summary['structure']})"]
     lines += [
         "",
-        f"sparsity        target {summary['sparsity_target']:.4f}   achieved {summary['sparsity_actual']:.4f}"
-        f"   ({summary['distribution']}, {summary['structure']})",
+        *budget_lines,
         f"parameters      {summary['params_total']:,} total, {summary['params_nonzero']:,} nonzero "
         f"({summary['params_nonzero'] / summary['params_total']:.2%})",
         f"MACs / sample   dense {_si(summary['macs_dense'])}, sparse {_si(summary['macs_sparse'])} "
@@ -57,6 +67,9 @@ def format_report(summary: dict[str, Any]) -> str:
         f"test accuracy   {summary['test_accuracy']:.4f} (last epoch)",
         f"wall time       {summary['wall_seconds']:.1f} s",
     ]
+    if summary.get("total_train_flops_ratio") is not None:
+        lines.append(f"with pretraining {summary['total_train_flops_ratio']:.3f}× dense training FLOPs in total "
+                     f"(the dense model it started from: {summary['pretrain']['path']})")
     metrics = summary.get("mask_metrics") or {}
     if metrics.get("updates"):
         survival = [v for v in metrics["survival_to_end"][:-1] if v is not None]
@@ -84,8 +97,10 @@ def plot_densities(summary: dict[str, Any], path: str | os.PathLike) -> None:
     ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
     ax.set_ylabel("density")
     ax.set_ylim(0, 1.05)
-    ax.set_title(f"{summary['method']} {summary['model']}: target sparsity {summary['sparsity_target']:g}, "
-                 f"achieved {summary['sparsity_actual']:.4f}")
+    target = summary["sparsity_target"]
+    ax.set_title(f"{summary['method']} {summary['model']}: "
+                 + (f"target sparsity {target:g}, " if target is not None else "channels, weight sparsity ")
+                 + f"achieved {summary['sparsity_actual']:.4f}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -58,6 +58,11 @@ class TrainConfig:
     label_smoothing: float = 0.0
     augment: bool = True
     channels_last: bool = False  # NHWC memory layout: faster convolutions on CPU
+    # Channel structure (structure="channel", methods halp / iee): the budget is a cost, not a sparsity.
+    latency_target: float = 0.5  # fraction of the dense model's cost
+    cost: str = "latency"  # "latency" (table measured on this device) or "macs"
+    latency_batch: int = 64  # batch size the latency table is measured at
+    init_from: str | None = None  # a dense model.safetensors to start from (HALP's pretrained model)
     train_subset: int | None = None
     synthetic_size: int = 512
     seed: int = 0
@@ -66,7 +71,16 @@ class TrainConfig:
     progress: bool = True
 
     def validate(self) -> None:
-        if self.method != "dense":
+        if self.structure == "channel":
+            if self.method not in methods.CHANNEL_METHODS:
+                raise ConfigError(f"--structure channel works with {', '.join(methods.CHANNEL_METHODS)}, "
+                                  f"not {self.method!r}")
+            if not isinstance(self.latency_target, (int, float)) or not 0 < self.latency_target < 1:
+                raise ConfigError(f"latency_target is a fraction of the dense model's cost in (0, 1), "
+                                  f"got {self.latency_target!r}")
+        elif self.method in methods.CHANNEL_METHODS and self.method not in methods.METHODS:
+            raise ConfigError(f"{self.method} prunes channels: add --structure channel")
+        elif self.method != "dense":
             check_sparsity(self.sparsity)
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "log_every": self.log_every}
         for name, value in positive.items():
@@ -146,6 +160,9 @@ class Trainer:
             self.train_data = self.train_data.subset(subset_indices(self.train_data.labels, c.train_subset, c.seed))
         self.model = create_model(c.model, in_channels=self.train_data.in_channels,
                                   num_classes=self.train_data.num_classes, input_size=self.train_data.input_size)
+        self.pretrain: dict[str, Any] | None = None
+        if c.init_from is not None:
+            self.pretrain = self._load_pretrained(c.init_from)
         if c.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=c.lr, momentum=c.momentum,
@@ -155,7 +172,10 @@ class Trainer:
         if c.max_steps is not None:
             self.total_steps = min(self.total_steps, c.max_steps)
         options = dict(c.method_options)
-        if c.method != "dense":
+        if c.structure == "channel":
+            options.update(structure="channel", latency_target=c.latency_target, cost=c.cost,
+                           input_shape=tuple(self.train_data.images.shape[1:]), latency_batch=c.latency_batch)
+        elif c.method != "dense":
             options.update(sparsity=c.sparsity, distribution=c.distribution, structure=c.structure,
                            dense_first=c.dense_first, dense_last=c.dense_last)
         self.sparsifier = methods.create(c.method, self.model, self.optimizer, total_steps=self.total_steps,
@@ -164,6 +184,21 @@ class Trainer:
         self.dense_forward = forward_flops(self.macs)
         self.state: dict[str, Any] = {"step": 0, "train_flops": 0.0, "dense_train_flops": 0.0,
                                       "wall_seconds": 0.0, "loss_sum": 0.0, "loss_count": 0, "evaluations": []}
+
+    def _load_pretrained(self, path: str) -> dict[str, Any]:
+        """Start from a dense trained model; its training cost is kept for the summary (HALP's cost includes it)."""
+        pretrained, meta = load_model(path, expect_model=self.config.model)
+        if masking.masked_layers(pretrained):
+            raise CheckpointError(f"{path} holds a sparse model; --init-from takes a dense one "
+                                  "(regrow train --method dense)")
+        self.model.load_state_dict(pretrained.state_dict())
+        summary_path = Path(path).with_name(SUMMARY)
+        cost = {"path": str(path), "train_flops": None, "wall_seconds": None}
+        if summary_path.is_file():
+            source = json.loads(summary_path.read_text())
+            cost.update(train_flops=source.get("train_flops"), wall_seconds=source.get("wall_seconds"),
+                        test_accuracy=source.get("test_accuracy"))
+        return cost
 
     # ----- persistence ------------------------------------------------------------------------------------
     def _metadata(self) -> dict[str, Any]:
@@ -186,7 +221,9 @@ class Trainer:
         if meta.get("kind") != "training":
             raise CheckpointError(f"{path} is not a training checkpoint")
         saved, current = meta.get("config", {}), self.config.fingerprint()
-        diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+        defaults = TrainConfig().fingerprint()  # options added since the checkpoint was written count as defaults
+        diff = sorted(k for k in set(saved) | set(current)
+                      if saved.get(k, defaults.get(k)) != current.get(k))
         if diff:
             details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in diff[:5])
             raise CheckpointError(f"cannot resume {path}: the configuration differs ({details})")
@@ -307,6 +344,15 @@ class Trainer:
             "mask_updates": len(self.sparsifier.history), "mask_metrics": self.sparsifier.tracker.summary(),
             "config": dataclasses.asdict(c), "environment": environment(),
         }
+        if c.structure == "channel":
+            summary["sparsity_target"] = None
+            summary["channels"] = self.sparsifier.budget_report()
+        if self.pretrain is not None:
+            summary["pretrain"] = self.pretrain
+            if self.pretrain["train_flops"] is not None:
+                total = self.pretrain["train_flops"] + s["train_flops"]
+                summary["total_train_flops"] = total
+                summary["total_train_flops_ratio"] = total / s["dense_train_flops"]
         meta = {**model_metadata(c, self.train_data), "sparsity_actual": summary["sparsity_actual"],
                 "test_accuracy": summary["test_accuracy"]}
         checkpoint.save(self.out / MODEL, {"model": self.model.state_dict()}, meta)

@@ -77,6 +77,7 @@ class ChannelSparsifier(Sparsifier):
             cost, model, example, **({"device": param.device, "batch_size": latency_batch, "cache_dir": cache_dir}
                                      if cost == "latency" else {}))
         self.channels = ChannelMasks(model, self.groups)
+        self.skipped: dict[str, str] = {n: "first conv (HALP never prunes it)" for n in ignored}
         self.layers = {n: m for n, m in self.channels.modules.items() if isinstance(m, masking.PRUNABLE_TYPES)}
         self.guard = masking.OptimizerGuard(optimizer, self.channels.modules.values()) if optimizer else None
         self._wire_layers(model)
