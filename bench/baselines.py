@@ -1,5 +1,6 @@
 """First comparison of the sparse-training baselines: dense, static, GMP, SET and RigL on ResNet-20 /
-Fashion-MNIST at 90 % sparsity (ERK), the same epochs for every method, several seeds.
+Fashion-MNIST at 90 % sparsity (ERK), the same epochs for every method, several seeds; and IEE (default
+options) at the same budget, the longer-training check of bench/unstructured.py's one-epoch grid.
 
     python bench/baselines.py            # the README grid: 3 epochs, seeds 0 and 1
     python bench/baselines.py --quick    # smoke test: a few steps per run
@@ -16,7 +17,15 @@ from runner import RESULTS, aggregate, figure, run_grid, style, write_results
 
 from regrow.training import TrainConfig
 
-METHODS = ("dense", "static", "gmp", "set", "rigl")
+METHODS = ("dense", "static", "gmp", "set", "rigl", "iee")
+
+
+def quick_options(method: str) -> dict:
+    if method in ("gmp", "set", "rigl"):
+        return {"interval": 10}
+    if method == "iee":
+        return dict.fromkeys(("estimate_steps", "improve_steps", "explore_steps"), 5)
+    return {}
 
 
 def plot(rows: dict, path) -> None:
@@ -35,6 +44,7 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--model", default="resnet20")
     p.add_argument("--sparsity", type=float, default=0.9)
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at once (threads are split between them)")
     args = p.parse_args(argv)
     grid = "baselines-quick" if args.quick else "baselines"
     runs = {}
@@ -43,14 +53,15 @@ def main(argv=None) -> int:
             runs[f"{method}-s{seed}"] = TrainConfig(
                 model=args.model, method=method, sparsity=args.sparsity, distribution="erk",
                 epochs=1 if args.quick else args.epochs, max_steps=30 if args.quick else None, seed=seed,
-                progress=sys.stderr.isatty(), method_options={"interval": 10} if args.quick and method != "dense"
-                and method != "static" else {})
-    summaries = run_grid(grid, runs)
+                progress=sys.stderr.isatty() and args.jobs == 1,
+                method_options=quick_options(method) if args.quick else {})
+    summaries = run_grid(grid, runs, jobs=args.jobs)
     rows = aggregate(summaries, lambda run_id, s: s["method"])
     setup = {"model": args.model, "dataset": "fashion-mnist", "sparsity": args.sparsity, "distribution": "erk",
              "epochs": 1 if args.quick else args.epochs, "batch size": 128, "seeds": args.seeds,
              "optimizer": "SGD Nesterov 0.9, lr 0.1 cosine, wd 5e-4",
-             "mask updates": ("every 10 steps" if args.quick else "every 100 steps") + " until 75 %"}
+             "mask updates": ("every 10 steps" if args.quick else "every 100 steps") + " until 75 %",
+             "IEE": "H = J = Q = " + ("5" if args.quick else "50") + ", magnitude, exploration lr × 0.1"}
     command = "python bench/baselines.py" + (" --quick" if args.quick else "") + \
         ("" if args.epochs == 3 or args.quick else f" --epochs {args.epochs}") + \
         ("" if args.seeds == 2 else f" --seeds {args.seeds}")

@@ -162,3 +162,18 @@ def test_iee_channel_resume_mid_exploration_is_bit_identical(tmp_path):
     assert history == history_resumed
     for key, value in uninterrupted.items():
         assert torch.equal(value, resumed[key]), key
+
+
+def test_precomputed_width_grid_covers_every_cost_the_methods_ask_for(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("resnet8")
+    measure = CountingMeasure()
+    table = LatencyTable(layer_shapes(model, torch.zeros(1, 1, 28, 28)), cache_dir=tmp_path, measure=measure,
+                         key="cpu|grid")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    sp = regrow.create("iee", model, optimizer, structure="channel", cost_model=table, latency_target=0.5,
+                       group_size=4, total_steps=40, estimate_steps=3, improve_steps=2, explore_steps=3)
+    cells = sp.precompute_costs()
+    assert measure.calls == table.measurements == cells > 0
+    train(model, optimizer, sp, 40)
+    assert len(sp.history) >= 3 and measure.calls == cells  # every later ask was a cache hit

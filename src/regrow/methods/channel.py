@@ -131,6 +131,39 @@ class ChannelSparsifier(Sparsifier):
     def cost_of(self, kept: list[int]) -> float:
         return float(sum(self.cost_model(n, c_in, c_out) for n, (c_in, c_out) in self.layer_widths(kept).items()))
 
+    def width_grid(self) -> dict[str, tuple[list[int], list[int]]]:
+        """Every (c_in, c_out) a layer can take when each group keeps a multiple of G channels (or all):
+        the cells the knapsack asks the cost model for."""
+        def options(size: int) -> list[int]:
+            return sorted(set(range(self.group_size, size + 1, self.group_size)) | {size})
+
+        grid = {}
+        for name in self._costed:
+            full_in, full_out = self._full[name]
+            outs = options(self.groups[self._out_group[name]].size) if name in self._out_group else [full_out]
+            ins = self._in_groups[name]
+            if self.cost_model.shapes[name].depthwise:
+                grid[name] = (outs, outs)
+            elif len(ins) == 1:
+                (i, factor), = ins
+                size = self.groups[i].size
+                grid[name] = ([full_in - (size - k) * factor for k in options(size)], outs)
+            else:  # unpruned input, or several groups concatenated (those are measured when first asked for)
+                grid[name] = ([full_in], outs)
+        return grid
+
+    def precompute_costs(self, progress: bool = False) -> int:
+        """Ask the cost model for every cell of :meth:`width_grid` now (a latency table measures them once, on an
+        idle machine, instead of in the middle of training) and save the cache; returns the number of cells."""
+        cells = sorted({(n, ci, co) for n, (ins, outs) in self.width_grid().items()
+                        for ci in ins for co in outs if not self.cost_model.shapes[n].depthwise or ci == co})
+        from tqdm.auto import tqdm
+
+        for name, c_in, c_out in tqdm(cells, disable=not progress, desc="latency table", leave=False):
+            self.cost_model(name, c_in, c_out)
+        self.save_cost_cache()
+        return len(cells)
+
     def kept_counts(self) -> list[int]:
         return [int(k.sum()) for k in self.active_keep()]
 

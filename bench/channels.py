@@ -1,0 +1,290 @@
+"""Channel pruning under a latency budget measured on this CPU: HALP, IEE from scratch, IEE from a pretrained
+model, and Torch-Pruning's magnitude pruner at the same MACs as an outside reference.
+
+    python bench/channels.py               # the README grid (see --help for its size)
+    python bench/channels.py --quick       # smoke test: a few steps per run, MACs cost, separate results
+
+Steps (each resumable: finished runs are skipped):
+1. dense pretraining (``--pretrain-epochs``), one model per seed: HALP, IEE-pretrained and Torch-Pruning start
+   from it, and their total training cost includes it;
+2. the latency table of the model (batch ``--latency-batch``, one thread), measured once on the idle machine;
+3. HALP (prunings every ``--prune-every`` steps, 30 of them, then fine-tuning), IEE from scratch and IEE from the
+   pretrained model, ``--epochs`` each, at every latency target (a fraction of the dense model's latency);
+4. Torch-Pruning's MagnitudePruner (L1, per layer) on the pretrained model, the ratio searched so that its MACs
+   match HALP's exported model at that target, then fine-tuned for ``--epochs`` with the same recipe;
+5. every model is exported (masked channels removed) and timed against the dense model, interleaved, one
+   thread, batch ``--latency-batch``, median of ``--repeats`` runs after warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from runner import RESULTS, commit, figure, run_grid, style
+
+from regrow import checkpoint
+from regrow.data import batches_per_epoch, get_batch, load_dataset
+from regrow.flops import forward_flops, layer_macs
+from regrow.latency_report import latency_report, time_models
+from regrow.methods.channel import HALP
+from regrow.schedules import cosine_lr
+from regrow.training import MODEL, SUMMARY, TrainConfig, environment, evaluate, load_model
+
+TARGETS = (0.55, 0.30)
+LATENCY = "latency.json"
+
+
+def recipe(args, **fields) -> TrainConfig:
+    return TrainConfig(model=args.model, epochs=1 if args.quick else args.epochs,
+                       max_steps=args.quick_steps if args.quick else None, channels_last=args.channels_last,
+                       progress=sys.stderr.isatty() and args.jobs == 1, **fields)
+
+
+def channel_options(args) -> dict:
+    return {"group_size": args.group_size, "prune_first": args.prune_first}
+
+
+def grids(args) -> tuple[dict[str, TrainConfig], dict[str, TrainConfig]]:
+    pre = {f"dense-seed{s}": recipe(args, method="dense", seed=s, sparsity=0.0) for s in range(args.seeds)}
+    if not args.quick:
+        for config in pre.values():
+            config.epochs = args.pretrain_epochs
+    cost = "macs" if args.quick else "latency"
+    hjq = 5 if args.quick else 50
+    iee = {**dict.fromkeys(("estimate_steps", "improve_steps", "explore_steps"), hjq), **channel_options(args)}
+    halp = {"prune_every": 1 if args.quick else args.prune_every, "prune_steps": 10 if args.quick else 30,
+            **channel_options(args)}
+    main = {}
+    for target in args.targets:
+        for s in range(args.seeds):
+            dense = str(RESULTS / "runs" / args.name / f"dense-seed{s}" / MODEL)
+            common = {"structure": "channel", "latency_target": target, "cost": cost, "seed": s,
+                      "latency_batch": args.latency_batch}
+            main[f"halp-{target:g}-seed{s}"] = recipe(args, method="halp", init_from=dense, method_options=halp,
+                                                     **common)
+            main[f"iee-scratch-{target:g}-seed{s}"] = recipe(args, method="iee", method_options=iee, **common)
+            main[f"iee-pretrained-{target:g}-seed{s}"] = recipe(args, method="iee", init_from=dense,
+                                                               method_options=iee, **common)
+    return pre, main
+
+
+def prebuild_latency_table(args) -> int:
+    """Measure every cell HALP/IEE can ask for, once, single-threaded, before runs share the cores."""
+    from regrow.models import create_model
+
+    torch.set_num_threads(1)
+    model = create_model(args.model)
+    sp = HALP(model, None, latency_target=max(args.targets), cost="latency", latency_batch=args.latency_batch,
+              **channel_options(args))
+    cells = sp.precompute_costs(progress=sys.stderr.isatty())
+    floor = sp.cost_of([min(args.group_size, g.size) for g in sp.groups]) / sp.dense_cost
+    print(f"latency table: {cells} cells, {sp.cost_model.measurements} measured now; dense {sp.dense_cost:.2f} ms "
+          f"at batch {args.latency_batch}; one group per layer reaches {floor:.3f} of dense", flush=True)
+    return cells
+
+
+def tp_reference(args, seed: int, target_macs: float, out) -> dict:
+    """Torch-Pruning's magnitude pruner on the pretrained model at ``target_macs``, fine-tuned like the others."""
+    import torch_pruning as tp
+
+    if (out / SUMMARY).exists():
+        return json.loads((out / SUMMARY).read_text())
+    torch.manual_seed(seed)
+    dense_path = RESULTS / "runs" / args.name / f"dense-seed{seed}" / MODEL
+    dense, meta = load_model(dense_path)
+    shape = (meta["in_channels"], meta["input_size"], meta["input_size"])
+    example = torch.zeros(1, *shape)
+
+    def pruned_at(ratio: float):
+        model = copy.deepcopy(dense)
+        convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+        ignored = [model.fc] + ([] if args.prune_first else [convs[0]])
+        pruner = tp.pruner.MagnitudePruner(model, example, importance=tp.importance.MagnitudeImportance(p=1),
+                                           pruning_ratio=ratio, ignored_layers=ignored)
+        pruner.step()
+        return model, sum(layer_macs(model, shape).values())
+
+    lo, hi = 0.0, 0.95  # bisection on the per-layer ratio: MACs fall as it grows
+    for _ in range(14):
+        mid = (lo + hi) / 2
+        _, macs = pruned_at(mid)
+        lo, hi = (mid, hi) if macs > target_macs else (lo, mid)
+    model, macs = pruned_at(hi)
+    train = load_dataset("fashion-mnist", "train")
+    test = load_dataset("fashion-mnist", "test")
+    epochs = 1 if args.quick else args.epochs
+    steps_per_epoch = batches_per_epoch(len(train), 128)
+    total = min(epochs * steps_per_epoch, args.quick_steps) if args.quick else epochs * steps_per_epoch
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    step_flops = 3 * forward_flops(layer_macs(model, shape)) * 128
+    start = time.perf_counter()
+    for step in range(total):
+        epoch, index = divmod(step, steps_per_epoch)
+        x, y = get_batch(train, 128, seed, epoch, index, train_augment=True)
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(step, total, 0.1)
+        model.train()
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    wall = time.perf_counter() - start
+    accuracy, _ = evaluate(model, test)
+    pre = json.loads((dense_path.parent / SUMMARY).read_text())
+    dense_step = 3 * forward_flops(layer_macs(dense, shape)) * 128
+    summary = {"method": "torch-pruning-magnitude", "seed": seed, "test_accuracy": accuracy, "macs": macs,
+               "target_macs": target_macs, "steps": total, "wall_seconds": wall, "train_flops": step_flops * total,
+               "dense_train_flops": dense_step * total,
+               "total_train_flops": pre["train_flops"] + step_flops * total}
+    checkpoint.save(out / MODEL, {"model": model.state_dict()}, {"kind": "tp-reference", **meta})
+    torch.set_num_threads(1)
+    measured = time_models({"dense": dense.eval(), "pruned": model.eval()},
+                           torch.randn(args.latency_batch, *shape), repeats=args.repeats)
+    summary["latency"] = {"dense_ms": measured["dense"], "measured_ms": measured["pruned"],
+                          "batch_size": args.latency_batch, "threads": 1,
+                          "macs_dense": sum(layer_macs(dense, shape).values())}
+    checkpoint.write_json(out / SUMMARY, summary)
+    return summary
+
+
+def measure(args, run_id: str) -> dict:
+    """Export the run's model and time it against the dense model (cached in the run folder)."""
+    out = RESULTS / "runs" / args.name / run_id
+    if (out / LATENCY).exists():
+        return json.loads((out / LATENCY).read_text())
+    model, meta = load_model(out / MODEL)
+    result = latency_report(model, meta, batch_size=args.latency_batch, repeats=args.repeats, threads=1)
+    checkpoint.write_json(out / LATENCY, result)
+    return result
+
+
+def mean_std(values):
+    values = list(values)
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="a few steps per run (MACs cost), separate results")
+    p.add_argument("--quick-steps", type=int, default=30)
+    p.add_argument("--model", default="resnet20")
+    p.add_argument("--epochs", type=int, default=2, help="epochs of every HALP / IEE / fine-tuning run")
+    p.add_argument("--pretrain-epochs", type=int, default=2, help="epochs of the dense pretraining")
+    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--targets", type=float, nargs="+", default=list(TARGETS))
+    p.add_argument("--group-size", type=int, default=4)
+    p.add_argument("--prune-first", action="store_true", help="let the first conv's channels be pruned")
+    p.add_argument("--prune-every", type=int, default=10, help="HALP: steps between its 30 prunings")
+    p.add_argument("--latency-batch", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=30, help="timed runs per model (median reported)")
+    p.add_argument("--jobs", type=int, default=1)
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--name", default=None)
+    args = p.parse_args(argv)
+    args.name = args.name or ("channels-quick" if args.quick else f"channels-{args.model}-e{args.epochs}")
+    pre, main_runs = grids(args)
+    pre_summaries = run_grid(args.name, pre, jobs=args.jobs)
+    if not args.quick:
+        prebuild_latency_table(args)
+    summaries = run_grid(args.name, main_runs, jobs=args.jobs)
+    latencies = {run_id: measure(args, run_id) for run_id in summaries}
+    references = {}
+    for target in args.targets:
+        halp_macs = [latencies[k]["exported"]["macs"] for k in latencies if k.startswith(f"halp-{target:g}-")]
+        for s in range(args.seeds):
+            run_id = f"tp-magnitude-{target:g}-seed{s}"
+            references[run_id] = tp_reference(args, s, statistics.fmean(halp_macs),
+                                              RESULTS / "runs" / args.name / run_id)
+    rows = table_rows(args, pre_summaries, summaries, latencies, references)
+    write(args, rows, pre_summaries, summaries, latencies, references, argv)
+    return 0
+
+
+def table_rows(args, pre, summaries, latencies, references) -> dict:
+    dense_epochs_flops = statistics.fmean(s["train_flops"] / s["epochs"] for s in pre.values())
+    rows = {}
+    dense_acc = mean_std(s["test_accuracy"] for s in pre.values())
+    dense_ms = statistics.fmean(lat["dense"]["measured_ms"] for lat in latencies.values())
+    rows["dense (pretrained)"] = {"accuracy": dense_acc, "measured_ms": dense_ms, "speedup": 1.0,
+                                  "macs_reduction": 1.0, "cost": statistics.fmean(s["train_flops"] for s in
+                                                                                  pre.values()) / dense_epochs_flops,
+                                  "n": len(pre), "wall": statistics.fmean(s["wall_seconds"] for s in pre.values())}
+    for target in args.targets:
+        for method in ("halp", "iee-scratch", "iee-pretrained"):
+            keys = [k for k in summaries if k.startswith(f"{method}-{target:g}-seed")]
+            if not keys:
+                continue
+            lat = [latencies[k] for k in keys]
+            rows[f"{method} @ {target:g}"] = {
+                "accuracy": mean_std(summaries[k]["test_accuracy"] for k in keys),
+                "measured_ms": statistics.fmean(x["exported"]["measured_ms"] for x in lat),
+                "predicted_fraction": statistics.fmean(summaries[k]["channels"]["predicted_fraction"] for k in keys),
+                "speedup": statistics.fmean(x["measured_speedup"] for x in lat),
+                "macs_reduction": statistics.fmean(x["macs_reduction"] for x in lat),
+                "cost": statistics.fmean(summaries[k].get("total_train_flops", summaries[k]["train_flops"])
+                                         for k in keys) / dense_epochs_flops,
+                "n": len(keys), "wall": statistics.fmean(summaries[k]["wall_seconds"] for k in keys)}
+        keys = [k for k in references if k.startswith(f"tp-magnitude-{target:g}-")]
+        if keys:
+            refs = [references[k] for k in keys]
+            rows[f"torch-pruning magnitude @ MACs of halp {target:g}"] = {
+                "accuracy": mean_std(r["test_accuracy"] for r in refs),
+                "measured_ms": statistics.fmean(r["latency"]["measured_ms"] for r in refs),
+                "speedup": statistics.fmean(r["latency"]["dense_ms"] / r["latency"]["measured_ms"] for r in refs),
+                "macs_reduction": statistics.fmean(r["latency"]["macs_dense"] / r["macs"] for r in refs),
+                "cost": statistics.fmean(r["total_train_flops"] for r in refs) / dense_epochs_flops,
+                "n": len(refs), "wall": statistics.fmean(r["wall_seconds"] for r in refs)}
+    return rows
+
+
+def write(args, rows, pre, summaries, latencies, references, argv) -> None:
+    command = " ".join(["python bench/channels.py", *(argv if argv is not None else sys.argv[1:])])
+    env = environment()
+    lines = [f"# {args.name}", "", f"Command: `{command}`  ", f"Tables written at {commit()}  ",
+             f"Hardware: {env['processor']}, torch {env['torch']}; latency: batch {args.latency_batch}, 1 thread, "
+             f"median of {args.repeats} interleaved runs after warm-up (exported model vs dense)  ",
+             f"Setup: {args.model}, Fashion-MNIST, "
+             + (f"quick smoke test: {args.quick_steps} steps per run, MACs cost, " if args.quick else
+                f"dense pretraining {args.pretrain_epochs} epochs, every other run {args.epochs} epochs, ")
+             + f"SGD Nesterov, lr 0.1 cosine, wd 5e-4, batch 128, G = {args.group_size}, "
+             f"first conv {'prunable' if args.prune_first else 'never pruned'}, HALP prunes every "
+             f"{args.prune_every} steps 30 times, IEE H = J = Q = 50, seeds {args.seeds}", "",
+             "| run | last-epoch accuracy | measured latency | speed-up (measured) | MACs reduction | speed-up / "
+             "MACs reduction | predicted latency (fraction) | total training cost (dense epochs) | seeds |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for key, r in rows.items():
+        predicted = f"{r['predicted_fraction']:.3f}" if "predicted_fraction" in r else "-"
+        lines.append(f"| {key} | {100 * r['accuracy'][0]:.2f} ± {100 * r['accuracy'][1]:.2f} % | "
+                     f"{r['measured_ms']:.2f} ms | {r['speedup']:.2f}× | {r['macs_reduction']:.2f}× | "
+                     f"{r['speedup'] / r['macs_reduction']:.2f} | {predicted} | {r['cost']:.2f} | {r['n']} |")
+    lines += ["", "Training cost counts 3 × forward FLOPs as the network ran (masked channels excluded; IEE's "
+              "exploration dense), in units of one dense epoch, pretraining included where a run starts from the "
+              "dense model.", ""]
+    md = "\n".join(lines)
+    (RESULTS / f"{args.name}.md").write_text(md)
+    checkpoint.write_json(RESULTS / f"{args.name}.json", {
+        "grid": args.name, "command": command, "commit": commit(), "environment": env, "args": vars(args),
+        "rows": {k: {**v, "accuracy": list(v["accuracy"])} for k, v in rows.items()},
+        "runs": {k: {f: v for f, v in s.items() if f not in ("layers", "config", "environment")}
+                 for k, s in {**pre, **summaries}.items()},
+        "latency": latencies, "references": references})
+    print(md)
+    with figure(RESULTS / f"{args.name}.png", figsize=(6.5, 4)) as ax:
+        markers = {"halp": "s", "iee-scratch": "o", "iee-pretrained": "^", "torch-pruning": "x", "dense": "*"}
+        for key, r in rows.items():
+            marker = next((m for prefix, m in markers.items() if key.startswith(prefix)), "o")
+            ax.errorbar(r["measured_ms"], 100 * r["accuracy"][0], yerr=100 * r["accuracy"][1], fmt=marker,
+                        capsize=3, label=key)
+        style(ax, f"measured latency, batch {args.latency_batch}, 1 thread (ms)", "last-epoch test accuracy (%)",
+              f"{args.model} on Fashion-MNIST: accuracy vs latency", legend="lower right")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
