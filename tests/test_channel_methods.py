@@ -174,6 +174,7 @@ def test_precomputed_width_grid_covers_every_cost_the_methods_ask_for(tmp_path):
     sp = regrow.create("iee", model, optimizer, structure="channel", cost_model=table, latency_target=0.5,
                        group_size=4, total_steps=40, estimate_steps=3, improve_steps=2, explore_steps=3)
     cells = sp.precompute_costs()
-    assert measure.calls == table.measurements == cells > 0
+    assert measure.calls == table.measurements and 0 < measure.calls <= cells  # layers of one shape share cells
+    before = measure.calls
     train(model, optimizer, sp, 40)
-    assert len(sp.history) >= 3 and measure.calls == cells  # every later ask was a cache hit
+    assert len(sp.history) >= 3 and measure.calls == before  # every later ask was a cache hit
