@@ -227,7 +227,7 @@ class ChannelSparsifier(Sparsifier):
             try:
                 groups = self._solve(orders, values, min_groups, reference, budget - shrink)
             except ConfigError:  # charged too much to fit even the fewest groups: a lower reference
-                reference = [(r + lo) // 2 for r, lo in zip(reference, lower)]
+                reference = self._on_grid([(r + lo) // 2 for r, lo in zip(reference, lower)])
                 continue
             keeps = []
             for i, (order, k) in enumerate(zip(orders, groups)):
@@ -246,11 +246,16 @@ class ChannelSparsifier(Sparsifier):
             elif reference == upper:
                 shrink += excess  # not monotone: even the safe reference overshoots
             else:  # the reference was too optimistic: halfway back towards the last one that fitted
-                reference = [math.ceil((r + f) / 2) for r, f in zip(reference, fitted)]
+                reference = self._on_grid([math.ceil((r + f) / 2) for r, f in zip(reference, fitted)])
         if best is None:
             raise ConfigError(f"could not meet the budget {budget:.4g} {self.cost_model.unit}: the cost table is too "
                               "irregular (re-measure it, or use --cost macs)")
         return best
+
+    def _on_grid(self, counts: list[int]) -> list[int]:
+        """Round channel counts up to a multiple of G (or the group's size): the widths the cost table holds."""
+        G = self.group_size
+        return [min(g.size, math.ceil(c / G) * G) for c, g in zip(counts, self.groups)]
 
     def _solve(self, orders, values, min_groups, reference_counts: list[int], budget: float) -> list[int]:
         """One knapsack with input widths charged at ``reference_counts``."""
