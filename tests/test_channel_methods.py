@@ -178,3 +178,26 @@ def test_precomputed_width_grid_covers_every_cost_the_methods_ask_for(tmp_path):
     before = measure.calls
     train(model, optimizer, sp, 40)
     assert len(sp.history) >= 3 and measure.calls == before  # every later ask was a cache hit
+
+
+@pytest.mark.parametrize("switch", ["explore", "freeze_active"])
+def test_iee_channel_ablation_switches(switch):
+    model, optimizer, sp = setup("iee", **{switch: False})
+    seen = {"all_on": False, "active_moved": False}
+
+    def watch(step):
+        if sp.stage(step) == "explore" or sp.exploring:
+            seen["all_on"] |= all(bool(k.all()) for k in sp.channels.keep)
+        if sp.exploring and sp.position(step) == sp.H + sp.J:
+            seen["snapshot"] = {n: (m.weight.detach().clone(), sp._active_masks[(n, "weight")])
+                                for n, m in sp.layers.items()}
+        if sp.exploring and sp.position(step) == sp.cycle_length - 1 and "snapshot" in seen:
+            seen["active_moved"] |= any(not torch.equal(m.weight[a], w[a])
+                                        for (w, a), m in zip(seen["snapshot"].values(), sp.layers.values()))
+
+    train(model, optimizer, sp, 60, each=watch)
+    assert len(sp.history) == sp.cycles and all(h["cost_after_grow"] <= sp.budget + 1e-9 for h in sp.history)
+    if switch == "explore":  # no exploration: the pruned channels never rejoin the forward
+        assert not seen["all_on"] and "snapshot" not in seen
+    else:  # exploration happens and the active channels train during it
+        assert seen["all_on"] and seen["active_moved"]
