@@ -1,0 +1,203 @@
+"""Post-training sparsity from a small calibration set: the pieces the methods share, and the baselines.
+
+- :func:`calibration_set`: N distinct training samples, seeded, class-balanced by default (never the test set).
+- :func:`recalibrate_batchnorm`: reset BatchNorm statistics and re-estimate them on calibration images.
+- :func:`layer_inputs`: the inputs every prunable layer sees on calibration data (dense model, for Wanda and POT).
+- Baselines: magnitude masks + BatchNorm recalibration; Wanda (|W_ij|·‖X_j‖₂ per output row, convolutions via
+  unfolded inputs); POT (fixed magnitude masks, then each layer's kept weights and bias refitted to the dense
+  layer's output on dense inputs, least squares solved exactly per output row).
+- UniPTS's base-decayed KL objective (:func:`base_decayed_kl`, :func:`tau_at`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import masking
+from .data import Dataset, subset_indices
+from .errors import ConfigError, DataError
+
+
+def calibration_set(train: Dataset, size: int, seed: int = 0, balanced: bool = True) -> Dataset:
+    """``size`` distinct samples of the *training* split, the same for the same seed."""
+    if not isinstance(size, int) or size <= 0:
+        raise DataError(f"calibration size must be a positive integer, got {size!r}")
+    if size > len(train):
+        raise DataError(f"calibration size {size} is larger than the training set ({len(train)} samples)")
+    return train.subset(subset_indices(train.labels, size, seed, balanced=balanced))
+
+
+def _batches(images: torch.Tensor, batch_size: int) -> Iterable[torch.Tensor]:
+    for start in range(0, images.shape[0], batch_size):
+        yield images[start:start + batch_size]
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, batch_size: int = 64, noise_std: float = 0.0,
+                          seed: int = 0) -> None:
+    """Reset every BatchNorm's running statistics and re-estimate them (cumulative average) on ``images``
+    (optionally with N(0, noise_std²) added, as UniPTS's fitness does)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average: every batch counts equally
+    was_training = model.training
+    model.train()
+    generator = torch.Generator().manual_seed(seed)
+    try:
+        for x in _batches(images, batch_size):
+            if noise_std:
+                x = x + noise_std * torch.randn(x.shape, generator=generator)
+            model(x)
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        model.train(was_training)
+
+
+@torch.no_grad()
+def layer_inputs(model: nn.Module, layers: dict[str, nn.Module], images: torch.Tensor,
+                 batch_size: int = 256) -> dict[str, list[torch.Tensor]]:
+    """The input of every layer in ``layers`` on ``images`` (model in eval mode), batch by batch."""
+    seen: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
+    hooks = [m.register_forward_hook(lambda mod, inp, out, name=name: seen[name].append(inp[0].detach()))
+             for name, m in layers.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        for x in _batches(images, batch_size):
+            model(x)
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def _columns(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Rows = samples (and positions), columns = the weight's input entries: X such that out = X Wᵀ per group."""
+    if isinstance(module, nn.Linear):
+        return x.reshape(-1, x.shape[-1])
+    if not isinstance(module, nn.Conv2d):
+        raise ConfigError(f"post-training methods support Linear and Conv2d layers, not {type(module).__name__}")
+    if isinstance(module.padding, str):
+        raise ConfigError("string padding is not supported by the post-training methods")
+    cols = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)  # (B, C·k·k, L)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def input_norms(module: nn.Module, inputs: list[torch.Tensor]) -> torch.Tensor:
+    """‖X_j‖₂ for every weight entry's input, shaped like the weight (Wanda's activation term)."""
+    total = None
+    for x in inputs:
+        cols = _columns(module, x)
+        sq = cols.pow(2).sum(0)
+        total = sq if total is None else total + sq
+    norms = total.sqrt()
+    weight = module.weight
+    if isinstance(module, nn.Linear):
+        return norms.expand_as(weight)
+    per_group = weight.shape[1] * weight[0, 0].numel()  # (C_in/groups)·k·k
+    groups = module.groups
+    out_per_group = weight.shape[0] // groups
+    grouped = norms.reshape(groups, per_group)
+    return grouped.repeat_interleave(out_per_group, 0).reshape(weight.shape)
+
+
+def row_masks(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Per output row, keep the round((1 − s)·row length) highest scores (at least one)."""
+    rows = scores.reshape(scores.shape[0], -1)
+    keep = max(1, int(round((1 - sparsity) * rows.shape[1])))
+    mask = torch.zeros_like(rows, dtype=torch.bool)
+    mask.scatter_(1, torch.topk(rows, keep, dim=1).indices, True)
+    return mask.reshape(scores.shape)
+
+
+def magnitude_masks(layers: dict[str, nn.Module], sparsities: dict[str, float]) -> dict[str, torch.Tensor]:
+    """Per layer, keep the round((1 − s_l)·N_l) largest |w| (layer-wise)."""
+    masks = {}
+    for name, m in layers.items():
+        flat = m.weight.detach().abs().flatten()
+        keep = max(1, int(round((1 - sparsities[name]) * flat.numel())))
+        mask = torch.zeros_like(flat, dtype=torch.bool)
+        mask[torch.topk(flat, keep).indices] = True
+        masks[name] = mask.reshape(m.weight.shape)
+    return masks
+
+
+def wanda_masks(model: nn.Module, layers: dict[str, nn.Module], images: torch.Tensor,
+                sparsity: float) -> dict[str, torch.Tensor]:
+    """Wanda: score |W_ij|·‖X_j‖₂ on calibration inputs of the dense model; prune per output row."""
+    inputs = layer_inputs(model, layers, images)
+    return {name: row_masks(m.weight.detach().abs() * input_norms(m, inputs[name]), sparsity)
+            for name, m in layers.items()}
+
+
+@torch.no_grad()
+def pot_refit(module: nn.Module, mask: torch.Tensor, inputs: list[torch.Tensor], ridge: float = 1e-4) -> None:
+    """POT: refit the kept weights (and the bias) of one layer so that its output on the dense inputs matches
+    the dense layer's in mean squared error: per output row, the exact least-squares solution on its kept
+    inputs (Gram matrix of the unfolded inputs, a small ridge relative to its diagonal for stability)."""
+    if getattr(module, "groups", 1) != 1:
+        return  # grouped/depthwise convs: a few weights per row; keep magnitude values (documented)
+    has_bias = module.bias is not None
+    gram, count = None, 0
+    for x in inputs:
+        cols = _columns(module, x).double()
+        if has_bias:
+            cols = torch.cat([cols, torch.ones(cols.shape[0], 1, dtype=cols.dtype)], 1)
+        g = cols.T @ cols
+        gram = g if gram is None else gram + g
+        count += cols.shape[0]
+    gram /= max(count, 1)
+    weight = module.weight.reshape(module.weight.shape[0], -1).double()
+    dense = torch.cat([weight, module.bias.double()[:, None]], 1) if has_bias else weight
+    target = dense @ gram  # X_allᵀ y for each row, y = X_all · dense_row
+    flat_mask = mask.reshape(mask.shape[0], -1)
+    eye_scale = ridge * gram.diagonal().mean()
+    new = torch.zeros_like(dense)
+    for row in range(dense.shape[0]):
+        support = torch.nonzero(flat_mask[row]).flatten()
+        if has_bias:
+            support = torch.cat([support, torch.tensor([dense.shape[1] - 1])])
+        sub = gram[support][:, support] + eye_scale * torch.eye(len(support), dtype=gram.dtype)
+        new[row, support] = torch.linalg.solve(sub, target[row, support])
+    if has_bias:
+        module.bias.copy_(new[:, -1].to(module.bias.dtype))
+        new = new[:, :-1]
+    module.weight.copy_(new.reshape(module.weight.shape).to(module.weight.dtype))
+
+
+def tau_at(progress: float, start: float = 8.0, decay: float = 0.99, epochs: int = 100) -> float:
+    """UniPTS's base-decay temperature: τ = 8·0.99^(100·progress) (τ_e = 8·0.99^e for a 100-epoch run)."""
+    if not 0.0 <= progress <= 1.0:
+        raise ConfigError(f"progress must be in [0, 1], got {progress}")
+    return start * decay ** (epochs * progress)
+
+
+def base_decayed_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float,
+                    temperature: float = 4.0) -> torch.Tensor:
+    """(T²/B)·Σ_b Σ_j p_t·(log p_t − log_softmax(z_s)/τ), p_t = softmax(z_t/T).
+
+    As written in the UniPTS specification: the student's log-probabilities are taken at temperature 1 and
+    divided by τ (a logarithm of base e^τ), which scales the gradient by T²/τ.
+    """
+    if not math.isfinite(tau) or tau <= 0:
+        raise ConfigError(f"tau must be a positive number, got {tau}")
+    p_t = F.softmax(teacher_logits / temperature, dim=-1)
+    log_p_t = F.log_softmax(teacher_logits / temperature, dim=-1)
+    log_s = F.log_softmax(student_logits, dim=-1) / tau
+    return temperature ** 2 * (p_t * (log_p_t - log_s)).sum() / student_logits.shape[0]
+
+
+def apply_masks(layers: dict[str, nn.Module], masks: dict[str, torch.Tensor]) -> None:
+    """Attach (or replace) the masks of ``layers`` on the masking core."""
+    for name, m in layers.items():
+        masking.add_mask(m)
+        masking.set_mask(m, masks[name])

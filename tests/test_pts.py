@@ -1,0 +1,126 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from regrow import pts
+from regrow.data import synthetic
+from regrow.errors import DataError
+
+
+def test_calibration_set_is_seeded_distinct_balanced_and_checked():
+    train = synthetic(200, seed=1)
+    a, b = pts.calibration_set(train, 40, seed=3), pts.calibration_set(train, 40, seed=3)
+    assert torch.equal(a.images, b.images) and len(a) == 40
+    c = pts.calibration_set(train, 40, seed=4)
+    assert not torch.equal(a.images, c.images)
+    assert torch.unique(a.images.flatten(1), dim=0).shape[0] == 40  # no duplicates
+    counts = torch.bincount(a.labels, minlength=train.num_classes)
+    assert counts.max() - counts.min() <= 1
+    for bad in (0, -5, 201):
+        with pytest.raises(DataError, match="calibration size"):
+            pts.calibration_set(train, bad)
+
+
+def test_batchnorm_recalibration_estimates_the_calibration_statistics():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3))
+    model[1].running_mean.fill_(5.0)
+    images = torch.randn(64, 1, 8, 8)
+    pts.recalibrate_batchnorm(model, images, batch_size=16)
+    with torch.no_grad():
+        out = model[0](images)
+    assert torch.allclose(model[1].running_mean, out.mean((0, 2, 3)), atol=1e-5)
+    per_batch_var = torch.stack([out[i:i + 16].var((0, 2, 3), unbiased=True) for i in range(0, 64, 16)]).mean(0)
+    assert torch.allclose(model[1].running_var, per_batch_var, atol=1e-5)
+    assert model[1].momentum == 0.1 and model.training  # momentum and mode restored
+
+
+def test_wanda_mask_equals_a_hand_computed_one_for_linear_and_conv():
+    torch.manual_seed(0)
+    linear = nn.Linear(4, 2, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.tensor([[1.0, -2.0, 3.0, 0.5], [0.1, 4.0, -0.2, 1.0]]))
+    x = torch.tensor([[1.0, 0.0, 0.0, 4.0], [1.0, 0.0, 1.0, 3.0]])  # ‖X_j‖ = (√2, 0, 1, 5)
+    masks = pts.wanda_masks(linear, {"l": linear}, x, sparsity=0.5)
+    # row 0 scores: 1.41, 0, 3, 2.5 -> keep inputs 2, 3; row 1: 0.14, 0, 0.2, 5 -> keep 2, 3
+    assert masks["l"].tolist() == [[False, False, True, True], [False, False, True, True]]
+
+    conv = nn.Conv2d(2, 3, 2, padding=1, bias=False)
+    images = torch.randn(5, 2, 4, 4)
+    got = pts.wanda_masks(conv, {"c": conv}, images, sparsity=0.75)["c"]
+    padded = F.pad(images, (1, 1, 1, 1))
+    norms = torch.zeros(2, 2, 2)
+    for c in range(2):
+        for i in range(2):
+            for j in range(2):  # the input entry that weight [., c, i, j] multiplies, at every output position
+                patch = padded[:, c, i:i + 5, j:j + 5]
+                norms[c, i, j] = patch.pow(2).sum().sqrt()
+    scores = conv.weight.detach().abs() * norms
+    expected = torch.zeros_like(scores, dtype=torch.bool)
+    for o in range(3):
+        top = torch.topk(scores[o].flatten(), 2).indices
+        expected[o].view(-1)[top] = True
+    assert torch.equal(got, expected)
+
+
+def test_wanda_handles_depthwise_convs_per_channel():
+    conv = nn.Conv2d(3, 3, 3, padding=1, groups=3, bias=False)
+    images = torch.randn(4, 3, 5, 5)
+    images[:, 1] *= 10  # channel 1's inputs are large: its norms scale, the others' do not
+    norms = pts.input_norms(conv, pts.layer_inputs(conv, {"c": conv}, images)["c"])
+    assert norms.shape == conv.weight.shape
+    assert norms[1].mean() > 5 * norms[0].mean() and norms[1].mean() > 5 * norms[2].mean()
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_pot_refit_lowers_the_layers_output_error_on_calibration_data(kind):
+    torch.manual_seed(0)
+    layer = nn.Linear(20, 8) if kind == "linear" else nn.Conv2d(4, 6, 3, padding=1)
+    # Inputs with few underlying factors (as real activations are): the kept weights can stand in for pruned ones.
+    if kind == "linear":
+        x = torch.randn(64, 5) @ torch.randn(5, 20) + 0.01 * torch.randn(64, 20)
+    else:
+        x = torch.einsum("bkhw,kc->bchw", torch.randn(16, 2, 6, 6), torch.randn(2, 4)) + 0.01 * torch.randn(16, 4, 6, 6)
+    with torch.no_grad():
+        dense_out = layer(x)
+    mask = pts.magnitude_masks({"l": layer}, {"l": 0.7})["l"]
+    with torch.no_grad():
+        masked = F.linear(x, layer.weight * mask, layer.bias) if kind == "linear" else \
+            F.conv2d(x, layer.weight * mask, layer.bias, padding=1)
+    before = F.mse_loss(masked, dense_out)
+    pts.pot_refit(layer, mask, [x])
+    with torch.no_grad():
+        layer.weight.mul_(mask)
+        after = F.mse_loss(layer(x), dense_out)
+    assert after < (0.2 if kind == "linear" else 0.8) * before
+    assert (layer.weight[~mask] == 0).all()
+    # Output row 0 fits as well as the least-squares solution on its kept inputs (+ bias), as a direct solve finds it.
+    columns = x if kind == "linear" else F.unfold(x, 3, padding=1).transpose(1, 2).reshape(-1, 36)
+    target = dense_out[:, 0] if kind == "linear" else dense_out[:, 0].reshape(-1)
+    support = torch.nonzero(mask[0].flatten()).flatten()
+    design = torch.cat([columns[:, support], torch.ones(columns.shape[0], 1)], 1).double()
+    best = torch.linalg.lstsq(design, target[:, None].double()).solution.flatten()
+    ours = torch.cat([layer.weight[0].flatten()[support], layer.bias[0:1]]).detach().double()
+    residual = (design @ ours - target.double()).pow(2).mean()
+    assert residual <= 1.05 * (design @ best - target.double()).pow(2).mean() + 1e-8
+
+
+def test_base_decayed_kl_matches_a_hand_computed_value_and_tau_decays():
+    student = torch.tensor([[1.0, 0.0, -1.0], [0.5, 0.5, 0.0]])
+    teacher = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    T, tau = 4.0, 3.0
+    total = 0.0
+    for b in range(2):
+        zt = [v / T for v in teacher[b].tolist()]
+        pt = [math.exp(v) / sum(math.exp(u) for u in zt) for v in zt]
+        zs = student[b].tolist()
+        log_norm = math.log(sum(math.exp(u) for u in zs))
+        total += sum(p * (math.log(p) - (s - log_norm) / tau) for p, s in zip(pt, zs))
+    expected = T * T * total / 2
+    assert pts.base_decayed_kl(student, teacher, tau, T).item() == pytest.approx(expected, rel=1e-6)
+    assert pts.tau_at(0.0) == 8.0
+    for epoch in (1, 37, 99):
+        assert pts.tau_at(epoch / 100) == pytest.approx(8 * 0.99 ** epoch)
