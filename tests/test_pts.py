@@ -124,3 +124,69 @@ def test_base_decayed_kl_matches_a_hand_computed_value_and_tau_decays():
     assert pts.tau_at(0.0) == 8.0
     for epoch in (1, 37, 99):
         assert pts.tau_at(epoch / 100) == pytest.approx(8 * 0.99 ** epoch)
+
+
+def test_regrow_sparsities_meet_the_target_and_cap_every_layer():
+    sizes = [100, 2000, 5000, 50]
+    for seed in range(5):
+        genes = torch.randn(4, generator=torch.Generator().manual_seed(seed))
+        s, achieved = pts.regrow_sparsities(genes, sizes, 0.9)
+        assert all(0 <= v <= 0.95 + 1e-12 for v in s)
+        total = sum(v * n for v, n in zip(s, sizes)) / sum(sizes)
+        assert achieved == pytest.approx(total)
+        if min(s) > 0:  # no clipping: exactly the target
+            assert achieved == pytest.approx(0.9)
+        else:  # a small layer clipped at 0: slightly above, and reported
+            assert achieved > 0.9
+    s, achieved = pts.regrow_sparsities(torch.tensor([0.0, 0.0, 0.0, 8.0]), sizes, 0.9)
+    assert s[3] == 0.0 and achieved > 0.9  # the small layer would go negative: clipped
+
+
+def test_sparsity_search_is_seeded_and_improves_its_fitness():
+    sizes = [300, 600, 1200, 100]
+    calls = []
+
+    def fitness(sparsities):  # prefers sparsifying the big layer: a known optimum to move towards
+        calls.append(1)
+        return -abs(sparsities[2] - 0.95) - 0.1 * abs(sparsities[0] - 0.85)
+
+    def search(seed):
+        calls.clear()
+        s = pts.SparsitySearch(sizes, 0.9, fitness, population=8, generations=6, parents=4, children=4,
+                               mutants=3, seed=seed)
+        return s.run(), s.history, len(calls)
+
+    (best, achieved, score), history, n_calls = search(1)
+    again = search(1)
+    assert (best, achieved, score) == again[0] and history == again[1]
+    assert n_calls <= 8 * 6
+    assert history[-1]["best_fitness"] >= history[0]["best_fitness"]
+    assert all(v <= 0.95 + 1e-12 for v in best) and achieved >= 0.9 - 1e-12
+
+
+def test_dynamic_sparse_training_keeps_exact_sparsity_and_gives_dense_gradient_plus_srste():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    layers = {"0": model[0], "2": model[2]}
+    dst = pts.DynamicSparsity(layers, {"0": 0.5, "2": 0.8}, srste=0.01)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(5):
+        x = torch.randn(8, 6)
+        out = model(x)
+        loss = out.pow(2).sum()
+        optimizer.zero_grad()
+        loss.backward()
+        # Hand-computed: dL/dW_eff for the last layer (its input is the hidden activation), then SR-STE.
+        mask = dst.masks["2"]
+        with torch.no_grad():
+            hidden = torch.relu(x @ (model[0].weight * dst.masks["0"]).T + model[0].bias)
+            expected = 2 * out.T @ hidden + 0.01 * (~mask) * model[2].weight
+        dst.add_srste()
+        assert torch.allclose(model[2].weight.grad, expected, atol=1e-5)
+        assert (model[2].weight.grad[~mask] != 0).any()  # pruned weights do receive gradient
+        optimizer.step()
+        for name, s in (("0", 0.5), ("2", 0.8)):
+            assert int(dst.masks[name].sum()) == round((1 - s) * layers[name].weight.numel())
+    assert isinstance(model[0].weight, nn.Parameter) and "0.weight" in model.state_dict()
+    dst.remove()
+    assert not model[0]._forward_pre_hooks

@@ -201,3 +201,157 @@ def apply_masks(layers: dict[str, nn.Module], masks: dict[str, torch.Tensor]) ->
     for name, m in layers.items():
         masking.add_mask(m)
         masking.set_mask(m, masks[name])
+
+
+# ----- UniPTS: the reducing-regrowing search of per-layer sparsity --------------------------------------------
+def regrow_sparsities(genes: torch.Tensor, sizes: list[int], target: float, margin: float = 0.05
+                      ) -> tuple[list[float], float]:
+    """Reduce every layer to ``target + margin``, then hand back A = margin·N weights by shares softmax(genes):
+    s_k = max(0, P + margin − A·softmax(g)_k / n_k). Returns the sparsities and the achieved global sparsity
+    (the target exactly, or slightly above where a small layer clips at 0)."""
+    if not 0 <= target < 1 or target + margin > 1:
+        raise ConfigError(f"sparsity {target} with margin {margin} leaves no valid layer sparsity")
+    n = torch.tensor(sizes, dtype=torch.float64)
+    handed_back = margin * float(n.sum())
+    shares = torch.softmax(genes.double(), 0)
+    sparsities = (target + margin - handed_back * shares / n).clamp(min=0.0)
+    achieved = float((sparsities * n).sum() / n.sum())
+    return sparsities.tolist(), achieved
+
+
+class SparsitySearch:
+    """UniPTS's genetic search over the genes of :func:`regrow_sparsities`.
+
+    Each generation scores ``population`` candidates with ``fitness(sparsities) -> float``; the ``parents`` best
+    of everything scored so far breed the next generation: the constant vector (equal shares) first, then
+    uniform-crossover children up to ``children``, ``mutants`` mutants (each gene with probability
+    ``mutation_p`` multiplied by 1 + N(0, 1)), and fresh random candidates if the population is not full.
+    Scores are cached, so a candidate seen before costs nothing. Seeded; ``history`` keeps the best per generation.
+    """
+
+    def __init__(self, sizes: list[int], target: float, fitness, *, margin: float = 0.05, population: int = 25,
+                 generations: int = 25, parents: int = 10, children: int = 12, mutants: int = 12,
+                 mutation_p: float = 0.1, seed: int = 0, progress: bool = False):
+        for name, value in (("population", population), ("generations", generations), ("parents", parents)):
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        self.sizes, self.target, self.fitness, self.margin = sizes, target, fitness, margin
+        self.population, self.generations, self.parents = population, generations, parents
+        self.children, self.mutants, self.mutation_p = children, mutants, mutation_p
+        self.generator = torch.Generator().manual_seed(seed)
+        self.progress = progress
+        self.scores: dict[tuple[float, ...], float] = {}
+        self.history: list[dict] = []
+
+    def _random(self) -> torch.Tensor:
+        return torch.randn(len(self.sizes), generator=self.generator, dtype=torch.float64)
+
+    def score(self, genes: torch.Tensor) -> float:
+        key = tuple(round(v, 12) for v in genes.tolist())
+        if key not in self.scores:
+            sparsities, _ = regrow_sparsities(genes, self.sizes, self.target, self.margin)
+            self.scores[key] = float(self.fitness(sparsities))
+        return self.scores[key]
+
+    def _breed(self, ranked: list[torch.Tensor]) -> list[torch.Tensor]:
+        parents = ranked[: self.parents]
+        nxt = [torch.zeros(len(self.sizes), dtype=torch.float64)]  # equal shares
+        while len(nxt) < self.children:
+            a, b = (parents[int(i)] for i in torch.randint(len(parents), (2,), generator=self.generator))
+            pick = torch.rand(len(self.sizes), generator=self.generator) < 0.5
+            nxt.append(torch.where(pick, a, b))
+        for _ in range(self.mutants):
+            parent = parents[int(torch.randint(len(parents), (1,), generator=self.generator))]
+            hit = torch.rand(len(self.sizes), generator=self.generator) < self.mutation_p
+            factor = 1 + torch.randn(len(self.sizes), generator=self.generator, dtype=torch.float64)
+            nxt.append(torch.where(hit, parent * factor, parent))
+        while len(nxt) < self.population:
+            nxt.append(self._random())
+        return nxt[: self.population]
+
+    def run(self) -> tuple[list[float], float, float]:
+        """Returns (per-layer sparsities, achieved global sparsity, best fitness)."""
+        from tqdm.auto import tqdm
+
+        candidates = [torch.zeros(len(self.sizes), dtype=torch.float64)] + \
+            [self._random() for _ in range(self.population - 1)]
+        pool: dict[tuple[float, ...], torch.Tensor] = {}
+        for generation in tqdm(range(self.generations), disable=not self.progress, desc="sparsity search",
+                               leave=False):
+            for genes in candidates:
+                self.score(genes)
+                pool[tuple(round(v, 12) for v in genes.tolist())] = genes
+            ranked = sorted(pool.values(), key=lambda g: -self.scores[tuple(round(v, 12) for v in g.tolist())])
+            best = ranked[0]
+            self.history.append({"generation": generation, "best_fitness": self.score(best),
+                                 "evaluated": len(self.scores)})
+            candidates = self._breed(ranked)
+        sparsities, achieved = regrow_sparsities(best, self.sizes, self.target, self.margin)
+        return sparsities, achieved, self.score(best)
+
+
+# ----- UniPTS: dynamic sparse training ----------------------------------------------------------------------
+class _TopKStraightThrough(torch.autograd.Function):
+    """Forward W ⊙ M(W) with M the top-k |w|; backward: the dense gradient to every weight (straight through)."""
+
+    @staticmethod
+    def forward(ctx, weight, keep):
+        flat = weight.detach().abs().flatten()
+        mask = torch.zeros_like(flat, dtype=torch.bool)
+        mask[torch.topk(flat, keep).indices] = True
+        mask = mask.reshape(weight.shape)
+        ctx.mark_non_differentiable(mask)
+        return weight * mask, mask
+
+    @staticmethod
+    def backward(ctx, grad, _):
+        return grad, None
+
+
+class DynamicSparsity:
+    """Every layer keeps its top-k |w| at its sparsity, recomputed at every forward; backward gives every weight
+    the dense gradient, and :meth:`add_srste` adds λ·(1 − M) ⊙ W (SR-STE, λ = 5e-5) to pull pruned ones to 0.
+
+    Implemented with forward pre-hooks that swap in the masked weight for the duration of the call, so the model
+    keeps its own classes and parameters."""
+
+    def __init__(self, layers: dict[str, nn.Module], sparsities: dict[str, float], srste: float = 5e-5):
+        self.layers, self.srste = layers, srste
+        self.keep = {n: max(1, int(round((1 - sparsities[n]) * m.weight.numel()))) for n, m in layers.items()}
+        self.masks: dict[str, torch.Tensor] = {}
+        self._handles = []
+        for name, module in layers.items():
+            self._handles.append(module.register_forward_pre_hook(self._pre(name)))
+            self._handles.append(module.register_forward_hook(self._post))
+
+    def _pre(self, name):
+        def hook(module, inputs):
+            dense = module._parameters["weight"]
+            sparse, mask = _TopKStraightThrough.apply(dense, self.keep[name])
+            self.masks[name] = mask
+            module._regrow_dense_weight = dense
+            del module._parameters["weight"]
+            module.weight = sparse  # a plain attribute for this call only
+        return hook
+
+    @staticmethod
+    def _post(module, inputs, output):
+        del module.weight
+        module._parameters["weight"] = module._regrow_dense_weight
+        del module._regrow_dense_weight
+
+    def add_srste(self) -> None:
+        """Call after ``loss.backward()``: grad += λ·(1 − M) ⊙ W for every layer (masks of the last forward)."""
+        with torch.no_grad():
+            for name, module in self.layers.items():
+                if module.weight.grad is not None and name in self.masks:
+                    module.weight.grad.add_(self.srste * (~self.masks[name]) * module.weight)
+
+    def current_masks(self) -> dict[str, torch.Tensor]:
+        return {n: magnitude_masks({n: m}, {n: 1 - self.keep[n] / m.weight.numel()})[n]
+                for n, m in self.layers.items()}
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
