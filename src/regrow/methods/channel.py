@@ -89,7 +89,9 @@ class ChannelSparsifier(Sparsifier):
         if self.budget < floor:
             raise ConfigError(f"latency_target={latency_target:g} ({self.budget:.4g} {self.cost_model.unit}) is below "
                               f"what this model reaches with one group of {group_size} channels per layer "
-                              f"({floor:.4g} {self.cost_model.unit} = {floor / self.dense_cost:.3f} of dense)")
+                              f"({floor:.4g} {self.cost_model.unit} = {floor / self.dense_cost:.3f} of dense)"
+                              + ("; the first conv's channels are kept (prune_first=false), which in a CIFAR-style "
+                                 "ResNet keeps the whole first stage: try prune_first=true" if ignored else ""))
         self.initialize()
 
     # ----- costs ------------------------------------------------------------------------------------------
