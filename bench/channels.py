@@ -79,6 +79,7 @@ def prebuild_latency_table(args) -> int:
     """Measure every cell HALP/IEE can ask for, once, single-threaded, before runs share the cores."""
     from regrow.models import create_model
 
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     model = create_model(args.model)
     sp = HALP(model, None, latency_target=max(args.targets), cost="latency", latency_batch=args.latency_batch,
@@ -87,6 +88,7 @@ def prebuild_latency_table(args) -> int:
     floor = sp.cost_of([min(args.group_size, g.size) for g in sp.groups]) / sp.dense_cost
     print(f"latency table: {cells} cells, {sp.cost_model.measurements} measured now; dense {sp.dense_cost:.2f} ms "
           f"at batch {args.latency_batch}; one group per layer reaches {floor:.3f} of dense", flush=True)
+    torch.set_num_threads(threads)
     return cells
 
 
@@ -144,9 +146,11 @@ def tp_reference(args, seed: int, target_macs: float, out) -> dict:
                "dense_train_flops": dense_step * total,
                "total_train_flops": pre["train_flops"] + step_flops * total}
     checkpoint.save(out / MODEL, {"model": model.state_dict()}, {"kind": "tp-reference", **meta})
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # latency figures: one thread, as for every other model here
     measured = time_models({"dense": dense.eval(), "pruned": model.eval()},
                            torch.randn(args.latency_batch, *shape), repeats=args.repeats)
+    torch.set_num_threads(threads)
     summary["latency"] = {"dense_ms": measured["dense"], "measured_ms": measured["pruned"],
                           "batch_size": args.latency_batch, "threads": 1,
                           "macs_dense": sum(layer_macs(dense, shape).values())}
