@@ -201,3 +201,22 @@ def test_iee_channel_ablation_switches(switch):
         assert not seen["all_on"] and "snapshot" not in seen
     else:  # exploration happens and the active channels train during it
         assert seen["all_on"] and seen["active_moved"]
+
+
+def test_a_noisy_non_monotone_latency_table_still_meets_every_target(tmp_path):
+    """Measured tables are noisy (a wider layer can time faster); the knapsack must still land within budget."""
+    def noisy(shape, c_in, c_out, batch_size, device, repeats):
+        jitter = ((c_in * 7919 + c_out * 104729) % 13) / 13  # deterministic pseudo-noise, up to ±50 %
+        return (1e-3 * c_in * c_out * (shape.in_size[0] if shape.in_size else 1) + 0.05) * (0.5 + jitter)
+
+    for target in (0.6, 0.3):
+        torch.manual_seed(0)
+        model = create_model("resnet8")
+        table = LatencyTable(layer_shapes(model, torch.zeros(1, 1, 28, 28)), cache_dir=tmp_path, measure=noisy,
+                             key="cpu|noisy")
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        sp = regrow.create("halp", model, optimizer, structure="channel", cost_model=table, latency_target=target,
+                           group_size=2, prune_first=True, total_steps=30, prune_every=2, prune_steps=12)
+        train(model, optimizer, sp, 30)
+        assert all(h["predicted_cost"] <= h["target"] + 1e-9 for h in sp.history)
+        assert sp.predicted_cost() <= sp.budget

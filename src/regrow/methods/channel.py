@@ -231,11 +231,7 @@ class ChannelSparsifier(Sparsifier):
             except ConfigError:  # charged too much to fit even the fewest groups: a lower reference
                 reference = self._on_grid([(r + lo) // 2 for r, lo in zip(reference, lower)])
                 continue
-            keeps = []
-            for i, (order, k) in enumerate(zip(orders, groups)):
-                keep = torch.zeros(self.groups[i].size, dtype=torch.bool)
-                keep[order[: min(k * G, len(order))]] = True
-                keeps.append(keep)
+            keeps = self._keeps(orders, groups)
             counts = [int(k.sum()) for k in keeps]
             excess = self.cost_of(counts) - budget
             if excess <= 1e-9 * abs(budget):
@@ -249,10 +245,34 @@ class ChannelSparsifier(Sparsifier):
                 shrink += excess  # not monotone: even the safe reference overshoots
             else:  # the reference was too optimistic: halfway back towards the last one that fitted
                 reference = self._on_grid([math.ceil((r + f) / 2) for r, f in zip(reference, fitted)])
+        if best is None:  # a measured table that is not monotone defeated every solve: drop chunks greedily
+            best = self._greedy_fit(orders, values, min_groups, budget)
         if best is None:
-            raise ConfigError(f"could not meet the budget {budget:.4g} {self.cost_model.unit}: the cost table is too "
-                              "irregular (re-measure it, or use --cost macs)")
+            raise ConfigError(f"could not meet the budget {budget:.4g} {self.cost_model.unit} even with the fewest "
+                              "channels allowed")
         return best
+
+    def _keeps(self, orders: list[torch.Tensor], groups: list[int]) -> list[torch.Tensor]:
+        keeps = []
+        for i, (order, k) in enumerate(zip(orders, groups)):
+            keep = torch.zeros(self.groups[i].size, dtype=torch.bool)
+            keep[order[: min(k * self.group_size, len(order))]] = True
+            keeps.append(keep)
+        return keeps
+
+    def _greedy_fit(self, orders, values, min_groups, budget: float) -> list[torch.Tensor] | None:
+        """Start from every allowed chunk and drop the least important last chunk of any group until the real
+        cost fits: always ends, and finds an answer whenever the fewest allowed chunks fit."""
+        groups = [len(v) for v in values]
+        while True:
+            keeps = self._keeps(orders, groups)
+            if self.cost_of([int(k.sum()) for k in keeps]) <= budget:
+                return keeps
+            candidates = [i for i, g in enumerate(groups) if g > min_groups[i]]
+            if not candidates:
+                return None
+            weakest = min(candidates, key=lambda i: values[i][groups[i] - 1])
+            groups[weakest] -= 1
 
     def _on_grid(self, counts: list[int]) -> list[int]:
         """Round channel counts up to a multiple of G (or the group's size): the widths the cost table holds."""
