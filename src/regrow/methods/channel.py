@@ -14,6 +14,7 @@ widths); the exported model's real latency is measured separately (``regrow benc
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -193,16 +194,18 @@ class ChannelSparsifier(Sparsifier):
 
     # ----- the knapsack -----------------------------------------------------------------------------------
     def select(self, scores: list[torch.Tensor], budget: float, allowed: list[torch.Tensor],
-               forced: list[torch.Tensor] | None = None, iterations: int = 10) -> list[torch.Tensor]:
+               forced: list[torch.Tensor] | None = None, rounds: int = 4, steps: int = 14,
+               best_effort: bool = False) -> list[torch.Tensor]:
         """Kept channels per group: the most important ``allowed`` ones, ``forced`` ones first, a prefix per
         group, at most ``budget`` by the cost model.
 
-        A layer's cost depends on its input width too, which another group decides. As in HALP, each solve
-        charges input widths at a reference; the first reference is the allowed counts (an upper bound for
-        monotone costs, so that answer fits), later ones are the previous answer's counts, which is much less
-        conservative when a cut is large (IEE's first prune goes from dense to the budget at once). An answer
-        over the budget (a table that is not monotone, or a reference too low) shrinks the room of the next
-        solve by the excess. The best answer within the budget wins.
+        A layer's cost depends on its input width, which another group decides, so the knapsack charges input
+        widths at a reference (HALP: the current widths). Charged costs are then only a proxy for the real cost of
+        an answer; so the room given to the knapsack is bisected until the *real* cost of its answer meets the
+        budget as closely as it can, and the reference is moved to that answer for another round. The best answer
+        within the budget wins; if none is found (a noisy table that is not monotone), chunks are dropped greedily.
+        ``best_effort``: a budget below the fewest allowed channels gives those (IEE's prune to (1 − Ω)·budget
+        can ask for less than the model can reach) instead of an error.
         """
         forced = forced or [torch.zeros_like(a) for a in allowed]
         G = self.group_size
@@ -216,37 +219,54 @@ class ChannelSparsifier(Sparsifier):
             values.append([float(score[order[j * G:(j + 1) * G]].sum()) for j in range(math.ceil(len(order) / G))])
             min_groups.append(max(1, math.ceil(len(first) / G)))
         best, best_value = None, -math.inf
-        if any(bool(f.any()) for f in forced):  # keeping exactly the forced channels is a fallback answer
-            counts = [max(int(f.sum()), min(G, g.size)) for f, g in zip(forced, self.groups)]
-            if all(int(f.sum()) >= min(G, g.size) for f, g in zip(forced, self.groups)) \
-                    and self.cost_of(counts) <= budget:
-                best = [f.clone() for f in forced]
-                best_value = sum(float(s[f].sum()) for s, f in zip(scores, forced))
-        upper = [int(a.sum()) for a in allowed]  # input widths can only be lower: a safe reference if it solves
-        lower = [max(int(f.sum()), min(G, g.size)) for f, g in zip(forced, self.groups)]
-        reference, fitted, shrink = upper, upper, 0.0
-        for _ in range(iterations):
-            try:
-                groups = self._solve(orders, values, min_groups, reference, budget - shrink)
-            except ConfigError:  # charged too much to fit even the fewest groups: a lower reference
-                reference = self._on_grid([(r + lo) // 2 for r, lo in zip(reference, lower)])
-                continue
+
+        def consider(groups: list[int]) -> bool:
+            nonlocal best, best_value
             keeps = self._keeps(orders, groups)
-            counts = [int(k.sum()) for k in keeps]
-            excess = self.cost_of(counts) - budget
-            if excess <= 1e-9 * abs(budget):
-                value = sum(float(s[k].sum()) for s, k in zip(scores, keeps))
-                if value > best_value:
-                    best, best_value = keeps, value
-                if counts == reference:
-                    break  # a fixed point
-                fitted, reference = reference, counts
-            elif reference == upper:
-                shrink += excess  # not monotone: even the safe reference overshoots
-            else:  # the reference was too optimistic: halfway back towards the last one that fitted
-                reference = self._on_grid([math.ceil((r + f) / 2) for r, f in zip(reference, fitted)])
+            if self.cost_of([int(k.sum()) for k in keeps]) > budget * (1 + 1e-9):
+                return False
+            value = sum(float(s[k].sum()) for s, k in zip(scores, keeps))
+            if value > best_value:
+                best, best_value = keeps, value
+            return True
+
+        reference = self._on_grid([int(a.sum()) for a in allowed])
+        for _ in range(rounds):
+            costs = self._group_costs(orders, values, reference)
+            cheapest = sum(min(row[m - 1:]) for row, m in zip(costs, min_groups))
+            dearest = sum(max(row[m - 1:]) for row, m in zip(costs, min_groups))
+
+            def solve(room: float, costs=costs) -> list[int]:
+                return prefix_knapsack(values, costs, room, min_groups, self.resolution)
+
+            if consider(solve(dearest)):
+                break  # everything allowed fits
+            lo, hi, answer = cheapest, dearest, None
+            if consider(solve(lo)):
+                answer = solve(lo)
+                for _ in range(steps):
+                    mid = (lo + hi) / 2
+                    groups = solve(mid)
+                    if consider(groups):
+                        lo, answer = mid, groups
+                    else:
+                        hi = mid
+            if answer is None:  # even the fewest chunks overshoot at this reference: re-centre it on them
+                new_reference = self._on_grid([int(k.sum()) for k in self._keeps(orders, min_groups)])
+                if new_reference == reference:
+                    break
+                reference = new_reference
+                continue
+            new_reference = self._on_grid([int(k.sum()) for k in self._keeps(orders, answer)])
+            if new_reference == reference:
+                break
+            reference = new_reference
         if best is None:  # a measured table that is not monotone defeated every solve: drop chunks greedily
             best = self._greedy_fit(orders, values, min_groups, budget)
+        if best is not None:  # the proxy leaves room unused: add the best-value chunks that still fit
+            best = self._greedy_fill(orders, values, best, budget)
+        if best is None and best_effort:
+            best = self._keeps(orders, min_groups)
         if best is None:
             raise ConfigError(f"could not meet the budget {budget:.4g} {self.cost_model.unit} even with the fewest "
                               "channels allowed")
@@ -259,6 +279,33 @@ class ChannelSparsifier(Sparsifier):
             keep[order[: min(k * self.group_size, len(order))]] = True
             keeps.append(keep)
         return keeps
+
+    def _greedy_fill(self, orders, values, keeps: list[torch.Tensor], budget: float) -> list[torch.Tensor]:
+        """Add chunks, the most importance per unit of real cost first, while the real cost stays in budget."""
+        G = self.group_size
+        groups = [math.ceil(int(k.sum()) / G) if int(k.sum()) < len(o) else len(v)
+                  for k, o, v in zip(keeps, orders, values)]
+        current = self._keeps(orders, groups)
+        if any(not torch.equal(a, b) for a, b in zip(current, keeps)):
+            return keeps  # the answer is not a chunk prefix (forced channels not a multiple of G): keep it as is
+        cost = self.cost_of([int(k.sum()) for k in current])
+        while True:
+            best_gain, best_i, best_cost = -math.inf, None, None
+            for i, g in enumerate(groups):
+                if g >= len(values[i]):
+                    continue
+                trial = list(groups)
+                trial[i] += 1
+                new_cost = self.cost_of([int(k.sum()) for k in self._keeps(orders, trial)])
+                if new_cost > budget * (1 + 1e-9):
+                    continue
+                gain = values[i][g] / max(new_cost - cost, 1e-12 * max(abs(budget), 1.0))
+                if gain > best_gain:
+                    best_gain, best_i, best_cost = gain, i, new_cost
+            if best_i is None:
+                return self._keeps(orders, groups)
+            groups[best_i] += 1
+            cost = best_cost
 
     def _greedy_fit(self, orders, values, min_groups, budget: float) -> list[torch.Tensor] | None:
         """Start from every allowed chunk and drop the least important last chunk of any group until the real
@@ -279,8 +326,9 @@ class ChannelSparsifier(Sparsifier):
         G = self.group_size
         return [min(g.size, math.ceil(c / G) * G) for c, g in zip(counts, self.groups)]
 
-    def _solve(self, orders, values, min_groups, reference_counts: list[int], budget: float) -> list[int]:
-        """One knapsack with input widths charged at ``reference_counts``."""
+    def _group_costs(self, orders, values, reference_counts: list[int]) -> list[list[float]]:
+        """Each group's cost when it keeps k chunks, its layers' input widths charged at ``reference_counts``.
+        Layers that no group prunes are left out (a constant)."""
         reference = self.layer_widths(reference_counts)
         costs = []
         for i, order in enumerate(orders):
@@ -290,9 +338,10 @@ class ChannelSparsifier(Sparsifier):
                 width = min(k * self.group_size, len(order))
                 row.append(sum(self.cost_model(n, width if self.cost_model.shapes[n].depthwise else reference[n][0],
                                                width) for n in layers))
-            costs.append(row)
-        constant = sum(self.cost_model(n, *reference[n]) for n in self._costed if n not in self._out_group)
-        return prefix_knapsack(values, costs, budget - constant, min_groups, self.resolution)
+            # A wider layer is never cheaper: a measured table can say so (noise), and the knapsack would then
+            # add chunks "for free" that cost real latency.
+            costs.append(list(itertools.accumulate(row, max)))
+        return costs
 
     def install(self, keeps: list[torch.Tensor]) -> dict[str, int]:
         """Set every group's kept channels; entries that change get fresh optimizer state."""
@@ -432,7 +481,7 @@ class ChannelIEE(IEECycle, ChannelSparsifier):
         active = self.active_keep()
         for i, keep in enumerate(active):
             self.last_importance[i][keep] = scores[i][keep]
-        keeps = self.select(scores, (1 - fraction) * self.budget, allowed=active)
+        keeps = self.select(scores, (1 - fraction) * self.budget, allowed=active, best_effort=True)
         counts = self.install(keeps)
         self._cycle_record = {"step": step, "fraction": fraction, "pruned_channels": counts["dropped_channels"],
                               "cost_after_prune": self.predicted_cost()}
