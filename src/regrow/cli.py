@@ -1,4 +1,4 @@
-"""Command line: ``regrow train | eval | report | export | bench-latency | demo | methods``.
+"""Command line: ``regrow train | pts | eval | report | export | bench-latency | demo | methods``.
 
 Every error of the regrow family is printed as one line on stderr (no traceback) with exit status 2.
 """
@@ -208,6 +208,57 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_pts(args) -> int:
+    from .posttraining import PTSConfig, run_pts
+
+    sparsity = args.sparsity if args.sparsity is not None else (None if ":" in args.structure else 0.9)
+    config = PTSConfig(method=args.method, sparsity=sparsity, structure=args.structure,
+                       calibration_size=args.calibration_size, balanced=not args.unbalanced, seed=args.seed,
+                       dataset=args.dataset, data_dir=args.data_dir, options=dict(map(_parse_option, args.opt)),
+                       expect_model=args.model, progress=not args.no_progress)
+    s = run_pts(config, args.checkpoint, args.out)
+    searched = s.get("search")
+    detail = (f"; searched distribution: calibration {searched['calibration_accuracy']:.4f}, held-out "
+              f"{searched['heldout_accuracy']:.4f}") if searched else ""
+    print(f"{s['method']} {s['model']}: test accuracy {s['test_accuracy']:.4f} "
+          f"(dense {s['dense_test_accuracy']:.4f}), sparsity {s['sparsity_actual']:.4f}, {s['wall_seconds']:.1f} s"
+          f"{detail} -> {Path(args.out) / 'summary.json'}")
+    return 0
+
+
+def _pts_text() -> str:
+    from .posttraining import BASELINE_DEFAULTS, UNIPTS_DEFAULTS
+
+    entries = [("unipts", UNIPTS_DEFAULTS), *BASELINE_DEFAULTS.items()]
+    return "\n".join(f"  {name}: " + ", ".join(f"{k}={v}" for k, v in opts.items()) for name, opts in entries)
+
+
+def _pts_parser(sub) -> None:
+    p = sub.add_parser("pts", help="post-training sparsity of a dense model from a small calibration set",
+                       description="Sparsify a dense trained model (regrow train --method dense) with a small "
+                                   "calibration set of the training split; write DIR/model.safetensors and "
+                                   "DIR/summary.json (the fields of regrow train, plus the per-layer sparsities).",
+                       epilog="Method options (--opt key=value):\n" + _pts_text() + "\nUniPTS ablations: "
+                              "distribution=uniform, mask=static, tau=constant, loss=mse; the overfitting check: "
+                              "distribution=unconstrained.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="a dense model.safetensors, or the --out folder of regrow train")
+    p.add_argument("--method", default="unipts", help="one of unipts, pot, wanda, magnitude (default unipts)")
+    p.add_argument("--sparsity", type=float, default=None,
+                   help="target fraction of zeros in [0, 1) (default 0.9; N:M implies its own)")
+    p.add_argument("--structure", default="unstructured", help="unstructured (default) or N:M such as 2:4")
+    p.add_argument("--calibration-size", type=int, default=1024,
+                   help="training samples to calibrate on (default 1024; class-balanced, seeded)")
+    p.add_argument("--unbalanced", action="store_true", help="draw the calibration set without class balance")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", default=None, help="fail unless the checkpoint is of this architecture")
+    p.add_argument("--dataset", default=None, help="default: the dataset the checkpoint was trained on")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="a method option (repeatable)")
+    p.add_argument("--out", default="runs/pts", help="output folder (default runs/pts)")
+    p.add_argument("--no-progress", action="store_true")
+
+
 def cmd_methods(args) -> int:
     print(_methods_text())
     return 0
@@ -234,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-steps", type=int, default=None, help="shorten the demo")
     d.add_argument("--no-progress", action="store_true")
     sub.add_parser("methods", help="list the methods and their options")
+    _pts_parser(sub)
     x = sub.add_parser("export", help="remove masked channels physically; save as a plain model or ONNX")
     x.add_argument("run", help="a run folder (its model.safetensors) or a model.safetensors")
     x.add_argument("--format", choices=["torch", "onnx"], default="torch")
@@ -249,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"train": cmd_train, "report": cmd_report, "eval": cmd_eval, "demo": cmd_demo, "methods": cmd_methods,
-            "export": cmd_export, "bench-latency": cmd_bench_latency}
+            "export": cmd_export, "bench-latency": cmd_bench_latency, "pts": cmd_pts}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,6 +21,7 @@ from torch import nn
 from . import masking
 from .data import Dataset, subset_indices
 from .errors import ConfigError, DataError
+from .structures import NM, Unstructured
 
 
 def calibration_set(train: Dataset, size: int, seed: int = 0, balanced: bool = True) -> Dataset:
@@ -119,24 +120,42 @@ def row_masks(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     return mask.reshape(scores.shape)
 
 
-def magnitude_masks(layers: dict[str, nn.Module], sparsities: dict[str, float]) -> dict[str, torch.Tensor]:
-    """Per layer, keep the round((1 − s_l)·N_l) largest |w| (layer-wise)."""
-    masks = {}
-    for name, m in layers.items():
-        flat = m.weight.detach().abs().flatten()
-        keep = max(1, int(round((1 - sparsities[name]) * flat.numel())))
-        mask = torch.zeros_like(flat, dtype=torch.bool)
-        mask[torch.topk(flat, keep).indices] = True
-        masks[name] = mask.reshape(m.weight.shape)
-    return masks
+def keep_count(weight: torch.Tensor, sparsity: float, structure: Unstructured | NM) -> int:
+    """How many entries a layer keeps: round((1 − s)·N), at least one; N·n/m under N:M (all if unsupported)."""
+    if isinstance(structure, NM):
+        return structure.keep_count(weight.shape, structure.density) if structure.supports(weight.shape) \
+            else weight.numel()
+    return max(1, int(round((1 - sparsity) * weight.numel())))
+
+
+def select_mask(scores: torch.Tensor, sparsity: float, structure: Unstructured | NM | None = None) -> torch.Tensor:
+    """The mask a post-training method keeps for one layer: the top scores at ``sparsity`` (layer-wise), or the
+    top N of every group of M under N:M (a layer whose input dimension N:M cannot split stays dense)."""
+    structure = structure or Unstructured()
+    if isinstance(structure, NM):
+        if not structure.supports(scores.shape):
+            return torch.ones_like(scores, dtype=torch.bool)
+        return structure.select(scores)
+    return structure.select(scores, keep_count(scores, sparsity, structure))
+
+
+def magnitude_masks(layers: dict[str, nn.Module], sparsities: dict[str, float],
+                    structure: Unstructured | NM | None = None) -> dict[str, torch.Tensor]:
+    """Per layer, keep the largest |w|: round((1 − s_l)·N_l) of them, or N of every M."""
+    return {name: select_mask(m.weight.detach().abs(), sparsities[name], structure) for name, m in layers.items()}
 
 
 def wanda_masks(model: nn.Module, layers: dict[str, nn.Module], images: torch.Tensor,
-                sparsity: float) -> dict[str, torch.Tensor]:
-    """Wanda: score |W_ij|·‖X_j‖₂ on calibration inputs of the dense model; prune per output row."""
+                sparsity: float, structure: Unstructured | NM | None = None) -> dict[str, torch.Tensor]:
+    """Wanda: score |W_ij|·‖X_j‖₂ on calibration inputs of the dense model; prune per output row (under N:M, per
+    group of M, which lies inside a row)."""
     inputs = layer_inputs(model, layers, images)
-    return {name: row_masks(m.weight.detach().abs() * input_norms(m, inputs[name]), sparsity)
-            for name, m in layers.items()}
+    masks = {}
+    for name, m in layers.items():
+        scores = m.weight.detach().abs() * input_norms(m, inputs[name])
+        masks[name] = select_mask(scores, sparsity, structure) if isinstance(structure, NM) \
+            else row_masks(scores, sparsity)
+    return masks
 
 
 @torch.no_grad()
@@ -291,44 +310,52 @@ class SparsitySearch:
 
 
 # ----- UniPTS: dynamic sparse training ----------------------------------------------------------------------
-class _TopKStraightThrough(torch.autograd.Function):
-    """Forward W ⊙ M(W) with M the top-k |w|; backward: the dense gradient to every weight (straight through)."""
+class _StraightThrough(torch.autograd.Function):
+    """Forward W ⊙ M; backward: the dense gradient to every weight, pruned ones included."""
 
     @staticmethod
-    def forward(ctx, weight, keep):
-        flat = weight.detach().abs().flatten()
-        mask = torch.zeros_like(flat, dtype=torch.bool)
-        mask[torch.topk(flat, keep).indices] = True
-        mask = mask.reshape(weight.shape)
-        ctx.mark_non_differentiable(mask)
-        return weight * mask, mask
+    def forward(ctx, weight, mask):
+        return weight * mask
 
     @staticmethod
-    def backward(ctx, grad, _):
+    def backward(ctx, grad):
         return grad, None
 
 
 class DynamicSparsity:
-    """Every layer keeps its top-k |w| at its sparsity, recomputed at every forward; backward gives every weight
-    the dense gradient, and :meth:`add_srste` adds λ·(1 − M) ⊙ W (SR-STE, λ = 5e-5) to pull pruned ones to 0.
+    """Every layer keeps its top |w| at its sparsity (or N of every M), recomputed at every forward; backward
+    gives every weight the dense gradient, and :meth:`add_srste` adds λ·(1 − M) ⊙ W (SR-STE, λ = 5e-5) to pull
+    pruned ones to 0. ``static=True`` (an ablation) fixes the masks of the first weights instead: the forward is
+    the plain product W ⊙ M, so pruned weights get no gradient and never come back.
 
     Implemented with forward pre-hooks that swap in the masked weight for the duration of the call, so the model
     keeps its own classes and parameters."""
 
-    def __init__(self, layers: dict[str, nn.Module], sparsities: dict[str, float], srste: float = 5e-5):
-        self.layers, self.srste = layers, srste
-        self.keep = {n: max(1, int(round((1 - sparsities[n]) * m.weight.numel()))) for n, m in layers.items()}
+    def __init__(self, layers: dict[str, nn.Module], sparsities: dict[str, float], srste: float = 5e-5,
+                 structure: Unstructured | NM | None = None, static: bool = False):
+        self.layers, self.srste, self.static = layers, srste, static
+        self.structure = structure or Unstructured()
+        self.sparsities = dict(sparsities)
+        self.keep = {n: keep_count(m.weight, sparsities[n], self.structure) for n, m in layers.items()}
         self.masks: dict[str, torch.Tensor] = {}
+        if static:
+            self.masks = {n: self._select(n, m.weight) for n, m in layers.items()}
         self._handles = []
         for name, module in layers.items():
             self._handles.append(module.register_forward_pre_hook(self._pre(name)))
             self._handles.append(module.register_forward_hook(self._post))
 
+    def _select(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        return select_mask(weight.detach().abs(), self.sparsities[name], self.structure)
+
     def _pre(self, name):
         def hook(module, inputs):
             dense = module._parameters["weight"]
-            sparse, mask = _TopKStraightThrough.apply(dense, self.keep[name])
-            self.masks[name] = mask
+            if self.static:
+                sparse = dense * self.masks[name]
+            else:
+                self.masks[name] = self._select(name, dense)
+                sparse = _StraightThrough.apply(dense, self.masks[name].to(dense.dtype))
             module._regrow_dense_weight = dense
             del module._parameters["weight"]
             module.weight = sparse  # a plain attribute for this call only
@@ -342,14 +369,18 @@ class DynamicSparsity:
 
     def add_srste(self) -> None:
         """Call after ``loss.backward()``: grad += λ·(1 − M) ⊙ W for every layer (masks of the last forward)."""
+        if self.static:
+            return
         with torch.no_grad():
             for name, module in self.layers.items():
                 if module.weight.grad is not None and name in self.masks:
                     module.weight.grad.add_(self.srste * (~self.masks[name]) * module.weight)
 
     def current_masks(self) -> dict[str, torch.Tensor]:
-        return {n: magnitude_masks({n: m}, {n: 1 - self.keep[n] / m.weight.numel()})[n]
-                for n, m in self.layers.items()}
+        """The masks the next forward would use."""
+        if self.static:
+            return dict(self.masks)
+        return {n: self._select(n, m.weight) for n, m in self.layers.items()}
 
     def remove(self) -> None:
         for h in self._handles:
