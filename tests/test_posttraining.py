@@ -198,3 +198,22 @@ def test_pts_from_the_cli(teachers, tmp_path, capsys):
                  "--out", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "sparsity" in err[0] and not (tmp_path / "bad").exists()
+
+
+def test_a_search_is_reused_by_a_later_run_and_checked(teachers, tmp_path):
+    first = _run(teachers["resnet8"], tmp_path / "first", method="unipts", sparsity=0.8)
+    again = _run(teachers["resnet8"], tmp_path / "again", method="unipts", sparsity=0.8,
+                 options={"search_from": str(tmp_path / "first"), "mask": "static"})
+    assert again["layer_sparsities"] == first["layer_sparsities"]
+    assert again["search"]["reused_from"].endswith(SUMMARY) and "search" not in again["stage_seconds"]
+    with pytest.raises(CheckpointError, match="at sparsity 0.8"):
+        _run(teachers["resnet8"], tmp_path / "other", method="unipts", sparsity=0.7,
+             options={"search_from": str(tmp_path / "first")})
+    _run(teachers["resnet8"], tmp_path / "magnitude", method="magnitude", sparsity=0.8)
+    with pytest.raises(CheckpointError, match="not the summary of a UniPTS run"):
+        _run(teachers["resnet8"], tmp_path / "other", method="unipts", sparsity=0.8,
+             options={"search_from": str(tmp_path / "magnitude")})
+    with pytest.raises(CheckpointError, match="cannot read a run summary"):
+        _run(teachers["resnet8"], tmp_path / "other", method="unipts", sparsity=0.8,
+             options={"search_from": str(tmp_path / "magnitude" / MODEL)})
+    assert not (tmp_path / "other").exists()

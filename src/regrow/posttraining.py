@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -59,6 +60,7 @@ UNIPTS_DEFAULTS: dict[str, Any] = {
     # the genetic search
     "population": 25, "generations": 25, "parents": 10, "children": 12, "mutants": 12, "mutation_p": 0.1,
     "fitness_noise": 1e-6,
+    "search_from": "",  # a UniPTS run (folder or summary.json) whose searched distribution to reuse
 }
 BASELINE_DEFAULTS: dict[str, dict[str, Any]] = {
     "magnitude": {"recalibrate_bn": True},
@@ -189,6 +191,9 @@ class PostTraining:
         self.calibration = pts.calibration_set(self.train_data, config.calibration_size, seed=config.seed,
                                                balanced=config.balanced)
         self.shape = tuple(self.train_data.images.shape[1:])
+        if len(self.shape) == 3:  # NHWC: about 25 % faster convolutions on CPU for the search and the training
+            self.dense = self.dense.to(memory_format=torch.channels_last)
+            self.calibration.images = self.calibration.images.contiguous(memory_format=torch.channels_last)
         self.macs = layer_macs(self.dense, self.shape)
         self.cost = _Cost(self.macs)
         self.stages: dict[str, float] = {}
@@ -252,6 +257,25 @@ class PostTraining:
                                 "fitness_evaluations": len(search.scores), "history": search.history}
         return sparsities
 
+    def reuse_search(self, source: str, layers: dict[str, nn.Module]) -> dict[str, float]:
+        """The per-layer sparsities an earlier UniPTS run searched (its summary.json or its folder): search once,
+        train many. The earlier search's cost is not counted again."""
+        path = Path(source)
+        path = path / SUMMARY if path.is_dir() else path
+        try:
+            earlier = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"search_from: cannot read a run summary at {path} ({e})") from None
+        found = earlier.get("layer_sparsities")
+        if "search" not in earlier or not isinstance(found, dict):
+            raise CheckpointError(f"search_from: {path} is not the summary of a UniPTS run with a search")
+        if earlier.get("model") != self.meta["model"] or set(found) != set(layers) \
+                or abs(earlier.get("sparsity_target", -1) - self.target) > 1e-9:
+            raise CheckpointError(f"search_from: {path} searched {earlier.get('model')} at sparsity "
+                                  f"{earlier.get('sparsity_target')}, not {self.meta['model']} at {self.target}")
+        self.extra["search"] = {**earlier["search"], "reused_from": str(path)}
+        return {n: float(found[n]) for n in layers}
+
     # ----- the methods -------------------------------------------------------------------------------------
     def _timed(self, stage: str, fn, *args):
         start = time.perf_counter()
@@ -284,6 +308,8 @@ class PostTraining:
         o, c = self.options, self.config
         if isinstance(self.structure, NM) or o["distribution"] == "uniform":
             sparsities = self.uniform_sparsities(layers)
+        elif o["search_from"]:
+            sparsities = self.reuse_search(o["search_from"], layers)
         else:
             sparsities = self._timed("search", self.search, layers)
         self.extra["layer_sparsities"] = sparsities
@@ -348,8 +374,11 @@ class PostTraining:
     def run(self) -> dict[str, Any]:
         c = self.config
         torch.manual_seed(c.seed)
+        # regrow train records the dense model's final test accuracy in its metadata: no need to measure it again
+        dense_accuracy = self.meta.get("test_accuracy") if c.dataset in (None, self.meta["dataset"]) else None
+        if dense_accuracy is None:
+            dense_accuracy, _ = evaluate(self.dense, self.test_data)
         start = time.perf_counter()
-        dense_accuracy, _ = evaluate(self.dense, self.test_data)
         model = copy.deepcopy(self.dense)
         layers = masking.prunable_layers(model)
         if c.method == "unipts":
