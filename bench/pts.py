@@ -8,8 +8,9 @@ ablations, from a dense model trained by regrow itself.
 Steps (each resumable: finished runs are skipped, so the grid can span sessions):
 1. the dense teacher (``--teacher-epochs``, seed 0), trained with ``regrow train --method dense``'s recipe;
 2. every (method, sparsity, calibration size, seed) run of ``regrow pts``, in priority order: the main table at
-   the largest calibration size first, then UniPTS's ablations and the overfitting check at 90 %, then the
-   smaller calibration size. The seed draws the calibration set, the search and the training order.
+   the largest calibration size first, then UniPTS's ablations and the overfitting check at 90 %, POT and Wanda
+   with BatchNorm recalibration added, then the smaller calibration size. The seed draws the calibration set,
+   the search and the training order.
 Reports the last-epoch test accuracy (mean ± std over seeds), wall time and training cost per method, the search's
 calibration and held-out accuracy, and plots accuracy against sparsity per method.
 """
@@ -39,6 +40,9 @@ ABLATIONS = {"unipts-uniform": {"distribution": "uniform"}, "unipts-static": {"m
              "unipts-constant-tau": {"tau": "constant"}, "unipts-mse": {"loss": "mse"},
              "unipts-unconstrained": {"distribution": "unconstrained"}}
 ABLATION_SPARSITY = 0.9
+# The baselines that update nothing but masks (and POT's refit) with BatchNorm recalibration added, as magnitude has
+BN_VARIANTS = {"pot-bn": ("pot", {"recalibrate_bn": True}), "wanda-bn": ("wanda", {"recalibrate_bn": True})}
+TABLE_ROWS = (*METHODS, *BN_VARIANTS)
 REUSE_SEARCH = ("unipts-static", "unipts-constant-tau", "unipts-mse")  # their switch acts after the search
 
 
@@ -69,7 +73,10 @@ def plan(args) -> list[dict[str, tuple[str, float, int, int, dict]]]:
                 reuse = {"search_from": searched} if label in REUSE_SEARCH else {}
                 ablations[run_id(label, ABLATION_SPARSITY, sizes[0], seed)] = (
                     "unipts", ABLATION_SPARSITY, sizes[0], seed, {**unipts, **options, **reuse})
-    return [table(sizes[0]), ablations, *(table(size) for size in sizes[1:])]
+    variants = {run_id(label, sparsity, sizes[0], seed): (method, sparsity, sizes[0], seed, options)
+                for seed in range(args.seeds) for sparsity in args.sparsities
+                for label, (method, options) in BN_VARIANTS.items()}
+    return [table(sizes[0]), ablations, variants, *(table(size) for size in sizes[1:])]
 
 
 def _one(teacher: str, out: str, method: str, sparsity: float, size: int, seed: int, options: dict,
@@ -166,9 +173,10 @@ def markdown(args, rows: dict, summaries: dict, teacher_summary: dict) -> str:
         lines += [f"## {size} calibration samples: last-epoch test accuracy (%), mean ± std over seeds", "",
                   "| method | " + " | ".join(f"{100 * s:g} %" for s in args.sparsities) + " |",
                   "|---|" + "---|" * len(args.sparsities)]
-        for method in METHODS:
-            cells = [_cell(rows.get(f"{method}-{s:g}-n{size}")) for s in args.sparsities]
-            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        for label in TABLE_ROWS:
+            cells = [_cell(rows.get(f"{label}-{s:g}-n{size}")) for s in args.sparsities]
+            if any(cells):
+                lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")
     ablation = [(label, rows.get(f"{label}-{ABLATION_SPARSITY:g}-n{args.calibration_sizes[0]}"))
                 for label in ("unipts", *ABLATIONS)]
@@ -198,7 +206,7 @@ def plot(args, rows: dict) -> None:
     with figure(RESULTS / f"{args.name}.png", ncols=len(sizes), figsize=(5.5 * len(sizes), 4)) as axes:
         axes = axes if len(sizes) > 1 else [axes]
         for ax, size in zip(axes, sizes):
-            for method in METHODS:
+            for method in TABLE_ROWS:
                 keys = [f"{method}-{s:g}-n{size}" for s in args.sparsities if f"{method}-{s:g}-n{size}" in rows]
                 if keys:
                     ax.errorbar([100 * rows[k]["sparsity_target"] for k in keys],
@@ -228,7 +236,11 @@ def main(argv=None) -> int:
     p.add_argument("--limit", type=int, default=None, help="run at most this many unfinished runs, then report")
     p.add_argument("--report-only", action="store_true", help="write tables and plots from finished runs only")
     args = p.parse_args(argv)
-    args.command = " ".join(["python bench/pts.py", *(argv if argv is not None else sys.argv[1:])])
+    # the command that makes the grid (without the flags that only report, or pause it)
+    given = list(argv if argv is not None else sys.argv[1:])
+    if "--limit" in given:
+        del given[given.index("--limit"):given.index("--limit") + 2]
+    args.command = " ".join(["python bench/pts.py", *(a for a in given if a != "--report-only")])
     if args.quick:
         args.sparsities, args.calibration_sizes, args.seeds = [0.5, 0.9], [128], 2
         args.population, args.generations, args.epochs, args.teacher_epochs = 4, 2, 3, 1

@@ -194,6 +194,9 @@ def test_pts_from_the_cli(teachers, tmp_path, capsys):
     s = json.loads((out / SUMMARY).read_text())
     assert s["options"]["mask"] == "static" and s["options"]["generations"] == 3 and s["seed"] == 1
     assert "test accuracy" in capsys.readouterr().out
+    assert main(["report", str(out)]) == 0
+    report = capsys.readouterr().out
+    assert "64 calibration samples" in report and "held-out" in report and "unipts on mlp" in report
     assert main(["pts", str(teachers["mlp"]), "--sparsity", "1.3", "--dataset", "synthetic",
                  "--out", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err.strip().splitlines()

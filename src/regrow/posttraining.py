@@ -398,8 +398,9 @@ class PostTraining:
         pruned = sum(int((~m).sum()) for m in masks.values())
         dense_epoch = 3 * forward_flops(self.macs) * len(self.train_data)
         dense_same = 3 * forward_flops(self.macs) * max(self.cost.samples, len(self.calibration))
-        skipped = [n for n, m in masking.masked_layers(model).items()
-                   if isinstance(self.structure, NM) and not self.structure.supports(m.weight.shape)]
+        skipped = {n: f"{self.structure.name} cannot split its input dimension {m.weight.shape[1]}"
+                   for n, m in masking.masked_layers(model).items()
+                   if isinstance(self.structure, NM) and not self.structure.supports(m.weight.shape)}
         sparsities = self.extra.pop("layer_sparsities")
         summary = {
             "method": c.method, "model": self.meta["model"], "dataset": self.dataset,

@@ -79,6 +79,16 @@ def format_report(summary: dict[str, Any]) -> str:
         if survival:
             line += f", grown units active at the end {sum(survival) / len(survival):.1%} (mean over updates)"
         lines.append(line)
+    if summary.get("calibration"):  # a post-training run (regrow pts)
+        c = summary["calibration"]
+        lines.append(f"post-training   {c['size']} calibration samples of the {c['source']} (seed {c['seed']}); "
+                     f"dense model's test accuracy {summary['dense_test_accuracy']:.4f}")
+    if summary.get("search"):
+        s = summary["search"]
+        where = f", reused from {s['reused_from']}" if s.get("reused_from") else ""
+        lines.append(f"searched        {s['distribution']} distribution: calibration accuracy "
+                     f"{s['calibration_accuracy']:.4f}, held-out {s['heldout_accuracy']:.4f} (magnitude masks + "
+                     f"BatchNorm recalibration), {s['fitness_evaluations']} fitness evaluations{where}")
     if summary.get("skipped_layers"):
         lines.append("left dense      " + ", ".join(f"{k} ({v})" for k, v in summary["skipped_layers"].items()))
     return "\n".join(lines)
