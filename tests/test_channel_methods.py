@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 import torch
 from torch import nn
@@ -5,7 +7,7 @@ from torch import nn
 import regrow
 from regrow import masking
 from regrow.errors import ConfigError
-from regrow.latency import LatencyTable, layer_shapes
+from regrow.latency import LatencyTable, layer_shapes, time_layer
 from regrow.models import create_model
 
 
@@ -77,6 +79,25 @@ def test_real_latency_measurement_is_positive_and_grows_with_width(tmp_path):
     assert 0 < small < large
     table.save()
     assert list(tmp_path.glob("latency-*.json"))
+
+
+def test_convs_feeding_a_batchnorm_are_timed_with_it_and_cached_apart(monkeypatch):
+    shapes = layer_shapes(create_model("resnet20"), torch.zeros(1, 1, 28, 28))
+    assert all(s.epilogue == ("bn", "act") for n, s in shapes.items() if n != "fc") and shapes["fc"].epilogue == ()
+    # conv 0 feeds a BatchNorm; conv 3 feeds a ReLU and conv 5 a BatchNorm only after a ReLU: no epilogue
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU(),
+                        nn.Conv2d(4, 4, 3), nn.ReLU(), nn.BatchNorm2d(4))
+    small = layer_shapes(net, torch.zeros(1, 1, 12, 12))
+    assert small["0"].epilogue == ("bn", "act") and small["3"].epilogue == () == small["5"].epilogue
+    plain = replace(shapes["layer1.0.conv1"], epilogue=())
+    assert plain.key() != shapes["layer1.0.conv1"].key()  # a table of bare convs is never reused for this one
+    calls = []
+    forward = torch.nn.BatchNorm2d.forward
+    monkeypatch.setattr(torch.nn.BatchNorm2d, "forward", lambda self, x: calls.append(1) or forward(self, x))
+    time_layer(shapes["layer1.0.conv1"], 16, 8, batch_size=2, device="cpu", repeats=2, warmup=1)
+    assert len(calls) == 3
+    time_layer(plain, 16, 8, batch_size=2, device="cpu", repeats=2, warmup=1)
+    assert len(calls) == 3
 
 
 @pytest.mark.parametrize("target", [0.0, 1.0, 1.3, -0.5])

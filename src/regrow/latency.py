@@ -3,9 +3,14 @@
 HALP charges a layer for its channels by what the layer costs at that width: ``cost(layer, c_in, c_out)``.
 :class:`MacsCost` counts multiply-accumulates; :class:`LatencyTable` times the layer itself (a conv of the same
 kernel, stride, padding, groups and input size, at a fixed batch) on the current device, measuring each
-``(c_in, c_out)`` the first time it is asked for and caching it on disk. The cache file is keyed by the device
-(CPU model or CUDA name, thread count), the torch version and the batch size; inside, entries are keyed by the
-layer's shape, so another model, input size or device measures anew and nothing stale is reused.
+``(c_in, c_out)`` the first time it is asked for and caching it on disk. A conv whose output goes straight into a
+BatchNorm is timed with that BatchNorm and one elementwise pass after it (the activation, or the residual add that
+precedes it): on a CPU these memory-bound passes over the conv's output cost about as much as the convs
+themselves in a small net (ResNet-20 at batch 64: the convs alone summed to 34 ms of a 71 ms forward), and they
+shrink with the same output channels, so a table without them misjudges which channels are expensive.
+The cache file is keyed by the device (CPU model or CUDA name, thread count), the torch version and the batch size;
+inside, entries are keyed by the layer's shape (its epilogue included), so another model, input size or device
+measures anew and nothing stale is reused.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -41,6 +46,7 @@ class LayerShape:
     dilation: tuple[int, ...] = ()
     depthwise: bool = False
     bias: bool = False
+    epilogue: tuple[str, ...] = ()  # ("bn", "act"): timed with the BatchNorm it feeds and one elementwise pass
 
     def key(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -54,6 +60,12 @@ def layer_shapes(model: nn.Module, example_inputs: torch.Tensor) -> dict[str, La
     """The :class:`LayerShape` of every Conv/Linear of ``model`` (one forward pass on ``example_inputs``)."""
     shapes: dict[str, LayerShape] = {}
     hooks = []
+    order: list[tuple] = []  # (name, module, input, output) of convs and BatchNorms as they ran
+
+    def trace(name):
+        def hook(module, inputs, output):
+            order.append((name, module, inputs[0] if inputs else None, output))
+        return hook
 
     def record(name):
         def hook(module, inputs, output):
@@ -76,6 +88,8 @@ def layer_shapes(model: nn.Module, example_inputs: torch.Tensor) -> dict[str, La
     for name, module in model.named_modules():
         if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             hooks.append(module.register_forward_hook(record(name)))
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.modules.batchnorm._BatchNorm)):
+            hooks.append(module.register_forward_hook(trace(name)))
     was_training = model.training
     try:
         model.eval()
@@ -85,6 +99,10 @@ def layer_shapes(model: nn.Module, example_inputs: torch.Tensor) -> dict[str, La
         model.train(was_training)
         for h in hooks:
             h.remove()
+    # A conv whose very output tensor is the input of a BatchNorm is charged with it (see the module docstring).
+    for (name, _, _, output), (_, after, after_input, _) in zip(order, order[1:]):
+        if name in shapes and isinstance(after, nn.modules.batchnorm._BatchNorm) and after_input is output:
+            shapes[name] = replace(shapes[name], epilogue=("bn", "act"))
     return shapes
 
 
@@ -131,6 +149,9 @@ def time_layer(shape: LayerShape, c_in: int, c_out: int, batch_size: int, device
         c_in = c_out if shape.depthwise else c_in
         layer = conv(c_in, c_out, shape.kernel, shape.stride, shape.padding, shape.dilation, groups=groups,
                      bias=shape.bias)
+        if shape.epilogue:
+            norm = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[len(shape.in_size)]
+            layer = nn.Sequential(layer, norm(c_out), nn.ReLU(inplace=True))
         x = torch.randn(batch_size, c_in, *shape.in_size)
     layer, x = layer.to(device).eval(), x.to(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
