@@ -6,8 +6,9 @@
 
 Grid, identical epochs for every method and seed: dense; static, GMP, SET, RigL and IEE at 90, 95 and 98 %
 sparsity (ERK); at 95 % also IEE's four ablations (no exploration, no freeze of the active set, J = 0, zero
-init of grown weights) and H = J = Q at 1/3× and 2× the default 50. Reports mean ± std of the last-epoch test
-accuracy, training FLOPs and wall time; plots accuracy vs sparsity, mask IoU and survival of grown weights.
+init of grown weights), exploration at the full learning rate, the Taylor criterion, and H = J = Q at 1/3× and
+2× the default 50. Reports mean ± std of the last-epoch test accuracy, training FLOPs and wall time; plots
+accuracy vs sparsity, mask IoU and survival of grown weights.
 Resumable: finished runs are skipped, interrupted ones resume from their checkpoint.
 """
 
@@ -34,6 +35,7 @@ def variants(hjq: int) -> dict[str, dict]:
         "iee-no-improve": {"improve_steps": 0},
         "iee-zero-init": {"grow_init": "zero"},
         "iee-explore-full-lr": {"explore_lr_scale": 1.0},  # the spec's starting point: the current learning rate
+        "iee-taylor": {"criterion": "taylor"},  # |w·g| accumulated over the H and Q steps instead of |w|
         "iee-hjq-third": dict.fromkeys(("estimate_steps", "improve_steps", "explore_steps"), max(1, hjq // 3)),
         "iee-hjq-double": dict.fromkeys(("estimate_steps", "improve_steps", "explore_steps"), 2 * hjq),
     }
