@@ -170,6 +170,8 @@ def markdown(args, rows: dict, summaries: dict, teacher_summary: dict) -> str:
              f"Total wall time of the finished runs: {sum(s['wall_seconds'] for s in summaries.values()) / 60:.1f} min",
              ""]
     for size in args.calibration_sizes:
+        if not any(r["calibration_size"] == size and r["label"] in TABLE_ROWS for r in rows.values()):
+            continue  # not started yet
         lines += [f"## {size} calibration samples: last-epoch test accuracy (%), mean ± std over seeds", "",
                   "| method | " + " | ".join(f"{100 * s:g} %" for s in args.sparsities) + " |",
                   "|---|" + "---|" * len(args.sparsities)]
@@ -202,7 +204,8 @@ def markdown(args, rows: dict, summaries: dict, teacher_summary: dict) -> str:
 
 
 def plot(args, rows: dict) -> None:
-    sizes = args.calibration_sizes
+    sizes = [s for s in args.calibration_sizes if any(r["calibration_size"] == s for r in rows.values())] or \
+        args.calibration_sizes[:1]
     with figure(RESULTS / f"{args.name}.png", ncols=len(sizes), figsize=(5.5 * len(sizes), 4)) as axes:
         axes = axes if len(sizes) > 1 else [axes]
         for ax, size in zip(axes, sizes):
