@@ -110,8 +110,8 @@ class PTSConfig:
             raise ConfigError(f"option margin must be in (0, 1], got {merged['margin']}")
         return merged
 
-    def validate(self) -> tuple[pts.Unstructured | NM, float]:
-        """Check the request; return the structure and the global target sparsity."""
+    def validate(self) -> tuple[pts.Unstructured | NM, float, dict[str, Any]]:
+        """Check the request; return the structure, the global target sparsity and the method's options."""
         structure = get_structure(self.structure)
         if isinstance(structure, NM):
             implied = 1 - structure.density
@@ -131,7 +131,7 @@ class PTSConfig:
                 and target + options["margin"] > 1:
             raise ConfigError(f"UniPTS's search caps every layer at P + margin = {target + options['margin']:g} > 1; "
                               f"lower the sparsity or --opt margin (at most {1 - target:g})")
-        return structure, target
+        return structure, target, options
 
 
 def _load_dense(path: str | Path, expect_model: str | None) -> tuple[nn.Module, dict[str, Any], Path]:
@@ -176,8 +176,7 @@ class PostTraining:
 
     def __init__(self, config: PTSConfig, checkpoint_path: str | Path, out: str | Path):
         self.config = config
-        self.structure, self.target = config.validate()
-        self.options = config.resolved_options()
+        self.structure, self.target, self.options = config.validate()
         self.out = Path(out)
         if (self.out / SUMMARY).exists():
             raise CheckpointError(f"{self.out} already holds a result; choose another --out")
