@@ -26,7 +26,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 
 import torch
-from runner import RESULTS, commit, figure, run_grid, style
+from runner import RESULTS, commit, figure, mean_std, run_grid, style
 
 from regrow.checkpoint import write_json
 from regrow.posttraining import PTSConfig, run_pts
@@ -119,10 +119,6 @@ def run_all(args, teacher, phases) -> dict[str, dict]:
 
 def label_of(run: str) -> str:
     return run.rsplit("-seed", 1)[0]
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 def rows_of(runs: dict, summaries: dict) -> dict[str, dict]:
