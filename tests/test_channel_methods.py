@@ -1,4 +1,5 @@
-from dataclasses import replace
+import platform
+import sys
 
 import pytest
 import torch
@@ -7,7 +8,7 @@ from torch import nn
 import regrow
 from regrow import masking
 from regrow.errors import ConfigError
-from regrow.latency import LatencyTable, layer_shapes, time_layer
+from regrow.latency import LatencyTable, layer_shapes
 from regrow.models import create_model
 
 
@@ -81,23 +82,17 @@ def test_real_latency_measurement_is_positive_and_grows_with_width(tmp_path):
     assert list(tmp_path.glob("latency-*.json"))
 
 
-def test_convs_feeding_a_batchnorm_are_timed_with_it_and_cached_apart(monkeypatch):
-    shapes = layer_shapes(create_model("resnet20"), torch.zeros(1, 1, 28, 28))
-    assert all(s.epilogue == ("bn", "act") for n, s in shapes.items() if n != "fc") and shapes["fc"].epilogue == ()
-    # conv 0 feeds a BatchNorm; conv 3 feeds a ReLU and conv 5 a BatchNorm only after a ReLU: no epilogue
-    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU(),
-                        nn.Conv2d(4, 4, 3), nn.ReLU(), nn.BatchNorm2d(4))
-    small = layer_shapes(net, torch.zeros(1, 1, 12, 12))
-    assert small["0"].epilogue == ("bn", "act") and small["3"].epilogue == () == small["5"].epilogue
-    plain = replace(shapes["layer1.0.conv1"], epilogue=())
-    assert plain.key() != shapes["layer1.0.conv1"].key()  # a table of bare convs is never reused for this one
-    calls = []
-    forward = torch.nn.BatchNorm2d.forward
-    monkeypatch.setattr(torch.nn.BatchNorm2d, "forward", lambda self, x: calls.append(1) or forward(self, x))
-    time_layer(shapes["layer1.0.conv1"], 16, 8, batch_size=2, device="cpu", repeats=2, warmup=1)
-    assert len(calls) == 3
-    time_layer(plain, 16, 8, batch_size=2, device="cpu", repeats=2, warmup=1)
-    assert len(calls) == 3
+def test_allocator_mode_is_part_of_the_latency_cache_key(monkeypatch):
+    from regrow import latency
+
+    steady = latency.steady_allocator()
+    assert latency.device_key("cpu", 64).count("allocator=steady" if steady else "allocator=default") == 1
+    if sys.platform.startswith("linux") and "glibc" in " ".join(platform.libc_ver()):
+        assert steady  # mallopt is there on glibc: timings run without page faults per forward
+    monkeypatch.setattr(latency, "_steady", None)
+    monkeypatch.setenv("REGROW_STEADY_ALLOCATOR", "0")
+    assert latency.steady_allocator() is False
+    assert "allocator=default" in latency.device_key("cpu", 64)  # a table measured otherwise is not reused
 
 
 @pytest.mark.parametrize("target", [0.0, 1.0, 1.3, -0.5])

@@ -3,26 +3,35 @@
 HALP charges a layer for its channels by what the layer costs at that width: ``cost(layer, c_in, c_out)``.
 :class:`MacsCost` counts multiply-accumulates; :class:`LatencyTable` times the layer itself (a conv of the same
 kernel, stride, padding, groups and input size, at a fixed batch) on the current device, measuring each
-``(c_in, c_out)`` the first time it is asked for and caching it on disk. A conv whose output goes straight into a
-BatchNorm is timed with that BatchNorm and one elementwise pass after it (the activation, or the residual add that
-precedes it): on a CPU these memory-bound passes over the conv's output cost about as much as the convs
-themselves in a small net (ResNet-20 at batch 64: the convs alone summed to 34 ms of a 71 ms forward), and they
-shrink with the same output channels, so a table without them misjudges which channels are expensive.
-The cache file is keyed by the device (CPU model or CUDA name, thread count), the torch version and the batch size;
-inside, entries are keyed by the layer's shape (its epilogue included), so another model, input size or device
-measures anew and nothing stale is reused.
+``(c_in, c_out)`` the first time it is asked for and caching it on disk. The table's sum leaves out BatchNorms,
+activations and adds, so it is below the measured forward (about 0.7 of it for ResNet-20 on a CPU), but those
+passes shrink with the same channels and the sum *scales* with the measured latency: the methods only use ratios
+(the budget is a fraction of dense), and ``bench/latency_fidelity.py`` measures how well they are predicted.
+The cache file is keyed by the device (CPU model or CUDA name, thread count, allocator mode), the torch version and
+the batch size; inside, entries are keyed by the layer's shape, so another model, input size
+or device measures anew and nothing stale is reused.
+
+On a CPU with glibc, every timing here (table cells and whole models alike) runs with a *steady allocator*
+(:func:`steady_allocator`): by default glibc hands activations of a few MB back to the kernel on every free and
+takes them again with fresh page faults on the next forward, which made one conv's time swing 2-3x between calls
+and charged wide feature maps for page faults rather than arithmetic. Serving stacks avoid that (jemalloc,
+tcmalloc, or these same settings), so it is the latency a deployment sees. ``REGROW_STEADY_ALLOCATOR=0`` measures
+with the allocator as it is.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 import json
 import math
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -46,7 +55,6 @@ class LayerShape:
     dilation: tuple[int, ...] = ()
     depthwise: bool = False
     bias: bool = False
-    epilogue: tuple[str, ...] = ()  # ("bn", "act"): timed with the BatchNorm it feeds and one elementwise pass
 
     def key(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -60,12 +68,6 @@ def layer_shapes(model: nn.Module, example_inputs: torch.Tensor) -> dict[str, La
     """The :class:`LayerShape` of every Conv/Linear of ``model`` (one forward pass on ``example_inputs``)."""
     shapes: dict[str, LayerShape] = {}
     hooks = []
-    order: list[tuple] = []  # (name, module, input, output) of convs and BatchNorms as they ran
-
-    def trace(name):
-        def hook(module, inputs, output):
-            order.append((name, module, inputs[0] if inputs else None, output))
-        return hook
 
     def record(name):
         def hook(module, inputs, output):
@@ -88,8 +90,6 @@ def layer_shapes(model: nn.Module, example_inputs: torch.Tensor) -> dict[str, La
     for name, module in model.named_modules():
         if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             hooks.append(module.register_forward_hook(record(name)))
-        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.modules.batchnorm._BatchNorm)):
-            hooks.append(module.register_forward_hook(trace(name)))
     was_training = model.training
     try:
         model.eval()
@@ -99,10 +99,6 @@ def layer_shapes(model: nn.Module, example_inputs: torch.Tensor) -> dict[str, La
         model.train(was_training)
         for h in hooks:
             h.remove()
-    # A conv whose very output tensor is the input of a BatchNorm is charged with it (see the module docstring).
-    for (name, _, _, output), (_, after, after_input, _) in zip(order, order[1:]):
-        if name in shapes and isinstance(after, nn.modules.batchnorm._BatchNorm) and after_input is output:
-            shapes[name] = replace(shapes[name], epilogue=("bn", "act"))
     return shapes
 
 
@@ -121,13 +117,38 @@ class MacsCost:
         return c_out * per_output * math.prod(shape.out_size()) / 1e6
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
+_MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # glibc's ceiling for M_MMAP_THRESHOLD on 64-bit
+_steady = None
+
+
+def steady_allocator() -> bool:
+    """Keep freed memory in the process (glibc ``mallopt``): no page faults per forward. True when in effect.
+
+    Process-wide and permanent (it only keeps up to the peak memory mapped). A no-op returning False where the C
+    library is not glibc or ``REGROW_STEADY_ALLOCATOR=0``; the device key records which way a table was measured.
+    """
+    global _steady
+    if _steady is None:
+        _steady = False
+        if sys.platform.startswith("linux") and os.environ.get("REGROW_STEADY_ALLOCATOR", "1") != "0":
+            try:
+                libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+                _steady = bool(libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)) and \
+                    bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+            except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+                _steady = False
+    return _steady
+
+
 def device_key(device: torch.device | str, batch_size: int) -> str:
     device = torch.device(device)
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
         from .training import _cpu_name  # the same CPU name the run summaries record
-        name = f"{_cpu_name()}|threads={torch.get_num_threads()}"
+        allocator = "steady" if steady_allocator() else "default"
+        name = f"{_cpu_name()}|threads={torch.get_num_threads()}|allocator={allocator}"
     return f"{device.type}|{name}|torch={torch.__version__}|batch={batch_size}"
 
 
@@ -137,42 +158,65 @@ def default_cache_dir() -> Path:
     return Path(root) / "latency"
 
 
-def time_layer(shape: LayerShape, c_in: int, c_out: int, batch_size: int, device: torch.device | str,
-               repeats: int = 15, warmup: int = 3) -> float:
-    """Median wall time (ms) of one forward of the layer at these channel counts, batch ``batch_size``."""
-    device = torch.device(device)
+# A fixed layer every cell is timed against (see time_layer): 32 -> 32 channels, 3x3, on a 16x16 map.
+REFERENCE_SHAPE = LayerShape("conv", (16, 16), (3, 3), (1, 1), (1, 1), (1, 1))
+REFERENCE_CHANNELS = 32
+
+
+def _layer_and_input(shape: LayerShape, c_in: int, c_out: int, batch_size: int) -> tuple[nn.Module, torch.Tensor]:
     if shape.kind == "linear":
-        layer, x = nn.Linear(c_in, c_out, bias=shape.bias), torch.randn(batch_size, c_in)
-    else:
-        conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[len(shape.in_size)]
-        groups = c_out if shape.depthwise else 1
-        c_in = c_out if shape.depthwise else c_in
-        layer = conv(c_in, c_out, shape.kernel, shape.stride, shape.padding, shape.dilation, groups=groups,
-                     bias=shape.bias)
-        if shape.epilogue:
-            norm = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[len(shape.in_size)]
-            layer = nn.Sequential(layer, norm(c_out), nn.ReLU(inplace=True))
-        x = torch.randn(batch_size, c_in, *shape.in_size)
-    layer, x = layer.to(device).eval(), x.to(device)
+        return nn.Linear(c_in, c_out, bias=shape.bias), torch.randn(batch_size, c_in)
+    conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[len(shape.in_size)]
+    groups = c_out if shape.depthwise else 1
+    c_in = c_out if shape.depthwise else c_in
+    layer = conv(c_in, c_out, shape.kernel, shape.stride, shape.padding, shape.dilation, groups=groups,
+                 bias=shape.bias)
+    return layer, torch.randn(batch_size, c_in, *shape.in_size)
+
+
+def time_layer(shape: LayerShape, c_in: int, c_out: int, batch_size: int, device: torch.device | str,
+               repeats: int = 15, warmup: int = 3, reference_ms: float | None = None) -> float:
+    """Median wall time (ms) of one forward of the layer at these channel counts, batch ``batch_size``.
+
+    With ``reference_ms`` (the reference layer's own median, measured once per table), every run of the layer is
+    followed by a run of the reference layer and the result is ``median(layer) / median(reference) *
+    reference_ms``: a shared machine's speed drifts by 10-15 % between one second and the next, which a ratio of
+    interleaved runs cancels (cell-to-cell spread 3 % instead of 12 % on the benchmark machine).
+    """
+    device = torch.device(device)
+    if device.type == "cpu":
+        steady_allocator()
+    runs = [_layer_and_input(shape, c_in, c_out, batch_size)]
+    if reference_ms is not None:
+        runs.append(_layer_and_input(REFERENCE_SHAPE, REFERENCE_CHANNELS, REFERENCE_CHANNELS, batch_size))
+    runs = [(layer.to(device).eval(), x.to(device)) for layer, x in runs]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times = []
+    times: list[list[float]] = [[] for _ in runs]
     with torch.inference_mode():
         for i in range(warmup + repeats):
-            sync()
-            start = time.perf_counter()
-            layer(x)
-            sync()
-            if i >= warmup:
-                times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+            for (layer, x), t in zip(runs, times):
+                layer(x)  # untimed: the timed run finds its weights and input in cache, as inside a network
+                sync()
+                start = time.perf_counter()
+                layer(x)
+                sync()
+                if i >= warmup:
+                    t.append((time.perf_counter() - start) * 1e3)
+    if reference_ms is None:
+        return statistics.median(times[0])
+    return statistics.median(times[0]) / statistics.median(times[1]) * reference_ms
 
 
 class LatencyTable:
     """Measured per-layer latency (ms) on ``device`` at ``batch_size``, filled lazily and cached on disk.
 
-    ``measure`` replaces :func:`time_layer` (tests use a counting stub); ``measurements`` counts real
-    measurements made by this instance (cache hits do not count).
+    Cells are timed against a fixed reference layer (:func:`time_layer`) whose own latency is measured once, when
+    the cache is created, and kept in it: all cells of a cache share that scale. ``measure`` replaces
+    :func:`time_layer` (tests use a counting stub); ``measurements`` counts real measurements made by this
+    instance (cache hits do not count).
     """
+
+    FORMAT = 2  # 2: cells relative to a stored reference latency
 
     name = "latency"
     unit = "ms"
@@ -186,17 +230,25 @@ class LatencyTable:
         self.key = key or device_key(self.device, batch_size)
         digest = hashlib.sha1(self.key.encode()).hexdigest()[:16]
         self.path = Path(cache_dir or default_cache_dir()) / f"latency-{digest}.json"
-        self.measure = measure or time_layer
+        self.measure = measure or self._time_against_reference
         self.measurements = 0
         self.entries: dict[str, dict[str, float]] = {}
+        self.reference_ms: float | None = None
         if self.path.is_file():
             try:
                 data = json.loads(self.path.read_text())
             except (OSError, ValueError):
                 data = None  # a broken cache is measured again, never trusted
-            if isinstance(data, dict) and data.get("device") == self.key:
+            if isinstance(data, dict) and data.get("device") == self.key and data.get("format") == self.FORMAT:
                 self.entries = data.get("entries", {})
+                self.reference_ms = data.get("reference_ms")
         self._dirty = False
+
+    def _time_against_reference(self, shape, c_in, c_out, batch_size, device, repeats) -> float:
+        if self.reference_ms is None:  # once per cache: the scale every cell is expressed in
+            self.reference_ms = time_layer(REFERENCE_SHAPE, REFERENCE_CHANNELS, REFERENCE_CHANNELS, batch_size,
+                                           device, repeats=max(100, repeats), warmup=10)
+        return time_layer(shape, c_in, c_out, batch_size, device, repeats, reference_ms=self.reference_ms)
 
     def __call__(self, layer: str, c_in: int, c_out: int) -> float:
         shape = self.shapes[layer]
@@ -211,7 +263,8 @@ class LatencyTable:
     def save(self) -> None:
         """Write new measurements to the cache (atomically; called by the methods after each use)."""
         if self._dirty:
-            write_json(self.path, {"device": self.key, "entries": self.entries})
+            write_json(self.path, {"device": self.key, "format": self.FORMAT, "reference_ms": self.reference_ms,
+                                   "entries": self.entries})
             self._dirty = False
 
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from .export import count_parameters, export_masked_model
 from .flops import layer_macs
-from .latency import LatencyTable, device_key, layer_shapes
+from .latency import LatencyTable, device_key, layer_shapes, steady_allocator
 
 
 def _widths(model: nn.Module) -> dict[str, tuple[int, int]]:
@@ -29,7 +29,8 @@ def _widths(model: nn.Module) -> dict[str, tuple[int, int]]:
 def time_models(models: dict[str, nn.Module], x: torch.Tensor, repeats: int = 50, warmup: int = 10
                 ) -> dict[str, float]:
     """Median forward time (ms) of each model on ``x``, the models' runs interleaved so that both see the same
-    machine state (frequency, other load)."""
+    machine state (frequency, other load); on a CPU with the steady allocator, as the latency table."""
+    steady_allocator()
     times: dict[str, list[float]] = {name: [] for name in models}
     with torch.inference_mode():
         for i in range(warmup + repeats):

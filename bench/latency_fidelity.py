@@ -1,0 +1,148 @@
+"""Does the latency table predict what the exported model measures? Checked on physically pruned models.
+
+    python bench/latency_fidelity.py                              # ResNet-20, batch 64, one thread
+    REGROW_STEADY_ALLOCATOR=0 python bench/latency_fidelity.py    # the same with glibc's default allocator
+
+HALP and IEE choose channels by the latency table: each layer's cost at given channel counts, measured on its own
+and summed. This benchmark builds pruned models of known widths (uniform keep fractions, one stage cut hard while
+the others stay, and random per-group widths), removes their channels for real, and compares, for each, the table's
+sum with the measured forward of the whole model (interleaved with the dense one, median after warm-up, twice). It
+measures the table twice, fresh each time, to show how much a sum moves between two measurements.
+
+What matters for the methods is the *ratio* of two configurations (the budget is a fraction of dense), so the
+headline figure is the predicted speed-up against the measured one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import tempfile
+
+import torch
+from runner import RESULTS, commit, figure, style
+
+from regrow.channels import channel_groups
+from regrow.export import remove_channels
+from regrow.latency import LatencyTable, device_key, layer_shapes
+from regrow.latency_report import _widths, time_models
+from regrow.models import create_model
+from regrow.training import environment
+
+INPUT = (1, 28, 28)
+
+
+def configurations(groups, seed: int, n_random: int) -> dict[str, dict[str, int]]:
+    """Kept channels per group (a prefix count), by configuration name."""
+    def keep(fraction_of):
+        return {g.root: max(1, round(g.size * fraction_of(g))) for g in groups}
+
+    configs = {"dense": keep(lambda g: 1.0)}
+    for f in (0.75, 0.5, 0.25):
+        configs[f"uniform {f:g}"] = keep(lambda g, f=f: f)
+    # Equal-ish MACs, different memory traffic: cut the widest-map (first) groups or the narrowest-map (last) ones.
+    sizes = sorted({g.size for g in groups})
+    configs["first-width groups at 0.25"] = keep(lambda g: 0.25 if g.size == sizes[0] else 1.0)
+    configs["last-width groups at 0.25"] = keep(lambda g: 0.25 if g.size == sizes[-1] else 1.0)
+    rng = random.Random(seed)
+    for i in range(n_random):
+        configs[f"random {i}"] = keep(lambda g: rng.uniform(0.1, 1.0))
+    return configs
+
+
+def pruned_model(name: str, kept: dict[str, int]) -> torch.nn.Module:
+    model = create_model(name).eval()
+    example = torch.zeros(1, *INPUT)
+    return remove_channels(model, example, {root: list(range(k)) for root, k in kept.items()}).eval()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="resnet20")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--random", type=int, default=6, help="random-width configurations")
+    p.add_argument("--repeats", type=int, default=30, help="whole-model timings per configuration")
+    p.add_argument("--cell-repeats", type=int, default=15, help="timings per table cell (median)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    torch.manual_seed(args.seed)
+
+    dense = create_model(args.model).eval()
+    example = torch.zeros(1, *INPUT)
+    groups = channel_groups(dense, example)
+    configs = configurations(groups, args.seed, args.random)
+    models = {name: pruned_model(args.model, kept) for name, kept in configs.items()}
+    widths = {name: _widths(m) for name, m in models.items()}
+    shapes = layer_shapes(dense, example)
+
+    predicted: dict[str, list[float]] = {c: [] for c in configs}
+    for attempt in range(2):  # two fresh tables: how stable is a sum?
+        with tempfile.TemporaryDirectory() as cache:
+            table = LatencyTable(shapes, batch_size=args.batch, cache_dir=cache, repeats=args.cell_repeats)
+            for c in configs:
+                predicted[c].append(sum(table(n, *w) for n, w in widths[c].items()))
+        print(f"table #{attempt}: dense {predicted['dense'][-1]:.2f} ms", flush=True)
+    x = torch.randn(args.batch, *INPUT)
+    measured = {c: [] for c in configs}
+    for _ in range(2):  # each pruned model against dense, interleaved; twice, to see the spread
+        for c, m in models.items():
+            if c != "dense":
+                t = time_models({"dense": models["dense"], c: m}, x, repeats=args.repeats)
+                measured["dense"].append(t["dense"])
+                measured[c].append(t[c])
+    dense_ms = statistics.median(measured["dense"])
+    rows = {}
+    for c in configs:
+        m = dense_ms if c == "dense" else statistics.median(measured[c])
+        row = {"measured_ms": m, "measured_speedup": dense_ms / m, "measured_spread": [min(measured[c]),
+                                                                                       max(measured[c])]}
+        pred, dense_pred = statistics.fmean(predicted[c]), statistics.fmean(predicted["dense"])
+        row.update({"predicted_ms": pred, "tables": predicted[c], "predicted_speedup": dense_pred / pred,
+                    "ms_ratio": pred / m, "speedup_error": (dense_pred / pred) / (dense_ms / m) - 1})
+        rows[c] = row
+
+    summary = {"mean_abs_speedup_error": statistics.fmean(abs(r["speedup_error"]) for c, r in rows.items()
+                                                          if c != "dense"),
+               "max_abs_speedup_error": max(abs(r["speedup_error"]) for r in rows.values()),
+               "table_repeat_difference": statistics.fmean(abs(r["tables"][1] / r["tables"][0] - 1)
+                                                           for r in rows.values())}
+    key = device_key("cpu", args.batch)
+    allocator = key.split("allocator=")[1].split("|")[0]
+    name = f"latency-fidelity-{args.model}-b{args.batch}-{allocator}"
+    env = environment()
+    result = {"model": args.model, "batch": args.batch, "threads": 1, "device": key, "allocator": allocator,
+              "commit": commit(), "environment": env,
+              "argv": sys.argv[1:] if argv is None else argv, "configurations": configs, "rows": rows,
+              "summary": summary}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1))
+    env_prefix = "" if allocator == "steady" else "REGROW_STEADY_ALLOCATOR=0 "
+    lines = [f"# Latency table against measured latency: {args.model}, batch {args.batch}, 1 thread, "
+             f"{allocator} allocator", "", f"Hardware: {env['processor']}, torch {env['torch']}; commit "
+             f"{result['commit']}. Command: `{env_prefix}python bench/latency_fidelity.py {' '.join(result['argv'])}`",
+             "", "| configuration | measured | measured speed-up | predicted speed-up | error | table sum / measured |",
+             "|---|---|---|---|---|---|"]
+    for c, r in rows.items():
+        lines.append(f"| {c} | {r['measured_ms']:.2f} ms | {r['measured_speedup']:.2f}× | "
+                     f"{r['predicted_speedup']:.2f}× | {100 * r['speedup_error']:+.1f} % | {r['ms_ratio']:.2f} |")
+    lines += ["", f"Predicted speed-up: mean absolute error {100 * summary['mean_abs_speedup_error']:.1f} %, "
+              f"largest {100 * summary['max_abs_speedup_error']:.1f} %. Two fresh tables differ by "
+              f"{100 * summary['table_repeat_difference']:.1f} % per sum on average."]
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    with figure(RESULTS / f"{name}.png") as ax:
+        top = max(max(r["measured_speedup"], r["predicted_speedup"]) for r in rows.values())
+        ax.scatter([r["measured_speedup"] for r in rows.values()], [r["predicted_speedup"] for r in rows.values()],
+                   label="pruned configurations")
+        ax.plot([1, top], [1, top], "k:", lw=1, label="exact")
+        style(ax, "measured speed-up of the pruned model", "speed-up predicted by the table",
+              f"{args.model}, batch {args.batch}, 1 thread, {allocator} allocator")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
