@@ -27,7 +27,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from runner import RESULTS, commit, figure, run_grid, style
+from runner import RESULTS, commit, figure, mean_std, run_grid, style
 
 from regrow import checkpoint
 from regrow.data import batches_per_epoch, get_batch, load_dataset
@@ -167,11 +167,6 @@ def measure(args, run_id: str) -> dict:
     result = latency_report(model, meta, batch_size=args.latency_batch, repeats=args.repeats, threads=1)
     checkpoint.write_json(out / LATENCY, result)
     return result
-
-
-def mean_std(values):
-    values = list(values)
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 def main(argv=None) -> int:

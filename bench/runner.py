@@ -14,7 +14,7 @@ import multiprocessing
 import statistics
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from pathlib import Path
@@ -94,7 +94,8 @@ def run_grid(grid: str, runs: dict[str, TrainConfig], log: Callable[[str], None]
     return {run_id: summaries[run_id] for run_id in runs}
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
+def mean_std(values: Iterable[float]) -> tuple[float, float]:
+    values = list(values)
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
