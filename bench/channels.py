@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shutil
 import statistics
 import sys
 import time
@@ -189,6 +190,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     args.name = args.name or ("channels-quick" if args.quick else f"channels-{args.model}-e{args.epochs}")
     pre, main_runs = grids(args)
+    for run_id in pre:  # the pretrained weights are not kept in git: a fresh clone trains them again
+        out = RESULTS / "runs" / args.name / run_id
+        if (out / SUMMARY).exists() and not (out / MODEL).exists():
+            print(f"{run_id}: finished, but its model file is missing; training it again", flush=True)
+            shutil.rmtree(out)
     pre_summaries = run_grid(args.name, pre, jobs=args.jobs)
     if not args.quick:
         prebuild_latency_table(args)
