@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 
 import torch
-from runner import RESULTS, commit, figure, mean_std, run_grid, style
+from runner import RESULTS, commit, figure, mark_commit, mean_std, run_grid, run_in_pool, style
 
 from regrow.checkpoint import write_json
 from regrow.posttraining import PTSConfig, run_pts
@@ -80,8 +78,9 @@ def plan(args) -> list[dict[str, tuple[str, float, int, int, dict]]]:
 
 
 def _one(teacher: str, out: str, method: str, sparsity: float, size: int, seed: int, options: dict,
-         threads: int) -> dict:
-    torch.set_num_threads(threads)
+         threads: int | None) -> dict:
+    if threads:
+        torch.set_num_threads(threads)
     config = PTSConfig(method=method, sparsity=sparsity, calibration_size=size, seed=seed, options=options,
                        progress=False)
     return run_pts(config, teacher, out)
@@ -97,23 +96,19 @@ def run_all(args, teacher, phases) -> dict[str, dict]:
     if args.report_only:
         return done
     code = commit()
-    threads = max(1, torch.get_num_threads() // args.jobs)
-    context = multiprocessing.get_context("spawn")
     start = time.perf_counter()
+
+    def finished(k: str, s: dict) -> None:
+        done[k] = s
+        print(f"[{len(done)}/{len(runs)}] {k}: accuracy {s['test_accuracy']:.4f}, {s['wall_seconds']:.0f} s "
+              f"({(time.perf_counter() - start) / 60:.1f} min so far)", flush=True)
+
     for phase in phases:  # a phase may use the results of the one before
         todo = [k for k in phase if k not in done][:budget]
         budget -= len(todo)
         for k in todo:
-            (root / k).mkdir(parents=True, exist_ok=True)
-            (root / k / "commit.txt").write_text(code + "\n")
-        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=context) as pool:
-            futures = {pool.submit(_one, str(teacher), str(root / k), *phase[k][:4], phase[k][4], threads): k
-                       for k in todo}
-            for future in as_completed(futures):
-                k = futures[future]
-                s = done[k] = future.result()
-                print(f"[{len(done)}/{len(runs)}] {k}: accuracy {s['test_accuracy']:.4f}, {s['wall_seconds']:.0f} s "
-                      f"({(time.perf_counter() - start) / 60:.1f} min so far)", flush=True)
+            mark_commit(root / k, code)
+        run_in_pool({k: (_one, (str(teacher), str(root / k), *phase[k])) for k in todo}, args.jobs, finished)
     return done
 
 

@@ -54,13 +54,36 @@ def _log(message: str) -> None:
     print(message, flush=True)
 
 
+def mark_commit(out: Path, code: str) -> None:
+    """Record the code a run is made with, for the results page."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / COMMIT).write_text(code + "\n")
+
+
+def run_in_pool(tasks: dict[str, tuple[Callable[..., dict], tuple]], jobs: int,
+                finished: Callable[[str, dict], None]) -> None:
+    """Call ``fn(*args, threads)`` for every ``{id: (fn, args)}`` and hand each result to ``finished(id, result)``.
+
+    ``jobs > 1`` runs that many at once in spawned worker processes, each with an equal share of the threads
+    (small nets use two cores better as two single-threaded runs than as one run on two threads); otherwise they
+    run here, one after the other, with ``threads=None`` (the current setting).
+    """
+    if jobs <= 1:
+        for task_id, (fn, args) in tasks.items():
+            finished(task_id, fn(*args, None))
+        return
+    threads = max(1, torch.get_num_threads() // jobs)
+    context = multiprocessing.get_context("spawn")  # no fork after OpenMP has started
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        futures = {pool.submit(fn, *args, threads): task_id for task_id, (fn, args) in tasks.items()}
+        for future in as_completed(futures):
+            finished(futures[future], future.result())
+
+
 def run_grid(grid: str, runs: dict[str, TrainConfig], log: Callable[[str], None] = _log,
              jobs: int = 1) -> dict[str, dict]:
-    """Train every run not yet finished; return ``{run id: summary}`` for all of them.
-
-    ``jobs > 1`` trains that many runs at once in worker processes, each with an equal share of the threads
-    (small nets use two cores better as two single-threaded runs than as one run on two threads).
-    """
+    """Train every run not yet finished (``jobs`` at a time, see :func:`run_in_pool`); return ``{run id: summary}``
+    for all of them."""
     summaries, todo = {}, {}
     code_commit = commit()
     for run_id, config in runs.items():
@@ -69,10 +92,9 @@ def run_grid(grid: str, runs: dict[str, TrainConfig], log: Callable[[str], None]
             summaries[run_id] = json.loads((out / SUMMARY).read_text())
         else:
             resume = (out / CHECKPOINT).exists()
-            todo[run_id] = (config, out, resume)
-            if not resume:  # the code a run is trained with, for the results page
-                out.mkdir(parents=True, exist_ok=True)
-                (out / COMMIT).write_text(code_commit + "\n")
+            todo[run_id] = (_train_one, (config, out, resume))
+            if not resume:
+                mark_commit(out, code_commit)
     log(f"{grid}: {len(summaries)} of {len(runs)} runs done already, {len(todo)} to train with {jobs} job(s)")
 
     def report(run_id: str, s: dict) -> None:
@@ -80,17 +102,7 @@ def run_grid(grid: str, runs: dict[str, TrainConfig], log: Callable[[str], None]
         log(f"[{len(summaries)}/{len(runs)}] {run_id}: accuracy {s['test_accuracy']:.4f}, "
             f"FLOPs {s['train_flops_ratio']:.3f}× dense, {s['wall_seconds']:.0f} s")
 
-    if jobs <= 1:
-        for run_id, (config, out, resume) in todo.items():
-            report(run_id, _train_one(config, out, resume, None))
-    else:
-        threads = max(1, torch.get_num_threads() // jobs)
-        context = multiprocessing.get_context("spawn")  # no fork after OpenMP has started
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-            futures = {pool.submit(_train_one, config, out, resume, threads): run_id
-                       for run_id, (config, out, resume) in todo.items()}
-            for future in as_completed(futures):
-                report(futures[future], future.result())
+    run_in_pool(todo, jobs, report)
     return {run_id: summaries[run_id] for run_id in runs}
 
 
