@@ -1,3 +1,4 @@
+import json
 import platform
 import sys
 
@@ -80,6 +81,43 @@ def test_real_latency_measurement_is_positive_and_grows_with_width(tmp_path):
     assert 0 < small < large
     table.save()
     assert list(tmp_path.glob("latency-*.json"))
+
+
+def test_cells_share_one_reference_latency_kept_in_the_cache(tmp_path, monkeypatch):
+    from regrow import latency
+
+    calls = []
+    real = latency.time_layer
+
+    def spy(shape, c_in, c_out, batch_size, device, repeats=15, warmup=3, reference_ms=None):
+        calls.append((shape == latency.REFERENCE_SHAPE, reference_ms))
+        return real(shape, c_in, c_out, batch_size, device, repeats=repeats, warmup=1, reference_ms=reference_ms)
+
+    monkeypatch.setattr(latency, "time_layer", spy)
+    shapes = layer_shapes(create_model("resnet8"), torch.zeros(1, 1, 28, 28))
+    table = LatencyTable(shapes, cache_dir=tmp_path, batch_size=2, repeats=3)
+    assert 0 < table("layer3.0.conv2", 8, 8) and 0 < table("layer3.0.conv2", 8, 16)
+    reference = table.reference_ms
+    # the reference is measured once, on its own; every cell is then timed against it
+    assert calls == [(True, None), (False, reference), (False, reference)] and reference > 0
+    table.save()
+    again = LatencyTable(shapes, cache_dir=tmp_path, batch_size=2, repeats=3)
+    assert again.reference_ms == reference
+    again("layer3.0.conv2", 16, 16)
+    assert calls[3:] == [(False, reference)]  # a new cell of a cached table keeps the cached scale
+
+
+def test_a_cache_of_another_format_is_measured_anew(tmp_path):
+    shapes = layer_shapes(create_model("resnet8"), torch.zeros(1, 1, 28, 28))
+    table = LatencyTable(shapes, cache_dir=tmp_path, measure=CountingMeasure(), key="cpu|test-a")
+    table("layer1.0.conv1", 16, 4)
+    table.save()
+    data = json.loads(table.path.read_text())
+    data.pop("format")  # a cache written before cells were timed against a reference
+    table.path.write_text(json.dumps(data))
+    counting = CountingMeasure()
+    LatencyTable(shapes, cache_dir=tmp_path, measure=counting, key="cpu|test-a")("layer1.0.conv1", 16, 4)
+    assert counting.calls == 1
 
 
 def test_allocator_mode_is_part_of_the_latency_cache_key(monkeypatch):
