@@ -190,7 +190,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     args.name = args.name or ("channels-quick" if args.quick else f"channels-{args.model}-e{args.epochs}")
     pre, main_runs = grids(args)
-    for run_id in pre:  # the pretrained weights are not kept in git: a fresh clone trains them again
+    for run_id in pre:  # a grid from before the pretrained weights were kept in git trains them again
         out = RESULTS / "runs" / args.name / run_id
         if (out / SUMMARY).exists() and not (out / MODEL).exists():
             print(f"{run_id}: finished, but its model file is missing; training it again", flush=True)
