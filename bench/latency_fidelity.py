@@ -27,7 +27,7 @@ from runner import RESULTS, commit, figure, style
 
 from regrow.channels import channel_groups
 from regrow.export import remove_channels
-from regrow.latency import LatencyTable, device_key, layer_shapes
+from regrow.latency import LatencyTable, device_key, layer_shapes, steady_allocator
 from regrow.latency_report import layer_widths, time_models
 from regrow.models import create_model
 from regrow.training import environment
@@ -111,7 +111,7 @@ def main(argv=None) -> int:
                "table_repeat_difference": statistics.fmean(abs(r["tables"][1] / r["tables"][0] - 1)
                                                            for r in rows.values())}
     key = device_key("cpu", args.batch)
-    allocator = key.split("allocator=")[1].split("|")[0]
+    allocator = "steady" if steady_allocator() else "default"
     name = f"latency-fidelity-{args.model}-b{args.batch}-{allocator}"
     env = environment()
     result = {"model": args.model, "batch": args.batch, "threads": 1, "device": key, "allocator": allocator,

@@ -211,8 +211,8 @@ class LatencyTable:
     """Measured per-layer latency (ms) on ``device`` at ``batch_size``, filled lazily and cached on disk.
 
     Cells are timed against a fixed reference layer (:func:`time_layer`) whose own latency is measured once, when
-    the cache is created, and kept in it: all cells of a cache share that scale. ``measure`` replaces
-    :func:`time_layer` (tests use a counting stub); ``measurements`` counts real measurements made by this
+    the cache is created, and kept in it: all cells of a cache share that scale. ``measure`` replaces that
+    timing (tests use a counting stub); ``measurements`` counts real measurements made by this
     instance (cache hits do not count).
     """
 
