@@ -60,11 +60,12 @@ def plan(args) -> list[dict[str, tuple[str, float, int, int, dict]]]:
     def table(size):
         return {run_id(method, sparsity, size, seed): (method, sparsity, size, seed,
                                                        dict(unipts) if method == "unipts" else {})
-                for seed in range(args.seeds) for sparsity in args.sparsities for method in METHODS}
+                for seed in range(args.seeds) for sparsity in args.sparsities for method in METHODS
+                if method != "unipts" or sparsity in args.unipts_sparsities}
 
     sizes = args.calibration_sizes
     ablations = {}
-    if ABLATION_SPARSITY in args.sparsities:
+    if args.ablations and ABLATION_SPARSITY in args.unipts_sparsities:
         for seed in range(args.seeds):
             searched = str(root / run_id("unipts", ABLATION_SPARSITY, sizes[0], seed))
             for label, options in ABLATIONS.items():
@@ -157,7 +158,9 @@ def markdown(args, rows: dict, summaries: dict, teacher_summary: dict) -> str:
              f"Teacher: {args.model}, {args.teacher_epochs} epochs of dense training, test accuracy "
              f"{100 * teacher_summary['test_accuracy']:.2f} %  ",
              f"UniPTS: search population {args.population}, {args.generations} generations; sparse training "
-             f"{args.epochs} passes over the calibration set, batch 64, lr 0.01  ",
+             f"{args.epochs} passes over the calibration set, batch 64, lr 0.01"
+             + ("" if set(args.unipts_sparsities) >= set(args.sparsities) else
+                f"; run at {', '.join(f'{100 * s:g} %' for s in args.unipts_sparsities)} sparsity only") + "  ",
              f"Total wall time of the finished runs: {sum(s['wall_seconds'] for s in summaries.values()) / 60:.1f} min",
              ""]
     for size in args.calibration_sizes:
@@ -173,7 +176,7 @@ def markdown(args, rows: dict, summaries: dict, teacher_summary: dict) -> str:
         lines.append("")
     ablation = [(label, rows.get(f"{label}-{ABLATION_SPARSITY:g}-n{args.calibration_sizes[0]}"))
                 for label in ("unipts", *ABLATIONS)]
-    if any(r for _, r in ablation):
+    if any(r for label, r in ablation if label != "unipts"):
         lines += [f"## UniPTS ablations at {100 * ABLATION_SPARSITY:g} %, {args.calibration_sizes[0]} samples", "",
                   "| variant | test accuracy (%) | searched distribution: calibration / held-out accuracy "
                   "(magnitude + BN) | wall time per run | cost (dense epochs) |", "|---|---|---|---|---|"]
@@ -184,10 +187,9 @@ def markdown(args, rows: dict, summaries: dict, teacher_summary: dict) -> str:
                       if "search_calibration_accuracy" in r else "-")
             lines.append(f"| {label} | {_cell(r)} | {search} | {r['wall_seconds_mean']:.0f} s | "
                          f"{r['cost_dense_epochs']:.3f} |")
-        lines.append("")
-    lines += ["unipts-static, -constant-tau and -mse reuse the searched distribution of the unipts run of the same "
-              "seed (their switch acts after the search), so their cost excludes the search. ",
-              "Accuracy is the test accuracy of the final model (after the last epoch of UniPTS's sparse training, "
+        lines += ["", "unipts-static, -constant-tau and -mse reuse the searched distribution of the unipts run of "
+                  "the same seed (their switch acts after the search), so their cost excludes the search.", ""]
+    lines += ["Accuracy is the test accuracy of the final model (after the last epoch of UniPTS's sparse training, "
               "never the best). Cost counts 2 × MACs per sample of every forward as it ran (the search's "
               "recalibrations and scorings, the teacher, the student's forward and backward), in units of one "
               "epoch of dense training on the full training set.", ""]
@@ -226,6 +228,11 @@ def main(argv=None) -> int:
     p.add_argument("--population", type=int, default=25, help="UniPTS search population (the paper's 25)")
     p.add_argument("--generations", type=int, default=8, help="UniPTS search generations (the paper: 25)")
     p.add_argument("--epochs", type=int, default=50, help="UniPTS passes over the calibration set (the paper: 100)")
+    # a bigger model may afford UniPTS at a few sparsities only (the baselines run at all of them)
+    p.add_argument("--unipts-sparsities", type=float, nargs="+", default=None,
+                   help="run UniPTS at these of --sparsities only (default: all)")
+    p.add_argument("--no-ablations", dest="ablations", action="store_false",
+                   help="leave out UniPTS's ablations and the overfitting check")
     p.add_argument("--jobs", type=int, default=2, help="runs at once (threads are split between them)")
     p.add_argument("--limit", type=int, default=None, help="run at most this many unfinished runs, then report")
     p.add_argument("--report-only", action="store_true", help="write tables and plots from finished runs only")
@@ -238,6 +245,10 @@ def main(argv=None) -> int:
     if args.quick:
         args.sparsities, args.calibration_sizes, args.seeds = [0.5, 0.9], [128], 2
         args.population, args.generations, args.epochs, args.teacher_epochs = 4, 2, 3, 1
+    if args.unipts_sparsities is None:
+        args.unipts_sparsities = list(args.sparsities)
+    elif not set(args.unipts_sparsities) <= set(args.sparsities):
+        p.error(f"--unipts-sparsities {args.unipts_sparsities} must be among --sparsities {args.sparsities}")
     args.name = f"pts-{args.model}" + ("-quick" if args.quick else "")
 
     teacher_config = TrainConfig(model=args.model, method="dense", sparsity=0.0, epochs=args.teacher_epochs,

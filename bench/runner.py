@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import statistics
 import subprocess
 import sys
@@ -28,7 +29,10 @@ import torch  # noqa: E402
 from regrow.checkpoint import write_json  # noqa: E402
 from regrow.training import CHECKPOINT, SUMMARY, TrainConfig, Trainer, environment  # noqa: E402
 
-RESULTS = ROOT / "bench" / "results"
+# Every bench script works from the repository root and names files relative to it, so the paths that runs record
+# (a teacher checkpoint, a pretrained model) are the same on every machine.
+os.chdir(ROOT)
+RESULTS = Path("bench") / "results"
 COMMIT = "commit.txt"
 
 
