@@ -108,6 +108,35 @@ def test_pot_refit_lowers_the_layers_output_error_on_calibration_data(kind):
     assert residual <= 1.05 * (design @ best - target.double()).pow(2).mean() + 1e-8
 
 
+@pytest.mark.parametrize("groups, c_out", [(4, 4), (2, 6)], ids=["depthwise", "grouped"])
+def test_pot_refits_grouped_convs_row_by_row_on_their_groups_inputs(groups, c_out):
+    torch.manual_seed(1)
+    conv = nn.Conv2d(4, c_out, 3, padding=1, groups=groups)
+    x = F.interpolate(torch.randn(8, 4, 4, 4), size=(8, 8), mode="bilinear")  # smooth: neighbours stand in
+    with torch.no_grad():
+        dense_out = conv(x)
+    mask = pts.magnitude_masks({"c": conv}, {"c": 0.6})["c"]
+    with torch.no_grad():
+        before = F.mse_loss(F.conv2d(x, conv.weight * mask, conv.bias, padding=1, groups=groups), dense_out)
+    pts.pot_refit(conv, mask, [x])
+    with torch.no_grad():
+        after = F.mse_loss(conv(x), dense_out)
+    assert (conv.weight[~mask] == 0).all()
+    assert after < 0.7 * before
+    # every row equals the least-squares fit on its own group's kept inputs (+ bias)
+    per_group, rows_per_group = 4 // groups, c_out // groups
+    for row in range(c_out):
+        g = row // rows_per_group
+        columns = F.unfold(x[:, g * per_group:(g + 1) * per_group], 3, padding=1).transpose(1, 2)
+        columns = columns.reshape(-1, per_group * 9)
+        support = torch.nonzero(mask[row].flatten()).flatten()
+        design = torch.cat([columns[:, support], torch.ones(columns.shape[0], 1)], 1).double()
+        target = dense_out[:, row].reshape(-1).double()
+        best = torch.linalg.lstsq(design, target[:, None]).solution.flatten()
+        ours = torch.cat([conv.weight[row].flatten()[support], conv.bias[row:row + 1]]).detach().double()
+        assert (design @ ours - target).pow(2).mean() <= 1.05 * (design @ best - target).pow(2).mean() + 1e-8
+
+
 def test_base_decayed_kl_matches_a_hand_computed_value_and_tau_decays():
     student = torch.tensor([[1.0, 0.0, -1.0], [0.5, 0.5, 0.0]])
     teacher = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]])

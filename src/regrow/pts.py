@@ -162,31 +162,39 @@ def wanda_masks(model: nn.Module, layers: dict[str, nn.Module], images: torch.Te
 def pot_refit(module: nn.Module, mask: torch.Tensor, inputs: list[torch.Tensor], ridge: float = 1e-4) -> None:
     """POT: refit the kept weights (and the bias) of one layer so that its output on the dense inputs matches
     the dense layer's in mean squared error: per output row, the exact least-squares solution on its kept
-    inputs (Gram matrix of the unfolded inputs, a small ridge relative to its diagonal for stability)."""
-    if getattr(module, "groups", 1) != 1:
-        return  # grouped/depthwise convs: a few weights per row; keep magnitude values (documented)
+    inputs (Gram matrix of the unfolded inputs, a small ridge relative to its diagonal for stability).
+
+    Grouped and depthwise convs are refitted too: an output row sees only its group's input channels, so every
+    group has its own Gram matrix (a depthwise 3×3 row solves a 10×10 system: 9 taps and the bias)."""
+    groups = getattr(module, "groups", 1)
     has_bias = module.bias is not None
     gram, count = None, 0
     for x in inputs:
+        # unfold orders columns channel by channel, so each group owns one contiguous block of them
         cols = _columns(module, x).double()
+        cols = cols.reshape(cols.shape[0], groups, -1)
         if has_bias:
-            cols = torch.cat([cols, torch.ones(cols.shape[0], 1, dtype=cols.dtype)], 1)
-        g = cols.T @ cols
+            cols = torch.cat([cols, cols.new_ones(cols.shape[0], groups, 1)], 2)
+        g = torch.einsum("ngi,ngj->gij", cols, cols)
         gram = g if gram is None else gram + g
         count += cols.shape[0]
-    gram /= max(count, 1)
+    gram /= max(count, 1)  # (groups, d, d)
     weight = module.weight.reshape(module.weight.shape[0], -1).double()
     dense = torch.cat([weight, module.bias.double()[:, None]], 1) if has_bias else weight
-    target = dense @ gram  # X_allᵀ y for each row, y = X_all · dense_row
     flat_mask = mask.reshape(mask.shape[0], -1)
-    eye_scale = ridge * gram.diagonal().mean()
+    rows_per_group = dense.shape[0] // groups
     new = torch.zeros_like(dense)
-    for row in range(dense.shape[0]):
-        support = torch.nonzero(flat_mask[row]).flatten()
-        if has_bias:
-            support = torch.cat([support, torch.tensor([dense.shape[1] - 1])])
-        sub = gram[support][:, support] + eye_scale * torch.eye(len(support), dtype=gram.dtype)
-        new[row, support] = torch.linalg.solve(sub, target[row, support])
+    for group in range(groups):
+        g_gram = gram[group]
+        eye_scale = ridge * g_gram.diagonal().mean()
+        rows = range(group * rows_per_group, (group + 1) * rows_per_group)
+        target = dense[rows.start:rows.stop] @ g_gram  # X_allᵀ y for each row, y = X_all · dense_row
+        for i, row in enumerate(rows):
+            support = torch.nonzero(flat_mask[row]).flatten()
+            if has_bias:
+                support = torch.cat([support, torch.tensor([dense.shape[1] - 1])])
+            sub = g_gram[support][:, support] + eye_scale * torch.eye(len(support), dtype=g_gram.dtype)
+            new[row, support] = torch.linalg.solve(sub, target[i, support])
     if has_bias:
         module.bias.copy_(new[:, -1].to(module.bias.dtype))
         new = new[:, :-1]
