@@ -169,7 +169,8 @@ def pot_refit(module: nn.Module, mask: torch.Tensor, inputs: list[torch.Tensor],
     groups = getattr(module, "groups", 1)
     has_bias = module.bias is not None
     gram, count = None, 0
-    for x in inputs:
+    # a few samples at a time: a depthwise layer's unfolded input in float64 is 9× the activation, ×2 again
+    for x in (part for batch in inputs for part in batch.split(16)):
         # unfold orders columns channel by channel, so each group owns one contiguous block of them
         cols = _columns(module, x).double()
         cols = cols.reshape(cols.shape[0], groups, -1)
