@@ -9,9 +9,11 @@ the grid's own script) under ``bench/results/``, with hardware, commit, training
 
 from __future__ import annotations
 
+import ctypes
 import json
 import multiprocessing
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -64,6 +66,16 @@ def mark_commit(out: Path, code: str) -> None:
     (out / COMMIT).write_text(code + "\n")
 
 
+def _die_with_parent() -> None:
+    """Worker initializer: stop when the grid's process stops (killed, interrupted), instead of finishing the task
+    in hand and writing its results next to a restarted grid's."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+
 def run_in_pool(tasks: dict[str, tuple[Callable[..., dict], tuple]], jobs: int,
                 finished: Callable[[str, dict], None]) -> None:
     """Call ``fn(*args, threads)`` for every ``{id: (fn, args)}`` and hand each result to ``finished(id, result)``.
@@ -78,7 +90,7 @@ def run_in_pool(tasks: dict[str, tuple[Callable[..., dict], tuple]], jobs: int,
         return
     threads = max(1, torch.get_num_threads() // jobs)
     context = multiprocessing.get_context("spawn")  # no fork after OpenMP has started
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_die_with_parent) as pool:
         futures = {pool.submit(fn, *args, threads): task_id for task_id, (fn, args) in tasks.items()}
         for future in as_completed(futures):
             finished(futures[future], future.result())
