@@ -75,6 +75,16 @@ def test_wanda_handles_depthwise_convs_per_channel():
     assert norms[1].mean() > 5 * norms[0].mean() and norms[1].mean() > 5 * norms[2].mean()
 
 
+def assert_least_squares_fit(columns, target, row_mask, row_weight, bias):
+    """One output row (kept weights + bias) fits ``target`` as well as a direct least-squares solve does."""
+    support = torch.nonzero(row_mask.flatten()).flatten()
+    design = torch.cat([columns[:, support], torch.ones(columns.shape[0], 1)], 1).double()
+    target = target.double()
+    best = torch.linalg.lstsq(design, target[:, None]).solution.flatten()
+    ours = torch.cat([row_weight.flatten()[support], bias.reshape(1)]).detach().double()
+    assert (design @ ours - target).pow(2).mean() <= 1.05 * (design @ best - target).pow(2).mean() + 1e-8
+
+
 @pytest.mark.parametrize("kind", ["linear", "conv"])
 def test_pot_refit_lowers_the_layers_output_error_on_calibration_data(kind):
     torch.manual_seed(0)
@@ -100,12 +110,7 @@ def test_pot_refit_lowers_the_layers_output_error_on_calibration_data(kind):
     # Output row 0 fits as well as the least-squares solution on its kept inputs (+ bias), as a direct solve finds it.
     columns = x if kind == "linear" else F.unfold(x, 3, padding=1).transpose(1, 2).reshape(-1, 36)
     target = dense_out[:, 0] if kind == "linear" else dense_out[:, 0].reshape(-1)
-    support = torch.nonzero(mask[0].flatten()).flatten()
-    design = torch.cat([columns[:, support], torch.ones(columns.shape[0], 1)], 1).double()
-    best = torch.linalg.lstsq(design, target[:, None].double()).solution.flatten()
-    ours = torch.cat([layer.weight[0].flatten()[support], layer.bias[0:1]]).detach().double()
-    residual = (design @ ours - target.double()).pow(2).mean()
-    assert residual <= 1.05 * (design @ best - target.double()).pow(2).mean() + 1e-8
+    assert_least_squares_fit(columns, target, mask[0], layer.weight[0], layer.bias[0])
 
 
 @pytest.mark.parametrize("groups, c_out", [(4, 4), (2, 6)], ids=["depthwise", "grouped"])
@@ -129,12 +134,7 @@ def test_pot_refits_grouped_convs_row_by_row_on_their_groups_inputs(groups, c_ou
         g = row // rows_per_group
         columns = F.unfold(x[:, g * per_group:(g + 1) * per_group], 3, padding=1).transpose(1, 2)
         columns = columns.reshape(-1, per_group * 9)
-        support = torch.nonzero(mask[row].flatten()).flatten()
-        design = torch.cat([columns[:, support], torch.ones(columns.shape[0], 1)], 1).double()
-        target = dense_out[:, row].reshape(-1).double()
-        best = torch.linalg.lstsq(design, target[:, None]).solution.flatten()
-        ours = torch.cat([conv.weight[row].flatten()[support], conv.bias[row:row + 1]]).detach().double()
-        assert (design @ ours - target).pow(2).mean() <= 1.05 * (design @ best - target).pow(2).mean() + 1e-8
+        assert_least_squares_fit(columns, dense_out[:, row].reshape(-1), mask[row], conv.weight[row], conv.bias[row])
 
 
 def test_base_decayed_kl_matches_a_hand_computed_value_and_tau_decays():
