@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from regrow.cli import _config_from, build_parser, main
 from regrow.training import Trainer
@@ -27,10 +28,11 @@ def test_train_report_eval_round_trip(tmp_path, capsys):
     assert main(["report", str(out)]) == 0
     report = capsys.readouterr().out
     assert "layer1.0.conv1" in report and "target 0.9000   achieved 0.9000" in report and "MACs" in report
-    iou = summary["mask_metrics"]["iou_consecutive"][-1]
-    assert f"mask updates    2, IoU with the previous update at the last one {iou:.3f}" in report
-    assert main(["report", str(out), "--plot", str(tmp_path / "d.png")]) == 0
-    assert (tmp_path / "d.png").stat().st_size > 1000
+    metrics = summary["mask_metrics"]
+    assert f"mask updates    2: {metrics['pruned_total']:,} units pruned" in report
+    assert f"with the previous mask: first update {metrics['iou_previous'][0]:.3f}" in report
+    assert main(["report", str(out), "--plot", str(tmp_path / "d.png"), "--mask-plot", str(tmp_path / "m.png")]) == 0
+    assert (tmp_path / "d.png").stat().st_size > 1000 and (tmp_path / "m.png").stat().st_size > 1000
     capsys.readouterr()
     assert main(["eval", str(out / "model.safetensors"), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
@@ -58,8 +60,14 @@ def test_train_report_eval_round_trip(tmp_path, capsys):
      "no checkpoint at"),
     (["export", "/nonexistent"], "no checkpoint at"),
     (["eval", "/nonexistent/model.safetensors"], "no checkpoint at"),
+    (["train", "--device", "cuda"], "this machine has no usable CUDA GPU"),
+    (["train", "--device", "tpu"], "unknown device 'tpu'"),
+    (["train", "--amp", "fp8"], "invalid choice: 'fp8'"),
+    (["report", "/nonexistent", "--mask-plot", "m.png"], "no summary.json"),
 ])
 def test_bad_input_is_one_line_without_traceback(tmp_path, args, message):
+    if "--device" in args and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
     if args[0] == "train":
         args = args + (["--dataset", "synthetic"] if "--dataset" not in args else []) + ["--out", str(tmp_path)]
     proc = run_cli(*args)
@@ -86,7 +94,8 @@ def test_iee_from_the_cli_with_options_and_mask_metrics(tmp_path):
     assert summary["config"]["method_options"] == {"estimate_steps": 2, "improve_steps": 1, "explore_steps": 2,
                                                    "criterion": "taylor", "freeze_bn": False}
     assert summary["mask_updates"] == 12 // 5 == summary["mask_metrics"]["updates"]  # T_end = 12: 2 cycles of 5
-    assert len(summary["mask_metrics"]["iou_consecutive"]) == 1
+    assert len(summary["mask_metrics"]["iou_previous"]) == 2
+    assert summary["mask_metrics"]["pruned"] == summary["mask_metrics"]["grown"]
     help_text = run_cli("train", "--help").stdout
     assert "iee: " in help_text and "explore_steps=50" in help_text
 

@@ -226,3 +226,102 @@ def test_exponential_omega_schedule():
             fraction = exponential_fraction(t, 0.4, 48)
             assert sp.omega == {n: int(fraction * before[n]) for n in before}
     assert [r["fraction"] for r in sp.history] == pytest.approx([exponential_fraction(t, 0.4, 48) for t in (H, L + H)])
+
+
+def test_no_exploration_can_grow_units_that_were_never_active():
+    # Never-active units keep their initial values (never_active="init"), so ranking Θ_P by |w| without exploring
+    # can pick them: the mask keeps changing, it does not just take back what the prune took.
+    model, optimizer, sp = make(explore=False, never_active="init")
+    for t in range(1, 49):
+        train_step(model, optimizer, t)
+        sp.step()
+    metrics = sp.tracker.metrics()
+    assert metrics["updates"] == 6
+    assert metrics["first_time_share"] > 0
+    assert min(metrics["iou_previous"]) < 1.0
+    # with zero-valued never-active units the same ablation can only return what it pruned
+    model, optimizer, sp = make(explore=False, never_active="zero")
+    for t in range(1, 49):
+        train_step(model, optimizer, t)
+        sp.step()
+    assert sp.tracker.metrics()["first_time_share"] == 0.0
+
+
+@pytest.mark.parametrize("never_active", ["init", "zero"])
+def test_exploration_grows_units_never_active_before(never_active):
+    model, optimizer, sp = make(never_active=never_active)
+    ever = {n: m.clone() for n, m in sp.masks().items()}
+    firsts = 0
+    for t in range(1, 49):
+        train_step(model, optimizer, t)
+        sp.step()
+        if sp.position(t) == L:
+            masks = sp.masks()
+            firsts += sum(int((masks[n] & ~ever[n]).sum()) for n in masks)
+            ever = {n: ever[n] | masks[n] for n in masks}
+    assert firsts > 0
+    assert sp.tracker.metrics()["first_time_share"] == pytest.approx(firsts / sp.tracker.metrics()["grown_total"])
+
+
+def test_a_layer_the_allocation_keeps_dense_is_left_alone():
+    model, optimizer, sp = make(dense_first=True)  # as ERK does to small layers
+    dense = [n for n in sp.layers if n not in sp.cycled]
+    assert dense == ["conv1"] and sp.target_counts()["conv1"] == model.conv1.weight.numel()
+    momentum = lambda: optimizer.state[model.conv1.weight]["momentum_buffer"].clone()  # noqa: E731
+    for t in range(1, L + 1):
+        train_step(model, optimizer, t)
+        weight, buf = model.conv1.weight.detach().clone(), momentum()
+        sp.step()
+        assert bool(model.conv1.weight_mask.all())
+        assert torch.equal(model.conv1.weight, weight) and torch.equal(momentum(), buf)  # prune / grow: untouched
+        if t == H + J:
+            explore_start = weight
+    assert "conv1" not in sp.omega and sp.history[-1]["pruned"] > 0
+    assert torch.equal(model.conv1.weight, explore_start)  # frozen, like all of Θ_K, while Θ_P explores
+
+
+def test_without_freeze_the_active_set_and_batchnorm_train_at_the_full_rate():
+    torch.manual_seed(0)
+    model = TinyNet()
+    lr, scale = 0.05, 0.1
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)  # plain SGD: the step is exactly -lr × gradient
+    sp = regrow.IEE(model, optimizer, total_steps=64, sparsity=0.8, estimate_steps=H, improve_steps=J,
+                    explore_steps=Q, t_end=48, freeze_active=False, explore_lr_scale=scale)
+    assert sp.freeze_bn is False  # BatchNorm follows freeze_active unless told otherwise
+    for t in range(1, H + J + 1):
+        train_step(model, optimizer, t)
+        sp.step()
+    assert sp.exploring
+    running_mean = model.bn1.running_mean.clone()
+    x, y = batch(100)
+    loss = nn.functional.cross_entropy(model(x), y)
+    optimizer.zero_grad()
+    loss.backward()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    optimizer.step()
+    for name, module in sp.layers.items():
+        step = module.weight.detach() - before[f"{name}.weight"]
+        active = sp.active[name]
+        expected = -lr * grads[f"{name}.weight"]
+        torch.testing.assert_close(step[active], expected[active], rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(step[~active], scale * expected[~active], rtol=1e-4, atol=1e-7)
+        assert (step[active] != 0).any()
+    for name in ("bn1.weight", "bn1.bias", "conv1.bias", "fc.bias"):
+        torch.testing.assert_close(dict(model.named_parameters())[name].detach() - before[name], -lr * grads[name])
+    assert not torch.equal(model.bn1.running_mean, running_mean)  # statistics update as in normal training
+
+
+def test_exploration_loss_is_logged_apart(tmp_path):
+    options = {"estimate_steps": 3, "improve_steps": 2, "explore_steps": 3}
+    config = TrainConfig(model="resnet8", dataset="synthetic", synthetic_size=128, method="iee", sparsity=0.8,
+                         epochs=3, batch_size=32, log_every=1, progress=False, method_options=options)
+    trainer = Trainer(config, tmp_path / "run")
+    trainer.run()
+    import json
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = {r["step"]: r for r in lines if "lr" in r}
+    for step, record in steps.items():
+        exploring = trainer.sparsifier.position(step) is not None and trainer.sparsifier.position(step) > H + J
+        assert (record.get("explore_loss") is not None) == exploring
+        assert (record["loss"] is None) == exploring

@@ -175,3 +175,34 @@ def test_bias_and_batchnorm_masks_zero_a_channel_and_hold_its_statistics(tiny):
     masking.remove_mask(bn)
     assert (tiny.conv1.bias[~keep] == 0).all() and (tiny.bn1.weight[~keep] == 0).all()
     assert type(tiny.bn1) is nn.BatchNorm2d and "bn1.bias_mask" not in tiny.state_dict()
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_step_scale_is_a_per_entry_learning_rate(name):
+    """Scaling the step of some entries by f trains them exactly as the optimizer at f × lr would (the others as
+    at lr), for SGD with momentum, Nesterov and weight decay, Adam and AdamW. The loss is a sum of one term per
+    weight, so every entry's path depends on its own learning rate only."""
+    g = torch.Generator().manual_seed(1)
+    target, where = torch.randn(10, 20, generator=g), torch.rand(10, 20, generator=g) < 0.5
+
+    def run(scale_where, lr_factor):
+        torch.manual_seed(0)
+        layer = masking.add_mask(nn.Linear(20, 10))
+        optimizer = OPTIMIZERS[name]([layer.weight])
+        for group in optimizer.param_groups:
+            group["lr"] *= lr_factor
+        guard = masking.OptimizerGuard(optimizer, [layer])
+        if scale_where is not None:
+            masking.set_step_scale(layer, scale_where, 0.1)
+        for _ in range(6):
+            loss = ((layer.weight - target) ** 2).sum()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        guard.remove()
+        return layer.weight.detach()
+
+    scaled, full, slow = run(where, 1.0), run(None, 1.0), run(None, 0.1)
+    torch.testing.assert_close(scaled[where], slow[where], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(scaled[~where], full[~where], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(slow[where], full[where])

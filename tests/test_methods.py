@@ -145,7 +145,19 @@ def test_rigl_without_backward_is_a_clear_error():
 @pytest.mark.parametrize("method", ["static", "set", "rigl", "iee"])
 def test_sparse_start_is_w_times_m_with_inactive_weights_zero(method):
     options = {"estimate_steps": 2, "improve_steps": 1, "explore_steps": 2} if method == "iee" else {}
+    if method == "iee":
+        options["never_active"] = "zero"
     model, optimizer, sp = make(method, sparsity=0.8, **options)
     for m in sp.layers.values():
         assert (m.weight[~masking.mask_of(m)] == 0).all()
         assert (m.weight[masking.mask_of(m)] != 0).all()
+
+
+def test_iee_never_active_init_keeps_the_initial_values():
+    torch.manual_seed(0)
+    initial = {n: p.detach().clone() for n, p in TinyNet().named_parameters()}
+    model, optimizer, sp = make("iee", sparsity=0.8, estimate_steps=2, improve_steps=1, explore_steps=2,
+                                never_active="init")
+    for name, m in sp.layers.items():
+        assert not masking.mask_of(m).all()
+        assert torch.equal(m.weight.detach(), initial[f"{name}.weight"])  # masked, not zeroed

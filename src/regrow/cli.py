@@ -70,6 +70,8 @@ def _train_parser(sub) -> None:
     p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("--no-augment", action="store_true", help="no random crop and flip")
     p.add_argument("--channels-last", action="store_true", help="NHWC memory layout (faster convolutions on CPU)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: CUDA when available)")
+    p.add_argument("--amp", default="none", choices=["none", "bf16"], help="bf16: forward under bfloat16 autocast")
     p.add_argument("--train-subset", type=int, default=None, help="train on a seeded subset of N samples")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/latest", help="output folder (default runs/latest)")
@@ -105,7 +107,8 @@ def _config_from(args) -> Any:
         dense_first=args.dense_first, dense_last=args.dense_last, epochs=args.epochs, max_steps=args.max_steps,
         batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, nesterov=not args.no_nesterov,
         weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing,
-        augment=not args.no_augment, channels_last=args.channels_last, train_subset=args.train_subset,
+        augment=not args.no_augment, channels_last=args.channels_last, device=args.device, amp=args.amp,
+        train_subset=args.train_subset,
         latency_target=args.latency_target, cost=args.cost, latency_batch=args.latency_batch,
         init_from=args.init_from,
         seed=args.seed, log_every=args.log_every,
@@ -123,13 +126,18 @@ def cmd_train(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .report import format_report, plot_densities, read_summary
+    from .report import format_report, plot_densities, plot_mask_metrics, read_summary
 
     summary = read_summary(args.run)
+    if args.mask_plot and not (summary.get("mask_metrics") or {}).get("updates"):
+        raise ConfigError(f"{args.run} has no mask updates to plot ({summary['method']} never changed its mask)")
     print(json.dumps(summary, indent=2) if args.json else format_report(summary))
     if args.plot:
         plot_densities(summary, args.plot)
         print(f"per-layer density plot -> {args.plot}")
+    if args.mask_plot:
+        plot_mask_metrics({summary["method"]: summary}, args.mask_plot)
+        print(f"mask metrics plot -> {args.mask_plot}")
     return 0
 
 
@@ -273,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("run", help="the --out folder of 'regrow train'")
     r.add_argument("--json", action="store_true", help="print the whole summary as JSON")
     r.add_argument("--plot", default=None, metavar="PNG", help="also write a per-layer density plot")
+    r.add_argument("--mask-plot", default=None, metavar="PNG",
+                   help="also plot the mask metrics per update (IoU, re-admission, survival)")
     e = sub.add_parser("eval", help="re-evaluate a saved model (model.safetensors or checkpoint.safetensors)")
     e.add_argument("checkpoint")
     e.add_argument("--model", default=None, help="fail unless the checkpoint is of this architecture")

@@ -11,7 +11,8 @@ Which entries the optimizer may change is a second, separate set per layer, the 
 equals the mask; IEE's exploration sets it to the complement of the mask (active weights frozen). The
 :class:`OptimizerGuard` makes every non-trainable entry bit-identical across ``optimizer.step()`` (value and
 per-entry optimizer state such as momentum or Adam moments), whatever the optimizer does with weight decay or
-momentum. Masked-out entries additionally have their optimizer state zeroed when they are pruned
+momentum. It can also scale the step of chosen entries (:func:`set_step_scale`): a per-entry learning rate, so
+IEE's explored weights can move at a fraction of the rate while the rest of the network trains at the full one. Masked-out entries additionally have their optimizer state zeroed when they are pruned
 (:func:`reset_optimizer_state`), so no momentum builds up behind a pruned weight.
 """
 
@@ -142,6 +143,7 @@ def add_mask(module: nn.Module, bias: bool = False) -> nn.Module:
         module._regrow_capture = False
         module._regrow_dense_grad = None
         module._regrow_trainable = {}  # param -> bool tensor; absent: trainable set == mask
+        module._regrow_step_scale = {}  # param -> (bool tensor, factor): entries whose step is scaled
     if bias and module.bias is not None and "bias_mask" not in module._buffers:
         module.register_buffer("bias_mask", torch.ones_like(module.bias, requires_grad=False))
     return module
@@ -161,7 +163,8 @@ def remove_mask(module: nn.Module, bake: bool = True) -> nn.Module:
             if bake:
                 getattr(module, param).mul_(module._buffers[mask_name(param)])
             del module._buffers[mask_name(param)]
-    for attr in ("_regrow_capture", "_regrow_dense_grad", "_regrow_trainable", "_regrow_stats_frozen"):
+    for attr in ("_regrow_capture", "_regrow_dense_grad", "_regrow_trainable", "_regrow_step_scale",
+                 "_regrow_stats_frozen"):
         module.__dict__.pop(attr, None)
     module.__class__ = type(module).__mro__[2]  # Masked<cls> -> (_MaskedMixin, cls)
     return module
@@ -206,6 +209,28 @@ def trainable_of(module: nn.Module, param: str = "weight") -> torch.Tensor:
     return mask_of(module, param) if trainable is None else trainable
 
 
+def set_step_scale(module: nn.Module, where: torch.Tensor | None, factor: float = 1.0, param: str = "weight") -> None:
+    """Scale the optimizer's step of the entries ``where`` of ``param`` by ``factor`` (``None``: no scaling).
+
+    The guard applies it after each step as ``before + factor · (after − before)``. For optimizers whose update is
+    proportional to the learning rate and whose state does not depend on it (SGD with momentum, Nesterov and
+    weight decay; Adam, AdamW, RMSprop, Adagrad), this is exactly a learning rate of ``factor · lr`` for those
+    entries.
+    """
+    if where is None or factor == 1.0:
+        module._regrow_step_scale.pop(param, None)
+        return
+    if where.shape != getattr(module, param).shape:
+        raise ConfigError(f"step-scale set must have the {param}'s shape")
+    if not factor > 0:
+        raise ConfigError(f"step scale must be > 0, got {factor}")
+    module._regrow_step_scale[param] = (where.bool().clone(), float(factor))
+
+
+def step_scale_of(module: nn.Module, param: str = "weight") -> tuple[torch.Tensor, float] | None:
+    return module._regrow_step_scale.get(param) if is_masked(module) else None
+
+
 def capture_dense_grad(module: nn.Module, on: bool = True) -> None:
     """Record dL/d(weight ⊙ mask) at the next backward passes (summed) into ``dense_grad(module)``."""
     module._regrow_capture = on
@@ -239,8 +264,9 @@ class OptimizerGuard:
     """Keep non-trainable entries of masked layers bit-identical through ``optimizer.step()``.
 
     Weight decay and momentum would otherwise move a weight whose gradient is zero. Before each step the guard
-    snapshots the value and per-entry state of every layer that has frozen entries; after the step it writes
-    them back where the entry is not trainable. State that the step creates (first step) is zeroed there.
+    snapshots the value and per-entry state of every layer that has frozen or step-scaled entries; after the step
+    it writes them back where the entry is not trainable (state that the step creates, on the first step, is
+    zeroed there) and shrinks the step of scaled entries (:func:`set_step_scale`).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, layers: Iterable[nn.Module]):
@@ -257,11 +283,12 @@ class OptimizerGuard:
             for name in masked_params(module):
                 param = getattr(module, name)
                 frozen = ~trainable_of(module, name)
-                if not frozen.any():
+                scaled = step_scale_of(module, name)
+                if not frozen.any() and scaled is None:
                     continue
                 state = {k: v.clone() for k, v in optimizer.state.get(param, {}).items()
                          if torch.is_tensor(v) and v.shape == param.shape}
-                self._snapshot.append((param, frozen, param.detach().clone(), state))
+                self._snapshot.append((param, frozen, param.detach().clone(), state, scaled))
 
     def freeze(self, tensors: Iterable[torch.Tensor]) -> None:
         """Hold whole tensors (parameters or buffers such as BatchNorm running statistics) at their current value
@@ -288,7 +315,10 @@ class OptimizerGuard:
                             current.copy_(state[key])
                         else:
                             current.zero_()
-            for param, frozen, value, state in self._snapshot:
+            for param, frozen, value, state, scaled in self._snapshot:
+                if scaled is not None:
+                    where, factor = scaled
+                    param.copy_(torch.where(where, value + factor * (param - value), param))
                 param.copy_(torch.where(frozen, value, param))
                 for key, current in optimizer.state.get(param, {}).items():
                     if torch.is_tensor(current) and current.shape == param.shape:

@@ -70,15 +70,7 @@ def format_report(summary: dict[str, Any]) -> str:
     if summary.get("total_train_flops_ratio") is not None:
         lines.append(f"with pretraining {summary['total_train_flops_ratio']:.3f}× dense training FLOPs in total "
                      f"(the dense model it started from: {summary['pretrain']['path']})")
-    metrics = summary.get("mask_metrics") or {}
-    if metrics.get("updates"):
-        survival = [v for v in metrics["survival_to_end"][:-1] if v is not None]
-        line = f"mask updates    {metrics['updates']}"
-        if metrics["iou_consecutive"]:
-            line += f", IoU with the previous update at the last one {metrics['iou_consecutive'][-1]:.3f}"
-        if survival:
-            line += f", grown units active at the end {sum(survival) / len(survival):.1%} (mean over updates)"
-        lines.append(line)
+    lines += mask_metric_lines(summary.get("mask_metrics") or {})
     if summary.get("calibration"):  # a post-training run (regrow pts)
         c = summary["calibration"]
         lines.append(f"post-training   {c['size']} calibration samples of the {c['source']} (seed {c['seed']}); "
@@ -92,6 +84,59 @@ def format_report(summary: dict[str, Any]) -> str:
     if summary.get("skipped_layers"):
         lines.append("left dense      " + ", ".join(f"{k} ({v})" for k, v in summary["skipped_layers"].items()))
     return "\n".join(lines)
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
+
+
+def mask_metric_lines(metrics: dict[str, Any]) -> list[str]:
+    """The IEE paper's mask metrics of a run (see :mod:`regrow.tracking`), a few lines for the report."""
+    if not metrics.get("updates"):
+        return []
+    if "readmitted_share" not in metrics:  # a summary written before the pruned/grown tracker
+        return [f"mask updates    {metrics['updates']}"]
+    ious = metrics["iou_previous"]
+    survival = metrics["survival_share"]
+    return [
+        f"mask updates    {metrics['updates']}: {metrics['pruned_total']:,} units pruned and "
+        f"{metrics['grown_total']:,} grown in all",
+        f"  re-admitted   {_pct(metrics['readmitted_share'])} of pruned units grown back by the same update",
+        f"  first-time    {_pct(metrics['first_time_share'])} of grown units had never been active; "
+        f"{metrics['ever_active_share']:.1%} of all units were active at some time",
+        f"  IoU           with the previous mask: first update {ious[0]:.3f}, last {ious[-1]:.3f}",
+        f"  survival      of grown units: {_pct(survival.get('1'))} one update later, {_pct(survival.get('5'))} five "
+        f"later, {_pct(metrics['survival_to_end_share'])} at the end",
+    ]
+
+
+def plot_mask_metrics(summaries: dict[str, dict[str, Any]], path: str | os.PathLike) -> None:
+    """IoU with the previous mask, re-admission share and survival to the end per update, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    panels = (("iou_previous", "mask IoU with the previous update"),
+              ("readmitted", "pruned units grown back by the same update"),
+              ("survival_to_end", "grown units still active at the end"))
+    for label, summary in summaries.items():
+        metrics = summary.get("mask_metrics") or {}
+        if not metrics.get("updates") or "readmitted" not in metrics:
+            continue
+        for ax, (key, _) in zip(axes, panels):
+            values = [float("nan") if v is None else v for v in metrics[key]]
+            ax.plot(range(1, len(values) + 1), values, marker=".", ms=3, lw=1, label=label)
+    for ax, (_, title) in zip(axes, panels):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("mask update (IEE cycle / RigL, SET update)")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def plot_densities(summary: dict[str, Any], path: str | os.PathLike) -> None:

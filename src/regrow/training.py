@@ -27,12 +27,33 @@ from . import __version__, checkpoint, masking, methods
 from .data import Dataset, batches_per_epoch, eval_batches, get_batch, load_dataset, subset_indices
 from .errors import CheckpointError, ConfigError, TrainingDivergedError, check_sparsity
 from .flops import forward_flops, layer_macs
+from .latency import steady_allocator
 from .models import create_model
 from .schedules import cosine_lr
 
 CHECKPOINT, MODEL, SUMMARY, METRICS = "checkpoint.safetensors", "model.safetensors", "summary.json", "metrics.jsonl"
-# Options that do not change what a run computes, so a resume may change them.
-_RESUME_FREE = {"data_dir", "checkpoint_every", "progress"}
+# Options a resume may change: they do not change what a run computes (the device changes only the rounding:
+# a run moved to another device goes on, but is bit-identical only to a run on that device).
+_RESUME_FREE = {"data_dir", "checkpoint_every", "progress", "device"}
+DEVICES = ("auto", "cpu", "cuda")
+AMP_MODES = ("none", "bf16")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is CUDA when a GPU is usable, else the CPU; ``cuda`` (or ``cuda:N``) without one is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    kind = name.split(":", 1)[0]
+    if kind not in ("cpu", "cuda"):
+        raise ConfigError(f"unknown device {name!r}; known: {', '.join(DEVICES)} (or cuda:N)")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {name}: this machine has no usable CUDA GPU (torch {torch.__version__}, "
+                              f"CUDA build: {torch.version.cuda is not None}); use --device cpu or auto")
+        index = torch.device(name).index
+        if index is not None and index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return torch.device(name)
 
 
 @dataclass
@@ -58,6 +79,8 @@ class TrainConfig:
     label_smoothing: float = 0.0
     augment: bool = True
     channels_last: bool = False  # NHWC memory layout: faster convolutions on CPU
+    device: str = "auto"  # "cpu", "cuda", "cuda:N" or "auto" (CUDA when available)
+    amp: str = "none"  # "bf16": forward and loss under bfloat16 autocast
     # Channel structure (structure="channel", methods halp / iee): the budget is a cost, not a sparsity.
     latency_target: float = 0.5  # fraction of the dense model's cost
     cost: str = "latency"  # "latency" (table measured on this device) or "macs"
@@ -96,18 +119,23 @@ class TrainConfig:
             raise ConfigError("weight_decay must be >= 0, momentum and label_smoothing in [0, 1)")
         if self.warmup_epochs < 0:
             raise ConfigError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        if self.amp not in AMP_MODES:
+            raise ConfigError(f"unknown amp mode {self.amp!r}; known: {', '.join(AMP_MODES)}")
+        resolve_device(self.device)
 
     def fingerprint(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in _RESUME_FREE}
 
 
 def evaluate(model: nn.Module, data: Dataset, batch_size: int = 1000) -> tuple[float, float]:
-    """(top-1 accuracy in [0, 1], mean cross-entropy) on ``data``."""
+    """(top-1 accuracy in [0, 1], mean cross-entropy) on ``data``, on the model's device."""
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     correct, loss_sum = 0, 0.0
     with torch.no_grad():
         for x, y in eval_batches(data, batch_size):
+            x, y = x.to(device), y.to(device)
             logits = model(x)
             loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
             correct += int((logits.argmax(1) == y).sum())
@@ -153,6 +181,12 @@ class Trainer:
         self.config = config
         self.out = Path(out)
         c = config
+        self.device = resolve_device(c.device)
+        if self.device.type == "cpu":
+            steady_allocator()  # freed activations stay in the process: no page faults every step (same numbers)
+        else:  # the same kernels on every run, so that a resumed run repeats an uninterrupted one
+            torch.backends.cudnn.benchmark = False
+            torch.backends.cudnn.deterministic = True
         torch.manual_seed(c.seed)
         self.train_data = load_dataset(c.dataset, "train", c.data_dir, synthetic_size=c.synthetic_size, seed=c.seed)
         self.test_data = load_dataset(c.dataset, "test", c.data_dir, synthetic_size=c.synthetic_size, seed=c.seed)
@@ -163,6 +197,8 @@ class Trainer:
         self.pretrain: dict[str, Any] | None = None
         if c.init_from is not None:
             self.pretrain = self._load_pretrained(c.init_from)
+        # Initialised on the CPU, then moved: the same seed gives the same start on every device.
+        self.model = self.model.to(self.device)
         if c.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=c.lr, momentum=c.momentum,
@@ -183,7 +219,8 @@ class Trainer:
         self.macs = layer_macs(self.model, tuple(self.train_data.images.shape[1:]))
         self.dense_forward = forward_flops(self.macs)
         self.state: dict[str, Any] = {"step": 0, "train_flops": 0.0, "dense_train_flops": 0.0,
-                                      "wall_seconds": 0.0, "loss_sum": 0.0, "loss_count": 0, "evaluations": []}
+                                      "wall_seconds": 0.0, "loss_sum": 0.0, "loss_count": 0,
+                                      "explore_loss_sum": 0.0, "explore_loss_count": 0, "evaluations": []}
 
     def _load_pretrained(self, path: str) -> dict[str, Any]:
         """Start from a dense trained model; its training cost is kept for the summary (HALP's cost includes it)."""
@@ -213,6 +250,8 @@ class Trainer:
         sections = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                     "sparsifier": self.sparsifier.state_dict(), "trainer": self.state,
                     "rng": torch.get_rng_state()}
+        if self.device.type == "cuda":  # the model's own randomness (dropout) on the GPU
+            sections["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         checkpoint.save(self.out / CHECKPOINT, sections, self._metadata())
 
     def restore(self) -> None:
@@ -231,7 +270,11 @@ class Trainer:
         self.optimizer.load_state_dict(sections["optimizer"])
         self.sparsifier.load_state_dict(sections["sparsifier"])
         self.state = sections["trainer"]
+        self.state.setdefault("explore_loss_sum", 0.0)  # checkpoints written before exploration was logged apart
+        self.state.setdefault("explore_loss_count", 0)
         torch.set_rng_state(sections["rng"])
+        if self.device.type == "cuda" and "cuda_rng" in sections:
+            torch.cuda.set_rng_state(sections["cuda_rng"], self.device)
         self._truncate_metrics(self.state["step"])
 
     def _truncate_metrics(self, step: int) -> None:
@@ -246,18 +289,24 @@ class Trainer:
             f.write(json.dumps(record) + "\n")
 
     # ----- the loop ---------------------------------------------------------------------------------------
-    def train_step(self, step: int) -> float:
+    def train_step(self, step: int) -> tuple[float, bool]:
+        """One optimizer step and the sparsifier's step; returns the loss and whether it was an exploration step
+        (IEE's exploration runs a denser network than the sparse one, so its loss is logged apart)."""
         c = self.config
         epoch, index = divmod(step, self.steps_per_epoch)
+        # Batches are made on the CPU from seeded generators, the same on every device, then moved.
         x, y = get_batch(self.train_data, c.batch_size, c.seed, epoch, index, train_augment=c.augment)
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         if c.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         lr = cosine_lr(step, self.total_steps, c.lr, warmup=int(round(c.warmup_epochs * self.steps_per_epoch)))
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         densities = self.sparsifier.forward_densities()
+        exploring = self.sparsifier.exploring
         self.model.train()
-        loss = F.cross_entropy(self.model(x), y, label_smoothing=c.label_smoothing)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.amp == "bf16"):
+            loss = F.cross_entropy(self.model(x), y, label_smoothing=c.label_smoothing)
         if not torch.isfinite(loss):
             raise TrainingDivergedError(
                 f"loss is {loss.item()} at step {step + 1} (epoch {epoch}); training stopped and the last "
@@ -270,7 +319,7 @@ class Trainer:
         self.state["train_flops"] += 3 * forward_flops(self.macs, densities) * batch \
             + self.sparsifier.extra_flops(self.macs, batch)
         self.state["dense_train_flops"] += 3 * self.dense_forward * batch
-        return loss.item()
+        return loss.item(), exploring
 
     def run(self, resume: bool = False, stop_after: int | None = None) -> dict[str, Any] | None:
         """Train to the end (or, for tests, stop after checkpointing at step ``stop_after``)."""
@@ -288,18 +337,23 @@ class Trainer:
         bar = _progress(self.total_steps, self.state["step"], enabled=c.progress, desc=f"{c.method} {c.model}")
         try:
             for step in range(self.state["step"], self.total_steps):
-                loss = self.train_step(step)
+                loss, exploring = self.train_step(step)
                 self.state["step"] = step + 1
-                self.state["loss_sum"] += loss
-                self.state["loss_count"] += 1
+                prefix = "explore_loss" if exploring else "loss"
+                self.state[f"{prefix}_sum"] += loss
+                self.state[f"{prefix}_count"] += 1
                 bar.update(1)
                 if (step + 1) % c.log_every == 0:
-                    mean = self.state["loss_sum"] / self.state["loss_count"]
-                    self._log({"step": step + 1, "epoch": step // self.steps_per_epoch, "loss": mean,
-                               "lr": self.optimizer.param_groups[0]["lr"],
-                               "sparsity": self.sparsifier.actual_sparsity()})
-                    self.state["loss_sum"], self.state["loss_count"] = 0.0, 0
-                    bar.set_postfix(loss=f"{mean:.3f}")
+                    record = {"step": step + 1, "epoch": step // self.steps_per_epoch, "loss": None,
+                              "lr": self.optimizer.param_groups[0]["lr"],
+                              "sparsity": self.sparsifier.actual_sparsity()}
+                    for key in ("loss", "explore_loss"):  # means over this log interval's steps of each kind
+                        if self.state[f"{key}_count"]:
+                            record[key] = self.state[f"{key}_sum"] / self.state[f"{key}_count"]
+                        self.state[f"{key}_sum"], self.state[f"{key}_count"] = 0.0, 0
+                    self._log(record)
+                    if record["loss"] is not None:
+                        bar.set_postfix(loss=f"{record['loss']:.3f}")
                 epoch_end = (step + 1) % self.steps_per_epoch == 0 or step + 1 == self.total_steps
                 if epoch_end:
                     with self.sparsifier.sparse_view():
@@ -342,7 +396,7 @@ class Trainer:
             "macs_sparse": sum(layer["macs"] * layer["density"] for layer in layers),
             "layers": layers, "skipped_layers": self.sparsifier.skipped,
             "mask_updates": len(self.sparsifier.history), "mask_metrics": self.sparsifier.tracker.summary(),
-            "config": dataclasses.asdict(c), "environment": environment(),
+            "config": dataclasses.asdict(c), "environment": environment(self.device),
         }
         if c.structure == "channel":
             summary["sparsity_target"] = None
@@ -360,9 +414,14 @@ class Trainer:
         return summary
 
 
-def environment() -> dict[str, Any]:
-    return {"regrow": __version__, "torch": torch.__version__, "python": platform.python_version(),
-            "machine": platform.machine(), "processor": _cpu_name(), "threads": torch.get_num_threads()}
+def environment(device: torch.device | str = "cpu") -> dict[str, Any]:
+    device = torch.device(device)
+    env = {"regrow": __version__, "torch": torch.__version__, "python": platform.python_version(),
+           "machine": platform.machine(), "processor": _cpu_name(), "threads": torch.get_num_threads(),
+           "device": device.type, "steady_allocator": steady_allocator() if device.type == "cpu" else None}
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env
 
 
 def _cpu_name() -> str:

@@ -149,14 +149,25 @@ class Sparsifier:
                 with torch.no_grad():
                     module.weight.masked_fill_(~mask, 0.0)
 
-    def random_masks(self, counts: dict[str, int]) -> None:
-        """A sparse start: random masks at the given counts (sparsifier's generator), inactive weights zero."""
-        scores = {n: torch.rand(m.weight.shape, generator=self.generator) for n, m in self.layers.items()}
-        self.select_masks(scores, counts, zero_inactive=True)
+    def random_masks(self, counts: dict[str, int], zero_inactive: bool = True) -> None:
+        """A sparse start: random masks at the given counts (sparsifier's generator); inactive weights zero unless
+        ``zero_inactive`` is False (they then keep their initial values, as in a masked-dense implementation)."""
+        scores = {n: self.random_scores(m) for n, m in self.layers.items()}
+        self.select_masks(scores, counts, zero_inactive=zero_inactive)
+
+    def random_scores(self, module: nn.Module) -> torch.Tensor:
+        """Uniform scores for ``module``'s weight from the sparsifier's generator, drawn on the CPU and moved to the
+        weight's device: the same seed gives the same masks on every device."""
+        return torch.rand(module.weight.shape, generator=self.generator).to(module.weight.device)
 
     # ----- lifecycle --------------------------------------------------------------------------------------
     def initialize(self) -> None:
         """Set the starting masks (all ones by default)."""
+
+    @property
+    def exploring(self) -> bool:
+        """True while the forward pass runs more than the sparse network (IEE's exploration stage)."""
+        return False
 
     def step(self) -> None:
         """Call once after every ``optimizer.step()``."""

@@ -142,6 +142,7 @@ class DynamicSparsifier(Sparsifier):
     def drop_and_grow(self, step: int) -> None:
         fraction = self.fraction(step)
         before = self.masks()
+        pruned = {n: torch.zeros_like(m) for n, m in before.items()}
         record: dict[str, Any] = {"step": step, "fraction": fraction, "dropped": 0, "grown": 0, "layers": {}}
         for name, module in self.layers.items():
             mask = masking.mask_of(module)
@@ -150,13 +151,14 @@ class DynamicSparsifier(Sparsifier):
                 record["layers"][name] = {"k": 0, "dropped": 0, "grown": 0}
                 continue
             after_drop = self.structure.prune(mask, magnitude(module.weight), k)
+            pruned[name] = mask & ~after_drop
             new_mask = self.structure.grow(after_drop, self.grow_scores(name, module), k)
             changed = self.set_layer_mask(name, new_mask, zero_grown=True)
             record["layers"][name] = {"k": k, **changed}
             record["dropped"] += k
             record["grown"] += k
         self.history.append(record)
-        self.tracker.record(step, self.masks(), before)
+        self.tracker.record(step, before, self.masks(), pruned=pruned)
 
     def grow_scores(self, name: str, module: nn.Module) -> torch.Tensor:
         raise NotImplementedError
@@ -168,7 +170,7 @@ class SET(DynamicSparsifier):
     name = "set"
 
     def grow_scores(self, name: str, module: nn.Module) -> torch.Tensor:
-        return torch.rand(module.weight.shape, generator=self.generator)
+        return self.random_scores(module)
 
 
 class RigL(DynamicSparsifier):

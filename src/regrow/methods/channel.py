@@ -432,7 +432,7 @@ class HALP(ChannelSparsifier):
             cost = self.predicted_cost()
             self.history.append({"step": step, "pruning": k, "target": target, "predicted_cost": cost, **counts})
             masks = self.masks()
-            self.tracker.record(step, masks, getattr(self, "_last_masks", masks))
+            self.tracker.record(step, getattr(self, "_last_masks", masks), masks)
             self._last_masks = masks
             self.save_cost_cache()
 
@@ -446,7 +446,8 @@ class ChannelIEE(IEECycle, ChannelSparsifier):
     channels' weights, BatchNorm affine and statistics bit-frozen), accumulating their importance; grow back by
     the same importance with the knapsack, active channels forced in, until the budget is full.
     Ablations: ``explore=False`` grows by each channel's importance from when it was last active;
-    ``freeze_active=False`` trains everything during exploration; ``improve_steps=0``.
+    ``freeze_active=False`` trains everything during exploration, the active channels at the normal rate and the
+    explored ones at ``explore_lr_scale`` times it; ``improve_steps=0``.
     """
 
     name = "iee-channel"
@@ -462,6 +463,7 @@ class ChannelIEE(IEECycle, ChannelSparsifier):
         self.alpha, self.schedule, self.explore, self.freeze_active = alpha, schedule, explore, freeze_active
         self.active: list[torch.Tensor] | None = None  # Θ_K while exploring (every channel is in the forward)
         self._active_masks: dict[tuple[str, str], torch.Tensor] = {}
+        self.pruned: dict[str, torch.Tensor] = {}  # weights this cycle's prune took (for the mask metrics)
         super().__init__(model, optimizer, **base)
         self.last_importance = [torch.zeros(g.size) for g in self.groups]  # stale scores for explore=False
         self._setup_cycle(optimizer, estimate_steps, improve_steps, explore_steps, t_end, explore_lr_scale)
@@ -481,8 +483,11 @@ class ChannelIEE(IEECycle, ChannelSparsifier):
         active = self.active_keep()
         for i, keep in enumerate(active):
             self.last_importance[i][keep] = scores[i][keep]
+        before = self.masks()
         keeps = self.select(scores, (1 - fraction) * self.budget, allowed=active, best_effort=True)
         counts = self.install(keeps)
+        after = self.masks()
+        self.pruned = {n: before[n] & ~after[n] for n in before}
         self._cycle_record = {"step": step, "fraction": fraction, "pruned_channels": counts["dropped_channels"],
                               "cost_after_prune": self.predicted_cost()}
 
@@ -504,6 +509,7 @@ class ChannelIEE(IEECycle, ChannelSparsifier):
             if reset_state:
                 masking.reset_optimizer_state(self.optimizer, getattr(module, param), explored)
             masking.set_trainable(module, explored if self.freeze_active else torch.ones_like(explored), param)
+            masking.set_step_scale(module, explored if explored.any() else None, self.explore_lr_scale, param)
             if param == "weight" and isinstance(module, masking.NORM_TYPES) and self.freeze_active:
                 masking.hold_statistics(module, active)
         if self.freeze_active:  # parameters outside every group (first conv, its BN) belong to Θ_K
@@ -534,8 +540,9 @@ class ChannelIEE(IEECycle, ChannelSparsifier):
         masks = self.masks()
         self.history.append({**self._cycle_record, "grow_step": step, "grown_channels": counts["grown_channels"],
                              "cost_after_grow": self.predicted_cost()})
-        self.tracker.record(step, masks, self._last_masks)
+        self.tracker.record(step, self._last_masks, masks, pruned=self.pruned or None)
         self._last_masks = masks
+        self.pruned = {}
         self.save_cost_cache()
 
     def _end_exploration(self) -> None:
@@ -544,6 +551,7 @@ class ChannelIEE(IEECycle, ChannelSparsifier):
         for (name, param) in self._active_masks:
             module = self.channels.modules[name]
             masking.set_trainable(module, None, param)
+            masking.set_step_scale(module, None, param=param)
             if isinstance(module, masking.NORM_TYPES):
                 masking.hold_statistics(module, None)
         self.guard.unfreeze()
@@ -576,12 +584,14 @@ class ChannelIEE(IEECycle, ChannelSparsifier):
         if self.active is not None:
             state["keep"] = {g.root: k.tolist() for g, k in zip(self.groups, self.active)}
         state.update(exploring=self.active is not None, last_importance=list(self.last_importance),
-                     last_masks=dict(self._last_masks), cycle_record=dict(self._cycle_record))
+                     last_masks=dict(self._last_masks), cycle_record=dict(self._cycle_record),
+                     pruned=dict(self.pruned))
         return state
 
     def after_load(self, state: dict[str, Any]) -> None:
         self.last_importance = [t.clone() for t in state["last_importance"]]
         self._last_masks = {k: v.bool() for k, v in state["last_masks"].items()}
+        self.pruned = {k: v.bool() for k, v in state.get("pruned", {}).items()}
         self._cycle_record = dict(state["cycle_record"])
         self.guard.unfreeze()
         self.active, self._active_masks = None, {}
@@ -591,5 +601,4 @@ class ChannelIEE(IEECycle, ChannelSparsifier):
     def finalize(self) -> nn.Module:
         if self.exploring:
             self._end_exploration()
-        self._remove_lr_hooks()
         return super().finalize()

@@ -11,14 +11,19 @@ then the mask is fixed. :meth:`IEE.update` dispatches the five stages:
 
 Ω_t per layer is ⌊f(t) · active count⌋ with RigL's cosine fraction f (or exponential), so pruned = grown and
 per-layer density is constant (``ranking="global"`` ranks all layers together instead, keeping the total).
+A layer the allocation makes dense (ERK does this to small layers) has no Θ_P: IEE leaves it alone, as RigL does.
 Exploration starts every unit of Θ_P from its most recent value (MRU) with zero optimizer state (pruned entries
-never keep any), runs the full network forward (counted dense in training FLOPs), and uses the current learning
-rate times ``explore_lr_scale`` (default 0.1: at the full rate, training all of Θ_P at once raised the loss and
-cost 7 points of accuracy on Fashion-MNIST; see the README). By default BatchNorm (affine and running
-statistics) is frozen together with every other parameter that is not a masked weight: they belong to Θ_K.
+never keep any) and runs the full network forward (counted dense in training FLOPs). A unit that was never active
+holds its initial random value (``never_active="init"``, as in a masked-dense implementation where only the mask
+is applied) or 0 (``"zero"``: the sparse start is W ⊙ M). The explored units move at ``explore_lr_scale`` times the
+current learning rate (a per-entry step scale in the optimizer guard, so the rest of the network, when it trains,
+keeps the full rate). By default everything that is not an explored unit is frozen during exploration, BatchNorm
+affine parameters and running statistics included: they belong to Θ_K. The defaults of ``never_active`` and
+``explore_lr_scale`` were chosen by measurement (README, "IEE").
 
-Ablation switches: ``explore=False`` (the Q steps train Θ_K as usual, growth ranks the stale |w| of Θ_P),
-``freeze_active=False`` (Θ_K trains during exploration too), ``improve_steps=0`` (no J stage),
+Ablation switches: ``explore=False`` (the Q steps train Θ_K as usual, growth ranks the stale |w| of Θ_P, which
+with ``never_active="init"`` includes units that were never active), ``freeze_active=False`` (Θ_K, BatchNorm and
+every other parameter train at the normal rate while Θ_P explores), ``improve_steps=0`` (no J stage),
 ``grow_init="zero"`` (grown weights start at 0 instead of their explored value).
 """
 
@@ -40,6 +45,10 @@ from .base import Sparsifier
 
 RANKINGS = ("layer", "global")
 GROW_INITS = ("mru", "zero")
+NEVER_ACTIVE = ("init", "zero")  # what a never-active unit holds: its initial random value, or 0
+# Defaults of the two open choices that decide how much exploration explores (measured: README, "IEE").
+DEFAULT_NEVER_ACTIVE = "init"
+DEFAULT_EXPLORE_LR_SCALE = 0.1
 
 
 def split_global(scores: dict[str, torch.Tensor], eligible: dict[str, torch.Tensor], k: int,
@@ -60,8 +69,9 @@ def split_global(scores: dict[str, torch.Tensor], eligible: dict[str, torch.Tens
 
 class IEECycle:
     """The IEE cycle as a schedule: H + J + Q steps repeated until ``t_end``, the five stages dispatched as five
-    calls, and the exploration learning rate. Shared by weight IEE (:class:`IEE`) and channel IEE
-    (:class:`regrow.methods.channel.ChannelIEE`), which supply the stages themselves."""
+    calls. Shared by weight IEE (:class:`IEE`) and channel IEE (:class:`regrow.methods.channel.ChannelIEE`), which
+    supply the stages themselves and scale the explored entries' steps by ``explore_lr_scale``
+    (:func:`regrow.masking.set_step_scale`)."""
 
     def _setup_cycle(self, optimizer, estimate_steps: int, improve_steps: int, explore_steps: int,
                      t_end: int | float, explore_lr_scale: float) -> None:
@@ -76,14 +86,11 @@ class IEECycle:
             raise ConfigError("IEE needs the optimizer: exploration freezes the active weights through it")
         self.H, self.J, self.Q = estimate_steps, improve_steps, explore_steps
         self.explore_lr_scale = explore_lr_scale
-        self._lr_saved: list[float] | None = None
         self.t_end = self.steps(t_end, "t_end")
         self.cycles = self.t_end // self.cycle_length
         if self.cycles == 0:
             raise ConfigError(f"no IEE cycle of {self.cycle_length} steps (H + J + Q) fits before t_end = "
                               f"{self.t_end} steps; shorten H, J, Q or train longer")
-        self._lr_hooks = [optimizer.register_step_pre_hook(self._scale_lr),
-                          optimizer.register_step_post_hook(self._restore_lr)]
 
     @property
     def cycle_length(self) -> int:
@@ -126,24 +133,6 @@ class IEECycle:
                 self.grow(step)
         self.prepare()
 
-    # ----- learning rate during exploration ---------------------------------------------------------------
-    def _scale_lr(self, optimizer, args, kwargs) -> None:
-        if self.exploring and self.explore_lr_scale != 1.0:
-            self._lr_saved = [g["lr"] for g in optimizer.param_groups]
-            for g in optimizer.param_groups:
-                g["lr"] = g["lr"] * self.explore_lr_scale
-
-    def _restore_lr(self, optimizer, args, kwargs) -> None:
-        if self._lr_saved is not None:
-            for g, lr in zip(optimizer.param_groups, self._lr_saved):
-                g["lr"] = lr
-            self._lr_saved = None
-
-    def _remove_lr_hooks(self) -> None:
-        for handle in self._lr_hooks:
-            handle.remove()
-        self._lr_hooks = []
-
 
 class IEE(IEECycle, Sparsifier):
     """Iterative Exploitation–Exploration. See the module docstring for the cycle and the switches.
@@ -156,7 +145,10 @@ class IEE(IEECycle, Sparsifier):
             no cycle may end after ``t_end`` (default 75 % of training).
         ranking: ``layer`` (keeps each layer's density, default) or ``global``.
         start: ``random`` (default) or ``magnitude`` start mask at the allocation's densities.
-        explore, freeze_active, freeze_bn, explore_lr_scale, grow_init: exploration options and ablations.
+        never_active: ``init`` (never-active units keep their initial values) or ``zero`` (sparse start W ⊙ M).
+        explore_lr_scale: learning-rate factor of the explored units.
+        explore, freeze_active, freeze_bn, grow_init: exploration switches and ablations; ``freeze_bn``
+            (BatchNorm frozen during exploration) defaults to ``freeze_active``.
     """
 
     name = "iee"
@@ -164,8 +156,9 @@ class IEE(IEECycle, Sparsifier):
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
                  estimate_steps: int = 50, improve_steps: int = 50, explore_steps: int = 50,
                  criterion: str = "magnitude", alpha: float = 0.3, schedule: str = "cosine",
-                 t_end: int | float = 0.75, ranking: str = "layer", start: str = "random", explore: bool = True,
-                 freeze_active: bool = True, freeze_bn: bool = True, explore_lr_scale: float = 0.1,
+                 t_end: int | float = 0.75, ranking: str = "layer", start: str = "random",
+                 never_active: str = DEFAULT_NEVER_ACTIVE, explore_lr_scale: float = DEFAULT_EXPLORE_LR_SCALE,
+                 explore: bool = True, freeze_active: bool = True, freeze_bn: bool | None = None,
                  grow_init: str = "mru", **base: Any):
         get_criterion(criterion)
         if schedule not in FRACTIONS:
@@ -176,15 +169,20 @@ class IEE(IEECycle, Sparsifier):
             raise unknown("start mask", start, ["random", "magnitude"])
         if grow_init not in GROW_INITS:
             raise unknown("grow_init", grow_init, GROW_INITS)
+        if never_active not in NEVER_ACTIVE:
+            raise unknown("never_active", never_active, NEVER_ACTIVE)
         if not 0.0 < alpha < 1.0:
             raise ConfigError(f"alpha (initial update fraction) must be in (0, 1), got {alpha}")
         if optimizer is None:
             raise ConfigError("IEE needs the optimizer: exploration freezes the active weights through it")
         self.criterion, self.alpha, self.schedule, self.ranking, self.start = criterion, alpha, schedule, ranking, start
-        self.explore, self.freeze_active, self.freeze_bn = explore, freeze_active, freeze_bn
+        self.never_active = never_active
+        self.explore, self.freeze_active = explore, freeze_active
+        self.freeze_bn = freeze_active if freeze_bn is None else freeze_bn
         self.grow_init = grow_init
         self.active: dict[str, torch.Tensor] | None = None  # Θ_K while exploring (the layer masks are all ones)
         self.omega: dict[str, int] = {}  # units pruned this cycle, per layer (grown back at its end)
+        self.pruned: dict[str, torch.Tensor] = {}  # which units this cycle's prune took (for the mask metrics)
         self.accumulators: dict[str, ScoreAccumulator] = {}
         self._cycle_record: dict[str, Any] = {}  # what this cycle's prune did, completed by its grow
         super().__init__(model, optimizer, **base)
@@ -195,10 +193,13 @@ class IEE(IEECycle, Sparsifier):
 
     def initialize(self) -> None:
         counts = self.target_counts()
+        # Layers the allocation keeps dense have nothing to explore: no prune, no grow (as RigL leaves them).
+        self.cycled = [n for n, m in self.layers.items() if counts[n] < m.weight.numel()]
+        zero = self.never_active == "zero"
         if self.start == "random":
-            self.random_masks(counts)
+            self.random_masks(counts, zero_inactive=zero)
         else:
-            self.select_masks({n: magnitude(m.weight) for n, m in self.layers.items()}, counts, zero_inactive=True)
+            self.select_masks({n: magnitude(m.weight) for n, m in self.layers.items()}, counts, zero_inactive=zero)
         self._last_masks = self.masks()
 
     # ----- the five stages ---------------------------------------------------------------------------------
@@ -225,34 +226,41 @@ class IEE(IEECycle, Sparsifier):
         return {n: magnitude(m.weight) for n, m in self.layers.items()}
 
     def prune(self, step: int) -> None:
-        """Stage 2: move Ω_t lowest-scored active units of every layer to Θ_P; their values stay in memory."""
+        """Stage 2: move Ω_t lowest-scored active units of every cycled layer to Θ_P; their values stay in memory."""
         fraction = FRACTIONS[self.schedule](step, self.alpha, self.t_end)
         scores, masks = self.scores(), self.masks()
         if self.ranking == "global":
-            total = int(fraction * sum(int(m.sum()) for m in masks.values()))
-            self.omega = split_global(scores, masks, total, largest=False)
+            total = int(fraction * sum(int(masks[n].sum()) for n in self.cycled))
+            self.omega = split_global({n: scores[n] for n in self.cycled}, {n: masks[n] for n in self.cycled},
+                                      total, largest=False)
         else:
-            self.omega = {n: int(fraction * int(m.sum())) for n, m in masks.items()}
-        for name in self.layers:
+            self.omega = {n: int(fraction * int(masks[n].sum())) for n in self.cycled}
+        for name in self.cycled:
             self.set_layer_mask(name, self.structure.prune(masks[name], scores[name], self.omega[name]))
+        after = self.masks()
+        self.pruned = {n: masks[n] & ~after[n] for n in self.layers}
         self._cycle_record = {"step": step, "fraction": fraction, "pruned": sum(self.omega.values())}
 
     def reactivate_and_explore(self) -> None:
         """Stage 4 (start): every unit of Θ_P joins the forward with its most recent value; Θ_K is frozen."""
         self.active = self.masks()
         for name, module in self.layers.items():
+            masking.reset_optimizer_state(self.optimizer, module.weight, ~self.active[name])  # fresh (zero) momentum
+        self._open_exploration()
+
+    def _open_exploration(self) -> None:
+        """All units in the forward; the explored ones train at the exploration rate, the rest as the switches say.
+        (Also re-opens an exploration after loading a checkpoint taken in the middle of one.)"""
+        for name, module in self.layers.items():
             explored = ~self.active[name]
-            masking.reset_optimizer_state(self.optimizer, module.weight, explored)  # fresh (zero) momentum
             masking.set_mask(module, torch.ones_like(explored))
             masking.set_trainable(module, explored if self.freeze_active else torch.ones_like(explored))
-        self._freeze_rest()
-
-    def _freeze_rest(self) -> None:
+            masking.set_step_scale(module, explored if explored.any() else None, self.explore_lr_scale)
         masked_weights = {id(m.weight) for m in self.layers.values()}
         frozen: list[torch.Tensor] = []
         for module in self.model.modules():
             is_bn = isinstance(module, nn.modules.batchnorm._NormBase)
-            if (is_bn and not self.freeze_bn) or (not is_bn and not self.freeze_active):
+            if not (self.freeze_bn if is_bn else self.freeze_active):
                 continue
             frozen += [p for p in module.parameters(recurse=False) if id(p) not in masked_weights]
             if is_bn:
@@ -270,15 +278,17 @@ class IEE(IEECycle, Sparsifier):
             scores = self.scores()
             active = self.active
             self._end_exploration(active)
-        else:  # ablation: no exploration, rank Θ_P by its stale magnitudes
+        else:  # ablation: no exploration, rank Θ_P by the magnitudes it holds
             self.accumulators = {}
             scores = {n: magnitude(m.weight) for n, m in self.layers.items()}
             active = self.masks()
         if self.ranking == "global":
-            counts = split_global(scores, {n: ~a for n, a in active.items()}, sum(self.omega.values()), largest=True)
+            counts = split_global({n: scores[n] for n in self.cycled}, {n: ~active[n] for n in self.cycled},
+                                  sum(self.omega.values()), largest=True)
         else:
             counts = self.omega
-        for name, module in self.layers.items():
+        for name in self.cycled:
+            module = self.layers[name]
             new_mask = self.structure.grow(active[name], scores[name], counts[name])
             if self.grow_init == "zero":
                 with torch.no_grad():
@@ -287,14 +297,15 @@ class IEE(IEECycle, Sparsifier):
         masks = self.masks()
         record = {**self._cycle_record, "grow_step": step, "grown": sum(counts.values())}
         self.history.append(record)
-        self.tracker.record(step, masks, self._last_masks)
+        self.tracker.record(step, self._last_masks, masks, pruned=self.pruned)
         self._last_masks = masks
-        self.omega = {}
+        self.omega, self.pruned = {}, {}
 
     def _end_exploration(self, active: dict[str, torch.Tensor]) -> None:
         for name, module in self.layers.items():
             masking.set_mask(module, active[name])
             masking.set_trainable(module, None)
+            masking.set_step_scale(module, None)
         self.guard.unfreeze()
         self.active = None
 
@@ -327,32 +338,31 @@ class IEE(IEECycle, Sparsifier):
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state.update(omega=dict(self.omega), active=None if self.active is None else dict(self.active),
-                     last_masks=dict(self._last_masks),
+                     pruned=dict(self.pruned), last_masks=dict(self._last_masks),
                      cycle_record=dict(self._cycle_record),
                      accumulators={n: {"total": a.total, "count": a.count} for n, a in self.accumulators.items()})
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
+        device = next(iter(self.layers.values())).weight.device
         self.omega = {k: int(v) for k, v in state["omega"].items()}
-        self._last_masks = {k: v.bool() for k, v in state["last_masks"].items()}
+        self.pruned = {k: v.bool().to(device) for k, v in state.get("pruned", {}).items()}
+        self._last_masks = {k: v.bool().to(device) for k, v in state["last_masks"].items()}
         self._cycle_record = dict(state["cycle_record"])
         self.accumulators = {}
         for name, acc in state["accumulators"].items():
             self.accumulators[name] = ScoreAccumulator(self.criterion)
-            self.accumulators[name].total, self.accumulators[name].count = acc["total"], int(acc["count"])
+            self.accumulators[name].total = acc["total"].to(device) if torch.is_tensor(acc["total"]) else acc["total"]
+            self.accumulators[name].count = int(acc["count"])
         self.guard.unfreeze()
         self.active = None
         if state["active"] is not None:  # resume in the middle of an exploration stage
-            self.active = {k: v.bool() for k, v in state["active"].items()}
-            for name, module in self.layers.items():
-                explored = ~self.active[name]
-                masking.set_trainable(module, explored if self.freeze_active else torch.ones_like(explored))
-            self._freeze_rest()
+            self.active = {k: v.bool().to(device) for k, v in state["active"].items()}
+            self._open_exploration()
         self.prepare()
 
     def finalize(self) -> nn.Module:
         if self.exploring:
             self._end_exploration(self.active)
-        self._remove_lr_hooks()
         return super().finalize()
