@@ -12,7 +12,8 @@ equals the mask; IEE's exploration sets it to the complement of the mask (active
 :class:`OptimizerGuard` makes every non-trainable entry bit-identical across ``optimizer.step()`` (value and
 per-entry optimizer state such as momentum or Adam moments), whatever the optimizer does with weight decay or
 momentum. It can also scale the step of chosen entries (:func:`set_step_scale`): a per-entry learning rate, so
-IEE's explored weights can move at a fraction of the rate while the rest of the network trains at the full one. Masked-out entries additionally have their optimizer state zeroed when they are pruned
+IEE's explored weights can move at a fraction of the rate while the rest of the network trains at the full one.
+Masked-out entries additionally have their optimizer state zeroed when they are pruned
 (:func:`reset_optimizer_state`), so no momentum builds up behind a pruned weight.
 """
 
@@ -266,7 +267,7 @@ class OptimizerGuard:
     Weight decay and momentum would otherwise move a weight whose gradient is zero. Before each step the guard
     snapshots the value and per-entry state of every layer that has frozen or step-scaled entries; after the step
     it writes them back where the entry is not trainable (state that the step creates, on the first step, is
-    zeroed there) and shrinks the step of scaled entries (:func:`set_step_scale`).
+    zeroed there) and scales the step of step-scaled entries (:func:`set_step_scale`).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, layers: Iterable[nn.Module]):
