@@ -1,25 +1,37 @@
-"""Overhead of masked training against dense training of the same model, side by side in one run.
+"""Overhead of masked training against dense training, and the speed of the trainer's options, side by side.
 
-    python bench/overhead.py            # ResNet-20, batch 128, 28×28×1 inputs
+    python bench/overhead.py            # both parts: ResNet-20 masking overhead, then the speed options
     python bench/overhead.py --quick    # fewer steps
+    python bench/overhead.py --part options --models mlp resnet8   # only the speed options, on these models
 
 1. Time per training step between mask updates: a dense model and the same model masked at 90 % (ERK, static
    mask, optimizer guard on), measured in alternating blocks so that machine noise hits both alike.
    Reported as the ratio of medians (goal: ≤ 1.10).
 2. Share of wall time spent in mask updates: RigL with its default interval (100 steps), the time inside
    ``sp.step()`` against the whole training loop.
-Writes bench/results/overhead.json and overhead.md.
+3. Training-speed options of the trainer, each in its own process (the allocator setting is process-wide), the
+   processes taking turns round by round, one thread each (as grid jobs run): glibc's allocator as it is against
+   the steady allocator (freed memory kept in the process), NCHW against channels_last, eager against
+   ``torch.compile``. A step is a whole trainer step on a masked model (90 % ERK, batch made and augmented,
+   forward, backward, optimizer with the guard, ``sp.step()``). Reports the median step and minor page faults per
+   step. The allocator changes no number (the same floating-point operations); channels_last and compile change
+   the kernels, so the same masked network is trained for a few hundred steps each way and the losses compared.
+Writes bench/results/overhead.{json,md} (parts 1-2) and overhead-options.{json,md} (part 3).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import resource
 import statistics
+import subprocess
 import sys
 import time
 
 import torch
-from runner import RESULTS, commit
+from runner import RESULTS, ROOT, commit
 
 from regrow import masking, methods
 from regrow.checkpoint import write_json
@@ -59,12 +71,7 @@ def time_block(model, optimizer, sp, batches) -> list[float]:
     return times
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="resnet20")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--quick", action="store_true")
-    args = p.parse_args(argv)
+def masking_overhead(args) -> None:
     blocks, per_block, rigl_steps = (3, 5, 120) if args.quick else (8, 20, 600)
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randn(args.batch_size, 1, 28, 28, generator=g), torch.randint(0, 10, (args.batch_size,),
@@ -121,6 +128,119 @@ def main(argv=None) -> int:
         f"{100 * result['mask_update_share_of_wall_time']:.2f} % |", ""])
     (RESULTS / f"{name}.md").write_text(md)
     print(md)
+
+
+# ----- part 3: the trainer's speed options ----------------------------------------------------------------------
+OPTIONS = {  # label -> (steady allocator, channels_last, torch.compile)
+    "glibc allocator, NCHW": (False, False, False),
+    "steady allocator, NCHW": (True, False, False),
+    "steady allocator, channels_last": (True, True, False),
+    "steady allocator, channels_last, compile": (True, True, True),
+}
+
+
+def option_worker(spec: dict) -> dict:
+    """Train ``spec['steps']`` trainer steps of a masked model in this process with one option set; time them."""
+    from regrow.training import TrainConfig, Trainer
+
+    torch.set_num_threads(1)
+    config = TrainConfig(model=spec["model"], method="static", sparsity=0.9, distribution="erk",
+                         epochs=1, max_steps=spec["steps"], channels_last=spec["channels_last"], device="cpu",
+                         progress=False, seed=0)
+    trainer = Trainer(config, "/dev/null/unused")  # train_step only: nothing is written
+    if spec["compile"]:
+        trainer.model = torch.compile(trainer.model)
+    started = time.perf_counter()
+    losses, times, faults = [], [], []
+    for step in range(spec["steps"]):
+        before, t = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
+        loss, _ = trainer.train_step(step)
+        times.append(time.perf_counter() - t)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+        losses.append(loss)
+        if step == spec["warmup"] - 1:
+            warm = time.perf_counter() - started
+    from regrow.training import evaluate
+    accuracy, _ = evaluate(trainer.model, trainer.test_data)
+    timed = times[spec["warmup"]:]
+    return {"step_ms": 1e3 * statistics.median(timed),
+            "minor_faults_per_step": statistics.fmean(faults[spec["warmup"]:]), "warmup_seconds": warm,
+            "test_accuracy": accuracy, "final_loss": statistics.fmean(losses[-20:]), "steps": spec["steps"],
+            "timed_steps": len(timed)}
+
+
+def speed_options(args) -> None:
+    steps, warmup, rounds = (60, 10, 2) if args.quick else (args.steps, 20, args.rounds)
+    results: dict[str, dict[str, list[dict]]] = {m: {label: [] for label in OPTIONS} for m in args.models}
+    for r in range(rounds):
+        for model in args.models:
+            for label, (steady, channels_last, compiled) in OPTIONS.items():
+                if compiled and r > 0 and not args.compile_every_round:
+                    continue  # compiling costs ~40 s a process; one round of it is enough to see the speed
+                spec = {"model": model, "steps": steps, "warmup": warmup, "channels_last": channels_last,
+                        "compile": compiled}
+                env = {**os.environ, "REGROW_STEADY_ALLOCATOR": "1" if steady else "0", "OMP_NUM_THREADS": "1"}
+                proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], cwd=ROOT, env=env,
+                                      capture_output=True, text=True)
+                if proc.returncode != 0:
+                    raise SystemExit(f"worker {model} / {label} failed:\n{proc.stderr[-3000:]}")
+                result = json.loads(proc.stdout.strip().splitlines()[-1])
+                results[model][label].append(result)
+                print(f"round {r + 1}/{rounds} {model:9s} {label:42s} {result['step_ms']:8.1f} ms/step "
+                      f"{result['minor_faults_per_step']:9.0f} faults/step  acc {result['test_accuracy']:.4f}",
+                      flush=True)
+    rows = []
+    for model, per in results.items():
+        base = statistics.median(x["step_ms"] for x in per["glibc allocator, NCHW"])
+        for label, runs in per.items():
+            ms = statistics.median(x["step_ms"] for x in runs)
+            rows.append({"model": model, "options": label, "step_ms": ms, "speedup": base / ms,
+                         "minor_faults_per_step": statistics.fmean(x["minor_faults_per_step"] for x in runs),
+                         "test_accuracy": [x["test_accuracy"] for x in runs],
+                         "final_loss": [x["final_loss"] for x in runs],
+                         "warmup_seconds": statistics.fmean(x["warmup_seconds"] for x in runs),
+                         "rounds": len(runs)})
+    command = "python bench/overhead.py " + " ".join(args.argv)
+    name = "overhead-options-quick" if args.quick else "overhead-options"
+    env = environment()
+    write_json(RESULTS / f"{name}.json", {"command": command, "commit": commit(), "environment": env,
+                                          "steps": steps, "warmup": warmup, "rounds": rounds, "rows": rows})
+    lines = [f"# {name}", "", f"Command: `{command}`  ",
+             f"Commit: {commit()}; {env['processor']}, one thread per process, torch {env['torch']}  ",
+             f"Each cell: a process training a 90 % ERK static-mask model for {steps} trainer steps (batch 128, "
+             f"Fashion-MNIST, augmentation on); median of the steps after the first {warmup}, median over "
+             f"{rounds} rounds taken in turn (compile: one round); test accuracy after those steps.", "",
+             "| model | options | step | speed-up vs glibc/NCHW/eager | minor page faults / step | warm-up | "
+             f"test accuracy after {steps} steps |", "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        acc = ", ".join(f"{100 * a:.2f}" for a in row["test_accuracy"])
+        lines.append(f"| {row['model']} | {row['options']} | {row['step_ms']:.1f} ms | {row['speedup']:.2f}× | "
+                     f"{row['minor_faults_per_step']:.0f} | {row['warmup_seconds']:.1f} s | {acc} % |")
+    md = "\n".join(lines) + "\n"
+    (RESULTS / f"{name}.md").write_text(md)
+    print(md)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="resnet20", help="part 1-2: the model")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--part", choices=["masking", "options", "all"], default="all")
+    p.add_argument("--models", nargs="+", default=["mlp", "resnet8", "resnet20"], help="part 3: the models")
+    p.add_argument("--steps", type=int, default=300, help="part 3: trainer steps per process")
+    p.add_argument("--rounds", type=int, default=3, help="part 3: processes per option set, taken in turn")
+    p.add_argument("--compile-every-round", action="store_true")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.argv = list(argv if argv is not None else sys.argv[1:])
+    if args.worker:
+        print(json.dumps(option_worker(json.loads(args.worker))))
+        return 0
+    if args.part in ("masking", "all"):
+        masking_overhead(args)
+    if args.part in ("options", "all"):
+        speed_options(args)
     return 0
 
 
