@@ -1,72 +1,228 @@
-"""IEE against the sparse-training baselines, unstructured ERK sparsity on Fashion-MNIST.
+"""IEE against the sparse-training baselines in the long regime: unstructured ERK sparsity on Fashion-MNIST.
 
-    python bench/unstructured.py                 # the README grid (see --help for its size)
-    python bench/unstructured.py --quick         # smoke test: a few steps per run
-    python bench/unstructured.py --jobs 2        # two runs at a time, one thread each
+    python bench/unstructured.py --model mlp --epochs 30 --jobs 2          # the README grid on two CPU cores
+    python bench/unstructured.py --model resnet8 --epochs 20 --jobs 2      # the conv grid (many hours)
+    python bench/unstructured.py --model mlp --epochs 30 --only 'iee-*-0.95-*' 'rigl-0.95-*'   # a part of it
+    python bench/unstructured.py --quick                                   # smoke test: a few steps per run
 
-Grid, identical epochs for every method and seed: dense; static, GMP, SET, RigL and IEE at 90, 95 and 98 %
-sparsity (ERK); at 95 % also IEE's four ablations (no exploration, no freeze of the active set, J = 0, zero
-init of grown weights), exploration at the full learning rate, the Taylor criterion, and H = J = Q at 1/3× and
-2× the default 50. Reports mean ± std of the last-epoch test accuracy, training FLOPs and wall time; plots
-accuracy vs sparsity, mask IoU and survival of grown weights.
-Resumable: finished runs are skipped, interrupted ones resume from their checkpoint.
+The regime is IEE's: at least 50 IEE cycles (H = J = Q = 50 steps, cycles until 75 % of training) and a dense
+baseline that has plateaued (dense at E and at 2E epochs are both in the grid; the table says how far apart).
+RigL and SET update every ``--interval`` steps, by default 33: the paper runs IEE with H = J = Q = 150 against
+RigL's ΔT = 100, i.e. 4.5 RigL updates per IEE cycle, and the same ratio at H = J = Q = 50 is an interval of 33.
+RigL at its own default interval (100) is in the grid too, at 95 % and 98 %.
+
+Grid, the same seeds for every method (paired): dense (E and 2E epochs); static, SET, RigL and IEE at 90, 95 and
+98 % ERK (E epochs); at 95 % IEE's open choices (never-active units at their initial values or at 0, exploration
+at 0.1×, 0.3× or 1× the learning rate) and its ablations (no exploration, no freeze of Θ_K, J = 0, zero init of
+grown weights); and RigL given IEE's training FLOPs as more epochs (equal FLOPs; planned once IEE's and RigL's
+E-epoch runs of seed 0 have finished, so run the script again to add them).
+Reports the last-epoch test accuracy (mean ± std), the paired IEE − RigL difference (mean ± standard error over
+seeds), training FLOPs, wall time, and the paper's mask metrics (re-admission share, first-time growth, IoU,
+survival of grown units) as JSON + markdown + plots. Resumable: finished runs are skipped, interrupted ones resume.
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
+import json
+import math
 import statistics
 import sys
 
 from runner import RESULTS, aggregate, figure, run_grid, style, write_results
 
-from regrow.training import TrainConfig
+from regrow.methods.iee import DEFAULT_EXPLORE_LR_SCALE, DEFAULT_NEVER_ACTIVE
+from regrow.training import SUMMARY, TrainConfig
 
 SPARSITIES = (0.9, 0.95, 0.98)
-METHODS = ("static", "gmp", "set", "rigl", "iee")
-HJQ = 50  # IEE's H = J = Q default at batch 128 on Fashion-MNIST (469 steps an epoch)
+METHODS = ("static", "set", "rigl", "iee")
+HJQ = 50  # IEE's H = J = Q at batch 128 on Fashion-MNIST (469 steps an epoch)
+PAPER_HJQ, PAPER_RIGL_INTERVAL = 150, 100
+CONV_MODELS = ("resnet8", "resnet20", "resnet32", "resnet56", "vgg", "mobilenetv2")
+
+# The open choices of IEE that the grid measures (run ids name them), and its ablations at the chosen ones.
+CHOICE_GRID = (("init", 0.1), ("zero", 0.1), ("init", 0.3), ("init", 1.0), ("zero", 1.0))
+ABLATIONS = {
+    "iee-no-explore": {"explore": False},
+    "iee-no-freeze": {"freeze_active": False},
+    "iee-no-improve": {"improve_steps": 0},
+    "iee-zero-init": {"grow_init": "zero"},
+}
 
 
-def variants(hjq: int) -> dict[str, dict]:
-    """IEE ablations and the H = J = Q sweep, run at 95 % only: label -> IEE options."""
-    return {
-        "iee-no-explore": {"explore": False},
-        "iee-no-freeze": {"freeze_active": False},
-        "iee-no-improve": {"improve_steps": 0},
-        "iee-zero-init": {"grow_init": "zero"},
-        "iee-explore-full-lr": {"explore_lr_scale": 1.0},  # the spec's starting point: the current learning rate
-        "iee-taylor": {"criterion": "taylor"},  # |w·g| accumulated over the H and Q steps instead of |w|
-        "iee-hjq-third": dict.fromkeys(("estimate_steps", "improve_steps", "explore_steps"), max(1, hjq // 3)),
-        "iee-hjq-double": dict.fromkeys(("estimate_steps", "improve_steps", "explore_steps"), 2 * hjq),
-    }
+def iee_id(never_active: str, lr_scale: float) -> str:
+    return f"iee-{never_active}-lr{lr_scale:g}"
+
+
+def default_iee() -> str:
+    return iee_id(DEFAULT_NEVER_ACTIVE, DEFAULT_EXPLORE_LR_SCALE)
 
 
 def grid(args) -> dict[str, TrainConfig]:
-    hjq = 5 if args.quick else HJQ  # quick: short cycles so that several fit in a few steps
+    hjq = 5 if args.quick else args.hjq
+    interval = 3 if args.quick else args.interval
 
-    def config(method, sparsity, seed, options):
-        if args.quick and method in ("gmp", "set", "rigl"):
-            options = {"interval": 5, **options}
+    def config(method, sparsity, seed, options, epochs=args.epochs):
+        if method in ("set", "rigl"):
+            options = {"interval": interval, **options}
         if method == "iee":
             options = {**dict.fromkeys(("estimate_steps", "improve_steps", "explore_steps"), hjq), **options}
-        return TrainConfig(model=args.model, method=method, sparsity=sparsity, distribution="erk",
-                           epochs=args.epochs, max_steps=40 if args.quick else None, seed=seed,
-                           channels_last=args.channels_last,
+        return TrainConfig(model=args.model, method=method, sparsity=sparsity, distribution="erk", epochs=epochs,
+                           max_steps=40 if args.quick else None, seed=seed, device=args.device,
+                           channels_last=args.model in CONV_MODELS,
                            progress=sys.stderr.isatty() and args.jobs == 1, method_options=options)
 
+    chosen = {"never_active": DEFAULT_NEVER_ACTIVE, "explore_lr_scale": DEFAULT_EXPLORE_LR_SCALE}
     runs = {}
     for seed in range(args.seeds):
         runs[f"dense-seed{seed}"] = config("dense", 0.0, seed, {})
+        runs[f"dense-2x-seed{seed}"] = config("dense", 0.0, seed, {}, epochs=2 * args.epochs)
         for sparsity in SPARSITIES:
             for method in METHODS:
-                runs[f"{method}-{sparsity:g}-seed{seed}"] = config(method, sparsity, seed, {})
-        for label, options in variants(hjq).items():
-            runs[f"{label}-0.95-seed{seed}"] = config("iee", 0.95, seed, options)
+                if method == "iee":
+                    runs[f"{default_iee()}-{sparsity:g}-seed{seed}"] = config("iee", sparsity, seed, dict(chosen))
+                else:
+                    runs[f"{method}-{sparsity:g}-seed{seed}"] = config(method, sparsity, seed, {})
+        for never_active, scale in CHOICE_GRID:
+            runs[f"{iee_id(never_active, scale)}-0.95-seed{seed}"] = config(
+                "iee", 0.95, seed, {"never_active": never_active, "explore_lr_scale": scale})
+        for label, options in ABLATIONS.items():
+            runs[f"{label}-0.95-seed{seed}"] = config("iee", 0.95, seed, {**chosen, **options})
+        for sparsity in (0.95, 0.98):
+            runs[f"rigl-interval{PAPER_RIGL_INTERVAL}-{sparsity:g}-seed{seed}"] = config(
+                "rigl", sparsity, seed, {"interval": PAPER_RIGL_INTERVAL})
+    runs.update(equal_flops_runs(args, runs, config))
+    if args.only:
+        runs = {k: v for k, v in runs.items() if any(fnmatch.fnmatch(k, p) for p in args.only)}
     return runs
+
+
+def equal_flops_runs(args, runs: dict[str, TrainConfig], config) -> dict[str, TrainConfig]:
+    """RigL trained for as many epochs as give it IEE's training FLOPs, from the finished seed-0 runs' FLOPs."""
+    out = {}
+    for sparsity in SPARSITIES:
+        iee, rigl = (read_summary(args, f"{name}-{sparsity:g}-seed0") for name in (default_iee(), "rigl"))
+        if iee is None or rigl is None:
+            print(f"equal-FLOPs RigL at {sparsity:g}: waiting for {default_iee()} and rigl at seed 0", flush=True)
+            continue
+        epochs = max(args.epochs, round(args.epochs * iee["train_flops"] / rigl["train_flops"]))
+        for seed in range(args.seeds):
+            out[f"rigl-eqflops-{sparsity:g}-seed{seed}"] = config("rigl", sparsity, seed, {}, epochs=epochs)
+    return out
+
+
+def grid_name(args) -> str:
+    return args.grid_name or ("unstructured-quick" if args.quick else f"unstructured-{args.model}-e{args.epochs}")
+
+
+def read_summary(args, run_id: str) -> dict | None:
+    path = RESULTS / "runs" / grid_name(args) / run_id / SUMMARY
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def group(run_id: str, summary: dict) -> str:
     return run_id.rsplit("-seed", 1)[0]
+
+
+# ----- reporting --------------------------------------------------------------------------------------------------
+def by_seed(summaries: dict, key: str) -> dict[int, dict]:
+    return {s["seed"]: s for run_id, s in summaries.items() if group(run_id, s) == key}
+
+
+def paired(summaries: dict, a: str, b: str) -> dict | None:
+    """Mean and standard error over the seeds both have of accuracy(a) − accuracy(b), in points."""
+    x, y = by_seed(summaries, a), by_seed(summaries, b)
+    seeds = sorted(set(x) & set(y))
+    if not seeds:
+        return None
+    diffs = [100 * (x[s]["test_accuracy"] - y[s]["test_accuracy"]) for s in seeds]
+    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
+    return {"mean": statistics.fmean(diffs), "se": se, "n": len(diffs), "diffs": diffs}
+
+
+def mask_stats(summaries: dict, key: str) -> dict:
+    """Pooled mask metrics of a group, averaged over its seeds."""
+    runs = [s["mask_metrics"] for s in by_seed(summaries, key).values() if s["mask_metrics"].get("updates")]
+    if not runs:
+        return {}
+
+    def mean(field, sub=None):
+        values = [r[field] if sub is None else r[field][sub] for r in runs]
+        values = [v for v in values if v is not None]
+        return statistics.fmean(values) if values else None
+    return {"updates": mean("updates"), "readmitted": mean("readmitted_share"), "first_time": mean("first_time_share"),
+            "survival_next": mean("survival_share", "1"), "survival_to_end": mean("survival_to_end_share"),
+            "iou_last": statistics.fmean(r["iou_previous"][-1] for r in runs),
+            "ever_active": mean("ever_active_share")}
+
+
+def cell(rows: dict, key: str) -> str:
+    r = rows.get(key)
+    return "" if r is None else f"{100 * r['test_accuracy_mean']:.2f} ± {100 * r['test_accuracy_std']:.2f}"
+
+
+def diff_cell(d: dict | None) -> str:
+    return "" if d is None else f"{d['mean']:+.2f} ± {d['se']:.2f} (n={d['n']})"
+
+
+def pct(value) -> str:
+    return "" if value is None else f"{100 * value:.1f} %"
+
+
+def report(rows: dict, summaries: dict, args) -> str:
+    iee = default_iee()
+    lines = ["## Equal epochs", "",
+             f"Last-epoch test accuracy (%), mean ± std over seeds; IEE − RigL is the paired difference (mean ± "
+             f"standard error over seeds). IEE = {iee} (the defaults).", "",
+             "| sparsity | dense | static | SET | RigL | IEE | IEE − RigL | RigL ΔT=100 | IEE − RigL ΔT=100 | "
+             "FLOPs IEE / RigL (× dense) | IEE re-admitted | RigL re-admitted |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for s in SPARSITIES:
+        k = f"{s:g}"
+        rigl100 = f"rigl-interval{PAPER_RIGL_INTERVAL}-{k}"
+        flops = (f"{rows[f'{iee}-{k}']['train_flops_ratio']:.3f} / {rows[f'rigl-{k}']['train_flops_ratio']:.3f}"
+                 if f"{iee}-{k}" in rows and f"rigl-{k}" in rows else "")
+        lines.append(f"| {100 * s:g} % | {cell(rows, 'dense') if s == SPARSITIES[0] else ''} | "
+                     f"{cell(rows, f'static-{k}')} | {cell(rows, f'set-{k}')} | {cell(rows, f'rigl-{k}')} | "
+                     f"{cell(rows, f'{iee}-{k}')} | {diff_cell(paired(summaries, f'{iee}-{k}', f'rigl-{k}'))} | "
+                     f"{cell(rows, rigl100)} | {diff_cell(paired(summaries, f'{iee}-{k}', rigl100))} | {flops} | "
+                     f"{pct(mask_stats(summaries, f'{iee}-{k}').get('readmitted'))} | "
+                     f"{pct(mask_stats(summaries, f'rigl-{k}').get('readmitted'))} |")
+    plateau = paired(summaries, "dense-2x", "dense")
+    if plateau:
+        lines += ["", f"Dense plateau: dense at {2 * args.epochs} epochs − dense at {args.epochs} epochs = "
+                      f"{diff_cell(plateau)} points ({cell(rows, 'dense-2x')} vs {cell(rows, 'dense')})."]
+    lines += ["", "## Equal training FLOPs", "",
+              "RigL trained for as many epochs as give it IEE's training FLOPs (IEE's exploration runs dense).", "",
+              "| sparsity | RigL epochs | RigL FLOPs (× dense E epochs) | RigL at equal FLOPs | IEE | IEE − RigL |",
+              "|---|---|---|---|---|---|"]
+    for s in SPARSITIES:
+        k = f"{s:g}"
+        r = rows.get(f"rigl-eqflops-{k}")
+        if r is None:
+            continue
+        ratio = r["train_flops"] / rows["dense"]["train_flops"] if "dense" in rows else float("nan")
+        difference = diff_cell(paired(summaries, f"{iee}-{k}", f"rigl-eqflops-{k}"))
+        lines.append(f"| {100 * s:g} % | {r['epochs']} | {ratio:.3f} | {cell(rows, f'rigl-eqflops-{k}')} | "
+                     f"{cell(rows, f'{iee}-{k}')} | {difference} |")
+    lines += ["", "## IEE at 95 %: open choices and ablations", "",
+              "| variant | accuracy | − RigL (paired) | FLOPs (× dense) | cycles | re-admitted | first-time | "
+              "survival next cycle | survival to end | IoU at last cycle | ever active |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    variants = [iee_id(n, lr) for n, lr in CHOICE_GRID] + list(ABLATIONS) + ["rigl", "set"]
+    for v in variants:
+        key = f"{v}-0.95"
+        if key not in rows:
+            continue
+        m = mask_stats(summaries, key)
+        lines.append(f"| {v}{' (default)' if v == iee else ''} | {cell(rows, key)} | "
+                     f"{diff_cell(paired(summaries, key, 'rigl-0.95')) if v != 'rigl' else ''} | "
+                     f"{rows[key]['train_flops_ratio']:.3f} | {m.get('updates', 0):.0f} | "
+                     f"{pct(m.get('readmitted'))} | {pct(m.get('first_time'))} | {pct(m.get('survival_next'))} | "
+                     f"{pct(m.get('survival_to_end'))} | {m.get('iou_last', float('nan')):.3f} | "
+                     f"{pct(m.get('ever_active'))} |")
+    return "\n".join(lines)
 
 
 def mean_curve(curves: list[list[float | None]]) -> list[float]:
@@ -79,50 +235,81 @@ def mean_curve(curves: list[list[float | None]]) -> list[float]:
 
 
 def plot(rows: dict, summaries: dict, prefix: str) -> None:
-    with figure(RESULTS / f"{prefix}-accuracy.png") as ax:
-        for method in METHODS:
+    iee = default_iee()
+    with figure(RESULTS / f"{prefix}-accuracy.png", ncols=2, figsize=(11, 4)) as axes:
+        for label, method in (("static", "static"), ("SET", "set"), ("RigL", "rigl"), ("IEE", iee),
+                              ("RigL at IEE's FLOPs", "rigl-eqflops")):
             keys = [f"{method}-{s:g}" for s in SPARSITIES if f"{method}-{s:g}" in rows]
-            ax.errorbar([100 * rows[k]["sparsity_target"] for k in keys],
-                        [100 * rows[k]["test_accuracy_mean"] for k in keys],
-                        yerr=[100 * rows[k]["test_accuracy_std"] for k in keys], marker="o", capsize=3, label=method)
+            if not keys:
+                continue
+            x = [100 * rows[k]["sparsity_target"] for k in keys]
+            axes[0].errorbar(x, [100 * rows[k]["test_accuracy_mean"] for k in keys],
+                             yerr=[100 * rows[k]["test_accuracy_std"] for k in keys], marker="o", capsize=3,
+                             label=label)
+            axes[1].scatter([rows[k]["train_flops_ratio"] for k in keys],
+                            [100 * rows[k]["test_accuracy_mean"] for k in keys], label=label)
         if "dense" in rows:
-            ax.axhline(100 * rows["dense"]["test_accuracy_mean"], color="black", ls="--", lw=1, label="dense")
-        style(ax, "sparsity (%)", "last-epoch test accuracy (%)")
+            for ax in axes:
+                ax.axhline(100 * rows["dense"]["test_accuracy_mean"], color="black", ls="--", lw=1, label="dense")
+        style(axes[0], "sparsity (%)", "last-epoch test accuracy (%)")
+        axes[1].set_xscale("log")
+        style(axes[1], "training FLOPs (× dense training of E epochs)", "last-epoch test accuracy (%)")
 
-    with figure(RESULTS / f"{prefix}-masks.png", ncols=2, figsize=(10, 3.8)) as axes:
-        for method in ("set", "rigl", "iee"):
-            runs = [s for k, s in summaries.items()
-                    if group(k, s) == f"{method}-0.95" and s["mask_metrics"]["updates"]]
-            if runs:
-                axes[0].plot(mean_curve([r["mask_metrics"]["iou_consecutive"] for r in runs]), marker=".",
-                             label=method)
-                axes[1].plot(mean_curve([r["mask_metrics"]["survival_to_end"] for r in runs]), marker=".",
-                             label=method)
-        style(axes[0], "update (RigL/SET) or cycle (IEE)", title="mask IoU between consecutive updates (95 %)")
-        style(axes[1], "update (RigL/SET) or cycle (IEE)", title="grown units still active at the end (95 %)")
+    panels = (("iou_previous", "mask IoU with the previous update"),
+              ("readmitted", "pruned units grown back by the same update"),
+              ("survival_to_end", "grown units still active at the end"))
+    with figure(RESULTS / f"{prefix}-masks.png", ncols=3, figsize=(15, 4)) as axes:
+        for label, key in (("SET", "set-0.95"), ("RigL", "rigl-0.95"), ("IEE", f"{iee}-0.95"),
+                           ("IEE, never-active at 0", "iee-zero-lr0.1-0.95"),
+                           ("IEE, no exploration", "iee-no-explore-0.95")):
+            runs = [s["mask_metrics"] for s in by_seed(summaries, key).values() if s["mask_metrics"].get("updates")]
+            if not runs or "readmitted" not in runs[0]:
+                continue
+            for ax, (field, _) in zip(axes, panels):
+                curve = mean_curve([r[field] for r in runs])
+                ax.plot([100 * (i + 1) / len(curve) for i in range(len(curve))], curve, lw=1, label=label)
+        for ax, (_, title) in zip(axes, panels):
+            ax.set_ylim(-0.02, 1.02)
+            style(ax, "update, as % of all updates (RigL/SET: every interval; IEE: every cycle)", title=title)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="40 steps per run, H = J = Q = 5, into a separate grid")
-    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--model", default="mlp")
+    p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--model", default="resnet20")
+    p.add_argument("--hjq", type=int, default=HJQ, help="IEE's H = J = Q in steps")
+    p.add_argument("--interval", type=int, default=None,
+                   help="RigL/SET update interval (default: the paper's ratio to H, J, Q: 100 × hjq / 150)")
     p.add_argument("--jobs", type=int, default=1, help="runs trained at once (threads are split between them)")
-    p.add_argument("--channels-last", action="store_true", help="NHWC layout for every run (faster on CPU)")
-    p.add_argument("--grid-name", default=None, help="results name (default unstructured, or with the epochs)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (several jobs may share one GPU)")
+    p.add_argument("--only", nargs="+", default=None, metavar="PATTERN", help="train only run ids matching these")
+    p.add_argument("--report-only", action="store_true", help="write the tables from finished runs, train nothing")
+    p.add_argument("--grid-name", default=None, help="results name (default unstructured-<model>-e<epochs>)")
     args = p.parse_args(argv)
-    name = args.grid_name or ("unstructured-quick" if args.quick else f"unstructured-{args.model}-e{args.epochs}")
-    summaries = run_grid(name, grid(args), jobs=args.jobs)
+    if args.interval is None:
+        args.interval = max(1, round(PAPER_RIGL_INTERVAL * args.hjq / PAPER_HJQ))
+    name = grid_name(args)
+    runs = grid(args)
+    if args.report_only:
+        runs = {k: v for k, v in runs.items() if read_summary(args, k) is not None}
+    summaries = run_grid(name, runs, jobs=args.jobs)
+    if args.only and not args.report_only:  # a part of the grid: report on everything finished so far
+        args.only = None
+        summaries = {k: s for k in grid(args) if (s := read_summary(args, k)) is not None}
     rows = aggregate(summaries, group)
     setup = {"model": args.model, "dataset": "fashion-mnist", "distribution": "erk", "epochs": args.epochs,
-             "batch size": 128, "seeds": args.seeds, "jobs": args.jobs, "channels last": args.channels_last,
+             "batch size": 128, "seeds": args.seeds, "jobs": args.jobs,
              "optimizer": "SGD Nesterov 0.9, lr 0.1 cosine, wd 5e-4",
-             "RigL/SET": "update every 100 steps, alpha 0.3 cosine, T_end 75 %",
-             "IEE": f"H = J = Q = {5 if args.quick else HJQ}, magnitude, cosine Omega, T_end 75 %, "
-                    "exploration lr × 0.1"}
+             "RigL/SET": f"update every {args.interval} steps, alpha 0.3 cosine, T_end 75 %",
+             "IEE": f"H = J = Q = {5 if args.quick else args.hjq}, magnitude, cosine Omega, T_end 75 %; defaults "
+                    f"never_active={DEFAULT_NEVER_ACTIVE}, explore_lr_scale={DEFAULT_EXPLORE_LR_SCALE}"}
     command = " ".join(["python bench/unstructured.py", *(argv if argv is not None else sys.argv[1:])])
-    print(write_results(name, rows, summaries, setup, command))
+    md = write_results(name, rows, summaries, setup, command)
+    extra = report(rows, summaries, args)
+    (RESULTS / f"{name}.md").write_text(md + "\n" + extra + "\n")
+    print(md + "\n" + extra)
     plot(rows, summaries, name)
     return 0
 
