@@ -54,6 +54,51 @@ def test_pts_rejects_unipts_sparsities_outside_the_grid_before_doing_anything(be
     assert "--unipts-sparsities [0.8] must be among --sparsities [0.5, 0.9]" in capsys.readouterr().err
 
 
+@pytest.fixture
+def bench_unstructured(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(BENCH))
+    import unstructured as module
+    return module
+
+
+def unstructured_args(**overrides):
+    args = Namespace(quick=False, model="mlp", epochs=30, seeds=3, hjq=50, interval=33, jobs=2, device="cpu",
+                     only=None, grid_name="unstructured-test")
+    for key, value in overrides.items():
+        setattr(args, key, value)
+    return args
+
+
+def test_unstructured_grid_is_paired_and_in_the_long_regime(bench_unstructured, monkeypatch):
+    module = bench_unstructured
+    monkeypatch.setattr(module, "read_summary", lambda args, run_id: None)  # nothing finished yet
+    runs = module.grid(unstructured_args())
+    groups = {module.group(k, None) for k in runs}
+    for g in groups:  # every group has every seed: paired comparisons
+        assert {f"{g}-seed{s}" for s in range(3)} <= set(runs)
+    steps = 30 * 469
+    iee = runs[f"{module.default_iee()}-0.95-seed0"]
+    hjq = iee.method_options["estimate_steps"]
+    assert (0.75 * steps) // (3 * hjq) >= 50  # at least 50 IEE cycles
+    assert runs["rigl-0.95-seed1"].method_options["interval"] == 33  # the paper's 4.5 RigL updates per cycle
+    assert runs["dense-2x-seed2"].epochs == 60
+    assert all(f"{m}-{s:g}" in groups for m in ("static", "set", "rigl") for s in module.SPARSITIES)
+    assert not any(k.startswith("rigl-eqflops") for k in runs)  # planned only from finished runs
+    only = module.grid(unstructured_args(only=["rigl-0.95-*"]))
+    assert sorted(only) == [f"rigl-0.95-seed{s}" for s in range(3)]
+
+
+def test_unstructured_equal_flops_epochs_come_from_the_finished_runs(bench_unstructured, monkeypatch):
+    module = bench_unstructured
+    finished = {f"{module.default_iee()}-0.95-seed0": {"train_flops": 6.0},
+                "rigl-0.95-seed0": {"train_flops": 1.0}}
+    monkeypatch.setattr(module, "read_summary", lambda args, run_id: finished.get(run_id))
+    runs = module.grid(unstructured_args())
+    assert [runs[f"rigl-eqflops-0.95-seed{s}"].epochs for s in range(3)] == [180] * 3
+    assert "rigl-eqflops-0.9-seed0" not in runs
+
+
 WORKER_SCRIPT = """
 import os, sys, time
 sys.path.insert(0, {bench!r})
