@@ -131,11 +131,14 @@ def masking_overhead(args) -> None:
 
 
 # ----- part 3: the trainer's speed options ----------------------------------------------------------------------
-OPTIONS = {  # label -> (steady allocator, channels_last, torch.compile)
-    "glibc allocator, NCHW": (False, False, False),
-    "steady allocator, NCHW": (True, False, False),
-    "steady allocator, channels_last": (True, True, False),
-    "steady allocator, channels_last, compile": (True, True, True),
+OPTIONS = {  # label -> (steady allocator, channels_last, torch.compile, method)
+    "glibc allocator, NCHW": (False, False, False, "static"),
+    "steady allocator, NCHW": (True, False, False, "static"),
+    "steady allocator, channels_last": (True, True, False, "static"),
+    "steady allocator, channels_last, compile": (True, True, True, "static"),
+    # a method whose masks and gradient capture change during training (RigL, an update every 100 steps)
+    "RigL: steady allocator, channels_last": (True, True, False, "rigl"),
+    "RigL: steady allocator, channels_last, compile": (True, True, True, "rigl"),
 }
 
 
@@ -144,12 +147,10 @@ def option_worker(spec: dict) -> dict:
     from regrow.training import TrainConfig, Trainer
 
     torch.set_num_threads(1)
-    config = TrainConfig(model=spec["model"], method="static", sparsity=0.9, distribution="erk",
+    config = TrainConfig(model=spec["model"], method=spec.get("method", "static"), sparsity=0.9, distribution="erk",
                          epochs=1, max_steps=spec["steps"], channels_last=spec["channels_last"], device="cpu",
-                         progress=False, seed=0)
+                         compile=spec["compile"], progress=False, seed=0)
     trainer = Trainer(config, "/dev/null/unused")  # train_step only: nothing is written
-    if spec["compile"]:
-        trainer.model = torch.compile(trainer.model)
     started = time.perf_counter()
     losses, times, faults = [], [], []
     for step in range(spec["steps"]):
@@ -174,11 +175,11 @@ def speed_options(args) -> None:
     results: dict[str, dict[str, list[dict]]] = {m: {label: [] for label in OPTIONS} for m in args.models}
     for r in range(rounds):
         for model in args.models:
-            for label, (steady, channels_last, compiled) in OPTIONS.items():
+            for label, (steady, channels_last, compiled, method) in OPTIONS.items():
                 if compiled and r > 0 and not args.compile_every_round:
                     continue  # compiling costs ~40 s a process; one round of it is enough to see the speed
                 spec = {"model": model, "steps": steps, "warmup": warmup, "channels_last": channels_last,
-                        "compile": compiled}
+                        "compile": compiled, "method": method}
                 env = {**os.environ, "REGROW_STEADY_ALLOCATOR": "1" if steady else "0", "OMP_NUM_THREADS": "1"}
                 proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], cwd=ROOT, env=env,
                                       capture_output=True, text=True)
@@ -207,8 +208,8 @@ def speed_options(args) -> None:
                                           "steps": steps, "warmup": warmup, "rounds": rounds, "rows": rows})
     lines = [f"# {name}", "", f"Command: `{command}`  ",
              f"Commit: {commit()}; {env['processor']}, one thread per process, torch {env['torch']}  ",
-             f"Each cell: a process training a 90 % ERK static-mask model for {steps} trainer steps (batch 128, "
-             f"Fashion-MNIST, augmentation on); median of the steps after the first {warmup}, median over "
+             f"Each cell: a process training a 90 % ERK model (static mask unless RigL) for {steps} trainer steps "
+             f"(batch 128, Fashion-MNIST, augmentation on); median of the steps after the first {warmup}, median over "
              f"{rounds} rounds taken in turn (compile: one round); test accuracy after those steps.", "",
              "| model | options | step | speed-up vs glibc/NCHW/eager | minor page faults / step | warm-up | "
              f"test accuracy after {steps} steps |", "|---|---|---|---|---|---|---|"]

@@ -72,6 +72,7 @@ def _train_parser(sub) -> None:
     p.add_argument("--channels-last", action="store_true", help="NHWC memory layout (faster convolutions on CPU)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: CUDA when available)")
     p.add_argument("--amp", default="none", choices=["none", "bf16"], help="bf16: forward under bfloat16 autocast")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training forward (see the README)")
     p.add_argument("--train-subset", type=int, default=None, help="train on a seeded subset of N samples")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/latest", help="output folder (default runs/latest)")
@@ -108,6 +109,7 @@ def _config_from(args) -> Any:
         batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, nesterov=not args.no_nesterov,
         weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing,
         augment=not args.no_augment, channels_last=args.channels_last, device=args.device, amp=args.amp,
+        compile=args.compile,
         train_subset=args.train_subset,
         latency_target=args.latency_target, cost=args.cost, latency_batch=args.latency_batch,
         init_from=args.init_from,

@@ -81,6 +81,7 @@ class TrainConfig:
     channels_last: bool = False  # NHWC memory layout: faster convolutions on CPU
     device: str = "auto"  # "cpu", "cuda", "cuda:N" or "auto" (CUDA when available)
     amp: str = "none"  # "bf16": forward and loss under bfloat16 autocast
+    compile: bool = False  # torch.compile the training forward (measured in bench/overhead.py; opt-in, see README)
     # Channel structure (structure="channel", methods halp / iee): the budget is a cost, not a sparsity.
     latency_target: float = 0.5  # fraction of the dense model's cost
     cost: str = "latency"  # "latency" (table measured on this device) or "macs"
@@ -201,6 +202,8 @@ class Trainer:
         self.model = self.model.to(self.device)
         if c.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        # Training steps may run a compiled wrapper; everything else (evaluation, checkpoints) uses the model itself.
+        self.forward = torch.compile(self.model) if c.compile else self.model
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=c.lr, momentum=c.momentum,
                                          nesterov=c.nesterov and c.momentum > 0, weight_decay=c.weight_decay)
         self.steps_per_epoch = batches_per_epoch(len(self.train_data), c.batch_size)
@@ -306,7 +309,7 @@ class Trainer:
         exploring = self.sparsifier.exploring
         self.model.train()
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.amp == "bf16"):
-            loss = F.cross_entropy(self.model(x), y, label_smoothing=c.label_smoothing)
+            loss = F.cross_entropy(self.forward(x), y, label_smoothing=c.label_smoothing)
         if not torch.isfinite(loss):
             raise TrainingDivergedError(
                 f"loss is {loss.item()} at step {step + 1} (epoch {epoch}); training stopped and the last "
