@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from regrow import masking
 from regrow.data import (
     DEFAULT_FASHION_MNIST_DIR,
     augment,
@@ -111,6 +112,9 @@ def test_every_registry_model_runs(name, channels):
 def test_model_sizes_and_depthwise_convs():
     n_params = sum(p.numel() for p in create_model("resnet20").parameters())
     assert 260_000 < n_params < 280_000  # ResNet-20 is about 0.27 M parameters
+    wrn = create_model("wrn22-2", in_channels=3)
+    assert 1_050_000 < sum(p.numel() for p in wrn.parameters()) < 1_120_000  # WRN-22-2 is about 1.1 M
+    assert len(masking.prunable_layers(wrn)) == 1 + 3 * 3 * 2 + 3 + 1  # stem, 9 blocks × 2, 3 shortcuts, fc
     mobilenet = create_model("mobilenetv2")
     assert any(m.groups == m.in_channels > 1 for m in mobilenet.modules() if isinstance(m, torch.nn.Conv2d))
     with pytest.raises(ConfigError, match="unknown model 'resnet21'; known: mlp, mobilenetv2"):

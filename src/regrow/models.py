@@ -1,4 +1,4 @@
-"""Models written for regrow (no torchvision): CIFAR-style ResNets, a small VGG, MobileNetV2 and an MLP.
+"""Models written for regrow (no torchvision): CIFAR-style ResNets, WideResNet, a small VGG, MobileNetV2, an MLP.
 
 All take ``in_channels`` (1 for Fashion-MNIST, 3 for colour) and ``num_classes``, and work on inputs of 28×28
 and up. ResNet downsampling shortcuts are 1×1 conv + BatchNorm (He et al.'s option B) rather than option A's
@@ -63,6 +63,54 @@ class CifarResNet(nn.Module):
         x = self.relu(self.bn1(self.conv1(x)))
         x = self.layer3(self.layer2(self.layer1(x)))
         return self.fc(torch.flatten(self.pool(x), 1))
+
+
+class WideBlock(nn.Module):
+    """Pre-activation basic block of a WideResNet (BN-ReLU-conv3×3 twice); 1×1 conv shortcut when the shape changes."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.bn1, self.conv1 = nn.BatchNorm2d(c_in), nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn2, self.conv2 = nn.BatchNorm2d(c_out), nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.relu = nn.ReLU(inplace=False)
+        self.shortcut = None
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Conv2d(c_in, c_out, 1, stride, 0, bias=False)
+
+    def forward(self, x):
+        pre = self.relu(self.bn1(x))
+        out = self.conv2(self.relu(self.bn2(self.conv1(pre))))
+        return out + (x if self.shortcut is None else self.shortcut(pre))
+
+
+class WideResNet(nn.Module):
+    """WideResNet-d-k (Zagoruyko & Komodakis 2016): three stages of (d − 4) / 6 pre-activation blocks of widths
+    16k, 32k, 64k; WRN-22-2 is the CIFAR model of the RigL and IEE papers."""
+
+    def __init__(self, depth: int = 22, widen: int = 2, in_channels: int = 1, num_classes: int = 10):
+        super().__init__()
+        if (depth - 4) % 6:
+            raise ValueError("WideResNet depth must be 6n + 4")
+        n = (depth - 4) // 6
+        self.conv1 = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
+        layers, c_in = [], 16
+        for stage, c_out in enumerate((16 * widen, 32 * widen, 64 * widen)):
+            blocks = []
+            for i in range(n):
+                blocks.append(WideBlock(c_in, c_out, 2 if (stage > 0 and i == 0) else 1))
+                c_in = c_out
+            layers.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = layers
+        self.bn, self.relu = nn.BatchNorm2d(c_in), nn.ReLU(inplace=True)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c_in, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x):
+        x = self.layer3(self.layer2(self.layer1(self.conv1(x))))
+        return self.fc(torch.flatten(self.pool(self.relu(self.bn(x))), 1))
 
 
 class VGG(nn.Module):
@@ -154,6 +202,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet20": lambda **kw: CifarResNet(20, **kw),
     "resnet32": lambda **kw: CifarResNet(32, **kw),
     "resnet56": lambda **kw: CifarResNet(56, **kw),
+    "wrn22-2": lambda **kw: WideResNet(22, 2, **kw),
     "vgg": lambda **kw: VGG(**kw),
     "mobilenetv2": lambda **kw: MobileNetV2(**kw),
     "mlp": lambda input_size=28, **kw: MLP(input_size=input_size, **kw),
