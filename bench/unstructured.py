@@ -69,7 +69,7 @@ def grid(args) -> dict[str, TrainConfig]:
         if method == "iee":
             options = {**dict.fromkeys(("estimate_steps", "improve_steps", "explore_steps"), hjq), **options}
         return TrainConfig(model=args.model, method=method, sparsity=sparsity, distribution="erk", epochs=epochs,
-                           max_steps=40 if args.quick else None, seed=seed, device=args.device,
+                           max_steps=40 if args.quick else None, seed=seed, device=args.device, augment=augment(args),
                            channels_last=args.model in CONV_MODELS,
                            progress=sys.stderr.isatty() and args.jobs == 1, method_options=options)
 
@@ -112,8 +112,20 @@ def equal_flops_runs(args, runs: dict[str, TrainConfig], config) -> dict[str, Tr
     return out
 
 
+def augment(args) -> bool:
+    """Random crop + flip for conv nets; none for the MLP, which has no translation invariance to gain from it
+    (measured: dense MLP 88.79 % with it against 90.15 % without at 30 epochs, and without it dense has plateaued
+    at 30 epochs while with it 30 -> 60 -> 120 epochs still gain 0.71 and 0.40 points)."""
+    return args.model in CONV_MODELS if args.augment is None else args.augment
+
+
 def grid_name(args) -> str:
-    return args.grid_name or ("unstructured-quick" if args.quick else f"unstructured-{args.model}-e{args.epochs}")
+    if args.grid_name:
+        return args.grid_name
+    if args.quick:
+        return "unstructured-quick"
+    suffix = "" if augment(args) == (args.model in CONV_MODELS) else ("-aug" if augment(args) else "-noaug")
+    return f"unstructured-{args.model}-e{args.epochs}{suffix}"
 
 
 def read_summary(args, run_id: str) -> dict | None:
@@ -282,6 +294,8 @@ def main(argv=None) -> int:
     p.add_argument("--hjq", type=int, default=HJQ, help="IEE's H = J = Q in steps")
     p.add_argument("--interval", type=int, default=None,
                    help="RigL/SET update interval (default: the paper's ratio to H, J, Q: 100 × hjq / 150)")
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="random crop + flip (default: for conv nets, not for the MLP)")
     p.add_argument("--jobs", type=int, default=1, help="runs trained at once (threads are split between them)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (several jobs may share one GPU)")
     p.add_argument("--only", nargs="+", default=None, metavar="PATTERN", help="train only run ids matching these")
@@ -300,7 +314,8 @@ def main(argv=None) -> int:
         summaries = {k: s for k in grid(args) if (s := read_summary(args, k)) is not None}
     rows = aggregate(summaries, group)
     setup = {"model": args.model, "dataset": "fashion-mnist", "distribution": "erk", "epochs": args.epochs,
-             "batch size": 128, "seeds": args.seeds, "jobs": args.jobs,
+             "augmentation": "random crop + flip" if augment(args) else "none", "batch size": 128,
+             "seeds": args.seeds, "jobs": args.jobs,
              "optimizer": "SGD Nesterov 0.9, lr 0.1 cosine, wd 5e-4",
              "RigL/SET": f"update every {args.interval} steps, alpha 0.3 cosine, T_end 75 %",
              "IEE": f"H = J = Q = {5 if args.quick else args.hjq}, magnitude, cosine Omega, T_end 75 %; defaults "

@@ -64,7 +64,7 @@ def bench_unstructured(monkeypatch, tmp_path):
 
 def unstructured_args(**overrides):
     args = Namespace(quick=False, model="mlp", epochs=30, seeds=3, hjq=50, interval=33, jobs=2, device="cpu",
-                     only=None, grid_name="unstructured-test")
+                     only=None, grid_name="unstructured-test", augment=None)
     for key, value in overrides.items():
         setattr(args, key, value)
     return args
@@ -83,6 +83,7 @@ def test_unstructured_grid_is_paired_and_in_the_long_regime(bench_unstructured, 
     assert (0.75 * steps) // (3 * hjq) >= 50  # at least 50 IEE cycles
     assert runs["rigl-0.95-seed1"].method_options["interval"] == 33  # the paper's 4.5 RigL updates per cycle
     assert runs["dense-2x-seed2"].epochs == 60
+    assert not runs["dense-seed0"].augment and module.grid(unstructured_args(model="resnet8"))["dense-seed0"].augment
     assert all(f"{m}-{s:g}" in groups for m in ("static", "set", "rigl") for s in module.SPARSITIES)
     assert not any(k.startswith("rigl-eqflops") for k in runs)  # planned only from finished runs
     only = module.grid(unstructured_args(only=["rigl-0.95-*"]))
