@@ -39,7 +39,7 @@ SPARSITIES = (0.9, 0.95, 0.98)
 METHODS = ("static", "set", "rigl", "iee")
 HJQ = 50  # IEE's H = J = Q at batch 128 on Fashion-MNIST (469 steps an epoch)
 PAPER_HJQ, PAPER_RIGL_INTERVAL = 150, 100
-CONV_MODELS = ("resnet8", "resnet20", "resnet32", "resnet56", "vgg", "mobilenetv2")
+CONV_MODELS = ("resnet8", "resnet20", "resnet32", "resnet56", "wrn22-2", "vgg", "mobilenetv2")
 
 # The open choices of IEE that the grid measures (run ids name them), and its ablations at the chosen ones.
 CHOICE_GRID = (("init", 0.1), ("zero", 0.1), ("init", 0.3), ("init", 1.0), ("zero", 1.0))
