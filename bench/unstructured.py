@@ -93,9 +93,19 @@ def grid(args) -> dict[str, TrainConfig]:
             runs[f"rigl-interval{PAPER_RIGL_INTERVAL}-{sparsity:g}-seed{seed}"] = config(
                 "rigl", sparsity, seed, {"interval": PAPER_RIGL_INTERVAL})
     runs.update(equal_flops_runs(args, runs, config))
+    runs = dict(sorted(runs.items(), key=lambda item: priority(item[0])))
     if args.only:
         runs = {k: v for k, v in runs.items() if any(fnmatch.fnmatch(k, p) for p in args.only)}
     return runs
+
+
+def priority(run_id: str) -> tuple[int, int]:
+    """Train order for a grid that spans sessions: the main comparison for every seed first (dense, then static,
+    SET, RigL and IEE at every sparsity), then the open choices, the ablations and the other RigL rows."""
+    key, seed = run_id.rsplit("-seed", 1)
+    main = key == "dense" or any(key == f"{m}-{s:g}" for m in ("static", "set", "rigl", default_iee())
+                                 for s in SPARSITIES)
+    return (0 if main else 2 if key.startswith(("rigl-eqflops", "dense-2x")) else 1), int(seed)
 
 
 def equal_flops_runs(args, runs: dict[str, TrainConfig], config) -> dict[str, TrainConfig]:
