@@ -100,12 +100,13 @@ def grid(args) -> dict[str, TrainConfig]:
 
 
 def priority(run_id: str) -> tuple[int, int]:
-    """Train order for a grid that spans sessions: the main comparison for every seed first (dense, then static,
-    SET, RigL and IEE at every sparsity), then the open choices, the ablations and the other RigL rows."""
+    """Train order for a grid that spans sessions: the main comparison for every seed first (dense at E and 2E,
+    static, SET, RigL and IEE at every sparsity), then the open choices, the ablations and RigL at ΔT = 100, then
+    RigL at equal FLOPs."""
     key, seed = run_id.rsplit("-seed", 1)
-    main = key == "dense" or any(key == f"{m}-{s:g}" for m in ("static", "set", "rigl", default_iee())
+    main = key in ("dense", "dense-2x") or any(key == f"{m}-{s:g}" for m in ("static", "set", "rigl", default_iee())
                                  for s in SPARSITIES)
-    return (0 if main else 2 if key.startswith(("rigl-eqflops", "dense-2x")) else 1), int(seed)
+    return (0 if main else 2 if key.startswith("rigl-eqflops") else 1), int(seed)
 
 
 def equal_flops_runs(args, runs: dict[str, TrainConfig], config) -> dict[str, TrainConfig]:
