@@ -183,8 +183,11 @@ def speed_options(args) -> None:
                 env = {**os.environ, "REGROW_STEADY_ALLOCATOR": "1" if steady else "0", "OMP_NUM_THREADS": "1"}
                 proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], cwd=ROOT, env=env,
                                       capture_output=True, text=True)
-                if proc.returncode != 0:
-                    raise SystemExit(f"worker {model} / {label} failed:\n{proc.stderr[-3000:]}")
+                if proc.returncode != 0:  # recorded, not fatal: a failing option is a result too
+                    error = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()][-1][:300]
+                    print(f"round {r + 1}/{rounds} {model:9s} {label:42s} FAILED: {error}", flush=True)
+                    results[model][label].append({"failed": error})
+                    continue
                 result = json.loads(proc.stdout.strip().splitlines()[-1])
                 results[model][label].append(result)
                 print(f"round {r + 1}/{rounds} {model:9s} {label:42s} {result['step_ms']:8.1f} ms/step "
@@ -192,8 +195,12 @@ def speed_options(args) -> None:
                       flush=True)
     rows = []
     for model, per in results.items():
-        base = statistics.median(x["step_ms"] for x in per["glibc allocator, NCHW"])
-        for label, runs in per.items():
+        base = statistics.median(x["step_ms"] for x in per["glibc allocator, NCHW"] if "failed" not in x)
+        for label, all_runs in per.items():
+            runs = [x for x in all_runs if "failed" not in x]
+            if not runs:
+                rows.append({"model": model, "options": label, "failed": all_runs[0]["failed"]})
+                continue
             ms = statistics.median(x["step_ms"] for x in runs)
             rows.append({"model": model, "options": label, "step_ms": ms, "speedup": base / ms,
                          "minor_faults_per_step": statistics.fmean(x["minor_faults_per_step"] for x in runs),
@@ -214,6 +221,9 @@ def speed_options(args) -> None:
              "| model | options | step | speed-up vs glibc/NCHW/eager | minor page faults / step | warm-up | "
              f"test accuracy after {steps} steps |", "|---|---|---|---|---|---|---|"]
     for row in rows:
+        if "failed" in row:
+            lines.append(f"| {row['model']} | {row['options']} | failed: `{row['failed']}` | | | | |")
+            continue
         acc = ", ".join(f"{100 * a:.2f}" for a in row["test_accuracy"])
         lines.append(f"| {row['model']} | {row['options']} | {row['step_ms']:.1f} ms | {row['speedup']:.2f}× | "
                      f"{row['minor_faults_per_step']:.0f} | {row['warmup_seconds']:.1f} s | {acc} % |")

@@ -203,7 +203,9 @@ class Trainer:
         if c.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         # Training steps may run a compiled wrapper; everything else (evaluation, checkpoints) uses the model itself.
-        self.forward = torch.compile(self.model) if c.compile else self.model
+        # Static shapes: a recompile (masks' gradient capture switching on and off) must not turn on dynamic
+        # shapes, with which inductor failed to lower a strided conv's backward (torch 2.13, RigL on ResNet-8).
+        self.forward = torch.compile(self.model, dynamic=False) if c.compile else self.model
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=c.lr, momentum=c.momentum,
                                          nesterov=c.nesterov and c.momentum > 0, weight_decay=c.weight_decay)
         self.steps_per_epoch = batches_per_epoch(len(self.train_data), c.batch_size)
