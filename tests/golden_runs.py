@@ -1,0 +1,96 @@
+"""Golden runs: short trainings of the registry models with every kind of method, fingerprinted, so that a change
+to the masking core can be checked to train exactly as before (committed benchmark results stay valid).
+
+    python tests/golden_runs.py --write     # record the fingerprints of the code as it is now
+
+The runs use the 12×12 synthetic data (fast, no files), on which every registry model but the VGG (four 2×2
+pools) runs; the VGG's layers are plain convs + BatchNorm, covered by the ResNets' runs.
+A fingerprint holds, per run, the SHA-256 of every tensor of the final model (weights and masks) and of the
+metrics file, plus numbers that survive another CPU (per-layer mask counts, losses, accuracy). Bit-identity is
+only defined on the machine that wrote the file (another CPU may sum in another order): test_golden_runs.py
+compares hashes there and the portable numbers, within a tolerance, everywhere else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+from regrow.training import METRICS, TrainConfig, Trainer, _cpu_name  # noqa: E402
+
+GOLDEN = Path(__file__).resolve().parent / "golden" / "runs.json"
+IEE_SHORT = {"estimate_steps": 2, "improve_steps": 1, "explore_steps": 2}
+RUNS: dict[str, dict] = {
+    "resnet8-dense": dict(model="resnet8", method="dense"),
+    "resnet8-static": dict(model="resnet8", method="static"),
+    "resnet8-gmp": dict(model="resnet8", method="gmp", method_options={"interval": 2}),
+    "resnet8-set": dict(model="resnet8", method="set", method_options={"interval": 2}),
+    "resnet8-rigl": dict(model="resnet8", method="rigl", method_options={"interval": 2}),
+    "resnet8-iee": dict(model="resnet8", method="iee", method_options=IEE_SHORT),
+    "resnet8-iee-zero": dict(model="resnet8", method="iee", method_options={**IEE_SHORT, "never_active": "zero"}),
+    "resnet8-rigl-2:4": dict(model="resnet8", method="rigl", sparsity=0.5, structure="2:4",
+                             method_options={"interval": 2}),
+    "resnet8-halp": dict(model="resnet8", method="halp", structure="channel", cost="macs", latency_target=0.6,
+                         method_options={"prune_every": 2, "prune_steps": 3}),
+    "resnet8-iee-channel": dict(model="resnet8", method="iee", structure="channel", cost="macs", latency_target=0.6,
+                                method_options=IEE_SHORT),
+    "mlp-rigl": dict(model="mlp", method="rigl", method_options={"interval": 2}),
+    "mlp-iee": dict(model="mlp", method="iee", method_options=IEE_SHORT),
+    "mlp-set": dict(model="mlp", method="set", method_options={"interval": 2}),
+    "mobilenetv2-rigl": dict(model="mobilenetv2", method="rigl", method_options={"interval": 2}),
+    "resnet20-iee": dict(model="resnet20", method="iee", method_options=IEE_SHORT),
+}
+
+
+def machine() -> str:
+    return f"{_cpu_name()}|{platform.machine()}|torch={torch.__version__}"
+
+
+def config(name: str) -> TrainConfig:
+    base = dict(dataset="synthetic", synthetic_size=64, sparsity=0.8, distribution="erk", epochs=3, max_steps=12,
+                batch_size=16, log_every=1, progress=False, seed=0, device="cpu")
+    return TrainConfig(**{**base, **RUNS[name]})
+
+
+def fingerprint(name: str) -> dict:
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as out:
+        trainer = Trainer(config(name), out)
+        summary = trainer.run()
+        state = trainer.model.state_dict()
+        metrics = (Path(out) / METRICS).read_text()
+    tensors = {k: hashlib.sha256(v.detach().contiguous().numpy().tobytes()).hexdigest() for k, v in state.items()}
+    return {
+        "tensors": tensors,
+        "metrics": hashlib.sha256(metrics.encode()).hexdigest(),
+        "mask_counts": {k: int(v.sum()) for k, v in state.items() if k.endswith("_mask")},
+        "losses": [record["loss"] if record["loss"] is not None else record["explore_loss"]
+                   for record in map(json.loads, metrics.splitlines()) if "lr" in record],
+        "test_accuracy": summary["test_accuracy"],
+        "sparsity_actual": summary["sparsity_actual"],
+        "mask_updates": summary["mask_updates"],
+    }
+
+
+def main() -> int:
+    if sys.argv[1:] != ["--write"]:
+        print(__doc__)
+        return 2
+    GOLDEN.parent.mkdir(exist_ok=True)
+    data = {"machine": machine(), "runs": {name: fingerprint(name) for name in RUNS}}
+    GOLDEN.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    print(f"{len(RUNS)} golden runs -> {GOLDEN}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+"""Registry models train exactly as the recorded golden runs (see golden_runs.py): bit for bit on the machine that
+recorded them, the portable numbers (mask counts per layer, losses, accuracy) everywhere."""
+
+import json
+
+import pytest
+
+from golden_runs import GOLDEN, RUNS, fingerprint, machine
+
+RECORDED = json.loads(GOLDEN.read_text())
+
+
+def test_every_golden_run_is_recorded():
+    assert set(RECORDED["runs"]) == set(RUNS)
+
+
+@pytest.mark.parametrize("name", sorted(RUNS))
+def test_golden_run(name):
+    expected, got = RECORDED["runs"][name], fingerprint(name)
+    assert got["mask_counts"] == expected["mask_counts"]
+    assert got["mask_updates"] == expected["mask_updates"]
+    assert got["sparsity_actual"] == pytest.approx(expected["sparsity_actual"], abs=1e-12)
+    assert got["losses"] == pytest.approx(expected["losses"], rel=1e-3, abs=1e-4)
+    if machine() != RECORDED["machine"]:
+        pytest.skip(f"bit-identity is checked on the recording machine ({RECORDED['machine']}); portable numbers "
+                    "matched here")
+    assert got["tensors"] == expected["tensors"]
+    assert got["metrics"] == expected["metrics"]
+    assert got["test_accuracy"] == expected["test_accuracy"]
