@@ -76,7 +76,7 @@ def fingerprint(name: str) -> dict:
         "losses": [record["loss"] if record["loss"] is not None else record["explore_loss"]
                    for record in map(json.loads, metrics.splitlines()) if "lr" in record],
         "test_accuracy": summary["test_accuracy"],
-        "sparsity_actual": summary["sparsity_actual"],
+        "sparsity_masked": summary["sparsity_masked"],
         "mask_updates": summary["mask_updates"],
     }
 

@@ -30,7 +30,7 @@ def counts(masks):
 
 def frozen_state(model, sp):
     """Everything exploration must not touch: active weights, BN affine and statistics, biases."""
-    state = {f"{n}.active": m.weight[sp.active[n]].clone() for n, m in sp.layers.items()}
+    state = {f"{n}.active": masking.raw(m)[sp.active[n]].clone() for n, m in sp.layers.items()}
     for name, t in model.state_dict().items():
         if not name.endswith(("weight", "weight_mask")) or ".bn" in name or name.startswith("bn"):
             state[name] = t.clone()
@@ -69,7 +69,7 @@ def test_exploration_freezes_active_and_bn_and_grown_weights_keep_explored_value
     assert sp.exploring and sp.stage(H + J + 1) == "explore"
     assert all(bool(m.weight_mask.all()) for m in sp.layers.values())  # every pruned unit is in the forward
     frozen = frozen_state(model, sp)
-    explored_before = {n: m.weight[~sp.active[n]].clone() for n, m in sp.layers.items()}
+    explored_before = {n: masking.raw(m)[~sp.active[n]].clone() for n, m in sp.layers.items()}
     for t in range(H + J + 1, L + 1):
         train_step(model, optimizer, t)
         now = frozen_state(model, sp)
@@ -77,7 +77,7 @@ def test_exploration_freezes_active_and_bn_and_grown_weights_keep_explored_value
                                                                                                            frozen[k])]
         if t < L:
             sp.step()
-    explored = {n: m.weight.detach().clone() for n, m in sp.layers.items()}
+    explored = {n: masking.raw(m).detach().clone() for n, m in sp.layers.items()}
     active = {n: a.clone() for n, a in sp.active.items()}
     assert any(not torch.equal(explored[n][~active[n]], explored_before[n]) for n in active)
     sp.step()  # grow
@@ -85,8 +85,8 @@ def test_exploration_freezes_active_and_bn_and_grown_weights_keep_explored_value
     for n, m in sp.layers.items():
         grown = masking.mask_of(m) & ~active[n]
         assert grown.any()
-        assert torch.equal(m.weight[grown], explored[n][grown])  # MRU: exactly the explored values
-        assert torch.equal(m.weight, explored[n])  # nothing else moved either: the rest of Θ_P is kept too
+        assert torch.equal(masking.raw(m)[grown], explored[n][grown])  # MRU: exactly the explored values
+        assert torch.equal(masking.raw(m), explored[n])  # nothing else moved either: the rest of Θ_P is kept too
 
 
 def run_first_cycle(**options):
@@ -94,11 +94,11 @@ def run_first_cycle(**options):
     snapshots = {}
     for t in range(1, L + 1):
         train_step(model, optimizer, t)
-        snapshots[t] = {n: (m.weight.detach().clone(), masking.mask_of(m).clone()) for n, m in sp.layers.items()}
+        snapshots[t] = {n: (masking.raw(m).detach().clone(), masking.mask_of(m).clone()) for n, m in sp.layers.items()}
         if sp.exploring:
             snapshots[t]["active"] = {n: a.clone() for n, a in sp.active.items()}
         sp.step()
-        snapshots[t]["after"] = {n: (m.weight.detach().clone(), masking.mask_of(m).clone())
+        snapshots[t]["after"] = {n: (masking.raw(m).detach().clone(), masking.mask_of(m).clone())
                                  for n, m in sp.layers.items()}
     return sp, snapshots
 
@@ -194,7 +194,7 @@ def test_exploration_counts_dense_flops_and_evaluation_sees_the_sparse_net():
         train_step(model, optimizer, t)
         sp.step()
     assert set(sp.forward_densities().values()) == {1.0}
-    assert all(d < 1.0 for n, d in sp.densities().items() if sp.target_counts()[n] < sp.layers[n].weight.numel())
+    assert all(d < 1.0 for n, d in sp.densities().items() if sp.target_counts()[n] < masking.raw(sp.layers[n]).numel())
     x, _ = batch(99)
     model.eval()
     with sp.sparse_view():
@@ -266,18 +266,18 @@ def test_exploration_grows_units_never_active_before(never_active):
 def test_a_layer_the_allocation_keeps_dense_is_left_alone():
     model, optimizer, sp = make(dense_first=True)  # as ERK does to small layers
     dense = [n for n in sp.layers if n not in sp.cycled]
-    assert dense == ["conv1"] and sp.target_counts()["conv1"] == model.conv1.weight.numel()
-    momentum = lambda: optimizer.state[model.conv1.weight]["momentum_buffer"].clone()  # noqa: E731
+    assert dense == ["conv1"] and sp.target_counts()["conv1"] == masking.raw(model.conv1).numel()
+    momentum = lambda: optimizer.state[masking.raw(model.conv1)]["momentum_buffer"].clone()  # noqa: E731
     for t in range(1, L + 1):
         train_step(model, optimizer, t)
-        weight, buf = model.conv1.weight.detach().clone(), momentum()
+        weight, buf = masking.raw(model.conv1).detach().clone(), momentum()
         sp.step()
         assert bool(model.conv1.weight_mask.all())
-        assert torch.equal(model.conv1.weight, weight) and torch.equal(momentum(), buf)  # prune / grow: untouched
+        assert torch.equal(masking.raw(model.conv1), weight) and torch.equal(momentum(), buf)  # prune / grow: untouched
         if t == H + J:
             explore_start = weight
     assert "conv1" not in sp.omega and sp.history[-1]["pruned"] > 0
-    assert torch.equal(model.conv1.weight, explore_start)  # frozen, like all of Θ_K, while Θ_P explores
+    assert torch.equal(masking.raw(model.conv1), explore_start)  # frozen, like all of Θ_K, while Θ_P explores
 
 
 def test_without_freeze_the_active_set_and_batchnorm_train_at_the_full_rate():
@@ -301,7 +301,7 @@ def test_without_freeze_the_active_set_and_batchnorm_train_at_the_full_rate():
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
     optimizer.step()
     for name, module in sp.layers.items():
-        step = module.weight.detach() - before[f"{name}.weight"]
+        step = masking.raw(module).detach() - before[f"{name}.weight"]
         active = sp.active[name]
         expected = -lr * grads[f"{name}.weight"]
         torch.testing.assert_close(step[active], expected[active], rtol=1e-4, atol=1e-7)

@@ -19,28 +19,28 @@ OPTIMIZERS = {
 def test_pruned_weights_stay_zero_and_keep_no_optimizer_state(tiny, name):
     optimizer = OPTIMIZERS[name](tiny.parameters())
     sp = regrow.Static(tiny, optimizer, sparsity=0.8, distribution="uniform", seed=1)
-    before = {n: m.weight.detach().clone() for n, m in sp.layers.items()}
+    before = {n: masking.raw(m).detach().clone() for n, m in sp.layers.items()}
     masks = sp.masks()
     train_steps(tiny, optimizer, sp, 100)
     for n, m in sp.layers.items():
         pruned = ~masks[n]
         assert torch.equal(masking.mask_of(m), masks[n])
         # The forward sees exactly zero, and the remembered dense value did not drift (weight decay, momentum).
-        assert (m.weight * m.weight_mask)[pruned].abs().max() == 0
-        assert torch.equal(m.weight[pruned], before[n][pruned])
+        assert (masking.raw(m) * m.weight_mask)[pruned].abs().max() == 0
+        assert torch.equal(masking.raw(m)[pruned], before[n][pruned])
         # Active weights did train.
-        assert not torch.equal(m.weight[masks[n]], before[n][masks[n]])
-        for key, state in optimizer.state[m.weight].items():
-            if torch.is_tensor(state) and state.shape == m.weight.shape:
+        assert not torch.equal(masking.raw(m)[masks[n]], before[n][masks[n]])
+        for key, state in optimizer.state[masking.raw(m)].items():
+            if torch.is_tensor(state) and state.shape == masking.raw(m).shape:
                 assert state[pruned].abs().max() == 0, key
 
 
 def test_forward_sees_weight_times_mask(tiny):
     layer = masking.add_mask(tiny.grouped)
-    mask = torch.rand(layer.weight.shape) > 0.5
+    mask = torch.rand(masking.raw(layer).shape) > 0.5
     masking.set_mask(layer, mask)
     x = torch.randn(2, 8, 6, 6)
-    expected = nn.functional.conv2d(x, layer.weight * mask, None, 1, 1, 1, 2)
+    expected = nn.functional.conv2d(x, masking.raw(layer) * mask, None, 1, 1, 1, 2)
     assert torch.allclose(layer(x), expected)
     assert "grouped.weight_mask" in tiny.state_dict()
 
@@ -62,15 +62,15 @@ def test_frozen_entries_do_not_change_bit_for_bit(tiny):
     train_steps(tiny, optimizer, sp, 5)
     layer = sp.layers["fc"]
     active = masking.mask_of(layer)
-    momentum_before = optimizer.state[layer.weight]["momentum_buffer"].clone()
+    momentum_before = optimizer.state[masking.raw(layer)]["momentum_buffer"].clone()
     # Explore: forward sees every weight, but only the pruned ones may change.
     masking.set_mask(layer, torch.ones_like(active))
     masking.set_trainable(layer, ~active)
-    weight_before = layer.weight.detach().clone()
+    weight_before = masking.raw(layer).detach().clone()
     train_steps(tiny, optimizer, None, 10, seed=100)
-    assert torch.equal(layer.weight[active], weight_before[active])
-    assert torch.equal(optimizer.state[layer.weight]["momentum_buffer"][active], momentum_before[active])
-    assert not torch.equal(layer.weight[~active], weight_before[~active])
+    assert torch.equal(masking.raw(layer)[active], weight_before[active])
+    assert torch.equal(optimizer.state[masking.raw(layer)]["momentum_buffer"][active], momentum_before[active])
+    assert not torch.equal(masking.raw(layer)[~active], weight_before[~active])
 
 
 def test_masks_round_trip_through_state_dict_into_original_class(tiny):
@@ -110,8 +110,8 @@ def test_dense_gradient_is_recorded_for_pruned_weights(tiny):
     dense = masking.dense_grad(layer)
     pruned = ~masking.mask_of(layer)
     assert dense is not None and dense[pruned].abs().sum() > 0
-    assert layer.weight.grad[pruned].abs().sum() == 0  # the parameter's own gradient is masked
-    assert torch.allclose(layer.weight.grad, dense * layer.weight_mask)
+    assert masking.raw(layer).grad[pruned].abs().sum() == 0  # the parameter's own gradient is masked
+    assert torch.allclose(masking.raw(layer).grad, dense * layer.weight_mask)
 
 
 def test_dense_gradient_sums_within_a_step_and_restarts_after_clearing(tiny):
@@ -123,7 +123,7 @@ def test_dense_gradient_sums_within_a_step_and_restarts_after_clearing(tiny):
         tiny.zero_grad()
         x, y = batch(seed)
         nn.functional.cross_entropy(tiny(x), y).backward()
-        return layer.weight.grad.clone()
+        return masking.raw(layer).grad.clone()
 
     g1 = grad_of(1)
     first = masking.dense_grad(layer).clone()
@@ -148,12 +148,13 @@ def test_bias_and_batchnorm_masks_zero_a_channel_and_hold_its_statistics(tiny):
     train_steps(tiny, optimizer, None, 3)
     keep = torch.ones(8, dtype=torch.bool)
     keep[[1, 5]] = False
-    masking.set_mask(conv, keep[:, None, None, None].expand_as(conv.weight).clone())
+    masking.set_mask(conv, keep[:, None, None, None].expand_as(masking.raw(conv)).clone())
     masking.set_mask(conv, keep, "bias")
     for param in ("weight", "bias"):
         masking.set_mask(bn, keep, param)
     stats = (bn.running_mean.clone(), bn.running_var.clone())
-    params = {"w": conv.weight, "b": conv.bias, "g": bn.weight, "be": bn.bias}
+    params = {"w": masking.raw(conv), "b": masking.raw(conv, "bias"), "g": masking.raw(bn),
+              "be": masking.raw(bn, "bias")}
     values = {n: p.detach().clone() for n, p in params.items()}
     train_steps(tiny, optimizer, None, 5, seed=50)
     assert torch.equal(bn.running_mean[~keep], stats[0][~keep]) and torch.equal(bn.running_var[~keep], stats[1][~keep])
@@ -173,7 +174,7 @@ def test_bias_and_batchnorm_masks_zero_a_channel_and_hold_its_statistics(tiny):
     guard.remove()
     masking.remove_mask(conv)
     masking.remove_mask(bn)
-    assert (tiny.conv1.bias[~keep] == 0).all() and (tiny.bn1.weight[~keep] == 0).all()
+    assert (tiny.conv1.bias[~keep] == 0).all() and (tiny.bn1.weight[~keep] == 0).all()  # baked: plain modules
     assert type(tiny.bn1) is nn.BatchNorm2d and "bn1.bias_mask" not in tiny.state_dict()
 
 
@@ -188,19 +189,19 @@ def test_step_scale_is_a_per_entry_learning_rate(name):
     def run(scale_where, lr_factor):
         torch.manual_seed(0)
         layer = masking.add_mask(nn.Linear(20, 10))
-        optimizer = OPTIMIZERS[name]([layer.weight])
+        optimizer = OPTIMIZERS[name]([masking.raw(layer)])
         for group in optimizer.param_groups:
             group["lr"] *= lr_factor
         guard = masking.OptimizerGuard(optimizer, [layer])
         if scale_where is not None:
             masking.set_step_scale(layer, scale_where, 0.1)
         for _ in range(6):
-            loss = ((layer.weight - target) ** 2).sum()
+            loss = ((masking.raw(layer) - target) ** 2).sum()
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
         guard.remove()
-        return layer.weight.detach()
+        return masking.raw(layer).detach()
 
     scaled, full, slow = run(where, 1.0), run(None, 1.0), run(None, 0.1)
     torch.testing.assert_close(scaled[where], slow[where], rtol=1e-5, atol=1e-6)

@@ -113,9 +113,9 @@ class ChannelMasks:
                 self.modules[name] = module
         for module in self.modules.values():
             masking.add_mask(module, bias=True)
-        self._out = {n: torch.ones(m.weight.shape[0], dtype=torch.bool) for n, m in self.modules.items()}
-        self._in = {n: torch.ones(m.weight.shape[1], dtype=torch.bool) for n, m in self.modules.items()
-                    if m.weight.dim() > 1}
+        self._out = {n: torch.ones(masking.raw(m).shape[0], dtype=torch.bool) for n, m in self.modules.items()}
+        self._in = {n: torch.ones(masking.raw(m).shape[1], dtype=torch.bool) for n, m in self.modules.items()
+                    if masking.raw(m).dim() > 1}
         self.keep = [torch.ones(g.size, dtype=torch.bool) for g in groups]
 
     def set_keep(self, index: int, keep: torch.Tensor) -> None:
@@ -132,7 +132,7 @@ class ChannelMasks:
             expanded = keep.repeat_interleave(len(idxs) // group.size)  # a flatten repeats each channel
             if role == OUT:
                 self._out[name][idxs] = expanded
-            elif module.weight.dim() > 1 and getattr(module, "groups", 1) == 1:
+            elif masking.raw(module).dim() > 1 and getattr(module, "groups", 1) == 1:
                 self._in[name][idxs] = expanded
             touched.add(name)
         for name in touched:
@@ -140,13 +140,13 @@ class ChannelMasks:
 
     def _refresh(self, name: str) -> None:
         module, out = self.modules[name], self._out[name]
-        if module.weight.dim() == 1:  # BatchNorm
+        if masking.raw(module).dim() == 1:  # BatchNorm
             masking.set_mask(module, out)
         else:
-            shape = (-1, 1) + (1,) * (module.weight.dim() - 2)
-            mask = out.view(shape) & self._in[name].view((1, -1) + (1,) * (module.weight.dim() - 2))
-            masking.set_mask(module, mask.expand_as(module.weight))
-        if module.bias is not None:
+            shape = (-1, 1) + (1,) * (masking.raw(module).dim() - 2)
+            mask = out.view(shape) & self._in[name].view((1, -1) + (1,) * (masking.raw(module).dim() - 2))
+            masking.set_mask(module, mask.expand_as(masking.raw(module)))
+        if masking.raw(module, "bias") is not None:
             masking.set_mask(module, out, "bias")
 
     def active_out(self, name: str) -> int:
@@ -186,7 +186,7 @@ def channel_importance(masks: ChannelMasks, index: int) -> torch.Tensor:
     producers = norms or [(n, i) for n, r, i in group.members if r == OUT]
     for name, idxs in producers:
         module = masks.modules[name]
-        for param in (module.weight, module.bias):
+        for param in (masking.raw(module, "weight"), masking.raw(module, "bias")):
             if param is None or param.grad is None:
                 continue
             contribution = (param.detach() * param.grad)

@@ -1,8 +1,12 @@
 """The masking core: binary masks that live in the model, and an optimizer guard that keeps them honest.
 
 A masked layer keeps its dense ``weight`` parameter (so pruned values are remembered, as IEE needs) and gets a
-buffer ``weight_mask`` in its own ``state_dict``. Its class is swapped for a subclass whose ``forward`` uses
-``weight * weight_mask``; parameters keep their identity, so an optimizer built before masking still works.
+buffer ``weight_mask`` in its own ``state_dict``. Its class is swapped for a subclass in which ``weight`` is a
+property: reading ``module.weight`` gives ``weight ⊙ weight_mask``, wherever it is read — the layer's own forward,
+a functional use by another module (``nn.MultiheadAttention`` reads ``out_proj.weight``), PyTorch's fused inference
+paths, ``eval()`` and ``torch.no_grad()`` alike. The parameter itself (``masking.raw(module)``, or
+``module._parameters["weight"]``) keeps its identity, so an optimizer built before masking still works, and the
+state dict keeps its keys. This is what ``torch.nn.utils.parametrize`` does, without renaming the parameter.
 Channel sparsity masks more than weights: ``add_mask(module, bias=True)`` also masks the bias (``bias_mask``), and
 BatchNorm layers can be masked too (gamma and beta; the running statistics of masked channels are held at their
 last value, so a channel that comes back finds the statistics it left with).
@@ -38,35 +42,39 @@ def mask_name(param: str) -> str:
 
 
 class _MaskedMixin:
-    """Forward with ``weight * weight_mask``; optionally record the dense gradient of that product."""
-
-    def forward(self, input):  # noqa: A002 - same signature as the layer it replaces
-        weight = self.weight * self.weight_mask
-        if self._regrow_capture and weight.requires_grad:
-            weight.register_hook(self._regrow_store_grad)
-        bias_mask = self._buffers.get("bias_mask")
-        bias = self.bias if bias_mask is None else self.bias * bias_mask
-        return self._regrow_forward(input, weight, bias)
+    """Masked parameters read as ``raw ⊙ mask`` (see :func:`_masked_property`); records the dense gradient."""
 
     def _regrow_store_grad(self, grad: torch.Tensor) -> None:
         # Gradient w.r.t. the effective weight: dL/dW for every entry, pruned ones included (RigL's dense grad).
+        # A weight read several times in one forward gets the sum of its uses' gradients, its total gradient.
         if self._regrow_dense_grad is None:
             self._regrow_dense_grad = grad.detach().clone()
         else:
             self._regrow_dense_grad += grad.detach()
 
 
-def _linear_forward(self, input, weight, bias):
-    return F.linear(input, weight, bias)
+def _masked_property(param: str) -> property:
+    """``module.<param>`` of a masked module: the parameter times its mask, computed at every read, so that no
+    forward path can see a pruned value. Without a mask (a bias that channel sparsity does not mask) it is the
+    parameter itself."""
+
+    def read(self):
+        value = self._parameters[param]
+        mask = self._buffers.get(mask_name(param))
+        if value is None or mask is None:
+            return value
+        value = value * mask
+        if param == "weight" and self._regrow_capture and value.requires_grad:
+            value.register_hook(self._regrow_store_grad)
+        return value
+
+    return property(read, doc=f"{param} ⊙ {mask_name(param)} (the raw parameter: masking.raw(module, {param!r}))")
 
 
-def _conv_forward(self, input, weight, bias):
-    return self._conv_forward(input, weight, bias)
-
-
-def _batch_norm_forward(self, input, weight, bias):
+def _batch_norm_forward(self, input):  # noqa: A002 - nn.BatchNorm's signature
     # nn.BatchNorm's own forward, with the masked affine parameters; masked channels' running statistics are put
     # back afterwards (a pruned channel sees zeros and would otherwise decay its statistics towards them).
+    weight, bias = self.weight, self.bias
     self._check_input_dim(input)
     factor = 0.0 if self.momentum is None else self.momentum
     if self.training and self.track_running_stats and self.num_batches_tracked is not None:
@@ -97,10 +105,17 @@ _MASKED_CLASSES: dict[type, type] = {}
 
 def _masked_class(cls: type) -> type:
     if cls not in _MASKED_CLASSES:
-        forward = (_linear_forward if issubclass(cls, nn.Linear) else
-                   _batch_norm_forward if issubclass(cls, NORM_TYPES) else _conv_forward)
-        _MASKED_CLASSES[cls] = type(f"Masked{cls.__name__}", (_MaskedMixin, cls), {"_regrow_forward": forward})
+        body: dict = {p: _masked_property(p) for p in MASKABLE_PARAMS}
+        if issubclass(cls, NORM_TYPES):
+            body["forward"] = _batch_norm_forward  # Linear and Conv keep their own forward: it reads the properties
+        _MASKED_CLASSES[cls] = type(f"Masked{cls.__name__}", (_MaskedMixin, cls), body)
     return _MASKED_CLASSES[cls]
+
+
+def raw(module: nn.Module, param: str = "weight") -> torch.Tensor | None:
+    """The parameter itself: its dense values (pruned entries keep theirs), what the optimizer updates. On a masked
+    module ``module.weight`` is ``raw(module) ⊙ mask``."""
+    return module._parameters.get(param)
 
 
 def is_masked(module: nn.Module) -> bool:
@@ -139,14 +154,14 @@ def add_mask(module: nn.Module, bias: bool = False) -> nn.Module:
         raise ConfigError(f"cannot mask {type(module).__name__}: only Linear, Conv1d/2d/3d and BatchNorm layers "
                           "are supported")
     if not is_masked(module):
-        module.register_buffer(MASK, torch.ones_like(module.weight, requires_grad=False))
+        module.register_buffer(MASK, torch.ones_like(raw(module), requires_grad=False))
         module.__class__ = _masked_class(type(module))
         module._regrow_capture = False
         module._regrow_dense_grad = None
         module._regrow_trainable = {}  # param -> bool tensor; absent: trainable set == mask
         module._regrow_step_scale = {}  # param -> (bool tensor, factor): entries whose step is scaled
-    if bias and module.bias is not None and "bias_mask" not in module._buffers:
-        module.register_buffer("bias_mask", torch.ones_like(module.bias, requires_grad=False))
+    if bias and raw(module, "bias") is not None and "bias_mask" not in module._buffers:
+        module.register_buffer("bias_mask", torch.ones_like(raw(module, "bias"), requires_grad=False))
     return module
 
 
@@ -162,13 +177,49 @@ def remove_mask(module: nn.Module, bake: bool = True) -> nn.Module:
     with torch.no_grad():
         for param in masked_params(module):
             if bake:
-                getattr(module, param).mul_(module._buffers[mask_name(param)])
+                raw(module, param).mul_(module._buffers[mask_name(param)])
             del module._buffers[mask_name(param)]
     for attr in ("_regrow_capture", "_regrow_dense_grad", "_regrow_trainable", "_regrow_step_scale",
                  "_regrow_stats_frozen"):
         module.__dict__.pop(attr, None)
     module.__class__ = type(module).__mro__[2]  # Masked<cls> -> (_MaskedMixin, cls)
     return module
+
+
+def weight_sparsity(model: nn.Module, reasons: dict[str, str] | None = None) -> dict:
+    """The zero fraction over every weight matrix of ``model`` (every parameter with two or more dimensions:
+    Linear and Conv weights, and also attention projections, embeddings, anything else), masked or not.
+
+    A masked weight counts its masked-out entries, an unmasked one its exact zeros. Returns ``sparsity``, the
+    ``masked`` share of all weight entries, and ``left_dense``: the unmasked matrices, each with the reason
+    ``reasons`` gives for its module (by module name), or one from its type.
+    """
+    modules = dict(model.named_modules())
+    total = zeros = masked = 0
+    left_dense: dict[str, str] = {}
+    for name, param in model.named_parameters():
+        if param.dim() < 2:
+            continue
+        owner, _, attr = name.rpartition(".")
+        module = modules[owner]
+        mask = module._buffers.get(mask_name(attr)) if is_masked(module) else None
+        total += param.numel()
+        if mask is not None:
+            zeros += int((mask == 0).sum())
+            masked += param.numel()
+            continue
+        zeros += int((param == 0).sum())
+        if reasons and owner in reasons:
+            left_dense[name] = reasons[owner]
+        elif isinstance(module, nn.MultiheadAttention):
+            left_dense[name] = ("nn.MultiheadAttention's own projection weight: its out_proj is a Linear and is "
+                                "masked like one, the packed input projection is not masked")
+        elif isinstance(module, PRUNABLE_TYPES):
+            left_dense[name] = "a Linear/Conv layer outside the sparsified set"
+        else:
+            left_dense[name] = f"{type(module).__name__} weight: not a layer type regrow masks"
+    return {"sparsity": zeros / total if total else 0.0, "masked_share": masked / total if total else 0.0,
+            "left_dense": left_dense}
 
 
 def masked_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -200,7 +251,7 @@ def set_trainable(module: nn.Module, trainable: torch.Tensor | None, param: str 
     if trainable is None:
         module._regrow_trainable.pop(param, None)
         return
-    if trainable.shape != getattr(module, param).shape:
+    if trainable.shape != raw(module, param).shape:
         raise ConfigError(f"trainable set must have the {param}'s shape")
     module._regrow_trainable[param] = trainable.bool().clone()
 
@@ -221,7 +272,7 @@ def set_step_scale(module: nn.Module, where: torch.Tensor | None, factor: float 
     if where is None or factor == 1.0:
         module._regrow_step_scale.pop(param, None)
         return
-    if where.shape != getattr(module, param).shape:
+    if where.shape != raw(module, param).shape:
         raise ConfigError(f"step-scale set must have the {param}'s shape")
     if not factor > 0:
         raise ConfigError(f"step scale must be > 0, got {factor}")
@@ -282,7 +333,7 @@ class OptimizerGuard:
         self._snapshot = []
         for module in self.layers:
             for name in masked_params(module):
-                param = getattr(module, name)
+                param = raw(module, name)
                 frozen = ~trainable_of(module, name)
                 scaled = step_scale_of(module, name)
                 if not frozen.any() and scaled is None:
@@ -354,12 +405,12 @@ def load_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> No
     owners = {key: owner for key in state_dict if (owner := _mask_owner(key)) is not None}
     for key, (owner, param) in owners.items():
         if owner not in modules or not isinstance(modules[owner], PRUNABLE_TYPES + NORM_TYPES) \
-                or getattr(modules[owner], param, None) is None:
+                or raw(modules[owner], param) is None:
             raise CheckpointError(f"checkpoint has a {param} mask for {owner!r}, which this model has no layer "
                                   "for (checkpoint of another architecture?)")
-        if state_dict[key].shape != getattr(modules[owner], param).shape:
+        if state_dict[key].shape != raw(modules[owner], param).shape:
             raise CheckpointError(f"mask {key} has shape {tuple(state_dict[key].shape)}, its layer's {param} "
-                                  f"{tuple(getattr(modules[owner], param).shape)}")
+                                  f"{tuple(raw(modules[owner], param).shape)}")
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected and k not in owners]

@@ -210,7 +210,7 @@ class PostTraining:
         and re-estimated on the (noised) calibration images, top-1 on the calibration set."""
         candidate = copy.deepcopy(self.dense)
         cand_layers = masking.prunable_layers(candidate)
-        weights = {n: m.weight.detach().clone() for n, m in layers.items()}
+        weights = {n: masking.raw(m).detach().clone() for n, m in layers.items()}
         order = {n: torch.argsort(w.abs().flatten(), descending=True, stable=True) for n, w in weights.items()}
         images, labels = self.calibration.images, self.calibration.labels
         noise = self.options.get("fitness_noise", 0.0)
@@ -222,7 +222,7 @@ class PostTraining:
                     keep = pts.keep_count(weights[n], sparsities[n], self.structure)
                     mask = torch.zeros(weights[n].numel(), dtype=torch.bool)
                     mask[order[n][:keep]] = True
-                    m.weight.copy_(weights[n] * mask.view_as(weights[n]))
+                    masking.raw(m).copy_(weights[n] * mask.view_as(weights[n]))
                     densities[n] = keep / weights[n].numel()
             pts.recalibrate_batchnorm(candidate, images, noise_std=noise, seed=self.config.seed)
             self.cost.forward(2 * len(images), densities)  # recalibration + scoring

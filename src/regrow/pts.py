@@ -78,6 +78,11 @@ def layer_inputs(model: nn.Module, layers: dict[str, nn.Module], images: torch.T
         model.train(was_training)
         for h in hooks:
             h.remove()
+    silent = [name for name, inputs in seen.items() if not inputs]
+    if silent:
+        raise ConfigError(f"{', '.join(silent)} never ran as a module on the calibration data (another module reads "
+                          "its weight directly, as nn.MultiheadAttention does with out_proj), so there are no inputs "
+                          "to score or refit it with: leave it out of the layers to prune")
     return seen
 
 
@@ -101,7 +106,7 @@ def input_norms(module: nn.Module, inputs: list[torch.Tensor]) -> torch.Tensor:
         sq = cols.pow(2).sum(0)
         total = sq if total is None else total + sq
     norms = total.sqrt()
-    weight = module.weight
+    weight = masking.raw(module)
     if isinstance(module, nn.Linear):
         return norms.expand_as(weight)
     per_group = weight.shape[1] * weight[0, 0].numel()  # (C_in/groups)·k·k
@@ -142,7 +147,8 @@ def select_mask(scores: torch.Tensor, sparsity: float, structure: Unstructured |
 def magnitude_masks(layers: dict[str, nn.Module], sparsities: dict[str, float],
                     structure: Unstructured | NM | None = None) -> dict[str, torch.Tensor]:
     """Per layer, keep the largest |w|: round((1 − s_l)·N_l) of them, or N of every M."""
-    return {name: select_mask(m.weight.detach().abs(), sparsities[name], structure) for name, m in layers.items()}
+    return {name: select_mask(masking.raw(m).detach().abs(), sparsities[name], structure)
+            for name, m in layers.items()}
 
 
 def wanda_masks(model: nn.Module, layers: dict[str, nn.Module], images: torch.Tensor,
@@ -152,7 +158,7 @@ def wanda_masks(model: nn.Module, layers: dict[str, nn.Module], images: torch.Te
     inputs = layer_inputs(model, layers, images)
     masks = {}
     for name, m in layers.items():
-        scores = m.weight.detach().abs() * input_norms(m, inputs[name])
+        scores = masking.raw(m).detach().abs() * input_norms(m, inputs[name])
         masks[name] = select_mask(scores, sparsity, structure) if isinstance(structure, NM) \
             else row_masks(scores, sparsity)
     return masks
@@ -167,7 +173,8 @@ def pot_refit(module: nn.Module, mask: torch.Tensor, inputs: list[torch.Tensor],
     Grouped and depthwise convs are refitted too: an output row sees only its group's input channels, so every
     group has its own Gram matrix (a depthwise 3×3 row solves a 10×10 system: 9 taps and the bias)."""
     groups = getattr(module, "groups", 1)
-    has_bias = module.bias is not None
+    weight_param, bias_param = masking.raw(module), masking.raw(module, "bias")  # the parameters, never masked views
+    has_bias = bias_param is not None
     gram, count = None, 0
     # a few samples at a time: a depthwise layer's unfolded input in float64 is 9× the activation, ×2 again
     for x in (part for batch in inputs for part in batch.split(16)):
@@ -180,8 +187,8 @@ def pot_refit(module: nn.Module, mask: torch.Tensor, inputs: list[torch.Tensor],
         gram = g if gram is None else gram + g
         count += cols.shape[0]
     gram /= max(count, 1)  # (groups, d, d)
-    weight = module.weight.reshape(module.weight.shape[0], -1).double()
-    dense = torch.cat([weight, module.bias.double()[:, None]], 1) if has_bias else weight
+    weight = weight_param.reshape(weight_param.shape[0], -1).double()
+    dense = torch.cat([weight, bias_param.double()[:, None]], 1) if has_bias else weight
     flat_mask = mask.reshape(mask.shape[0], -1)
     rows_per_group = dense.shape[0] // groups
     new = torch.zeros_like(dense)
@@ -197,9 +204,9 @@ def pot_refit(module: nn.Module, mask: torch.Tensor, inputs: list[torch.Tensor],
             sub = g_gram[support][:, support] + eye_scale * torch.eye(len(support), dtype=g_gram.dtype)
             new[row, support] = torch.linalg.solve(sub, target[i, support])
     if has_bias:
-        module.bias.copy_(new[:, -1].to(module.bias.dtype))
+        bias_param.copy_(new[:, -1].to(bias_param.dtype))
         new = new[:, :-1]
-    module.weight.copy_(new.reshape(module.weight.shape).to(module.weight.dtype))
+    weight_param.copy_(new.reshape(weight_param.shape).to(weight_param.dtype))
 
 
 def tau_at(progress: float, start: float = 8.0, decay: float = 0.99, epochs: int = 100) -> float:
@@ -342,13 +349,17 @@ class DynamicSparsity:
 
     def __init__(self, layers: dict[str, nn.Module], sparsities: dict[str, float], srste: float = 5e-5,
                  structure: Unstructured | NM | None = None, static: bool = False):
+        masked = [name for name, m in layers.items() if masking.is_masked(m)]
+        if masked:
+            raise ConfigError(f"UniPTS's sparse training keeps its own masks; {', '.join(masked)} already carry regrow "
+                              "masks (finalize them first)")
         self.layers, self.srste, self.static = layers, srste, static
         self.structure = structure or Unstructured()
         self.sparsities = dict(sparsities)
-        self.keep = {n: keep_count(m.weight, sparsities[n], self.structure) for n, m in layers.items()}
+        self.keep = {n: keep_count(masking.raw(m), sparsities[n], self.structure) for n, m in layers.items()}
         self.masks: dict[str, torch.Tensor] = {}
         if static:
-            self.masks = {n: self._select(n, m.weight) for n, m in layers.items()}
+            self.masks = {n: self._select(n, masking.raw(m)) for n, m in layers.items()}
         self._handles = []
         for name, module in layers.items():
             self._handles.append(module.register_forward_pre_hook(self._pre(name)))
@@ -382,14 +393,15 @@ class DynamicSparsity:
             return
         with torch.no_grad():
             for name, module in self.layers.items():
-                if module.weight.grad is not None and name in self.masks:
-                    module.weight.grad.add_(self.srste * (~self.masks[name]) * module.weight)
+                weight = masking.raw(module)
+                if weight.grad is not None and name in self.masks:
+                    weight.grad.add_(self.srste * (~self.masks[name]) * weight)
 
     def current_masks(self) -> dict[str, torch.Tensor]:
         """The masks the next forward would use."""
         if self.static:
             return dict(self.masks)
-        return {n: self._select(n, m.weight) for n, m in self.layers.items()}
+        return {n: self._select(n, masking.raw(m)) for n, m in self.layers.items()}
 
     def remove(self) -> None:
         for h in self._handles:

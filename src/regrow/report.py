@@ -55,6 +55,9 @@ def format_report(summary: dict[str, Any]) -> str:
     else:
         budget_lines = [f"sparsity        target {summary['sparsity_target']:.4f}   achieved "
                         f"{summary['sparsity_actual']:.4f}   ({summary['distribution']}, {summary['structure']})"]
+        if summary.get("sparsity_masked") is not None and summary.get("left_dense"):
+            budget_lines.append(f"                over the {summary['sparsity_masked']:.4f}-sparse masked layers; "
+                                f"every weight matrix counted ({len(summary['left_dense'])} left dense, below)")
     lines += [
         "",
         *budget_lines,
@@ -81,8 +84,9 @@ def format_report(summary: dict[str, Any]) -> str:
         lines.append(f"searched        {s['distribution']} distribution: calibration accuracy "
                      f"{s['calibration_accuracy']:.4f}, held-out {s['heldout_accuracy']:.4f} (magnitude masks + "
                      f"BatchNorm recalibration), {s['fitness_evaluations']} fitness evaluations{where}")
-    if summary.get("skipped_layers"):
-        lines.append("left dense      " + ", ".join(f"{k} ({v})" for k, v in summary["skipped_layers"].items()))
+    left_dense = summary.get("left_dense", summary.get("skipped_layers"))
+    if left_dense:
+        lines.append("left dense      " + ", ".join(f"{k} ({v})" for k, v in left_dense.items()))
     return "\n".join(lines)
 
 

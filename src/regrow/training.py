@@ -386,10 +386,13 @@ class Trainer:
         layers = layer_table(self.model, self.macs)
         params_total = sum(p.numel() for p in self.model.parameters())
         pruned = sum(int((m.weight_mask == 0).sum()) for m in masking.masked_layers(self.model).values())
+        weights = masking.weight_sparsity(self.model, self.sparsifier.skipped)
         summary = {
             "method": c.method, "model": c.model, "dataset": c.dataset,
             "sparsity_target": 0.0 if c.method == "dense" else c.sparsity,
-            "sparsity_actual": self.sparsifier.actual_sparsity(),
+            # over every weight matrix of the model; sparsity_masked: over the layers the method sparsified
+            "sparsity_actual": weights["sparsity"], "sparsity_masked": self.sparsifier.actual_sparsity(),
+            "left_dense": {} if c.method == "dense" else weights["left_dense"],
             "distribution": c.distribution, "structure": c.structure,
             "test_accuracy": final["test_accuracy"], "test_loss": final["test_loss"],
             "test_accuracy_per_epoch": [e["test_accuracy"] for e in s["evaluations"]],

@@ -112,7 +112,7 @@ class Sparsifier:
             return {n: self.structure.keep_count(s, self.structure.density) for n, s in shapes.items()}
         scores = None
         if self.distribution == "global":
-            scores = {n: magnitude(m.weight * m.weight_mask) for n, m in self.layers.items()}
+            scores = {n: magnitude(m.weight) for n, m in self.layers.items()}  # the masked values
         return keep_counts(shapes, sparsity, self.distribution, dense_first=self.dense_first,
                            dense_last=self.dense_last, scores=scores)
 
@@ -130,9 +130,9 @@ class Sparsifier:
         grown, dropped = new_mask & ~old, old & ~new_mask
         with torch.no_grad():
             if zero_grown:
-                module.weight.masked_fill_(grown, 0.0)
+                masking.raw(module).masked_fill_(grown, 0.0)
             masking.set_mask(module, new_mask)
-        masking.reset_optimizer_state(self.optimizer, module.weight, grown | dropped)
+        masking.reset_optimizer_state(self.optimizer, masking.raw(module), grown | dropped)
         return {"dropped": int(dropped.sum()), "grown": int(grown.sum())}
 
     def select_masks(self, scores: dict[str, torch.Tensor], counts: dict[str, int],
@@ -147,7 +147,7 @@ class Sparsifier:
             self.set_layer_mask(name, mask)
             if zero_inactive:
                 with torch.no_grad():
-                    module.weight.masked_fill_(~mask, 0.0)
+                    masking.raw(module).masked_fill_(~mask, 0.0)
 
     def random_masks(self, counts: dict[str, int], zero_inactive: bool = True) -> None:
         """A sparse start: random masks at the given counts (sparsifier's generator); inactive weights zero unless

@@ -57,7 +57,7 @@ class OneShot(Sparsifier):
     def update(self, step: int) -> None:
         if step == self.prune_at:
             counts = self.target_counts()
-            scores = {n: magnitude(m.weight) for n, m in self.layers.items()}
+            scores = {n: magnitude(masking.raw(m)) for n, m in self.layers.items()}
             self.select_masks(scores, counts)
             self.history.append({"step": step, "sparsity": self.actual_sparsity()})
 
@@ -99,7 +99,7 @@ class GMP(Sparsifier):
             mask = masking.mask_of(module)
             excess = int(mask.sum()) - counts[name]
             if excess > 0:
-                self.set_layer_mask(name, self.structure.prune(mask, magnitude(module.weight), excess))
+                self.set_layer_mask(name, self.structure.prune(mask, magnitude(masking.raw(module)), excess))
         self.history.append({"step": step, "target": target, "sparsity": self.actual_sparsity()})
 
 
@@ -150,7 +150,7 @@ class DynamicSparsifier(Sparsifier):
             if k == 0:
                 record["layers"][name] = {"k": 0, "dropped": 0, "grown": 0}
                 continue
-            after_drop = self.structure.prune(mask, magnitude(module.weight), k)
+            after_drop = self.structure.prune(mask, magnitude(masking.raw(module)), k)
             pruned[name] = mask & ~after_drop
             new_mask = self.structure.grow(after_drop, self.grow_scores(name, module), k)
             changed = self.set_layer_mask(name, new_mask, zero_grown=True)
@@ -185,8 +185,9 @@ class RigL(DynamicSparsifier):
     def grow_scores(self, name: str, module: nn.Module) -> torch.Tensor:
         grad = masking.dense_grad(module)
         if grad is None:
-            raise ConfigError(f"RigL found no dense gradient for {name!r} at step {self.step_count}: call "
-                              "sp.step() after loss.backward() and optimizer.step() of every training step")
+            raise ConfigError(f"RigL found no dense gradient for {name!r} at step {self.step_count}: either "
+                              "sp.step() did not follow that step's loss.backward() and optimizer.step(), or the "
+                              "layer's weight took no part in the step's forward (exclude it)")
         masking.clear_dense_grad(module)
         return grad.abs()
 

@@ -356,7 +356,7 @@ class ChannelSparsifier(Sparsifier):
             module = self.channels.modules[name]
             changed = old ^ masking.mask_of(module, param)
             if changed.any():
-                masking.reset_optimizer_state(self.optimizer, getattr(module, param), changed)
+                masking.reset_optimizer_state(self.optimizer, masking.raw(module, param), changed)
         return {"dropped_channels": dropped, "grown_channels": grown}
 
     # ----- lifecycle --------------------------------------------------------------------------------------
@@ -507,13 +507,13 @@ class ChannelIEE(IEECycle, ChannelSparsifier):
             module = self.channels.modules[name]
             explored = ~active
             if reset_state:
-                masking.reset_optimizer_state(self.optimizer, getattr(module, param), explored)
+                masking.reset_optimizer_state(self.optimizer, masking.raw(module, param), explored)
             masking.set_trainable(module, explored if self.freeze_active else torch.ones_like(explored), param)
             masking.set_step_scale(module, explored if explored.any() else None, self.explore_lr_scale, param)
             if param == "weight" and isinstance(module, masking.NORM_TYPES) and self.freeze_active:
                 masking.hold_statistics(module, active)
         if self.freeze_active:  # parameters outside every group (first conv, its BN) belong to Θ_K
-            masked = {id(getattr(m, p)) for m in self.channels.modules.values() for p in masking.masked_params(m)}
+            masked = {id(masking.raw(m, p)) for m in self.channels.modules.values() for p in masking.masked_params(m)}
             frozen = [p for p in self.model.parameters() if id(p) not in masked]
             for module in self.model.modules():
                 if isinstance(module, masking.NORM_TYPES) and module not in self.channels.modules.values():

@@ -199,7 +199,8 @@ class IEE(IEECycle, Sparsifier):
         if self.start == "random":
             self.random_masks(counts, zero_inactive=zero)
         else:
-            self.select_masks({n: magnitude(m.weight) for n, m in self.layers.items()}, counts, zero_inactive=zero)
+            self.select_masks({n: magnitude(masking.raw(m)) for n, m in self.layers.items()}, counts,
+                              zero_inactive=zero)
         self._last_masks = self.masks()
 
     # ----- the five stages ---------------------------------------------------------------------------------
@@ -213,8 +214,10 @@ class IEE(IEECycle, Sparsifier):
             grad = masking.dense_grad(module)
             if grad is None:
                 raise ConfigError(f"IEE's {self.criterion} criterion found no gradient for {name!r} at step "
-                                  f"{self.step_count}: call sp.step() after every loss.backward() and optimizer.step()")
-            self.accumulators.setdefault(name, ScoreAccumulator(self.criterion)).add(module.weight, grad)
+                                  f"{self.step_count}: either sp.step() did not follow that step's loss.backward() "
+                                  "and optimizer.step(), or the layer's weight took no part in the forward "
+                                  "(exclude it)")
+            self.accumulators.setdefault(name, ScoreAccumulator(self.criterion)).add(masking.raw(module), grad)
             masking.clear_dense_grad(module)  # consumed: the next step records its own gradient
 
     def scores(self) -> dict[str, torch.Tensor]:
@@ -223,7 +226,7 @@ class IEE(IEECycle, Sparsifier):
             out = {n: acc.score() for n, acc in self.accumulators.items()}
             self.accumulators = {}
             return out
-        return {n: magnitude(m.weight) for n, m in self.layers.items()}
+        return {n: magnitude(masking.raw(m)) for n, m in self.layers.items()}  # the values Θ_P holds too
 
     def prune(self, step: int) -> None:
         """Stage 2: move Ω_t lowest-scored active units of every cycled layer to Θ_P; their values stay in memory."""
@@ -245,7 +248,7 @@ class IEE(IEECycle, Sparsifier):
         """Stage 4 (start): every unit of Θ_P joins the forward with its most recent value; Θ_K is frozen."""
         self.active = self.masks()
         for name, module in self.layers.items():
-            masking.reset_optimizer_state(self.optimizer, module.weight, ~self.active[name])  # fresh (zero) momentum
+            masking.reset_optimizer_state(self.optimizer, masking.raw(module), ~self.active[name])  # zero momentum
         self._open_exploration()
 
     def _open_exploration(self) -> None:
@@ -256,7 +259,7 @@ class IEE(IEECycle, Sparsifier):
             masking.set_mask(module, torch.ones_like(explored))
             masking.set_trainable(module, explored if self.freeze_active else torch.ones_like(explored))
             masking.set_step_scale(module, explored if explored.any() else None, self.explore_lr_scale)
-        masked_weights = {id(m.weight) for m in self.layers.values()}
+        masked_weights = {id(masking.raw(m)) for m in self.layers.values()}
         frozen: list[torch.Tensor] = []
         for module in self.model.modules():
             is_bn = isinstance(module, nn.modules.batchnorm._NormBase)
@@ -280,7 +283,7 @@ class IEE(IEECycle, Sparsifier):
             self._end_exploration(active)
         else:  # ablation: no exploration, rank Θ_P by the magnitudes it holds
             self.accumulators = {}
-            scores = {n: magnitude(m.weight) for n, m in self.layers.items()}
+            scores = {n: magnitude(masking.raw(m)) for n, m in self.layers.items()}
             active = self.masks()
         if self.ranking == "global":
             counts = split_global({n: scores[n] for n in self.cycled}, {n: ~active[n] for n in self.cycled},
@@ -292,7 +295,7 @@ class IEE(IEECycle, Sparsifier):
             new_mask = self.structure.grow(active[name], scores[name], counts[name])
             if self.grow_init == "zero":
                 with torch.no_grad():
-                    module.weight.masked_fill_(new_mask & ~active[name], 0.0)
+                    masking.raw(module).masked_fill_(new_mask & ~active[name], 0.0)
             self.set_layer_mask(name, new_mask)
         masks = self.masks()
         record = {**self._cycle_record, "grow_step": step, "grown": sum(counts.values())}
