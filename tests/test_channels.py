@@ -4,8 +4,16 @@ from torch import nn
 
 from regrow import masking
 from regrow.channels import IN, OUT, ChannelMasks, channel_groups
-from regrow.errors import CheckpointError, ConfigError
-from regrow.export import count_parameters, export_channels, export_onnx, load_exported, save_exported
+from regrow.errors import CheckpointError, ConfigError, ExportError
+from regrow.export import (
+    OutputCheck,
+    count_parameters,
+    export_channels,
+    export_onnx,
+    load_exported,
+    remove_channels,
+    save_exported,
+)
 from regrow.models import MODELS, create_model
 
 
@@ -169,3 +177,47 @@ def test_exported_model_saves_loads_and_runs_under_onnxruntime(tmp_path):
         load_exported(tmp_path / "model.safetensors", model=create_model("resnet20"))
     diff = export_onnx(exported, x, tmp_path / "model.onnx")
     assert diff < 1e-4 and (tmp_path / "model.onnx").stat().st_size > 0
+
+
+class GroupedResidual(nn.Module):
+    """A grouped (not depthwise) conv inside a residual block: its input channels follow the residual stream."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.grouped, self.bn2 = nn.Conv2d(8, 8, 3, padding=1, groups=2, bias=False), nn.BatchNorm2d(8)
+        self.conv3, self.bn3 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        y = torch.relu(self.bn2(self.grouped(x)))
+        x = torch.relu(x + self.bn3(self.conv3(y)))
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_an_export_that_would_change_the_function_is_refused(seed):
+    model = GroupedResidual()
+    x = torch.randn(4, 1, 28, 28)
+    masks = random_channel_masks(model, x, seed=seed)
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)
+    try:
+        exported, _ = export_channels(model, masks, x[:1])
+    except ExportError as e:
+        assert "group 'conv3'" in str(e) and "refusing to export" in str(e) or "could not remove" in str(e)
+        return
+    with torch.no_grad():
+        assert torch.allclose(exported(x), expected, atol=1e-4)  # exported, then exactly
+
+
+def test_the_output_check_catches_a_wrong_removal():
+    model = create_model("resnet8").eval()
+    x = torch.randn(2, 1, 28, 28)
+    check = OutputCheck(model, (1, 28, 28))
+    check("none yet")  # unchanged: passes
+    with pytest.raises(ExportError, match="group 'layer1.0.conv1' changed the model's outputs"):
+        # channels 0-3 are alive (nothing was masked): removing them changes the function
+        remove_channels(model, x[:1], {"layer1.0.conv1": list(range(4, 16))}, check)

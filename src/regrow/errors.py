@@ -21,6 +21,10 @@ class CheckpointError(RegrowError):
     """A checkpoint is missing, corrupt, or belongs to another architecture or configuration."""
 
 
+class ExportError(RegrowError):
+    """A physical export would not compute what the masked model computes; nothing is saved."""
+
+
 class TrainingDivergedError(RegrowError):
     """The loss became NaN or infinite; nothing was saved from the broken state."""
 

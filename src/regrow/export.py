@@ -16,13 +16,53 @@ from torch import nn
 
 from . import checkpoint, masking
 from .channels import ChannelMasks, _tracer
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, ExportError
 
 EXPORT_FORMAT = "regrow-export/1"
 
 
-def remove_channels(model: nn.Module, example_inputs: torch.Tensor, kept: dict[str, list[int]]) -> nn.Module:
-    """Remove, in place, every channel of each group (named by its root layer) that is not in ``kept[root]``."""
+class OutputCheck:
+    """The model's outputs on a fixed random batch, to check after each group's removal that nothing changed.
+
+    Removing channels whose masks are baked to zero must leave the function as it was, up to rounding (fewer terms
+    in each sum). A group that Torch-Pruning cannot remove exactly (a grouped conv inside a residual block, a layer
+    it does not know) changes the outputs: then :class:`ExportError` names the group and nothing is saved."""
+
+    def __init__(self, model: nn.Module, input_shape: tuple[int, ...], samples: int = 8, tolerance: float = 1e-4):
+        device = next(model.parameters()).device
+        self.inputs = torch.randn(samples, *input_shape, generator=torch.Generator().manual_seed(0)).to(device)
+        self.model, self.tolerance = model, tolerance
+        self.reference = self._outputs()
+        self.scale = 1.0 + float(self.reference.abs().max())
+
+    def _outputs(self) -> torch.Tensor:
+        was_training = self.model.training
+        self.model.eval()
+        with torch.no_grad():
+            out = self.model(self.inputs)
+        self.model.train(was_training)
+        return out
+
+    def __call__(self, root: str) -> None:
+        try:
+            out = self._outputs()
+        except Exception as e:  # the surgery left layers that no longer fit together
+            raise ExportError(f"after removing the channels of group {root!r} the model no longer runs "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); refusing to export") from None
+        if out.shape != self.reference.shape:
+            raise ExportError(f"removing the channels of group {root!r} changed the output shape "
+                              f"{tuple(self.reference.shape)} -> {tuple(out.shape)}; refusing to export")
+        diff = float((out - self.reference).abs().max())
+        if not diff <= self.tolerance * self.scale:
+            raise ExportError(f"removing the channels of group {root!r} changed the model's outputs by up to "
+                              f"{diff:.3g} (tolerance {self.tolerance * self.scale:.2g}): this group cannot be "
+                              "removed exactly (a grouped conv inside a residual block does this); refusing to export")
+
+
+def remove_channels(model: nn.Module, example_inputs: torch.Tensor, kept: dict[str, list[int]],
+                    check: OutputCheck | None = None) -> nn.Module:
+    """Remove, in place, every channel of each group (named by its root layer) that is not in ``kept[root]``;
+    ``check`` (when given) runs after each group."""
     tp = _tracer()
     modules = dict(model.named_modules())
     unknown = [root for root in kept if root not in modules]
@@ -44,7 +84,13 @@ def remove_channels(model: nn.Module, example_inputs: torch.Tensor, kept: dict[s
             raise ConfigError(f"group {root!r} would lose every channel; at least one must stay")
         drop = sorted(set(range(size)) - {int(i) for i in keep})
         if drop:
-            graph.get_pruning_group(module, prune, idxs=drop).prune()
+            try:
+                graph.get_pruning_group(module, prune, idxs=drop).prune()
+            except Exception as e:
+                raise ExportError(f"Torch-Pruning could not remove the channels of group {root!r} "
+                                  f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+            if check is not None:
+                check(root)
     model.train(was_training)
     return model
 
@@ -57,7 +103,7 @@ def export_channels(model: nn.Module, masks: ChannelMasks, example_inputs: torch
     kept = masks.kept_indices()
     for module in masking.masked_layers(model).values():
         masking.remove_mask(module, bake=True)
-    remove_channels(model, example_inputs, kept)
+    remove_channels(model, example_inputs, kept, OutputCheck(model, tuple(example_inputs.shape[1:])))
     return model, {"kept": kept, "input_shape": list(example_inputs.shape[1:])}
 
 
@@ -70,12 +116,12 @@ def export_masked_model(model: nn.Module, example_inputs: torch.Tensor) -> tuple
     from .channels import channel_groups  # local: avoid a cycle at import time
 
     row_alive = {name: masking.mask_of(m).flatten(1).any(1) for name, m in masking.masked_layers(model).items()
-                 if m.weight.dim() > 1}
+                 if masking.raw(m).dim() > 1}
     for module in masking.masked_layers(model).values():
         masking.remove_mask(module, bake=True)
     groups = channel_groups(model, example_inputs)
     kept = {g.root: torch.nonzero(row_alive[g.root]).flatten().tolist() for g in groups if g.root in row_alive}
-    remove_channels(model, example_inputs, kept)
+    remove_channels(model, example_inputs, kept, OutputCheck(model, tuple(example_inputs.shape[1:])))
     return model, {"kept": kept, "input_shape": list(example_inputs.shape[1:])}
 
 
