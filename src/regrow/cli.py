@@ -79,6 +79,7 @@ def _train_parser(sub) -> None:
     p.add_argument("--log-every", type=int, default=50, help="steps between metric lines")
     p.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: every epoch)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -120,7 +121,7 @@ def _config_from(args) -> Any:
 def cmd_train(args) -> int:
     from .training import Trainer
 
-    summary = Trainer(_config_from(args), args.out).run(resume=args.resume)
+    summary = Trainer(_config_from(args), args.out).run(resume=args.resume, overwrite=args.overwrite)
     print(f"{summary['method']} {summary['model']}: test accuracy {summary['test_accuracy']:.4f}, sparsity "
           f"{summary['sparsity_actual']:.4f}, training FLOPs {summary['train_flops_ratio']:.3f}× dense, "
           f"{summary['wall_seconds']:.1f} s -> {Path(args.out) / 'summary.json'}")
@@ -178,20 +179,34 @@ def cmd_export(args) -> int:
     import torch
 
     from .export import count_parameters, export_masked_model, export_onnx, save_exported
+    from .runfolder import RunFolder, check_writable
+    from .training import RESULT_FILES
 
+    if args.check_batch <= 0:
+        raise ConfigError(f"--check-batch must be a positive number of samples, got {args.check_batch}")
+    source = Path(args.run)
+    folder = source if source.is_dir() else source.parent
+    out = Path(args.out or folder / ("exported.onnx" if args.format == "onnx" else "exported.safetensors"))
+    if out.name in RESULT_FILES or (source.exists() and out.exists() and out.resolve() == source.resolve()):
+        raise ConfigError(f"--out {out} would replace a run's own file; choose another name")
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder; give the file to write")
+    if out.exists() and not args.overwrite:
+        raise ConfigError(f"{out} exists; pass --overwrite to replace it")
+    check_writable(out.parent)
     model, meta = _load_run_model(args.run)
     shape = (meta["in_channels"], meta["input_size"], meta["input_size"])
     before = count_parameters(model)
     model.eval()
     exported, structure = export_masked_model(model, torch.zeros(1, *shape))
-    out = Path(args.out or Path(args.run) / ("exported.onnx" if args.format == "onnx" else "exported.safetensors"))
-    if args.format == "onnx":
-        diff = export_onnx(exported, torch.randn(args.check_batch, *shape), out)
-        detail = f"onnxruntime matches PyTorch within {diff:.2g}"
-    else:
-        keys = ("model", "dataset", "in_channels", "num_classes", "input_size", "method")
-        save_exported(out, exported, structure, {k: meta[k] for k in keys if k in meta})
-        detail = "load with regrow.export.load_exported"
+    with RunFolder(out.parent):
+        if args.format == "onnx":
+            diff = export_onnx(exported, torch.randn(args.check_batch, *shape), out)
+            detail = f"onnxruntime matches PyTorch within {diff:.2g}"
+        else:
+            keys = ("model", "dataset", "in_channels", "num_classes", "input_size", "method")
+            save_exported(out, exported, structure, {k: meta[k] for k in keys if k in meta})
+            detail = "load with regrow.export.load_exported"
     print(f"exported {meta['model']}: {before:,} -> {count_parameters(exported):,} parameters -> {out} ({detail})")
     return 0
 
@@ -226,7 +241,7 @@ def cmd_pts(args) -> int:
                        calibration_size=args.calibration_size, balanced=not args.unbalanced, seed=args.seed,
                        dataset=args.dataset, data_dir=args.data_dir, options=dict(map(_parse_option, args.opt)),
                        expect_model=args.model, progress=not args.no_progress)
-    s = run_pts(config, args.checkpoint, args.out)
+    s = run_pts(config, args.checkpoint, args.out, overwrite=args.overwrite)
     searched = s.get("search")
     detail = (f"; searched distribution: calibration {searched['calibration_accuracy']:.4f}, held-out "
               f"{searched['heldout_accuracy']:.4f}") if searched else ""
@@ -266,6 +281,7 @@ def _pts_parser(sub) -> None:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="a method option (repeatable)")
     p.add_argument("--out", default="runs/pts", help="output folder (default runs/pts)")
+    p.add_argument("--overwrite", action="store_true", help="replace a result already in --out")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -303,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--format", choices=["torch", "onnx"], default="torch")
     x.add_argument("--out", default=None, help="default RUN/exported.safetensors or RUN/exported.onnx")
     x.add_argument("--check-batch", type=int, default=8, help="ONNX: batch the onnxruntime check runs on")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     b = sub.add_parser("bench-latency", help="params, MACs, predicted and measured latency: dense vs exported")
     b.add_argument("run", help="a run folder (its model.safetensors) or a model.safetensors")
     b.add_argument("--batch-size", type=int, default=64, help="batch size of every latency figure (default 64)")

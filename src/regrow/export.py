@@ -150,7 +150,7 @@ def load_exported(path: str | os.PathLike, model: nn.Module | None = None) -> tu
     example = torch.zeros(1, *meta["structure"]["input_shape"])
     try:
         remove_channels(model, example, meta["structure"]["kept"])
-    except (ConfigError, IndexError, RuntimeError) as e:
+    except (ConfigError, ExportError, IndexError, RuntimeError) as e:
         raise CheckpointError(f"{path} does not fit this architecture: {e}") from None
     state = sections["model"]
     expected = model.state_dict()
@@ -172,25 +172,29 @@ def export_onnx(model: nn.Module, example_inputs: torch.Tensor, path: str | os.P
         raise ConfigError("ONNX export needs the onnx package (pip install 'regrow[onnx]')") from e
     model = model.eval()
 
+    if check:
+        try:
+            import onnxruntime
+        except ImportError as e:
+            raise ConfigError("checking an ONNX export needs onnxruntime (pip install 'regrow[onnx]')") from e
+    diff = None
+
     def write(tmp):
+        nonlocal diff
         # The TorchScript exporter: fast, and enough for convolutional nets; torch.export's exporter would add the
         # onnxscript dependency and several seconds per export for the same graph here.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             torch.onnx.export(model, (example_inputs,), tmp, input_names=["input"], output_names=["output"],
                               dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}}, dynamo=False)
+        if check:  # checked before it takes the destination's name: a file that fails is never left there
+            session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+            got = session.run(None, {"input": example_inputs.numpy()})[0]
+            with torch.no_grad():
+                want = model(example_inputs).numpy()
+            diff = float(abs(got - want).max())
+            if not diff <= atol:
+                raise ExportError(f"ONNX output differs from PyTorch by {diff:.3g} (> {atol:g}); nothing was saved")
+
     checkpoint.atomic_write(path, write)
-    if not check:
-        return None
-    try:
-        import onnxruntime
-    except ImportError as e:
-        raise ConfigError("checking an ONNX export needs onnxruntime (pip install 'regrow[onnx]')") from e
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = session.run(None, {"input": example_inputs.numpy()})[0]
-    with torch.no_grad():
-        want = model(example_inputs).numpy()
-    diff = float(abs(got - want).max())
-    if diff > atol:
-        raise ConfigError(f"ONNX output differs from PyTorch by {diff:.3g} (> {atol:g})")
     return diff

@@ -42,6 +42,7 @@ from . import checkpoint, masking, pts
 from .data import Dataset, batches_per_epoch, get_batch, load_dataset
 from .errors import CheckpointError, ConfigError, TrainingDivergedError, check_sparsity, unknown
 from .flops import forward_flops, layer_macs
+from .runfolder import RunFolder, check_writable
 from .schedules import cosine_lr
 from .structures import NM, get_structure
 from .training import MODEL, SUMMARY, environment, evaluate, layer_table, load_model
@@ -174,12 +175,12 @@ class _Cost:
 class PostTraining:
     """One post-training run; :meth:`run` returns the summary (also written to ``out/summary.json``)."""
 
-    def __init__(self, config: PTSConfig, checkpoint_path: str | Path, out: str | Path):
+    def __init__(self, config: PTSConfig, checkpoint_path: str | Path, out: str | Path, overwrite: bool = False):
         self.config = config
         self.structure, self.target, self.options = config.validate()
         self.out = Path(out)
-        if (self.out / SUMMARY).exists():
-            raise CheckpointError(f"{self.out} already holds a result; choose another --out")
+        self.overwrite = overwrite
+        self._check_out()
         self.dense, self.meta, self.checkpoint_path = _load_dense(checkpoint_path, config.expect_model)
         dataset = config.dataset or self.meta["dataset"]
         # (the synthetic set is its seed-0 draw: the templates a model trained with --seed 0 has learnt)
@@ -197,6 +198,14 @@ class PostTraining:
         self.cost = _Cost(self.macs)
         self.stages: dict[str, float] = {}
         self.extra: dict[str, Any] = {}
+
+    def _check_out(self) -> None:
+        """Before any work: the folder can be written and holds no result (unless ``overwrite``)."""
+        check_writable(self.out)
+        existing = [name for name in (MODEL, SUMMARY) if (self.out / name).exists()]
+        if existing and not self.overwrite:
+            raise CheckpointError(f"{self.out} already holds a result ({', '.join(existing)}); pass --overwrite "
+                                  "to replace it, or choose another --out")
 
     # ----- per-layer sparsity ------------------------------------------------------------------------------
     def uniform_sparsities(self, layers: dict[str, nn.Module]) -> dict[str, float]:
@@ -432,7 +441,11 @@ class PostTraining:
         return summary
 
 
-def run_pts(config: PTSConfig, checkpoint_path: str | Path, out: str | Path) -> dict[str, Any]:
+def run_pts(config: PTSConfig, checkpoint_path: str | Path, out: str | Path, overwrite: bool = False
+            ) -> dict[str, Any]:
     """Sparsify the dense model at ``checkpoint_path`` after training; write ``out/model.safetensors`` and
-    ``out/summary.json`` and return the summary."""
-    return PostTraining(config, checkpoint_path, out).run()
+    ``out/summary.json`` and return the summary. The folder is locked while the run writes to it."""
+    run = PostTraining(config, checkpoint_path, out, overwrite=overwrite)  # options and folder checked first
+    with RunFolder(out):
+        run._check_out()  # again, under the lock: another process may have finished a run there meanwhile
+        return run.run()

@@ -29,9 +29,11 @@ from .errors import CheckpointError, ConfigError, TrainingDivergedError, check_s
 from .flops import forward_flops, layer_macs
 from .latency import steady_allocator
 from .models import create_model
+from .runfolder import RunFolder
 from .schedules import cosine_lr
 
 CHECKPOINT, MODEL, SUMMARY, METRICS = "checkpoint.safetensors", "model.safetensors", "summary.json", "metrics.jsonl"
+RESULT_FILES = (CHECKPOINT, MODEL, SUMMARY, METRICS)  # what a run writes into its folder
 # Options a resume may change: they do not change what a run computes (the device changes only the rounding:
 # a run moved to another device goes on, but is bit-identical only to a run on that device).
 _RESUME_FREE = {"data_dir", "checkpoint_every", "progress", "device"}
@@ -326,16 +328,28 @@ class Trainer:
         self.state["dense_train_flops"] += 3 * self.dense_forward * batch
         return loss.item(), exploring
 
-    def run(self, resume: bool = False, stop_after: int | None = None) -> dict[str, Any] | None:
-        """Train to the end (or, for tests, stop after checkpointing at step ``stop_after``)."""
-        self.out.mkdir(parents=True, exist_ok=True)
+    def run(self, resume: bool = False, stop_after: int | None = None,
+            overwrite: bool = False) -> dict[str, Any] | None:
+        """Train to the end (or, for tests, stop after checkpointing at step ``stop_after``).
+
+        The output folder is locked for the whole run (a second writer is refused). A folder that already holds a
+        run is refused unless ``resume`` (continue it from its checkpoint) or ``overwrite`` (replace it)."""
+        with RunFolder(self.out):
+            return self._run(resume, stop_after, overwrite)
+
+    def _run(self, resume: bool, stop_after: int | None, overwrite: bool) -> dict[str, Any] | None:
+        existing = [name for name in RESULT_FILES if (self.out / name).exists()]
         if resume:
+            if overwrite:
+                raise ConfigError("--resume continues a run and --overwrite replaces it: choose one")
             self.restore()
-        elif (self.out / CHECKPOINT).exists():
-            raise CheckpointError(f"{self.out} already holds a run; pass --resume to continue it, or choose "
-                                  "another --out")
+        elif existing and not overwrite:
+            what = "a run to resume (pass --resume)" if CHECKPOINT in existing else "a finished run"
+            raise CheckpointError(f"{self.out} already holds {what}: {', '.join(existing)}; pass --overwrite to "
+                                  "replace it, or choose another --out")
         else:
-            (self.out / METRICS).unlink(missing_ok=True)
+            for name in existing:
+                (self.out / name).unlink()
         self._last_saved = self.state["step"]
         c = self.config
         start_time = time.perf_counter()
@@ -448,6 +462,7 @@ def _progress(total: int, initial: int, enabled: bool, desc: str):
                 dynamic_ncols=True)
 
 
-def train(config: TrainConfig, out: str | os.PathLike, resume: bool = False) -> dict[str, Any]:
+def train(config: TrainConfig, out: str | os.PathLike, resume: bool = False,
+          overwrite: bool = False) -> dict[str, Any]:
     """Train ``config`` into ``out`` and return the summary (also written to ``out/summary.json``)."""
-    return Trainer(config, out).run(resume=resume)
+    return Trainer(config, out).run(resume=resume, overwrite=overwrite)
