@@ -13,7 +13,7 @@ from typing import Any
 
 from . import __version__
 from .allocation import DISTRIBUTIONS
-from .errors import ConfigError, RegrowError
+from .errors import ConfigError, DataError, RegrowError
 from .methods import METHODS, method_options
 from .models import MODELS
 
@@ -45,8 +45,8 @@ def _train_parser(sub) -> None:
     p.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST idx .gz files "
                    "(default $REGROW_DATA_DIR, else /usr/share/datasets/fashion-mnist)")
     p.add_argument("--method", default="rigl", help=f"one of {', '.join(METHODS)} (default rigl)")
-    p.add_argument("--sparsity", type=float, default=0.9, help="target fraction of zeros in [0, 1) (default 0.9)")
-    p.add_argument("--distribution", default="erk", help=f"one of {', '.join(DISTRIBUTIONS)} (default erk)")
+    p.add_argument("--sparsity", type=float, default=None, help="target fraction of zeros in [0, 1) (default 0.9)")
+    p.add_argument("--distribution", default=None, help=f"one of {', '.join(DISTRIBUTIONS)} (default erk)")
     p.add_argument("--structure", default="unstructured",
                    help="unstructured (default), N:M such as 2:4, or channel (methods halp and iee)")
     p.add_argument("--latency-target", type=float, default=0.5,
@@ -103,9 +103,19 @@ def _methods_text() -> str:
 def _config_from(args) -> Any:
     from .training import TrainConfig
 
+    if args.method == "dense" or args.structure == "channel":
+        what = "--method dense trains without masks" if args.method == "dense" else \
+            "--structure channel takes a --latency-target"
+        given = [flag for flag, value in (("--sparsity", args.sparsity), ("--distribution", args.distribution),
+                                          ("--opt", (args.opt or None) if args.method == "dense" else None))
+                 if value is not None]
+        if given:
+            raise ConfigError(f"{what}; {', '.join(given)} would be recorded without effect")
     return TrainConfig(
-        model=args.model, dataset=args.dataset, data_dir=args.data_dir, method=args.method, sparsity=args.sparsity,
-        distribution=args.distribution, structure=args.structure, method_options=dict(map(_parse_option, args.opt)),
+        model=args.model, dataset=args.dataset, data_dir=args.data_dir, method=args.method,
+        sparsity=0.9 if args.sparsity is None else args.sparsity,
+        distribution=args.distribution or "erk", structure=args.structure,
+        method_options=dict(map(_parse_option, args.opt)),
         dense_first=args.dense_first, dense_last=args.dense_last, epochs=args.epochs, max_steps=args.max_steps,
         batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, nesterov=not args.no_nesterov,
         weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing,
@@ -130,11 +140,22 @@ def cmd_train(args) -> int:
 
 def cmd_report(args) -> int:
     from .report import format_report, plot_densities, plot_mask_metrics, read_summary
+    from .runfolder import check_writable
 
     summary = read_summary(args.run)
     if args.mask_plot and not (summary.get("mask_metrics") or {}).get("updates"):
         raise ConfigError(f"{args.run} has no mask updates to plot ({summary['method']} never changed its mask)")
-    print(json.dumps(summary, indent=2) if args.json else format_report(summary))
+    for plot in (args.plot, args.mask_plot):
+        if plot is not None:
+            if Path(plot).is_dir():
+                raise ConfigError(f"plot path {plot} is a folder; give the PNG file to write")
+            check_writable(Path(plot).parent)
+    try:
+        text = json.dumps(summary, indent=2) if args.json else format_report(summary)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise DataError(f"{args.run}'s summary.json has a field regrow cannot read ({type(e).__name__}: {e})") \
+            from None
+    print(text)
     if args.plot:
         plot_densities(summary, args.plot)
         print(f"per-layer density plot -> {args.plot}")
@@ -214,6 +235,9 @@ def cmd_export(args) -> int:
 def cmd_bench_latency(args) -> int:
     from .latency_report import format_latency_report, latency_report
 
+    for flag, value in (("--batch-size", args.batch_size), ("--repeats", args.repeats), ("--threads", args.threads)):
+        if value is not None and value <= 0:
+            raise ConfigError(f"{flag} must be a positive integer, got {value}")
     model, meta = _load_run_model(args.run)
     result = latency_report(model, meta, batch_size=args.batch_size, repeats=args.repeats, threads=args.threads)
     print(json.dumps(result, indent=2) if args.json else format_latency_report(result))
@@ -290,8 +314,15 @@ def cmd_methods(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments are one line on stderr and exit status 2, like every other bad input."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="regrow", description="Sparse training and pruning for PyTorch")
+    parser = _Parser(prog="regrow", description="Sparse training and pruning for PyTorch")
     parser.add_argument("--version", action="version", version=f"regrow {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
@@ -329,16 +360,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(message: str) -> str:
+    return " ".join(message.split())
+
+
 COMMANDS = {"train": cmd_train, "report": cmd_report, "eval": cmd_eval, "demo": cmd_demo, "methods": cmd_methods,
             "export": cmd_export, "bench-latency": cmd_bench_latency, "pts": cmd_pts}
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # argparse: --help (0) or a bad argument (2, one line already printed)
+        return e.code if isinstance(e.code, int) else 2
     try:
         return COMMANDS[args.command](args)
     except RegrowError as e:
-        print(f"regrow: error: {e}", file=sys.stderr)
+        print(f"regrow: error: {_one_line(str(e))}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a file system refusal the checks could not foresee (disk full, a vanished folder)
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"regrow: error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("regrow: interrupted; the last checkpoint is intact (resume with --resume)", file=sys.stderr)

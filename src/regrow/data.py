@@ -11,6 +11,7 @@ import functools
 import gzip
 import os
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,11 +56,13 @@ def read_idx(path: Path) -> torch.Tensor:
     try:
         with opener(path, "rb") as f:
             raw = f.read()
-    except OSError as e:
-        raise DataError(f"cannot read {path}: {e}") from None
+    except (OSError, EOFError, zlib.error) as e:  # gzip: a truncated or damaged stream raises all three
+        raise DataError(f"cannot read {path}: {e or type(e).__name__} (truncated or damaged?)") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise DataError(f"{path} is not an unsigned-byte idx file")
     ndim = raw[3]
+    if ndim == 0 or len(raw) < 4 + 4 * ndim:
+        raise DataError(f"{path} has a short idx header ({len(raw)} bytes for {ndim} dimensions)")
     dims = struct.unpack(f">{ndim}I", raw[4: 4 + 4 * ndim])
     body = raw[4 + 4 * ndim:]
     expected = 1
@@ -67,6 +70,8 @@ def read_idx(path: Path) -> torch.Tensor:
         expected *= d
     if len(body) != expected:
         raise DataError(f"{path} is truncated: {len(body)} bytes of data, header says {expected}")
+    if expected == 0:
+        return torch.empty(dims, dtype=torch.uint8)
     return torch.frombuffer(bytearray(body), dtype=torch.uint8).reshape(dims)
 
 
@@ -89,9 +94,14 @@ def load_fashion_mnist(split: str = "train", data_dir: str | os.PathLike | None 
     image_file, label_file = FASHION_MNIST_FILES[split]
     images = read_idx(folder / image_file)
     labels = read_idx(folder / label_file).long()
-    if images.dim() != 3 or images.shape[0] != labels.shape[0]:
+    if images.dim() != 3 or labels.dim() != 1 or images.shape[0] != labels.shape[0]:
         raise DataError(f"Fashion-MNIST {split} files in {folder} disagree: {tuple(images.shape)} images, "
                         f"{tuple(labels.shape)} labels")
+    if images.shape[0] == 0:
+        raise DataError(f"Fashion-MNIST {split} split in {folder} is empty")
+    if int(labels.max()) >= 10:
+        raise DataError(f"Fashion-MNIST {split} labels in {folder} go up to {int(labels.max())}; the classes are "
+                        "0-9")
     x = (images.float().div_(255.0).sub_(FASHION_MNIST_MEAN).div_(FASHION_MNIST_STD)).unsqueeze(1)
     return Dataset(x, labels, 10, pad_value=-FASHION_MNIST_MEAN / FASHION_MNIST_STD)
 

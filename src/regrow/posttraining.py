@@ -72,6 +72,27 @@ _CHOICES = {"loss": ("kl", "mse"), "tau": ("decay", "constant"), "teacher_mode":
             "distribution": DISTRIBUTIONS, "mask": ("dynamic", "static")}
 
 
+_COUNTS = ("epochs", "batch_size", "population", "generations", "parents", "children", "mutants")
+
+
+def _check_option_type(key: str, value: Any, default: Any) -> None:
+    """An option has its default's kind: a finite number where the default is a number (``lr``'s None default
+    takes a number too), a boolean where it is a boolean, text where it is text."""
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+        kind = "true or false"
+    elif isinstance(default, (int, float)) or key == "lr":
+        ok = value is None and key == "lr" or (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                                and math.isfinite(value))
+        kind = "a finite number"
+        if key in _COUNTS:
+            ok, kind = ok and isinstance(value, int), "an integer"
+    else:
+        ok, kind = isinstance(value, str), "text"
+    if not ok:
+        raise ConfigError(f"option {key} must be {kind}, got {value!r}")
+
+
 def method_defaults(method: str) -> dict[str, Any]:
     if method not in PTS_METHODS:
         raise unknown("post-training method", method, PTS_METHODS)
@@ -104,9 +125,23 @@ class PTSConfig:
         for key, allowed in _CHOICES.items():
             if key in merged and merged[key] not in allowed:
                 raise ConfigError(f"option {key} must be one of {', '.join(allowed)}, got {merged[key]!r}")
+        for key, value in merged.items():
+            _check_option_type(key, value, defaults[key])
         for key in ("epochs", "batch_size", "population", "generations", "parents"):
             if key in merged and (not isinstance(merged[key], int) or merged[key] < 1):
                 raise ConfigError(f"option {key} must be a positive integer, got {merged[key]!r}")
+        for key in ("children", "mutants", "warmup_epochs"):
+            if key in merged and merged[key] < 0:
+                raise ConfigError(f"option {key} must be >= 0, got {merged[key]!r}")
+        for key in ("lr", "temperature", "tau_start", "ridge"):
+            if merged.get(key) is not None and not merged[key] > 0:
+                raise ConfigError(f"option {key} must be > 0, got {merged[key]!r}")
+        for key in ("weight_decay", "srste", "fitness_noise"):
+            if key in merged and merged[key] < 0:
+                raise ConfigError(f"option {key} must be >= 0, got {merged[key]!r}")
+        for key in ("momentum", "mutation_p", "tau_decay"):
+            if key in merged and not 0 <= merged[key] <= 1:
+                raise ConfigError(f"option {key} must be in [0, 1], got {merged[key]!r}")
         if self.method == "unipts" and not 0 < merged["margin"] <= 1:
             raise ConfigError(f"option margin must be in (0, 1], got {merged['margin']}")
         return merged

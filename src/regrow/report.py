@@ -17,9 +17,18 @@ def read_summary(run_dir: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise DataError(f"no {SUMMARY} in {run_dir}: is it the --out folder of a finished 'regrow train'?")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        summary = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{path} is not valid JSON: {e}") from None
+    missing = [k for k in REQUIRED if not isinstance(summary, dict) or k not in summary]
+    if missing or not isinstance(summary.get("layers"), list):
+        raise DataError(f"{path} is not a regrow run summary (missing {', '.join(missing) or 'the layer table'})")
+    return summary
+
+
+REQUIRED = ("method", "model", "dataset", "seed", "steps", "layers", "sparsity_target", "sparsity_actual",
+            "params_total", "params_nonzero", "macs_dense", "macs_sparse", "train_flops", "train_flops_ratio",
+            "dense_train_flops", "test_accuracy", "wall_seconds")
 
 
 def _si(value: float) -> str:

@@ -47,9 +47,7 @@ def check_writable(path: str | os.PathLike) -> Path:
 
 def prepare_folder(path: str | os.PathLike) -> Path:
     """Create ``path`` (and parents); a path that is a file, or cannot be created or written, is a clear error."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"output folder {path} is a file")
+    path = check_writable(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:

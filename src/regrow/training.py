@@ -38,6 +38,9 @@ RESULT_FILES = (CHECKPOINT, MODEL, SUMMARY, METRICS)  # what a run writes into i
 # a run moved to another device goes on, but is bit-identical only to a run on that device).
 _RESUME_FREE = {"data_dir", "checkpoint_every", "progress", "device"}
 DEVICES = ("auto", "cpu", "cuda")
+# Sparsifier arguments the trainer sets itself: as --opt they would be overridden (and recorded) without effect.
+TRAINER_OPTIONS = {"sparsity", "distribution", "structure", "total_steps", "seed", "dense_first", "dense_last",
+                   "latency_target", "cost", "input_shape", "latency_batch"}
 AMP_MODES = ("none", "bf16")
 
 
@@ -118,10 +121,24 @@ class TrainConfig:
             raise ConfigError(f"checkpoint_every must be an integer >= 0, got {self.checkpoint_every!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"lr must be a positive number, got {self.lr}")
-        if self.weight_decay < 0 or not 0 <= self.momentum < 1 or not 0 <= self.label_smoothing < 1:
-            raise ConfigError("weight_decay must be >= 0, momentum and label_smoothing in [0, 1)")
-        if self.warmup_epochs < 0:
-            raise ConfigError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ConfigError(f"weight_decay must be a number >= 0, got {self.weight_decay}")
+        for name in ("momentum", "label_smoothing"):
+            if not 0 <= getattr(self, name) < 1:  # also false for NaN
+                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if not (math.isfinite(self.warmup_epochs) and self.warmup_epochs >= 0):
+            raise ConfigError(f"warmup_epochs must be a number >= 0, got {self.warmup_epochs}")
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise ConfigError(f"seed must be an integer in [0, 2^63), got {self.seed!r}")
+        for name in ("latency_batch", "synthetic_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.train_subset is not None and (not isinstance(self.train_subset, int) or self.train_subset <= 0):
+            raise ConfigError(f"train_subset must be a positive integer, got {self.train_subset!r}")
+        trainer_keys = sorted(set(self.method_options) & TRAINER_OPTIONS)
+        if trainer_keys:
+            raise ConfigError(f"{', '.join(trainer_keys)} is a training option, not a method option: use "
+                              f"--{trainer_keys[0].replace('_', '-')} instead of --opt {trainer_keys[0]}=...")
         if self.amp not in AMP_MODES:
             raise ConfigError(f"unknown amp mode {self.amp!r}; known: {', '.join(AMP_MODES)}")
         resolve_device(self.device)
@@ -159,7 +176,23 @@ def model_metadata(config: TrainConfig, data: Dataset) -> dict[str, Any]:
             "regrow_version": __version__}
 
 
+# What a checkpoint's metadata may ask a model to be built with: a damaged or edited header is refused before it
+# can ask for a model of terabytes.
+_META_RANGES = {"in_channels": (1, 64), "input_size": (8, 4096), "num_classes": (1, 100_000)}
+
+
+def check_model_metadata(meta: dict[str, Any], where: str) -> None:
+    if not isinstance(meta.get("model"), str):
+        raise CheckpointError(f"{where}: the metadata names no model")
+    for key, (low, high) in _META_RANGES.items():
+        value = meta.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise CheckpointError(f"{where}: metadata {key}={value!r} is not a size regrow builds models with "
+                                  f"({low}..{high}); the file is damaged or was edited")
+
+
 def build_model(meta: dict[str, Any]) -> nn.Module:
+    check_model_metadata(meta, "checkpoint")
     return create_model(meta["model"], in_channels=meta["in_channels"], num_classes=meta["num_classes"],
                         input_size=meta["input_size"])
 
@@ -169,6 +202,7 @@ def load_model(path: str | os.PathLike, expect_model: str | None = None) -> tupl
     sections, meta = checkpoint.load(path)
     if "model" not in sections or "model" not in meta:
         raise CheckpointError(f"{path} holds no model")
+    check_model_metadata(meta, str(path))
     if expect_model is not None and meta["model"] != expect_model:
         raise CheckpointError(f"{path} is a {meta['model']} checkpoint, not {expect_model}")
     model = build_model(meta)
