@@ -274,3 +274,22 @@ def test_a_noisy_non_monotone_latency_table_still_meets_every_target(tmp_path):
         train(model, optimizer, sp, 30)
         assert all(h["predicted_cost"] <= h["target"] + 1e-9 for h in sp.history)
         assert sp.predicted_cost() <= sp.budget
+
+
+@pytest.mark.parametrize("bad", [1e-6, float("nan"), -2.0, 0.0, 1e9, "fast"])
+def test_a_cache_cell_that_cannot_be_a_measurement_is_measured_again(tmp_path, bad):
+    shapes = layer_shapes(create_model("resnet8"), torch.zeros(1, 1, 28, 28))
+    table = LatencyTable(shapes, cache_dir=tmp_path, measure=CountingMeasure(), key="cpu|test-b")
+    table.reference_ms = 1.0
+    table("layer1.0.conv1", 16, 4), table("layer1.0.conv1", 16, 8)
+    table.save()
+    data = json.loads(table.path.read_text())
+    row = data["entries"][shapes["layer1.0.conv1"].key()]
+    row["16,4"] = bad  # edited or damaged: 1e-6 ms would make a layer look free
+    table.path.write_text(json.dumps(data))
+    counting = CountingMeasure()
+    with pytest.warns(UserWarning, match="1 cell"):
+        again = LatencyTable(shapes, cache_dir=tmp_path, measure=counting, key="cpu|test-b")
+    again("layer1.0.conv1", 16, 4), again("layer1.0.conv1", 16, 8)
+    assert counting.calls == 1  # only the bad cell was measured again
+    assert again.fingerprint()["cells"] == 2 and len(again.fingerprint()["sha256"]) == 64

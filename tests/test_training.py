@@ -103,3 +103,14 @@ def test_channels_last_trains_the_same_masked_network(tmp_path):
     assert conv.weight_mask.is_contiguous(memory_format=torch.channels_last)
     assert a["sparsity_actual"] == b["sparsity_actual"] and a["mask_updates"] == b["mask_updates"]
     assert abs(a["test_accuracy"] - b["test_accuracy"]) < 0.05  # same math, another summation order
+
+
+def test_resume_with_another_thread_count_warns(tmp_path):
+    Trainer(config(epochs=2, checkpoint_every=4), tmp_path).run(stop_after=4)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        with pytest.warns(UserWarning, match=f"threads {threads + 1}; it was saved with {threads}"):
+            Trainer(config(epochs=2, checkpoint_every=4), tmp_path).run(resume=True)
+    finally:
+        torch.set_num_threads(threads)

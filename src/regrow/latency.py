@@ -30,9 +30,11 @@ import os
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -240,9 +242,45 @@ class LatencyTable:
             except (OSError, ValueError):
                 data = None  # a broken cache is measured again, never trusted
             if isinstance(data, dict) and data.get("device") == self.key and data.get("format") == self.FORMAT:
-                self.entries = data.get("entries", {})
-                self.reference_ms = data.get("reference_ms")
+                self.reference_ms, self.entries = self._validated(data)
         self._dirty = False
+
+    # A cell further than this factor from the reference layer's latency is not a measurement of this device.
+    SANE_RATIO = 1e4
+
+    def _validated(self, data: dict) -> tuple[float | None, dict[str, dict[str, float]]]:
+        """The cache's reference and the cells that can be true measurements: finite, positive, within
+        ``SANE_RATIO`` of the reference. The rest is dropped (measured again when needed), with a warning."""
+        reference = data.get("reference_ms")
+        entries = data.get("entries")
+        if not isinstance(entries, dict) or not (reference is None or (isinstance(reference, (int, float))
+                                                                      and math.isfinite(reference) and reference > 0)):
+            warnings.warn(f"latency cache {self.path} is damaged; measuring anew", stacklevel=3)
+            return None, {}
+        kept, dropped = {}, 0
+        for shape, row in entries.items():
+            if not isinstance(row, dict):
+                dropped += 1
+                continue
+            for cell, value in row.items():
+                ok = isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+                if ok and reference is not None:
+                    ok = reference / self.SANE_RATIO <= value <= reference * self.SANE_RATIO
+                if ok:
+                    kept.setdefault(shape, {})[cell] = float(value)
+                else:
+                    dropped += 1
+        if dropped:
+            warnings.warn(f"latency cache {self.path}: {dropped} cell(s) not finite, not positive or not within "
+                          f"{self.SANE_RATIO:g}x of the reference layer; they are measured again", stacklevel=3)
+        return reference, kept
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Which table a run used: its file, device key, reference latency and a digest of its cells."""
+        cells = json.dumps(self.entries, sort_keys=True).encode()
+        return {"path": str(self.path), "device": self.key, "reference_ms": self.reference_ms,
+                "cells": sum(len(row) for row in self.entries.values()),
+                "sha256": hashlib.sha256(cells).hexdigest()}
 
     def _time_against_reference(self, shape, c_in, c_out, batch_size, device, repeats) -> float:
         if self.reference_ms is None:  # once per cache: the scale every cell is expressed in

@@ -15,6 +15,7 @@ import math
 import os
 import platform
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -281,7 +282,8 @@ class Trainer:
     # ----- persistence ------------------------------------------------------------------------------------
     def _metadata(self) -> dict[str, Any]:
         return {**model_metadata(self.config, self.train_data), "kind": "training",
-                "config": self.config.fingerprint(), "step": self.state["step"]}
+                "config": self.config.fingerprint(), "step": self.state["step"],
+                "threads": torch.get_num_threads(), "device": self.device.type}
 
     def save_checkpoint(self) -> None:
         for name, p in self.model.named_parameters():
@@ -307,6 +309,11 @@ class Trainer:
         if diff:
             details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in diff[:5])
             raise CheckpointError(f"cannot resume {path}: the configuration differs ({details})")
+        for what, then, now in (("threads", meta.get("threads"), torch.get_num_threads()),
+                                ("device", meta.get("device"), self.device.type)):
+            if then is not None and then != now:  # other kernels or summation orders: close, but not the same bits
+                warnings.warn(f"resuming {path} with {what} {now}; it was saved with {then}: the run goes on, but "
+                              "will not be bit-identical to one that was never interrupted", stacklevel=2)
         masking.load_state_dict(self.model, sections["model"])
         self.optimizer.load_state_dict(sections["optimizer"])
         self.sparsifier.load_state_dict(sections["sparsifier"])

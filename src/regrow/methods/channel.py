@@ -368,7 +368,8 @@ class ChannelSparsifier(Sparsifier):
                 "budget": self.budget, "predicted_cost": self.predicted_cost(),
                 "predicted_fraction": self.predicted_cost() / self.dense_cost,
                 "kept_channels": dict(zip([g.root for g in self.groups], self.kept_counts())),
-                "group_channels": {g.root: g.size for g in self.groups}}
+                "group_channels": {g.root: g.size for g in self.groups},
+                "cost_table": self.cost_model.fingerprint() if hasattr(self.cost_model, "fingerprint") else None}
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
