@@ -84,7 +84,7 @@ def prebuild_latency_table(args) -> int:
     torch.set_num_threads(1)
     model = create_model(args.model)
     sp = HALP(model, None, latency_target=max(args.targets), cost="latency", latency_batch=args.latency_batch,
-              **channel_options(args))
+              input_shape=(1, 28, 28), **channel_options(args))
     cells = sp.precompute_costs(progress=sys.stderr.isatty())
     floor = sp.cost_of([min(args.group_size, g.size) for g in sp.groups]) / sp.dense_cost
     print(f"latency table: {cells} cells, {sp.cost_model.measurements} measured now; dense {sp.dense_cost:.2f} ms "

@@ -34,7 +34,7 @@ def setup(method="iee", seed=0, **options):
     torch.manual_seed(seed)
     model = create_model("resnet8")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    defaults = {"latency_target": 0.5, "cost": "macs", "group_size": 2, "total_steps": 60}
+    defaults = {"latency_target": 0.5, "cost": "macs", "group_size": 2, "total_steps": 60, "input_shape": (1, 28, 28)}
     if method == "iee":
         defaults.update(estimate_steps=4, improve_steps=3, explore_steps=4, t_end=1.0)
     else:
@@ -226,7 +226,8 @@ def test_precomputed_width_grid_covers_every_cost_the_methods_ask_for(tmp_path):
                          key="cpu|grid")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     sp = regrow.create("iee", model, optimizer, structure="channel", cost_model=table, latency_target=0.5,
-                       group_size=4, total_steps=40, estimate_steps=3, improve_steps=2, explore_steps=3)
+                       group_size=4, total_steps=40, estimate_steps=3, improve_steps=2, explore_steps=3,
+                       input_shape=(1, 28, 28))
     cells = sp.precompute_costs()
     assert measure.calls == table.measurements and 0 < measure.calls <= cells  # layers of one shape share cells
     before = measure.calls
@@ -270,7 +271,8 @@ def test_a_noisy_non_monotone_latency_table_still_meets_every_target(tmp_path):
                              key="cpu|noisy")
         optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         sp = regrow.create("halp", model, optimizer, structure="channel", cost_model=table, latency_target=target,
-                           group_size=2, prune_first=True, total_steps=30, prune_every=2, prune_steps=12)
+                           group_size=2, prune_first=True, total_steps=30, prune_every=2, prune_steps=12,
+                           input_shape=(1, 28, 28))
         train(model, optimizer, sp, 30)
         assert all(h["predicted_cost"] <= h["target"] + 1e-9 for h in sp.history)
         assert sp.predicted_cost() <= sp.budget

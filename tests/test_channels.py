@@ -221,3 +221,81 @@ def test_the_output_check_catches_a_wrong_removal():
     with pytest.raises(ExportError, match="group 'layer1.0.conv1' changed the model's outputs"):
         # channels 0-3 are alive (nothing was masked): removing them changes the function
         remove_channels(model, x[:1], {"layer1.0.conv1": list(range(4, 16))}, check)
+
+
+class WithLayerNorm(nn.Module):
+    """A conv whose channels feed a LayerNorm over (C, H, W): that group cannot carry channel masks."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.norm = nn.LayerNorm([8, 28, 28])
+        self.conv3, self.bn3 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.norm(self.conv2(x)))
+        x = torch.relu(self.bn3(self.conv3(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+class GroupedResidualThenConv(GroupedResidual):
+    """The grouped residual block, then a plain conv block whose channels can be pruned."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv4, self.bn4 = nn.Conv2d(8, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        y = torch.relu(self.bn2(self.grouped(x)))
+        x = torch.relu(x + self.bn3(self.conv3(y)))
+        x = torch.relu(self.bn4(self.conv4(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("model_class, why", [(GroupedResidualThenConv, "a grouped conv (2 groups)"),
+                                              (WithLayerNorm, "a LayerNorm")])
+def test_groups_that_cannot_be_pruned_exactly_are_left_whole_and_the_rest_is_pruned(model_class, why):
+    import regrow
+
+    torch.manual_seed(0)
+    model = model_class()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    with pytest.warns(UserWarning, match="left whole"):
+        sp = regrow.create("halp", model, optimizer, structure="channel", cost="macs", latency_target=0.8,
+                           prune_first=True, input_shape=(1, 28, 28), prune_every=1, prune_steps=2, total_steps=4)
+    whole = [root for root, reason in sp.skipped.items() if why in reason]
+    assert whole and sp.groups and not set(whole) & {g.root for g in sp.groups}
+    x = torch.randn(8, 1, 28, 28)
+    for _ in range(4):
+        loss = model(x).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        sp.step()
+    assert sp.predicted_cost() <= sp.budget + 1e-9
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)
+    exported, structure = export_channels(model, sp.channels, x[:1])
+    assert not set(whole) & set(structure["kept"])
+    with torch.no_grad():
+        assert torch.allclose(exported(x), expected, atol=1e-4)
+
+
+def test_groups_can_be_left_whole_by_name_and_the_input_shape_is_required():
+    import regrow
+
+    with pytest.raises(ConfigError, match="pass input_shape"):
+        regrow.create("halp", create_model("resnet8"), None, structure="channel", cost="macs")
+    with pytest.raises(ConfigError, match="no channel group with root 'nope'"):
+        regrow.create("halp", create_model("resnet8"), None, structure="channel", cost="macs",
+                      input_shape=(1, 28, 28), exclude_groups="nope")
+    sp = regrow.create("halp", create_model("resnet8"), None, structure="channel", cost="macs", prune_first=True,
+                       input_shape=(1, 28, 28), exclude_groups="layer1.0.conv1,layer2.0.conv1")
+    assert {"layer1.0.conv1", "layer2.0.conv1"} <= set(sp.skipped)
+    assert not {"layer1.0.conv1", "layer2.0.conv1"} & {g.root for g in sp.groups}

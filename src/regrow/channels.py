@@ -31,6 +31,7 @@ class ChannelGroup:
     root: str
     size: int
     members: list[tuple[str, str, list[int]]] = field(default_factory=list)
+    excluded: str | None = None  # why regrow leaves this group whole (None: it can be pruned)
 
     def modules(self, role: str | None = None) -> list[str]:
         return [name for name, r, _ in self.members if role is None or r == role]
@@ -50,7 +51,8 @@ def channel_groups(model: nn.Module, example_inputs: torch.Tensor, ignored: list
 
     The output channels of the last Linear layer (the classes) are never a group unless ``include_last``;
     ``ignored`` names further layers whose output channels must stay. A model the graph cannot trace is a
-    :class:`ConfigError`.
+    :class:`ConfigError`. Groups that regrow cannot prune exactly carry the reason in ``excluded`` (see
+    :func:`exclusion`); callers leave them whole.
     """
     tp = _tracer()
     names = {module: name for name, module in model.named_modules()}
@@ -84,8 +86,26 @@ def channel_groups(model: nn.Module, example_inputs: torch.Tensor, ignored: list
         if not members:
             continue
         root_name, _, root_idxs = members[0]
-        groups.append(ChannelGroup(root=root_name, size=len(root_idxs), members=members))
+        group = ChannelGroup(root=root_name, size=len(root_idxs), members=members)
+        group.excluded = exclusion(group, modules)
+        groups.append(group)
     return groups
+
+
+def exclusion(group: ChannelGroup, modules: dict[str, nn.Module]) -> str | None:
+    """Why ``group`` cannot be pruned channel by channel, or None. A grouped (not depthwise) conv splits its
+    channels into blocks that must keep equal sizes, which removing single channels breaks (its export would
+    compute another function); a member that is not a Conv, Linear or BatchNorm (a LayerNorm, a layer of the
+    user's own) cannot carry regrow's channel masks."""
+    for name, _, _ in group.members:
+        module = modules[name]
+        groups = getattr(module, "groups", 1)
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and groups > 1 and \
+                not groups == module.in_channels == module.out_channels:
+            return f"contains {name}, a grouped conv ({groups} groups): its channels cannot be removed one by one"
+        if not isinstance(module, _CHANNEL_TYPES):
+            return f"contains {name}, a {type(module).__name__}: channel masks cover Conv, Linear and BatchNorm"
+    return None
 
 
 _CHANNEL_TYPES = masking.PRUNABLE_TYPES + masking.NORM_TYPES

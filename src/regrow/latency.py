@@ -57,9 +57,13 @@ class LayerShape:
     dilation: tuple[int, ...] = ()
     depthwise: bool = False
     bias: bool = False
+    groups: int = 1  # a grouped (not depthwise) conv: its channels are never pruned, its cost is still counted
 
     def key(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        fields = asdict(self)
+        if fields["groups"] == 1:
+            del fields["groups"]  # caches written before grouped convs were costed keep their keys
+        return json.dumps(fields, sort_keys=True)
 
     def out_size(self) -> tuple[int, ...]:
         return tuple((i + 2 * p - d * (k - 1) - 1) // s + 1 for i, k, s, p, d in
@@ -79,14 +83,11 @@ def layer_shapes(model: nn.Module, example_inputs: torch.Tensor) -> dict[str, La
             else:
                 if isinstance(module.padding, str):
                     raise ConfigError(f"{name}: string padding ({module.padding!r}) is not supported by the cost model")
+                depthwise = module.groups > 1 and module.groups == module.in_channels == module.out_channels
                 shapes[name] = LayerShape(
                     "conv", tuple(x.shape[2:]), tuple(module.kernel_size), tuple(module.stride),
-                    tuple(module.padding), tuple(module.dilation),
-                    depthwise=module.groups > 1 and module.groups == module.in_channels == module.out_channels,
-                    bias=module.bias is not None)
-                if module.groups > 1 and not shapes[name].depthwise:
-                    raise ConfigError(f"{name}: grouped (non-depthwise) convolutions are not supported by the "
-                                      "cost model")
+                    tuple(module.padding), tuple(module.dilation), depthwise=depthwise, bias=module.bias is not None,
+                    groups=1 if depthwise else module.groups)
         return hook
 
     for name, module in model.named_modules():
@@ -115,7 +116,7 @@ class MacsCost:
 
     def __call__(self, layer: str, c_in: int, c_out: int) -> float:
         shape = self.shapes[layer]
-        per_output = (1 if shape.depthwise else c_in) * math.prod(shape.kernel)
+        per_output = (1 if shape.depthwise else c_in // shape.groups) * math.prod(shape.kernel)
         return c_out * per_output * math.prod(shape.out_size()) / 1e6
 
 
@@ -169,7 +170,7 @@ def _layer_and_input(shape: LayerShape, c_in: int, c_out: int, batch_size: int) 
     if shape.kind == "linear":
         return nn.Linear(c_in, c_out, bias=shape.bias), torch.randn(batch_size, c_in)
     conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[len(shape.in_size)]
-    groups = c_out if shape.depthwise else 1
+    groups = c_out if shape.depthwise else shape.groups
     c_in = c_out if shape.depthwise else c_in
     layer = conv(c_in, c_out, shape.kernel, shape.stride, shape.padding, shape.dilation, groups=groups,
                  bias=shape.bias)

@@ -393,6 +393,8 @@ class Trainer:
                 (self.out / name).unlink()
         self._last_saved = self.state["step"]
         c = self.config
+        if c.structure == "channel" and c.cost == "latency":  # measure the table now, not in the middle of training
+            self.sparsifier.precompute_costs(progress=c.progress)
         start_time = time.perf_counter()
         bar = _progress(self.total_steps, self.state["step"], enabled=c.progress, desc=f"{c.method} {c.model}")
         try:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -40,8 +41,12 @@ class ChannelSparsifier(Sparsifier):
         latency_target: the budget as a fraction of the dense model's cost, in (0, 1).
         cost: ``latency`` (a table measured on the model's device, cached on disk) or ``macs``.
         group_size: G, channels per knapsack item (HALP: 32-128 on ResNet-50; 4 suits the small nets here).
-        input_shape: one sample's shape (channels, height, width), for tracing and the cost model.
+        input_shape: one sample's shape (channels, height, width), for tracing and the cost model (required: the
+            trainer passes its data's).
         prune_first: allow pruning the first conv's output channels (HALP never does; default False).
+        exclude_groups: groups to leave whole, by root layer name (a list, or names separated by commas).
+            Groups regrow cannot prune exactly (a grouped conv, a LayerNorm or unknown layer in them) are left
+            whole too, with a warning; ``skipped`` lists every group left whole and why.
         latency_batch: batch size the latency table is measured at (stated with every latency figure).
         cache_dir: where the latency table is cached (default ``$REGROW_CACHE_DIR`` or ``~/.cache/regrow``).
         resolution: grid steps of the knapsack's budget.
@@ -52,9 +57,9 @@ class ChannelSparsifier(Sparsifier):
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
                  latency_target: float = 0.5, cost: str = "latency", group_size: int = 4,
-                 input_shape: tuple[int, ...] | list[int] = (1, 28, 28), prune_first: bool = False,
-                 latency_batch: int = 64, cache_dir: str | None = None, resolution: int = 2000,
-                 total_steps: int | None = None, seed: int = 0, cost_model=None):
+                 input_shape: tuple[int, ...] | list[int] | None = None, prune_first: bool = False,
+                 exclude_groups: list[str] | str = (), latency_batch: int = 64, cache_dir: str | None = None,
+                 resolution: int = 2000, total_steps: int | None = None, seed: int = 0, cost_model=None):
         if not isinstance(latency_target, (int, float)) or not 0.0 < latency_target < 1.0:
             raise ConfigError("latency_target is a fraction of the dense model's cost in (0, 1), "
                               f"got {latency_target!r}")
@@ -67,18 +72,39 @@ class ChannelSparsifier(Sparsifier):
         self.model, self.optimizer, self.total_steps = model, optimizer, total_steps
         self.latency_target, self.group_size, self.resolution = float(latency_target), group_size, resolution
         self._start_lifecycle(seed)
+        if input_shape is None:
+            raise ConfigError("channel methods trace the model: pass input_shape, one sample's shape such as "
+                              "(3, 32, 32)")
         param = next(model.parameters())
         example = torch.zeros(1, *input_shape, device=param.device, dtype=param.dtype)
         convs = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))]
         ignored = [] if prune_first or not convs else [convs[0]]
-        self.groups = channel_groups(model, example, ignored=ignored)
+        every_group = channel_groups(model, example, ignored=ignored)
+        if isinstance(exclude_groups, str):
+            exclude_groups = [n for n in exclude_groups.split(",") if n]
+        roots = {g.root for g in every_group}
+        unknown_roots = sorted(set(exclude_groups) - roots)
+        if unknown_roots:
+            raise ConfigError(f"exclude_groups: no channel group with root {', '.join(map(repr, unknown_roots))}; "
+                              f"groups: {', '.join(sorted(roots))}")
+        self.skipped: dict[str, str] = {n: "first conv (HALP never prunes it)" for n in ignored}
+        for g in every_group:
+            if g.root in exclude_groups:
+                self.skipped[g.root] = "group left whole: exclude_groups"
+            elif g.excluded:
+                self.skipped[g.root] = f"group left whole: {g.excluded}"
+        cannot = [g for g in every_group if g.excluded and g.root not in exclude_groups]
+        if cannot:
+            warnings.warn(f"{len(cannot)} channel group(s) left whole: " + "; ".join(
+                f"{g.root} ({g.excluded})" for g in cannot), stacklevel=2)
+        self.groups = [g for g in every_group if not g.excluded and g.root not in exclude_groups]
         if not self.groups:
-            raise ConfigError("the model has no prunable channel group")
+            raise ConfigError("the model has no prunable channel group"
+                              + (f" ({len(every_group)} left whole: see the warning)" if every_group else ""))
         self.cost_model = cost_model or make_cost_model(
             cost, model, example, **({"device": param.device, "batch_size": latency_batch, "cache_dir": cache_dir}
                                      if cost == "latency" else {}))
         self.channels = ChannelMasks(model, self.groups)
-        self.skipped: dict[str, str] = {n: "first conv (HALP never prunes it)" for n in ignored}
         self.layers = {n: m for n, m in self.channels.modules.items() if isinstance(m, masking.PRUNABLE_TYPES)}
         self.guard = masking.OptimizerGuard(optimizer, self.channels.modules.values()) if optimizer else None
         self._wire_layers(model)
