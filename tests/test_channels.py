@@ -299,3 +299,14 @@ def test_groups_can_be_left_whole_by_name_and_the_input_shape_is_required():
                        input_shape=(1, 28, 28), exclude_groups="layer1.0.conv1,layer2.0.conv1")
     assert {"layer1.0.conv1", "layer2.0.conv1"} <= set(sp.skipped)
     assert not {"layer1.0.conv1", "layer2.0.conv1"} & {g.root for g in sp.groups}
+
+
+def test_export_works_under_no_grad():
+    model = create_model("resnet8")
+    x = torch.randn(2, 1, 28, 28)
+    masks = random_channel_masks(model, x)
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)
+        exported, _ = export_channels(model, masks, x[:1])
+        assert torch.allclose(exported(x), expected, atol=1e-4)

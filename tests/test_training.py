@@ -114,3 +114,13 @@ def test_resume_with_another_thread_count_warns(tmp_path):
             Trainer(config(epochs=2, checkpoint_every=4), tmp_path).run(resume=True)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_a_damaged_metrics_file_does_not_block_resume(tmp_path):
+    Trainer(config(epochs=2, checkpoint_every=4), tmp_path).run(stop_after=4)
+    with open(tmp_path / METRICS, "a") as f:
+        f.write('{"step": 5, "lo')  # a line cut short by a crash
+    with pytest.warns(UserWarning, match="1 damaged line"):
+        summary = Trainer(config(epochs=2, checkpoint_every=4), tmp_path).run(resume=True)
+    assert summary["steps"] > 4
+    assert all(json.loads(line) for line in (tmp_path / METRICS).read_text().splitlines())

@@ -66,7 +66,8 @@ def channel_groups(model: nn.Module, example_inputs: torch.Tensor, ignored: list
         ignored_modules.append(linears[-1])
     was_training = model.training
     try:
-        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
+        with torch.enable_grad():  # the tracer follows autograd: under torch.no_grad() there would be no graph
+            graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
         raw_groups = list(graph.get_all_groups(ignored_layers=ignored_modules,
                                                root_module_types=[nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear]))
     except Exception as e:  # the tracer raises many kinds of errors on models it cannot follow

@@ -71,7 +71,8 @@ def remove_channels(model: nn.Module, example_inputs: torch.Tensor, kept: dict[s
     was_training = model.training
     model.eval()
     try:
-        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
+        with torch.enable_grad():  # the tracer follows autograd: under torch.no_grad() there would be no graph
+            graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
     except Exception as e:
         raise ConfigError(f"the dependency graph cannot trace this model ({type(e).__name__}: {e})") from None
     for root, keep in kept.items():

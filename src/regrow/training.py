@@ -329,8 +329,20 @@ class Trainer:
         path = self.out / METRICS
         if not path.exists():
             return
-        lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-        checkpoint.atomic_write(path, lambda tmp: Path(tmp).write_text("".join(ln + "\n" for ln in lines)))
+        kept, dropped = [], 0
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+                ok = isinstance(record, dict) and isinstance(record.get("step"), int)
+            except ValueError:
+                ok = False
+            if ok and record["step"] <= step:
+                kept.append(line)
+            elif line.strip() and not ok:
+                dropped += 1  # a line cut short by a crash, or an edit: the checkpoint is what counts
+        if dropped:
+            warnings.warn(f"{path}: {dropped} damaged line(s) dropped on resume", stacklevel=3)
+        checkpoint.atomic_write(path, lambda tmp: Path(tmp).write_text("".join(ln + "\n" for ln in kept)))
 
     def _log(self, record: dict[str, Any]) -> None:
         with open(self.out / METRICS, "a") as f:
