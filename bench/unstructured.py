@@ -49,6 +49,16 @@ ABLATIONS = {
     "iee-no-improve": {"improve_steps": 0},
     "iee-zero-init": {"grow_init": "zero"},
 }
+# Tried after the main grid, at 95 and 98 %, where IEE met RigL at its own interval (ΔT = 100) rather than at the
+# paper's ratio: longer cycles (fewer mask changes, as ΔT = 100 is for RigL), a smaller update fraction, the
+# 0.3× exploration rate and no J stage (the two best variants at 95 %), and RigL's interval at 90 %.
+INVESTIGATION = {
+    "iee-hjq100": {"estimate_steps": 100, "improve_steps": 100, "explore_steps": 100},
+    "iee-hjq150": {"estimate_steps": 150, "improve_steps": 150, "explore_steps": 150},
+    "iee-alpha0.1": {"alpha": 0.1},
+    "iee-init-lr0.3": {"explore_lr_scale": 0.3},
+    "iee-no-improve": {"improve_steps": 0},
+}
 
 
 def iee_id(never_active: str, lr_scale: float) -> str:
@@ -74,7 +84,7 @@ def grid(args) -> dict[str, TrainConfig]:
                            progress=sys.stderr.isatty() and args.jobs == 1, method_options=options)
 
     chosen = {"never_active": DEFAULT_NEVER_ACTIVE, "explore_lr_scale": DEFAULT_EXPLORE_LR_SCALE}
-    runs = {}
+    runs, investigation = {}, set()
     for seed in range(args.seeds):
         runs[f"dense-seed{seed}"] = config("dense", 0.0, seed, {})
         runs[f"dense-2x-seed{seed}"] = config("dense", 0.0, seed, {}, epochs=2 * args.epochs)
@@ -89,11 +99,18 @@ def grid(args) -> dict[str, TrainConfig]:
                 "iee", 0.95, seed, {"never_active": never_active, "explore_lr_scale": scale})
         for label, options in ABLATIONS.items():
             runs[f"{label}-0.95-seed{seed}"] = config("iee", 0.95, seed, {**chosen, **options})
-        for sparsity in (0.95, 0.98):
+        for sparsity in SPARSITIES:
             runs[f"rigl-interval{PAPER_RIGL_INTERVAL}-{sparsity:g}-seed{seed}"] = config(
                 "rigl", sparsity, seed, {"interval": PAPER_RIGL_INTERVAL})
+        if args.investigate:
+            for sparsity in (0.95, 0.98):
+                for label, options in INVESTIGATION.items():
+                    run_id = f"{label}-{sparsity:g}-seed{seed}"
+                    if run_id not in runs:  # iee-init-lr0.3 and iee-no-improve at 95 % are in the grid already
+                        runs[run_id] = config("iee", sparsity, seed, {**chosen, **options})
+                        investigation.add(run_id)
     runs.update(equal_flops_runs(args, runs, config))
-    runs = dict(sorted(runs.items(), key=lambda item: priority(item[0])))
+    runs = dict(sorted(runs.items(), key=lambda item: (3, 0) if item[0] in investigation else priority(item[0])))
     if args.only:
         runs = {k: v for k, v in runs.items() if any(fnmatch.fnmatch(k, p) for p in args.only)}
     return runs
@@ -245,6 +262,22 @@ def report(rows: dict, summaries: dict, args) -> str:
                      f"{pct(m.get('readmitted'))} | {pct(m.get('first_time'))} | {pct(m.get('survival_next'))} | "
                      f"{pct(m.get('survival_to_end'))} | {m.get('iou_last', float('nan')):.3f} | "
                      f"{pct(m.get('ever_active'))} |")
+    if any(f"{label}-{s:g}" in rows for label in INVESTIGATION for s in (0.95, 0.98)):
+        rigl100 = f"rigl-interval{PAPER_RIGL_INTERVAL}"
+        lines += ["", "## Investigation: IEE variants against RigL at both intervals", "",
+                  "| sparsity | variant | cycles | accuracy | − RigL ΔT=33 (paired) | − RigL ΔT=100 (paired) | "
+                  "FLOPs (× dense) | re-admitted |", "|---|---|---|---|---|---|---|---|"]
+        for s in (0.95, 0.98):
+            k = f"{s:g}"
+            for label in [iee, *INVESTIGATION]:
+                key = f"{label}-{k}"
+                if key not in rows:
+                    continue
+                m = mask_stats(summaries, key)
+                lines.append(f"| {100 * s:g} % | {label} | {m.get('updates', 0):.0f} | {cell(rows, key)} | "
+                             f"{diff_cell(paired(summaries, key, f'rigl-{k}'))} | "
+                             f"{diff_cell(paired(summaries, key, f'{rigl100}-{k}'))} | "
+                             f"{rows[key]['train_flops_ratio']:.3f} | {pct(m.get('readmitted'))} |")
     return "\n".join(lines)
 
 
@@ -311,6 +344,9 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (several jobs may share one GPU)")
     p.add_argument("--only", nargs="+", default=None, metavar="PATTERN", help="train only run ids matching these")
     p.add_argument("--report-only", action="store_true", help="write the tables from finished runs, train nothing")
+    p.add_argument("--investigate", action="store_true",
+                   help="also the IEE variants tried after the main grid (longer cycles, smaller update fraction, "
+                        "0.3x exploration rate, no J stage) at 95 and 98 %%")
     p.add_argument("--grid-name", default=None, help="results name (default unstructured-<model>-e<epochs>)")
     args = p.parse_args(argv)
     if args.interval is None:

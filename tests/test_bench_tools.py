@@ -64,7 +64,7 @@ def bench_unstructured(monkeypatch, tmp_path):
 
 def unstructured_args(**overrides):
     args = Namespace(quick=False, model="mlp", epochs=30, seeds=3, hjq=50, interval=33, jobs=2, device="cpu",
-                     only=None, grid_name="unstructured-test", augment=None)
+                     only=None, grid_name="unstructured-test", augment=None, investigate=False)
     for key, value in overrides.items():
         setattr(args, key, value)
     return args
