@@ -57,7 +57,7 @@ def machine() -> str:
 
 def config(name: str) -> TrainConfig:
     base = dict(dataset="synthetic", synthetic_size=64, sparsity=0.8, distribution="erk", epochs=3, max_steps=12,
-                batch_size=16, log_every=1, progress=False, seed=0, device="cpu")
+                batch_size=16, log_every=1, progress=False, seed=0, device="cpu", channels_last=False)
     return TrainConfig(**{**base, **RUNS[name]})
 
 

@@ -96,7 +96,7 @@ def test_bad_training_options(tmp_path):
 
 def test_channels_last_trains_the_same_masked_network(tmp_path):
     options = {"estimate_steps": 3, "improve_steps": 2, "explore_steps": 3}
-    standard = Trainer(config(method="iee", method_options=options), tmp_path / "a")
+    standard = Trainer(config(method="iee", method_options=options, channels_last=False), tmp_path / "a")
     nhwc = Trainer(config(method="iee", method_options=options, channels_last=True), tmp_path / "b")
     a, b = standard.run(), nhwc.run()
     conv = nhwc.model.layer1[0].conv1

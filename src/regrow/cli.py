@@ -69,7 +69,8 @@ def _train_parser(sub) -> None:
     p.add_argument("--warmup-epochs", type=float, default=0.0)
     p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("--no-augment", action="store_true", help="no random crop and flip")
-    p.add_argument("--channels-last", action="store_true", help="NHWC memory layout (faster convolutions on CPU)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="NHWC memory layout: faster convolutions on CPU (default on; --no-channels-last for NCHW)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: CUDA when available)")
     p.add_argument("--amp", default="none", choices=["none", "bf16"], help="bf16: forward under bfloat16 autocast")
     p.add_argument("--compile", action="store_true", help="torch.compile the training forward (see the README)")

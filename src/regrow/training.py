@@ -84,7 +84,8 @@ class TrainConfig:
     warmup_epochs: float = 0.0
     label_smoothing: float = 0.0
     augment: bool = True
-    channels_last: bool = False  # NHWC memory layout: faster convolutions on CPU
+    # NHWC memory layout: 1.2x faster convolutions on CPU (bench/overhead.py); no effect on models without convs
+    channels_last: bool = True
     device: str = "auto"  # "cpu", "cuda", "cuda:N" or "auto" (CUDA when available)
     amp: str = "none"  # "bf16": forward and loss under bfloat16 autocast
     compile: bool = False  # torch.compile the training forward (measured in bench/overhead.py; opt-in, see README)
