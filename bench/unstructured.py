@@ -326,7 +326,7 @@ def plot(rows: dict, summaries: dict, prefix: str) -> None:
                 ax.plot([100 * (i + 1) / len(curve) for i in range(len(curve))], curve, lw=1, label=label)
         for ax, (_, title) in zip(axes, panels):
             ax.set_ylim(-0.02, 1.02)
-            style(ax, "update, as % of all updates (RigL/SET: every interval; IEE: every cycle)", title=title)
+            style(ax, "mask update, % of all (IEE: cycles; RigL, SET: updates)", title=title)
 
 
 def main(argv=None) -> int:
