@@ -25,7 +25,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from regrow.training import METRICS, TrainConfig, Trainer, _cpu_name  # noqa: E402
+from regrow.artifacts import METRICS  # noqa: E402
+from regrow.env import cpu_name  # noqa: E402
+from regrow.training import TrainConfig, Trainer  # noqa: E402
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "runs.json"
 IEE_SHORT = {"estimate_steps": 2, "improve_steps": 1, "explore_steps": 2}
@@ -52,7 +54,7 @@ RUNS: dict[str, dict] = {
 
 
 def machine() -> str:
-    return f"{_cpu_name()}|{platform.machine()}|torch={torch.__version__}"
+    return f"{cpu_name()}|{platform.machine()}|torch={torch.__version__}"
 
 
 def config(name: str) -> TrainConfig:

@@ -121,7 +121,7 @@ CASES = [
     (TRAIN + ["--method", "dense", "--sparsity", "1.3"], "--method dense trains without masks"),
     (TRAIN + ["--method", "dense", "--opt", "interval=3"], "--method dense trains without masks"),
     (TRAIN + ["--method", "halp"], "halp prunes channels: add --structure channel"),
-    (TRAIN + ["--method", "rigl", "--structure", "channel"], "--structure channel works with halp, iee"),
+    (TRAIN + ["--method", "rigl", "--structure", "channel"], "no channel version; channel methods: halp, iee"),
     (TRAIN + ["--method", "halp", "--structure", "channel", "--sparsity", "0.5"], "takes a --latency-target"),
     (TRAIN + ["--method", "halp", "--structure", "channel", "--latency-target", "1.5"], "latency_target"),
     (TRAIN + ["--method", "halp", "--structure", "channel", "--init-from", "{w}/nowhere/model.safetensors"],

@@ -121,15 +121,15 @@ def test_a_cache_of_another_format_is_measured_anew(tmp_path):
 
 
 def test_allocator_mode_is_part_of_the_latency_cache_key(monkeypatch):
-    from regrow import latency
+    from regrow import env, latency
 
-    steady = latency.steady_allocator()
+    steady = env.steady_allocator()
     assert latency.device_key("cpu", 64).count("allocator=steady" if steady else "allocator=default") == 1
     if sys.platform.startswith("linux") and "glibc" in " ".join(platform.libc_ver()):
         assert steady  # mallopt is there on glibc: timings run without page faults per forward
-    monkeypatch.setattr(latency, "_steady", None)
+    monkeypatch.setattr(env, "_steady", None)
     monkeypatch.setenv("REGROW_STEADY_ALLOCATOR", "0")
-    assert latency.steady_allocator() is False
+    assert env.steady_allocator() is False
     assert "allocator=default" in latency.device_key("cpu", 64)  # a table measured otherwise is not reused
 
 
@@ -144,7 +144,7 @@ def test_unreachable_target_and_unknown_cost_are_errors():
         setup(latency_target=0.01, group_size=8)
     with pytest.raises(ConfigError, match="unknown cost model 'flops'"):
         setup(cost="flops")
-    with pytest.raises(ConfigError, match="use structure='channel'"):
+    with pytest.raises(ConfigError, match="structure='channel' in Python"):
         regrow.create("halp", create_model("resnet8"), None)
 
 

@@ -53,7 +53,7 @@ def test_train_report_eval_round_trip(tmp_path, capsys):
      "latency_target is a fraction of the dense model's cost in (0, 1)"),
     (["train", "--method", "iee", "--structure", "channel", "--latency-target", "0"], "latency_target"),
     (["train", "--method", "halp"], "halp prunes channels: add --structure channel"),
-    (["train", "--method", "rigl", "--structure", "channel"], "--structure channel works with halp, iee"),
+    (["train", "--method", "rigl", "--structure", "channel"], "no channel version; channel methods: halp, iee"),
     (["train", "--method", "iee", "--structure", "channel", "--cost", "macs", "--latency-target", "0.001",
       "--model", "resnet8"], "below what this model reaches with one group"),
     (["train", "--method", "halp", "--structure", "channel", "--init-from", "/nonexistent/model.safetensors"],
@@ -65,27 +65,36 @@ def test_train_report_eval_round_trip(tmp_path, capsys):
     (["train", "--amp", "fp8"], "invalid choice: 'fp8'"),
     (["report", "/nonexistent", "--mask-plot", "m.png"], "no summary.json"),
 ])
-def test_bad_input_is_one_line_without_traceback(tmp_path, args, message):
+def test_bad_input_is_one_line_without_traceback(tmp_path, capsys, args, message):
     if "--device" in args and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     if args[0] == "train":
         args = args + (["--dataset", "synthetic"] if "--dataset" not in args else []) + ["--out", str(tmp_path)]
-    proc = run_cli(*args)
-    assert proc.returncode == 2
-    assert message in proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
-def test_nan_loss_and_wrong_architecture_from_the_cli(tmp_path):
-    proc = run_cli("train", *SMALL, "--lr", "1e30", "--method", "static", "--out", str(tmp_path / "nan"))
-    assert proc.returncode == 2 and "loss is" in proc.stderr and "Traceback" not in proc.stderr
+def test_the_installed_command_exits_2_with_one_line():
+    """The one check through a separate process: what a user's shell sees (exit status, stderr, no traceback)."""
+    proc = run_cli("train", "--sparsity", "1.3", "--dataset", "synthetic")
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == ["regrow: error: sparsity must be in [0, 1) (fraction of weights set "
+                                                "to zero), got 1.3"]
+
+
+def test_nan_loss_and_wrong_architecture_from_the_cli(tmp_path, capsys):
+    assert main(["train", *SMALL, "--lr", "1e30", "--method", "static", "--out", str(tmp_path / "nan")]) == 2
+    err = capsys.readouterr().err
+    assert "loss is" in err and "Traceback" not in err
     assert not (tmp_path / "nan" / "model.safetensors").exists()
     assert main(["train", *SMALL, "--method", "static", "--max-steps", "2", "--out", str(tmp_path / "ok")]) == 0
-    proc = run_cli("eval", str(tmp_path / "ok" / "model.safetensors"), "--model", "resnet20")
-    assert proc.returncode == 2 and "resnet8 checkpoint, not resnet20" in proc.stderr
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "ok" / "model.safetensors"), "--model", "resnet20"]) == 2
+    assert "resnet8 checkpoint, not resnet20" in capsys.readouterr().err
 
 
-def test_iee_from_the_cli_with_options_and_mask_metrics(tmp_path):
+def test_iee_from_the_cli_with_options_and_mask_metrics(tmp_path, capsys):
     out = tmp_path / "iee"
     assert main(["train", *SMALL, "--method", "iee", "--sparsity", "0.8", "--max-steps", "16",
                  "--opt", "estimate_steps=2", "--opt", "improve_steps=1", "--opt", "explore_steps=2",
@@ -96,11 +105,13 @@ def test_iee_from_the_cli_with_options_and_mask_metrics(tmp_path):
     assert summary["mask_updates"] == 12 // 5 == summary["mask_metrics"]["updates"]  # T_end = 12: 2 cycles of 5
     assert len(summary["mask_metrics"]["iou_previous"]) == 2
     assert summary["mask_metrics"]["pruned"] == summary["mask_metrics"]["grown"]
-    help_text = run_cli("train", "--help").stdout
+    capsys.readouterr()
+    assert main(["train", "--help"]) == 0
+    help_text = capsys.readouterr().out
     assert "iee: " in help_text and "explore_steps=50" in help_text
 
 
-def test_cli_resume_matches_an_uninterrupted_run(tmp_path):
+def test_cli_resume_matches_an_uninterrupted_run(tmp_path, capsys):
     args = [*SMALL, "--method", "set", "--sparsity", "0.8", "--epochs", "2", "--opt", "interval=3",
             "--checkpoint-every", "5"]
     assert main(["train", *args, "--out", str(tmp_path / "full")]) == 0
@@ -108,8 +119,8 @@ def test_cli_resume_matches_an_uninterrupted_run(tmp_path):
     config = _config_from(build_parser().parse_args(["train", *args, "--out", str(tmp_path / "cut")]))
     assert Trainer(config, tmp_path / "cut").run(stop_after=5) is None
     assert not (tmp_path / "cut" / "summary.json").exists()
-    proc = run_cli("train", *args, "--out", str(tmp_path / "cut"))
-    assert proc.returncode == 2 and "already holds a run" in proc.stderr
+    assert main(["train", *args, "--out", str(tmp_path / "cut")]) == 2
+    assert "already holds a run" in capsys.readouterr().err
     assert main(["train", *args, "--out", str(tmp_path / "cut"), "--resume"]) == 0
     full = (tmp_path / "full" / "model.safetensors").read_bytes()
     assert full == (tmp_path / "cut" / "model.safetensors").read_bytes()

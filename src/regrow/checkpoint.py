@@ -103,6 +103,21 @@ def _read(path: str | os.PathLike, with_tensors: bool) -> tuple[dict[str, Any], 
     return header, tensors
 
 
+def load_plain(path: str | os.PathLike) -> dict[str, torch.Tensor] | None:
+    """The tensors of a plain safetensors file (a state dict saved with ``safetensors.torch.save_file``); None if
+    it is a regrow checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if "regrow" in (f.metadata() or {}):
+                return None
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
+
+
 def load(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
     """Return ``(sections, metadata)`` of a checkpoint written by :func:`save`."""
     header, tensors = _read(path, with_tensors=True)

@@ -14,11 +14,13 @@ from typing import Any
 from . import __version__
 from .allocation import DISTRIBUTIONS
 from .errors import ConfigError, DataError, RegrowError
-from .methods import METHODS, method_options
+from .methods import method_options, names
 from .models import MODELS
 
 
-def _parse_option(text: str) -> tuple[str, Any]:
+def _parse_option(text: str | tuple[str, Any]) -> tuple[str, Any]:
+    if isinstance(text, tuple):  # from a recipe: already typed
+        return text
     key, sep, raw = text.partition("=")
     if not sep or not key:
         raise ConfigError(f"--opt takes key=value, got {text!r}")
@@ -33,18 +35,23 @@ def _parse_option(text: str) -> tuple[str, Any]:
     return key, raw
 
 
-def _train_parser(sub) -> None:
+def _train_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model with a sparsification method",
                        description="Train with a sparsification method and write DIR/summary.json, "
                                    "DIR/metrics.jsonl, DIR/model.safetensors and a resumable checkpoint.",
                        epilog="Method options (--opt key=value; a float in (0, 1] for a step option is a fraction "
                               "of training, an int is a step count):\n" + _methods_text(),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="resnet20", help=f"one of {', '.join(MODELS)} (default resnet20)")
-    p.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist (default) or synthetic")
+    p.add_argument("--recipe", default=None, metavar="YAML", help="read the options from a recipe file (every "
+                   "run writes its own as DIR/recipe.yaml); flags given here win over it")
+    p.add_argument("--model", default="resnet20", help=f"one of {', '.join(MODELS)} (default resnet20), or "
+                   "package.module:factory, a function of yours that returns an nn.Module")
+    p.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist (default), synthetic, or "
+                   "package.module:factory, a function of yours that returns (train, test)")
     p.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST idx .gz files "
                    "(default $REGROW_DATA_DIR, else /usr/share/datasets/fashion-mnist)")
-    p.add_argument("--method", default="rigl", help=f"one of {', '.join(METHODS)} (default rigl)")
+    p.add_argument("--method", default="rigl", help=f"one of {', '.join(names())} (default rigl), a method "
+                   "registered with regrow.register or the regrow.methods entry points, or package.module:Class")
     p.add_argument("--sparsity", type=float, default=None, help="target fraction of zeros in [0, 1) (default 0.9)")
     p.add_argument("--distribution", default=None, help=f"one of {', '.join(DISTRIBUTIONS)} (default erk)")
     p.add_argument("--structure", default="unstructured",
@@ -75,6 +82,7 @@ def _train_parser(sub) -> None:
     p.add_argument("--amp", default="none", choices=["none", "bf16"], help="bf16: forward under bfloat16 autocast")
     p.add_argument("--compile", action="store_true", help="torch.compile the training forward (see the README)")
     p.add_argument("--train-subset", type=int, default=None, help="train on a seeded subset of N samples")
+    p.add_argument("--synthetic-size", type=int, default=512, help="samples per split of --dataset synthetic")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/latest", help="output folder (default runs/latest)")
     p.add_argument("--log-every", type=int, default=50, help="steps between metric lines")
@@ -82,21 +90,22 @@ def _train_parser(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     p.add_argument("--no-progress", action="store_true")
+    return p
 
 
 def _methods_text() -> str:
-    lines = []
-    from .methods import CHANNEL_METHODS
+    from .methods import Dense, lookup, names
+    from .training import TRAINER_OPTIONS
 
-    entries = list(METHODS.items()) + [(f"{n} --structure channel", c) for n, c in CHANNEL_METHODS.items()]
+    hidden = TRAINER_OPTIONS | {"include", "exclude", "cost_model"}  # set by the trainer, or Python-only
+    lines = []
+    entries = [(n, lookup(n)) for n in names()] + [(f"{n} --structure channel", lookup(n, "channel"))
+                                                   for n in names("channel")]
     for name, cls in entries:
-        if name == "dense":
-            lines.append("  dense: no options")
+        if cls is Dense:
+            lines.append(f"  {name}: no options")
             continue
-        own = {k: v for k, v in method_options(cls).items()
-               if k not in ("sparsity", "distribution", "structure", "total_steps", "include", "exclude",
-                            "dense_first", "dense_last", "seed", "latency_target", "cost", "input_shape",
-                            "latency_batch", "cost_model")}
+        own = {k: v for k, v in method_options(cls).items() if k not in hidden}
         lines.append(f"  {name}: " + (", ".join(f"{k}={v}" for k, v in own.items()) or "no options"))
     return "\n".join(lines)
 
@@ -122,7 +131,7 @@ def _config_from(args) -> Any:
         weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing,
         augment=not args.no_augment, channels_last=args.channels_last, device=args.device, amp=args.amp,
         compile=args.compile,
-        train_subset=args.train_subset,
+        train_subset=args.train_subset, synthetic_size=args.synthetic_size,
         latency_target=args.latency_target, cost=args.cost, latency_batch=args.latency_batch,
         init_from=args.init_from,
         seed=args.seed, log_every=args.log_every,
@@ -167,15 +176,13 @@ def cmd_report(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from .artifacts import check_data_fits, load_model
     from .data import load_dataset
-    from .training import evaluate, load_model
+    from .training import evaluate
 
     model, meta = load_model(args.checkpoint, expect_model=args.model)
     data = load_dataset(args.dataset or meta["dataset"], "test", args.data_dir)
-    if (data.in_channels, data.input_size, data.num_classes) != (meta["in_channels"], meta["input_size"],
-                                                                 meta["num_classes"]):
-        raise ConfigError(f"{args.checkpoint} expects {meta['in_channels']}×{meta['input_size']}² inputs and "
-                          f"{meta['num_classes']} classes; the dataset does not match")
+    check_data_fits(meta, data, str(args.checkpoint))
     accuracy, loss = evaluate(model, data)
     from . import masking
 
@@ -190,7 +197,7 @@ def cmd_eval(args) -> int:
 
 
 def _load_run_model(run: str):
-    from .training import MODEL, load_model
+    from .artifacts import MODEL, load_model
 
     path = Path(run)
     path = path / MODEL if path.is_dir() else path
@@ -200,9 +207,9 @@ def _load_run_model(run: str):
 def cmd_export(args) -> int:
     import torch
 
+    from .artifacts import MODEL_KEYS, RESULT_FILES, input_shape
     from .export import count_parameters, export_masked_model, export_onnx, save_exported
     from .runfolder import RunFolder, check_writable
-    from .training import RESULT_FILES
 
     if args.check_batch <= 0:
         raise ConfigError(f"--check-batch must be a positive number of samples, got {args.check_batch}")
@@ -217,7 +224,7 @@ def cmd_export(args) -> int:
         raise ConfigError(f"{out} exists; pass --overwrite to replace it")
     check_writable(out.parent)
     model, meta = _load_run_model(args.run)
-    shape = (meta["in_channels"], meta["input_size"], meta["input_size"])
+    shape = input_shape(meta)
     before = count_parameters(model)
     model.eval()
     exported, structure = export_masked_model(model, torch.zeros(1, *shape))
@@ -226,8 +233,7 @@ def cmd_export(args) -> int:
             diff = export_onnx(exported, torch.randn(args.check_batch, *shape), out)
             detail = f"onnxruntime matches PyTorch within {diff:.2g}"
         else:
-            keys = ("model", "dataset", "in_channels", "num_classes", "input_size", "method")
-            save_exported(out, exported, structure, {k: meta[k] for k in keys if k in meta})
+            save_exported(out, exported, structure, {k: meta[k] for k in MODEL_KEYS if k in meta})
             detail = "load with regrow.export.load_exported"
     print(f"exported {meta['model']}: {before:,} -> {count_parameters(exported):,} parameters -> {out} ({detail})")
     return 0
@@ -292,7 +298,8 @@ def _pts_parser(sub) -> None:
                               "distribution=uniform, mask=static, tau=constant, loss=mse; the overfitting check: "
                               "distribution=unconstrained.",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="a dense model.safetensors, or the --out folder of regrow train")
+    p.add_argument("checkpoint", help="a dense model.safetensors, or the --out folder of regrow train, or a plain "
+                   "safetensors state dict (with --model and --dataset)")
     p.add_argument("--method", default="unipts", help="one of unipts, pot, wanda, magnitude (default unipts)")
     p.add_argument("--sparsity", type=float, default=None,
                    help="target fraction of zeros in [0, 1) (default 0.9; N:M implies its own)")
@@ -301,7 +308,8 @@ def _pts_parser(sub) -> None:
                    help="training samples to calibrate on (default 1024; class-balanced, seeded)")
     p.add_argument("--unbalanced", action="store_true", help="draw the calibration set without class balance")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--model", default=None, help="fail unless the checkpoint is of this architecture")
+    p.add_argument("--model", default=None, help="fail unless the checkpoint is of this architecture; for a plain "
+                   "state dict: its architecture (a registry name or package.module:factory)")
     p.add_argument("--dataset", default=None, help="default: the dataset the checkpoint was trained on")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="a method option (repeatable)")
@@ -326,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="regrow", description="Sparse training and pruning for PyTorch")
     parser.add_argument("--version", action="version", version=f"regrow {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    _train_parser(sub)
+    parser.train_parser = _train_parser(sub)
     r = sub.add_parser("report", help="per-layer table, parameters, MACs and sparsity of a finished run")
     r.add_argument("run", help="the --out folder of 'regrow train'")
     r.add_argument("--json", action="store_true", help="print the whole summary as JSON")
@@ -370,11 +378,17 @@ COMMANDS = {"train": cmd_train, "report": cmd_report, "eval": cmd_eval, "demo": 
 
 
 def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     try:
-        args = build_parser().parse_args(argv)
+        args = parser.parse_args(argv)
     except SystemExit as e:  # argparse: --help (0) or a bad argument (2, one line already printed)
         return e.code if isinstance(e.code, int) else 2
     try:
+        if getattr(args, "recipe", None):  # the recipe's options become defaults; the flags given win over them
+            from .recipe import read_recipe
+
+            parser.train_parser.set_defaults(**read_recipe(args.recipe, parser.train_parser))
+            args = parser.parse_args(argv)
         return COMMANDS[args.command](args)
     except RegrowError as e:
         print(f"regrow: error: {_one_line(str(e))}", file=sys.stderr)

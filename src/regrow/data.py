@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .errors import DataError, unknown
+from .plugins import call_factory, is_import_spec, load_object
 
 DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 DATA_DIR_ENV = "REGROW_DATA_DIR"
@@ -119,6 +120,11 @@ def synthetic(n: int = 512, num_classes: int = 4, in_channels: int = 1, size: in
 
 def load_dataset(name: str, split: str, data_dir: str | None = None, *, synthetic_size: int = 512,
                  seed: int = 0) -> Dataset:
+    """A split ("train" or "test") of ``fashion-mnist``, ``synthetic`` or a user's ``package.module:factory``."""
+    if split not in ("train", "test"):
+        raise unknown("split", split, ["train", "test"])
+    if is_import_spec(name):
+        return user_datasets(name)[0 if split == "train" else 1]
     if name == "fashion-mnist":
         return load_fashion_mnist(split, data_dir)
     if name == "synthetic":
@@ -126,7 +132,56 @@ def load_dataset(name: str, split: str, data_dir: str | None = None, *, syntheti
         full = synthetic(2 * synthetic_size, seed=seed)
         half = torch.arange(synthetic_size) if split == "train" else torch.arange(synthetic_size, 2 * synthetic_size)
         return full.subset(half)
-    raise unknown("dataset", name, ["fashion-mnist", "synthetic"])
+    raise unknown("dataset", name, ["fashion-mnist", "synthetic", "package.module:factory"])
+
+
+@functools.lru_cache(maxsize=1)  # train and test come from one call of the factory
+def user_datasets(spec: str) -> tuple[Dataset, Dataset]:
+    """A user's factory, called without arguments, returns ``(train, test)``; each may be a regrow
+    :class:`Dataset`, a pair of tensors ``(inputs, labels)`` or any map-style dataset of ``(input, label)``
+    samples (a ``torch.utils.data.Dataset``). Samples are stacked into memory once; labels are class indices,
+    and the number of classes is the factory's ``num_classes`` attribute or, without one, the largest label + 1
+    over both splits."""
+    factory = load_object(spec, "dataset")
+    result = call_factory(factory, spec, "dataset")
+    if not isinstance(result, (tuple, list)) or len(result) != 2:
+        raise DataError(f"dataset {spec!r} must return (train, test), got {type(result).__name__}")
+    splits = [_as_tensors(part, spec, split) for part, split in zip(result, ("train", "test"))]
+    declared = getattr(factory, "num_classes", None)
+    num_classes = declared if isinstance(declared, int) else max(int(labels.max()) for _, labels in splits) + 1
+    for (_, labels), split in zip(splits, ("train", "test")):
+        if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
+            raise DataError(f"dataset {spec!r}: {split} labels span {int(labels.min())}..{int(labels.max())}, "
+                            f"outside the {num_classes} classes")
+    if splits[0][0].shape[1:] != splits[1][0].shape[1:]:
+        raise DataError(f"dataset {spec!r}: train samples are {tuple(splits[0][0].shape[1:])}, test samples "
+                        f"{tuple(splits[1][0].shape[1:])}")
+    return tuple(Dataset(inputs, labels, num_classes) for inputs, labels in splits)
+
+
+def _as_tensors(part, spec: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(part, Dataset):
+        inputs, labels = part.images, part.labels
+    elif isinstance(part, (tuple, list)) and len(part) == 2 and all(isinstance(t, torch.Tensor) for t in part):
+        inputs, labels = part
+    elif hasattr(part, "__getitem__") and hasattr(part, "__len__"):
+        try:
+            samples = [part[i] for i in range(len(part))]
+            inputs = torch.stack([torch.as_tensor(x) for x, _ in samples]) if samples else torch.empty(0)
+            labels = torch.as_tensor([int(y) for _, y in samples])
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise DataError(f"dataset {spec!r}: the {split} samples are not (input, label) pairs of equal-shaped "
+                            f"tensors and class indices: {e}") from None
+    else:
+        raise DataError(f"dataset {spec!r}: the {split} split is a {type(part).__name__}; expected a pair of "
+                        "tensors (inputs, labels) or a map-style dataset of (input, label)")
+    if len(inputs) == 0 or len(inputs) != len(labels):
+        raise DataError(f"dataset {spec!r}: the {split} split has {len(inputs)} inputs and {len(labels)} labels")
+    if not inputs.is_floating_point():
+        raise DataError(f"dataset {spec!r}: the {split} inputs are {inputs.dtype}; the trainer takes float inputs")
+    if labels.dim() != 1 or labels.is_floating_point() or labels.is_complex():
+        raise DataError(f"dataset {spec!r}: the {split} labels must be a 1-d tensor of class indices")
+    return inputs.float().contiguous(), labels.long()
 
 
 def subset_indices(labels: torch.Tensor, n: int, seed: int = 0, balanced: bool = False) -> torch.Tensor:

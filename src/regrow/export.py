@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from . import checkpoint, masking
+from .artifacts import build_model
 from .channels import ChannelMasks, _tracer
 from .errors import CheckpointError, ConfigError, ExportError
 
@@ -146,7 +147,6 @@ def load_exported(path: str | os.PathLike, model: nn.Module | None = None) -> tu
     if meta.get("format") != EXPORT_FORMAT:
         raise CheckpointError(f"{path} is a regrow checkpoint but not an exported model (use `regrow export`)")
     if model is None:
-        from .training import build_model  # local: training imports the method registry
         model = build_model(meta)
     example = torch.zeros(1, *meta["structure"]["input_shape"])
     try:

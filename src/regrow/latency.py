@@ -21,14 +21,11 @@ with the allocator as it is.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import hashlib
 import json
 import math
 import os
 import statistics
-import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -40,6 +37,7 @@ import torch
 from torch import nn
 
 from .checkpoint import write_json
+from .env import cpu_name, steady_allocator
 from .errors import ConfigError
 
 COSTS = ("latency", "macs")
@@ -120,38 +118,13 @@ class MacsCost:
         return c_out * per_output * math.prod(shape.out_size()) / 1e6
 
 
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
-_MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # glibc's ceiling for M_MMAP_THRESHOLD on 64-bit
-_steady = None
-
-
-def steady_allocator() -> bool:
-    """Keep freed memory in the process (glibc ``mallopt``): no page faults per forward. True when in effect.
-
-    Process-wide and permanent (it only keeps up to the peak memory mapped). A no-op returning False where the C
-    library is not glibc or ``REGROW_STEADY_ALLOCATOR=0``; the device key records which way a table was measured.
-    """
-    global _steady
-    if _steady is None:
-        _steady = False
-        if sys.platform.startswith("linux") and os.environ.get("REGROW_STEADY_ALLOCATOR", "1") != "0":
-            try:
-                libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-                _steady = bool(libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)) and \
-                    bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
-            except (OSError, AttributeError):  # not glibc (musl has no mallopt)
-                _steady = False
-    return _steady
-
-
 def device_key(device: torch.device | str, batch_size: int) -> str:
     device = torch.device(device)
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        from .training import _cpu_name  # the same CPU name the run summaries record
         allocator = "steady" if steady_allocator() else "default"
-        name = f"{_cpu_name()}|threads={torch.get_num_threads()}|allocator={allocator}"
+        name = f"{cpu_name()}|threads={torch.get_num_threads()}|allocator={allocator}"
     return f"{device.type}|{name}|torch={torch.__version__}|batch={batch_size}"
 
 

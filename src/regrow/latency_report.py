@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .artifacts import build_model, input_shape
+from .env import environment
 from .export import count_parameters, export_masked_model
 from .flops import layer_macs
 from .latency import LatencyTable, device_key, layer_shapes, steady_allocator
@@ -45,13 +47,11 @@ def time_models(models: dict[str, nn.Module], x: torch.Tensor, repeats: int = 50
 
 def latency_report(masked_model: nn.Module, meta: dict[str, Any], batch_size: int = 64, repeats: int = 50,
                    threads: int | None = None) -> dict[str, Any]:
-    from .training import build_model, environment
-
     previous_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        shape = (meta["in_channels"], meta["input_size"], meta["input_size"])
+        shape = input_shape(meta)
         example = torch.zeros(1, *shape)
         dense = build_model(meta).eval()
         exported, structure = export_masked_model(copy.deepcopy(masked_model).eval(), example)

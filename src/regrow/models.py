@@ -12,7 +12,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .errors import unknown
+from .errors import ConfigError, unknown
+from .plugins import call_factory, is_import_spec, load_object
 
 
 def _conv_bn(c_in: int, c_out: int, kernel: int = 3, stride: int = 1, groups: int = 1) -> list[nn.Module]:
@@ -210,9 +211,18 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 
 
 def create_model(name: str, in_channels: int = 1, num_classes: int = 10, input_size: int = 28) -> nn.Module:
-    """Build a registry model; an unknown name lists the known ones."""
+    """Build a registry model, or a user's (``package.module:factory``); an unknown name lists the known ones.
+
+    A user's factory is called with those of ``in_channels``, ``num_classes`` and ``input_size`` it declares and
+    must return an ``nn.Module``."""
+    if is_import_spec(name):
+        model = call_factory(load_object(name, "model"), name, "model", in_channels=in_channels,
+                             num_classes=num_classes, input_size=input_size)
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"model {name!r} returned a {type(model).__name__}, not a torch.nn.Module")
+        return model
     if name not in MODELS:
-        raise unknown("model", name, MODELS)
+        raise unknown("model", name, list(MODELS) + ["package.module:factory"])
     kwargs = {"in_channels": in_channels, "num_classes": num_classes}
     if name == "mlp":
         kwargs["input_size"] = input_size

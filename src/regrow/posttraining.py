@@ -39,13 +39,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoint, masking, pts
-from .data import Dataset, batches_per_epoch, get_batch, load_dataset
+from .artifacts import MODEL, MODEL_KEYS, SUMMARY, build_model, check_data_fits, load_model, model_metadata
+from .data import batches_per_epoch, get_batch, load_dataset
+from .env import environment
 from .errors import CheckpointError, ConfigError, TrainingDivergedError, check_sparsity, unknown
 from .flops import forward_flops, layer_macs
 from .runfolder import RunFolder, check_writable
 from .schedules import cosine_lr
 from .structures import NM, get_structure
-from .training import MODEL, SUMMARY, environment, evaluate, layer_table, load_model
+from .training import evaluate, layer_table
 
 PTS_METHODS = ("magnitude", "pot", "wanda", "unipts")
 DISTRIBUTIONS = ("search", "uniform", "unconstrained")
@@ -170,25 +172,31 @@ class PTSConfig:
         return structure, target, options
 
 
-def _load_dense(path: str | Path, expect_model: str | None) -> tuple[nn.Module, dict[str, Any], Path]:
+def _load_dense(path: str | Path, expect_model: str | None, dataset: str | None, train_data
+                ) -> tuple[nn.Module, dict[str, Any], Path]:
+    """The dense model at ``path``: a regrow model file, or a plain safetensors state dict of ``expect_model``
+    trained on ``dataset`` (``train_data()`` loads it, for the shapes)."""
     path = Path(path)
     if path.is_dir():
         path = path / MODEL
     if not path.is_file():
         raise CheckpointError(f"no model at {path}: pass a model.safetensors or the --out folder of regrow train")
+    plain = checkpoint.load_plain(path)
+    if plain is not None:  # a user's own state dict: the architecture and the data must be named
+        if expect_model is None or dataset is None:
+            raise ConfigError(f"{path} is a plain safetensors state dict: name its architecture with --model "
+                              "(a registry name or package.module:factory) and its data with --dataset")
+        meta = model_metadata(expect_model, dataset, "dense", train_data())
+        model = build_model(meta)
+        masking.load_state_dict(model, plain)  # a state dict of another architecture: an error naming the keys
+        if masking.masked_layers(model):
+            raise CheckpointError(f"{path} holds masks; post-training sparsity starts from a dense model")
+        return model, meta, path
     model, meta = load_model(path, expect_model=expect_model)
     if masking.masked_layers(model):
         raise CheckpointError(f"{path} holds a sparse model; post-training sparsity starts from a dense one "
                               "(regrow train --method dense)")
     return model, meta, path
-
-
-def _check_data(meta: dict[str, Any], data: Dataset, path: Path) -> None:
-    if (data.in_channels, data.input_size, data.num_classes) != (meta["in_channels"], meta["input_size"],
-                                                                 meta["num_classes"]):
-        raise CheckpointError(f"{path} expects {meta['in_channels']}×{meta['input_size']}² inputs and "
-                              f"{meta['num_classes']} classes; the dataset has {data.in_channels}×"
-                              f"{data.input_size}² and {data.num_classes}")
 
 
 def _sparsity_of(masks: dict[str, torch.Tensor]) -> float:
@@ -216,12 +224,16 @@ class PostTraining:
         self.out = Path(out)
         self.overwrite = overwrite
         self._check_out()
-        self.dense, self.meta, self.checkpoint_path = _load_dense(checkpoint_path, config.expect_model)
+        def train_split(name=config.dataset):
+            return load_dataset(name, "train", config.data_dir, synthetic_size=config.synthetic_size)
+
+        self.dense, self.meta, self.checkpoint_path = _load_dense(checkpoint_path, config.expect_model,
+                                                                  config.dataset, train_split)
         dataset = config.dataset or self.meta["dataset"]
         # (the synthetic set is its seed-0 draw: the templates a model trained with --seed 0 has learnt)
         self.train_data = load_dataset(dataset, "train", config.data_dir, synthetic_size=config.synthetic_size)
         self.test_data = load_dataset(dataset, "test", config.data_dir, synthetic_size=config.synthetic_size)
-        _check_data(self.meta, self.train_data, self.checkpoint_path)
+        check_data_fits(self.meta, self.train_data, str(self.checkpoint_path))
         self.dataset = dataset
         self.calibration = pts.calibration_set(self.train_data, config.calibration_size, seed=config.seed,
                                                balanced=config.balanced)
@@ -445,9 +457,12 @@ class PostTraining:
                    for n, m in masking.masked_layers(model).items()
                    if isinstance(self.structure, NM) and not self.structure.supports(m.weight.shape)}
         sparsities = self.extra.pop("layer_sparsities")
+        weights = masking.weight_sparsity(model, skipped)
         summary = {
             "method": c.method, "model": self.meta["model"], "dataset": self.dataset,
-            "sparsity_target": self.target, "sparsity_actual": _sparsity_of(masks),
+            # over every weight matrix of the model, as regrow train reports it; sparsity_masked: the masked layers
+            "sparsity_target": self.target, "sparsity_actual": weights["sparsity"],
+            "sparsity_masked": _sparsity_of(masks), "left_dense": weights["left_dense"],
             "distribution": self.options.get("distribution", "uniform"), "structure": self.structure.name,
             "test_accuracy": accuracy, "test_loss": loss, "test_accuracy_per_epoch": [accuracy],
             "dense_test_accuracy": dense_accuracy,
@@ -468,7 +483,7 @@ class PostTraining:
             "config": dataclasses.asdict(c), "environment": environment(),
         }
         self.out.mkdir(parents=True, exist_ok=True)
-        meta = {**{k: self.meta[k] for k in ("model", "dataset", "in_channels", "num_classes", "input_size")},
+        meta = {**{k: self.meta[k] for k in MODEL_KEYS if k in self.meta and k != "method"},
                 "kind": "model", "method": c.method, "sparsity_actual": summary["sparsity_actual"],
                 "test_accuracy": accuracy, "regrow_version": self.meta.get("regrow_version")}
         checkpoint.save(self.out / MODEL, {"model": model.state_dict()}, meta)

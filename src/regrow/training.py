@@ -13,7 +13,6 @@ import dataclasses
 import json
 import math
 import os
-import platform
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -24,42 +23,33 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import __version__, checkpoint, masking, methods
+from . import checkpoint, masking, methods
+from .artifacts import (
+    CHECKPOINT,
+    METRICS,
+    MODEL,
+    RECIPE,
+    RESULT_FILES,
+    SUMMARY,
+    load_model,
+    model_metadata,
+)
 from .data import Dataset, batches_per_epoch, eval_batches, get_batch, load_dataset, subset_indices
+from .env import environment, resolve_device, steady_allocator
 from .errors import CheckpointError, ConfigError, TrainingDivergedError, check_sparsity
 from .flops import forward_flops, layer_macs
-from .latency import steady_allocator
 from .models import create_model
+from .recipe import write_recipe
 from .runfolder import RunFolder
 from .schedules import cosine_lr
 
-CHECKPOINT, MODEL, SUMMARY, METRICS = "checkpoint.safetensors", "model.safetensors", "summary.json", "metrics.jsonl"
-RESULT_FILES = (CHECKPOINT, MODEL, SUMMARY, METRICS)  # what a run writes into its folder
 # Options a resume may change: they do not change what a run computes (the device changes only the rounding:
 # a run moved to another device goes on, but is bit-identical only to a run on that device).
 _RESUME_FREE = {"data_dir", "checkpoint_every", "progress", "device"}
-DEVICES = ("auto", "cpu", "cuda")
 # Sparsifier arguments the trainer sets itself: as --opt they would be overridden (and recorded) without effect.
 TRAINER_OPTIONS = {"sparsity", "distribution", "structure", "total_steps", "seed", "dense_first", "dense_last",
                    "latency_target", "cost", "input_shape", "latency_batch"}
 AMP_MODES = ("none", "bf16")
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` is CUDA when a GPU is usable, else the CPU; ``cuda`` (or ``cuda:N``) without one is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    kind = name.split(":", 1)[0]
-    if kind not in ("cpu", "cuda"):
-        raise ConfigError(f"unknown device {name!r}; known: {', '.join(DEVICES)} (or cuda:N)")
-    if kind == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device {name}: this machine has no usable CUDA GPU (torch {torch.__version__}, "
-                              f"CUDA build: {torch.version.cuda is not None}); use --device cpu or auto")
-        index = torch.device(name).index
-        if index is not None and index >= torch.cuda.device_count():
-            raise ConfigError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
-    return torch.device(name)
 
 
 @dataclass
@@ -102,16 +92,12 @@ class TrainConfig:
     progress: bool = True
 
     def validate(self) -> None:
+        cls = methods.resolve(self.method, self.structure)  # an unknown method fails here, before any work
         if self.structure == "channel":
-            if self.method not in methods.CHANNEL_METHODS:
-                raise ConfigError(f"--structure channel works with {', '.join(methods.CHANNEL_METHODS)}, "
-                                  f"not {self.method!r}")
             if not isinstance(self.latency_target, (int, float)) or not 0 < self.latency_target < 1:
                 raise ConfigError(f"latency_target is a fraction of the dense model's cost in (0, 1), "
                                   f"got {self.latency_target!r}")
-        elif self.method in methods.CHANNEL_METHODS and self.method not in methods.METHODS:
-            raise ConfigError(f"{self.method} prunes channels: add --structure channel")
-        elif self.method != "dense":
+        elif cls is not methods.Dense:
             check_sparsity(self.sparsity)
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "log_every": self.log_every}
         for name, value in positive.items():
@@ -172,46 +158,6 @@ def layer_table(model: nn.Module, macs: dict[str, int]) -> list[dict[str, Any]]:
             for name, m in masking.prunable_layers(model).items()]
 
 
-def model_metadata(config: TrainConfig, data: Dataset) -> dict[str, Any]:
-    return {"kind": "model", "model": config.model, "dataset": config.dataset, "in_channels": data.in_channels,
-            "num_classes": data.num_classes, "input_size": data.input_size, "method": config.method,
-            "regrow_version": __version__}
-
-
-# What a checkpoint's metadata may ask a model to be built with: a damaged or edited header is refused before it
-# can ask for a model of terabytes.
-_META_RANGES = {"in_channels": (1, 64), "input_size": (8, 4096), "num_classes": (1, 100_000)}
-
-
-def check_model_metadata(meta: dict[str, Any], where: str) -> None:
-    if not isinstance(meta.get("model"), str):
-        raise CheckpointError(f"{where}: the metadata names no model")
-    for key, (low, high) in _META_RANGES.items():
-        value = meta.get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-            raise CheckpointError(f"{where}: metadata {key}={value!r} is not a size regrow builds models with "
-                                  f"({low}..{high}); the file is damaged or was edited")
-
-
-def build_model(meta: dict[str, Any]) -> nn.Module:
-    check_model_metadata(meta, "checkpoint")
-    return create_model(meta["model"], in_channels=meta["in_channels"], num_classes=meta["num_classes"],
-                        input_size=meta["input_size"])
-
-
-def load_model(path: str | os.PathLike, expect_model: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the model saved in a ``model.safetensors`` or ``checkpoint.safetensors`` (masks included)."""
-    sections, meta = checkpoint.load(path)
-    if "model" not in sections or "model" not in meta:
-        raise CheckpointError(f"{path} holds no model")
-    check_model_metadata(meta, str(path))
-    if expect_model is not None and meta["model"] != expect_model:
-        raise CheckpointError(f"{path} is a {meta['model']} checkpoint, not {expect_model}")
-    model = build_model(meta)
-    masking.load_state_dict(model, sections["model"])
-    return model, meta
-
-
 class Trainer:
     """One training run into ``out``; :meth:`run` trains (or resumes) and returns the summary."""
 
@@ -231,6 +177,9 @@ class Trainer:
         self.test_data = load_dataset(c.dataset, "test", c.data_dir, synthetic_size=c.synthetic_size, seed=c.seed)
         if c.train_subset is not None:
             self.train_data = self.train_data.subset(subset_indices(self.train_data.labels, c.train_subset, c.seed))
+        if c.augment and self.train_data.images.dim() != 4:
+            raise ConfigError(f"augmentation crops and flips images (N, C, H, W); {c.dataset} has samples of shape "
+                              f"{list(self.train_data.images.shape[1:])}: pass --no-augment")
         self.model = create_model(c.model, in_channels=self.train_data.in_channels,
                                   num_classes=self.train_data.num_classes, input_size=self.train_data.input_size)
         self.pretrain: dict[str, Any] | None = None
@@ -282,7 +231,8 @@ class Trainer:
 
     # ----- persistence ------------------------------------------------------------------------------------
     def _metadata(self) -> dict[str, Any]:
-        return {**model_metadata(self.config, self.train_data), "kind": "training",
+        c = self.config
+        return {**model_metadata(c.model, c.dataset, c.method, self.train_data), "kind": "training",
                 "config": self.config.fingerprint(), "step": self.state["step"],
                 "threads": torch.get_num_threads(), "device": self.device.type}
 
@@ -358,7 +308,7 @@ class Trainer:
         # Batches are made on the CPU from seeded generators, the same on every device, then moved.
         x, y = get_batch(self.train_data, c.batch_size, c.seed, epoch, index, train_augment=c.augment)
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-        if c.channels_last:
+        if c.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         lr = cosine_lr(step, self.total_steps, c.lr, warmup=int(round(c.warmup_epochs * self.steps_per_epoch)))
         for group in self.optimizer.param_groups:
@@ -404,6 +354,7 @@ class Trainer:
         else:
             for name in existing:
                 (self.out / name).unlink()
+        write_recipe(self.out / RECIPE, self.config)
         self._last_saved = self.state["step"]
         c = self.config
         if c.structure == "channel" and c.cost == "latency":  # measure the table now, not in the middle of training
@@ -485,31 +436,11 @@ class Trainer:
                 total = self.pretrain["train_flops"] + s["train_flops"]
                 summary["total_train_flops"] = total
                 summary["total_train_flops_ratio"] = total / s["dense_train_flops"]
-        meta = {**model_metadata(c, self.train_data), "sparsity_actual": summary["sparsity_actual"],
-                "test_accuracy": summary["test_accuracy"]}
+        meta = {**model_metadata(c.model, c.dataset, c.method, self.train_data),
+                "sparsity_actual": summary["sparsity_actual"], "test_accuracy": summary["test_accuracy"]}
         checkpoint.save(self.out / MODEL, {"model": self.model.state_dict()}, meta)
         checkpoint.write_json(self.out / SUMMARY, summary)
         return summary
-
-
-def environment(device: torch.device | str = "cpu") -> dict[str, Any]:
-    device = torch.device(device)
-    env = {"regrow": __version__, "torch": torch.__version__, "python": platform.python_version(),
-           "machine": platform.machine(), "processor": _cpu_name(), "threads": torch.get_num_threads(),
-           "device": device.type, "steady_allocator": steady_allocator() if device.type == "cpu" else None}
-    if device.type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name(device)
-    return env
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _progress(total: int, initial: int, enabled: bool, desc: str):

@@ -9,30 +9,43 @@ from .base import Sparsifier, method_options
 from .baselines import GMP, SET, Dense, DynamicSparsifier, OneShot, RigL, Static
 from .channel import HALP, ChannelIEE, ChannelSparsifier
 from .iee import IEE
+from .registry import REGISTRY, lookup, names, register
 
-METHODS: dict[str, type[Sparsifier]] = {
-    "dense": Dense, "static": Static, "oneshot": OneShot, "gmp": GMP, "set": SET, "rigl": RigL, "iee": IEE,
-}
+for _cls in (Dense, Static, OneShot, GMP, SET, RigL, IEE):
+    register(_cls.name, _cls)
+register("halp", HALP)
+register("iee", ChannelIEE)
+
+METHODS: dict[str, type[Sparsifier]] = REGISTRY["weight"]  # live views: register() adds to them
 # Methods over channel groups (structure "channel"): the budget is a cost (latency or MACs), not a sparsity.
-CHANNEL_METHODS: dict[str, type[Sparsifier]] = {"halp": HALP, "iee": ChannelIEE}
+CHANNEL_METHODS: dict[str, type[Sparsifier]] = REGISTRY["channel"]
+
+
+def resolve(method: str, structure: str | None = None) -> type[Sparsifier]:
+    """The class ``create`` would build for ``method`` under ``structure``, or a ConfigError saying why not."""
+    if structure == "channel":
+        cls = lookup(method, "channel")
+        if cls is None:
+            raise ConfigError(f"method {method!r} has no channel version; channel methods: "
+                              f"{', '.join(names('channel'))}")
+        return cls
+    cls = lookup(method, "weight")
+    if cls is None:
+        if lookup(method, "channel") is not None:
+            raise ConfigError(f"{method} prunes channels: add --structure channel (structure='channel' in Python)")
+        raise unknown("method", method, names("weight") + sorted(set(names("channel")) - set(names("weight")))
+                      + ["package.module:Class"])
+    return cls
 
 
 def create(method: str, model, optimizer=None, **options: Any) -> Sparsifier:
-    """Build a sparsifier by name, rejecting options the method does not take.
+    """Build a sparsifier by name (or ``package.module:Class``), rejecting options the method does not take.
 
     ``structure="channel"`` selects the channel version (``halp``, ``iee``)."""
-    if options.get("structure") == "channel":
+    channel = options.get("structure") == "channel"
+    cls = resolve(method, "channel" if channel else None)
+    if channel:
         options = {k: v for k, v in options.items() if k != "structure"}
-        if method not in CHANNEL_METHODS:
-            raise ConfigError(f"method {method!r} has no channel version; channel methods: "
-                              f"{', '.join(CHANNEL_METHODS)}")
-        cls = CHANNEL_METHODS[method]
-    elif method in CHANNEL_METHODS and method not in METHODS:
-        raise ConfigError(f"{method} prunes channels: use structure='channel' (--structure channel)")
-    elif method not in METHODS:
-        raise unknown("method", method, sorted(METHODS) + sorted(set(CHANNEL_METHODS) - set(METHODS)))
-    else:
-        cls = METHODS[method]
     if cls is not Dense:
         allowed = method_options(cls)
         bad = sorted(set(options) - set(allowed))
@@ -43,4 +56,5 @@ def create(method: str, model, optimizer=None, **options: Any) -> Sparsifier:
 
 
 __all__ = ["CHANNEL_METHODS", "GMP", "HALP", "IEE", "METHODS", "SET", "ChannelIEE", "ChannelSparsifier", "Dense",
-           "DynamicSparsifier", "OneShot", "RigL", "Sparsifier", "Static", "create", "method_options"]
+           "DynamicSparsifier", "OneShot", "RigL", "Sparsifier", "Static", "create", "lookup", "method_options",
+           "names", "register", "resolve"]

@@ -48,6 +48,7 @@ class Sparsifier:
     """
 
     name = "base"
+    family = "weight"  # what the registry files it under: weight masks (channel methods: "channel")
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
                  sparsity: float = 0.9, distribution: str = "erk", structure: str = "unstructured",

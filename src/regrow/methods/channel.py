@@ -54,6 +54,7 @@ class ChannelSparsifier(Sparsifier):
     """
 
     name = "channel"
+    family = "channel"  # channel groups under a cost budget (see methods.registry)
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
                  latency_target: float = 0.5, cost: str = "latency", group_size: int = 4,

@@ -1,0 +1,83 @@
+"""The method registry: names for sparsifier classes, open to methods written outside regrow.
+
+    @regrow.register("mine")                 # or regrow.register("mine", Mine)
+    class Mine(regrow.SET): ...
+
+Out-of-tree packages can also declare methods in the ``regrow.methods`` entry-point group (``mine =
+"mypkg.methods:Mine"`` in their ``pyproject.toml``); they are found the first time a name is not known, so
+``regrow train --method mine`` works once the package is installed. ``--method mypkg.methods:Mine`` works too,
+without any declaration. A class's ``family`` says which structure it sparsifies: ``"weight"`` (the masks of
+weight entries, for ``unstructured`` and N:M) or ``"channel"`` (channel groups under a cost budget, selected with
+``--structure channel``); one name can have one class of each family, as ``iee`` does.
+"""
+
+from __future__ import annotations
+
+import warnings
+from importlib.metadata import entry_points
+
+from ..errors import ConfigError
+from ..plugins import is_import_spec, load_object
+from .base import Sparsifier
+
+ENTRY_POINT_GROUP = "regrow.methods"
+FAMILIES = ("weight", "channel")
+# family -> name -> class; METHODS and CHANNEL_METHODS in regrow.methods are these dicts.
+REGISTRY: dict[str, dict[str, type[Sparsifier]]] = {family: {} for family in FAMILIES}
+_entry_points_loaded = False
+_entry_point_errors: dict[str, str] = {}
+
+
+def register(name: str, cls: type[Sparsifier] | None = None, *, replace: bool = False):
+    """Register ``cls`` under ``name`` (in the family its ``family`` attribute names); usable as a decorator.
+
+    A name already taken in that family is refused unless ``replace=True``."""
+    if cls is None:
+        return lambda c: register(name, c, replace=replace)
+    if not isinstance(name, str) or not name or ":" in name or name != name.strip():
+        raise ConfigError(f"a method name is a non-empty word without ':', got {name!r}")
+    if not (isinstance(cls, type) and issubclass(cls, Sparsifier)):
+        raise ConfigError(f"method {name!r}: {cls!r} is not a subclass of regrow.Sparsifier")
+    family = getattr(cls, "family", "weight")
+    if family not in FAMILIES:
+        raise ConfigError(f"method {name!r}: family {family!r} is not one of {', '.join(FAMILIES)}")
+    taken = REGISTRY[family].get(name)
+    if taken is not None and taken is not cls and not replace:
+        raise ConfigError(f"method name {name!r} is taken by {taken.__module__}.{taken.__qualname__}; pass "
+                          "replace=True to replace it")
+    REGISTRY[family][name] = cls
+    return cls
+
+
+def load_entry_points() -> None:
+    """Register the methods installed packages declare; a broken one is skipped with a warning (and named if
+    asked for), so that it cannot break every other method."""
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    _entry_points_loaded = True
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            register(ep.name, ep.load())
+        except Exception as e:  # an installed plugin that fails to import or register
+            _entry_point_errors[ep.name] = f"{ep.value}: {type(e).__name__}: {e}"
+            warnings.warn(f"regrow method {ep.name!r} from entry point {ep.value} skipped: {e}", stacklevel=2)
+
+
+def lookup(name: str, family: str = "weight") -> type[Sparsifier] | None:
+    """The class registered as ``name`` in ``family``, importing ``package.module:Class`` names; None if unknown."""
+    if is_import_spec(name):
+        cls = load_object(name, "method")
+        if not (isinstance(cls, type) and issubclass(cls, Sparsifier)):
+            raise ConfigError(f"method {name!r} is not a subclass of regrow.Sparsifier")
+        return cls if getattr(cls, "family", "weight") == family else None
+    if name not in REGISTRY[family]:
+        load_entry_points()
+    if name in _entry_point_errors and name not in REGISTRY[family]:
+        raise ConfigError(f"method {name!r} is installed but failed to load: {_entry_point_errors[name]}")
+    return REGISTRY[family].get(name)
+
+
+def names(family: str = "weight") -> list[str]:
+    load_entry_points()
+    return list(REGISTRY[family])

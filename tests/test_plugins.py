@@ -1,0 +1,191 @@
+"""Users' own code through the front door: a model and a dataset given as ``module:factory``, and methods written
+outside regrow found by ``regrow.register``, by an entry point of an installed package, or as ``module:Class``."""
+
+import json
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import regrow
+from regrow import artifacts, checkpoint, export
+from regrow.cli import main
+from regrow.methods import registry
+
+USER_CODE = '''
+import torch
+from torch import nn
+
+import regrow
+from regrow import masking
+from regrow.methods import DynamicSparsifier
+
+
+def build(in_channels, num_classes, input_size):
+    return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * input_size * input_size, 32), nn.ReLU(),
+                         nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, num_classes))
+
+
+def not_a_model():
+    return 3
+
+
+def data():
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(160) % 3
+    x = torch.randn(160, 1, 10, 10, generator=g) + y.view(-1, 1, 1, 1).float()
+    return (x[:128], y[:128]), torch.utils.data.TensorDataset(x[128:], y[128:])
+
+
+class FirstInactive(DynamicSparsifier):
+    """A toy out-of-tree method: grow the inactive units with the lowest flat index (plus an offset)."""
+
+    name = "first-inactive"
+
+    def __init__(self, model, optimizer=None, *, offset: int = 0, **base):
+        self.offset = offset
+        super().__init__(model, optimizer, **base)
+
+    def grow_scores(self, name, module):
+        w = masking.raw(module)
+        return -((torch.arange(w.numel()) + self.offset) % w.numel()).float().reshape(w.shape)
+'''
+
+SMALL = ["--epochs", "2", "--batch-size", "32", "--no-progress", "--device", "cpu", "--no-augment"]
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    """A module of the user's, importable by name (a fresh name per test: no cached import leaks between tests)."""
+    name = f"usercode_{tmp_path.name.replace('-', '_')}"
+    (tmp_path / f"{name}.py").write_text(USER_CODE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield name
+    sys.modules.pop(name, None)
+    for family in registry.REGISTRY.values():
+        for key in [k for k, cls in family.items() if cls.__module__ == name]:
+            del family[key]
+
+
+def summary_of(folder):
+    return json.loads((folder / "summary.json").read_text())
+
+
+def test_a_users_model_and_dataset_train_export_and_evaluate(user_module, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--model", f"{user_module}:build", "--dataset", f"{user_module}:data", "--method", "rigl",
+                 "--sparsity", "0.8", "--opt", "interval=2", *SMALL, "--epochs", "6", "--out", str(out)]) == 0
+    summary = summary_of(out)
+    assert summary["model"] == f"{user_module}:build" and summary["steps"] == 24
+    assert abs(summary["sparsity_masked"] - 0.8) < 0.01 and summary["test_accuracy"] > 0.5  # classes 0, 1, 2
+    capsys.readouterr()
+    assert main(["eval", str(out / "model.safetensors"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["test_accuracy"] == pytest.approx(summary["test_accuracy"])
+    assert main(["export", str(out), "--out", str(tmp_path / "exported.safetensors")]) == 0
+    model, meta = export.load_exported(tmp_path / "exported.safetensors")
+    assert meta["model"] == f"{user_module}:build" and meta["input_shape"] == [1, 10, 10]
+    masked, _ = artifacts.load_model(out / "model.safetensors")
+    x = torch.randn(4, 1, 10, 10)
+    assert torch.equal(model.eval()(x), masked.eval()(x))
+
+
+def test_post_training_sparsity_on_a_users_model(user_module, tmp_path):
+    dense = tmp_path / "dense"
+    assert main(["train", "--model", f"{user_module}:build", "--dataset", f"{user_module}:data", "--method",
+                 "dense", *SMALL, "--out", str(dense)]) == 0
+    assert main(["pts", str(dense), "--method", "magnitude", "--sparsity", "0.5", "--calibration-size", "32",
+                 "--out", str(tmp_path / "pts"), "--no-progress"]) == 0
+    summary = summary_of(tmp_path / "pts")
+    assert summary["model"] == f"{user_module}:build" and abs(summary["sparsity_masked"] - 0.5) < 0.01
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--model", "{m}:not_a_model", "returned a int, not a torch.nn.Module"),
+    ("--model", "{m}:missing", "has no attribute 'missing'"),
+    ("--model", "no_such_module_xyz:build", "cannot import 'no_such_module_xyz'"),
+    ("--model", "{m}:", "is not of the form package.module:name"),
+    ("--dataset", "{m}:build", "failed when called"),
+    ("--method", "{m}:build", "is not a subclass of regrow.Sparsifier"),
+    ("--method", "first-inactive", "unknown method 'first-inactive'"),
+])
+def test_bad_user_code_is_one_line(user_module, tmp_path, capsys, flag, value, message):
+    args = {"--model": "mlp", "--dataset": "synthetic", "--method": "static"}
+    args[flag] = value.format(m=user_module)
+    argv = ["train", *[a for kv in args.items() for a in kv], *SMALL, "--out", str(tmp_path / "out")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out" / "summary.json").exists()
+
+
+def test_an_out_of_tree_method_by_import_path_and_by_register(user_module, tmp_path):
+    spec = f"{user_module}:FirstInactive"
+    assert main(["train", "--model", "mlp", "--dataset", "synthetic", "--method", spec, "--sparsity", "0.9",
+                 "--opt", "interval=2", "--opt", "offset=3", *SMALL, "--out", str(tmp_path / "a")]) == 0
+    summary = summary_of(tmp_path / "a")
+    assert summary["method"] == spec and summary["mask_updates"] > 0
+    assert abs(summary["sparsity_masked"] - 0.9) < 0.01 and summary["config"]["method_options"]["offset"] == 3
+    module = __import__(user_module)
+    regrow.register("first-inactive", module.FirstInactive)
+    assert main(["train", "--model", "mlp", "--dataset", "synthetic", "--method", "first-inactive", "--sparsity",
+                 "0.9", "--opt", "interval=2", "--opt", "offset=3", *SMALL, "--out", str(tmp_path / "b")]) == 0
+    # the same class under a name: the same training, bit for bit
+    (a, _), (b, _) = (checkpoint.load(tmp_path / run / "model.safetensors") for run in ("a", "b"))
+    assert a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert main(["methods"]) == 0
+    with pytest.raises(regrow.ConfigError, match="is taken by"):
+        regrow.register("rigl", module.FirstInactive)
+    with pytest.raises(regrow.ConfigError, match="takes no option 'bogus'"):
+        regrow.create("first-inactive", torch.nn.Linear(4, 4), bogus=1)
+
+
+def test_methods_of_installed_packages_come_through_entry_points(user_module, tmp_path, monkeypatch, capsys):
+    dist = tmp_path / "userplugin-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: userplugin\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text(textwrap.dedent(f"""\
+        [regrow.methods]
+        first-inactive = {user_module}:FirstInactive
+        broken-method = {user_module}:does_not_exist
+        """))
+    monkeypatch.setattr(registry, "_entry_points_loaded", False)
+    monkeypatch.setattr(registry, "_entry_point_errors", {})
+    with pytest.warns(UserWarning, match="broken-method"):
+        assert "first-inactive" in registry.names()
+    assert main(["train", "--model", "mlp", "--dataset", "synthetic", "--method", "first-inactive", "--sparsity",
+                 "0.9", "--opt", "interval=2", *SMALL, "--out", str(tmp_path / "run")]) == 0
+    assert summary_of(tmp_path / "run")["mask_updates"] > 0
+    capsys.readouterr()
+    assert main(["train", "--model", "mlp", "--dataset", "synthetic", "--method", "broken-method", *SMALL,
+                 "--out", str(tmp_path / "bad")]) == 2
+    assert "installed but failed to load" in capsys.readouterr().err
+
+
+def test_post_training_sparsity_from_a_plain_state_dict(user_module, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    module = __import__(user_module)
+    torch.manual_seed(0)
+    model = module.build(in_channels=1, num_classes=3, input_size=10)
+    save_file(model.state_dict(), tmp_path / "weights.safetensors")
+    argv = ["pts", str(tmp_path / "weights.safetensors"), "--method", "magnitude", "--sparsity", "0.5",
+            "--calibration-size", "32", "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 2
+    assert "name its architecture with --model" in capsys.readouterr().err
+    assert main([*argv, "--model", f"{user_module}:build", "--dataset", f"{user_module}:data",
+                 "--out", str(tmp_path / "b")]) == 0
+    summary = summary_of(tmp_path / "b")
+    assert summary["model"] == f"{user_module}:build" and abs(summary["sparsity_masked"] - 0.5) < 0.01
+    sparse, _ = artifacts.load_model(tmp_path / "b" / "model.safetensors")
+    # the magnitude method kept the largest of the user's own weights, unchanged
+    masked, original = sparse[1].weight.detach(), model[1].weight.detach()
+    kept = masked != 0
+    assert 0.3 < kept.float().mean() < 0.7 and torch.equal(masked[kept], original[kept])
+    assert original[kept].abs().min() >= original[~kept].abs().max()
+    save_file({"other.weight": torch.zeros(2, 2)}, tmp_path / "wrong.safetensors")
+    assert main(["pts", str(tmp_path / "wrong.safetensors"), "--model", f"{user_module}:build", "--dataset",
+                 f"{user_module}:data", "--method", "magnitude", "--sparsity", "0.5", "--out", str(tmp_path / "c"),
+                 "--no-progress"]) == 2
+    assert "does not match this model" in capsys.readouterr().err
