@@ -7,9 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .artifacts import SUMMARY
 from .errors import DataError
-
-SUMMARY = "summary.json"
 
 
 def read_summary(run_dir: str | os.PathLike) -> dict[str, Any]:
@@ -28,7 +27,7 @@ def read_summary(run_dir: str | os.PathLike) -> dict[str, Any]:
 
 REQUIRED = ("method", "model", "dataset", "seed", "steps", "layers", "sparsity_target", "sparsity_actual",
             "params_total", "params_nonzero", "macs_dense", "macs_sparse", "train_flops", "train_flops_ratio",
-            "dense_train_flops", "test_accuracy", "wall_seconds")
+            "dense_train_flops", "test_accuracy", "wall_seconds", "distribution", "structure")
 
 
 def _si(value: float) -> str:
