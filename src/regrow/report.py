@@ -103,7 +103,7 @@ def _pct(value: float | None) -> str:
 
 
 def mask_metric_lines(metrics: dict[str, Any]) -> list[str]:
-    """The IEE paper's mask metrics of a run (see :mod:`regrow.tracking`), a few lines for the report."""
+    """The IEE paper's mask metrics of a run (see :mod:`regrow.mask_history`), a few lines for the report."""
     if not metrics.get("updates"):
         return []
     if "readmitted_share" not in metrics:  # a summary written before the pruned/grown tracker

@@ -6,10 +6,12 @@ from typing import Any
 
 from ..errors import ConfigError, unknown
 from .base import Sparsifier, method_options
-from .baselines import GMP, SET, Dense, DynamicSparsifier, OneShot, RigL, Static
 from .channel import HALP, ChannelIEE, ChannelSparsifier
+from .dst import SET, DynamicSparsifier, RigL
+from .gmp import GMP
 from .iee import IEE
 from .registry import REGISTRY, lookup, names, register
+from .static import Dense, OneShot, Static
 
 for _cls in (Dense, Static, OneShot, GMP, SET, RigL, IEE):
     register(_cls.name, _cls)

@@ -27,8 +27,8 @@ from .. import masking
 from ..allocation import DISTRIBUTIONS, keep_counts
 from ..criteria import magnitude
 from ..errors import ConfigError, check_sparsity, unknown
+from ..mask_history import MaskTracker
 from ..structures import NM, get_structure
-from ..tracking import MaskTracker
 
 
 class Sparsifier:

@@ -1,7 +1,8 @@
-"""Baselines for sparse training (methods.md §1): dense, static, one-shot + fine-tune, GMP, SET, RigL.
+"""Dynamic sparse training at constant density (methods.md §1): SET and RigL.
 
 SET and RigL share :meth:`DynamicSparsifier.drop_and_grow` (the library's one prune step, then one grow step)
-and differ only in :meth:`grow_scores`: random for SET, |dense gradient| for RigL.
+and differ only in :meth:`grow_scores`: random for SET, |dense gradient| for RigL. A method of one's own that
+drops by magnitude and grows by another rule is a subclass with its own ``grow_scores``.
 """
 
 from __future__ import annotations
@@ -14,93 +15,8 @@ from torch import nn
 from .. import masking
 from ..criteria import magnitude
 from ..errors import ConfigError, unknown
-from ..schedules import FRACTIONS, gmp_sparsity
-from ..structures import NM
+from ..schedules import FRACTIONS
 from .base import Sparsifier
-
-
-class Dense(Sparsifier):
-    """No masks at all: the reference every method is compared with (same API, ``step()`` does nothing)."""
-
-    name = "dense"
-
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
-                 total_steps: int | None = None, seed: int = 0, **ignored: Any):
-        self.model, self.optimizer, self.total_steps = model, optimizer, total_steps
-        self.sparsity, self.distribution, self.skipped = 0.0, "dense", {}
-        self.layers: dict[str, nn.Module] = {}
-        self.guard = None
-        self._start_lifecycle(seed)
-
-
-class Static(Sparsifier):
-    """A random mask at the allocation's densities, never changed."""
-
-    name = "static"
-
-    def initialize(self) -> None:
-        self.random_masks(self.target_counts())
-
-
-class OneShot(Sparsifier):
-    """Train dense, prune by magnitude once to the target at ``prune_at``, then fine-tune with the mask fixed.
-
-    ``prune_at`` defaults to half of training (a fraction, or a step count).
-    """
-
-    name = "oneshot"
-
-    def __init__(self, model, optimizer=None, *, prune_at: int | float = 0.5, **base):
-        super().__init__(model, optimizer, **base)
-        self.prune_at = self.steps(prune_at, "prune_at")
-
-    def update(self, step: int) -> None:
-        if step == self.prune_at:
-            counts = self.target_counts()
-            scores = {n: magnitude(masking.raw(m)) for n, m in self.layers.items()}
-            self.select_masks(scores, counts)
-            self.history.append({"step": step, "sparsity": self.actual_sparsity()})
-
-
-class GMP(Sparsifier):
-    """Gradual magnitude pruning (Zhu & Gupta 2017): dense start, cubic ramp, fixed mask after ``end``.
-
-    Every ``interval`` steps in (``begin``, ``end``] (and at ``end``) each layer is pruned by magnitude to its
-    allocation at s_t; pruned weights never return. Defaults: begin 0, end 75 % of training, interval 100.
-    """
-
-    name = "gmp"
-
-    def __init__(self, model, optimizer=None, *, initial_sparsity: float = 0.0, begin: int | float = 0,
-                 end: int | float = 0.75, interval: int = 100, **base):
-        super().__init__(model, optimizer, **base)
-        if isinstance(self.structure, NM):
-            raise ConfigError("GMP's gradual ramp cannot express N:M sparsity; use oneshot, static, set or rigl")
-        if not 0.0 <= initial_sparsity <= self.sparsity:
-            raise ConfigError(f"initial_sparsity must be in [0, sparsity], got {initial_sparsity}")
-        self.initial_sparsity = initial_sparsity
-        self.begin = self.steps(begin, "begin")
-        self.end = self.steps(end, "end")
-        if self.end <= self.begin:
-            raise ConfigError(f"GMP needs end > begin (got {self.begin} and {self.end} steps)")
-        if not isinstance(interval, int) or interval <= 0:
-            raise ConfigError(f"interval must be a positive number of steps, got {interval!r}")
-        self.interval = interval
-
-    def is_prune_step(self, step: int) -> bool:
-        return self.begin < step <= self.end and ((step - self.begin) % self.interval == 0 or step == self.end)
-
-    def update(self, step: int) -> None:
-        if not self.is_prune_step(step):
-            return
-        target = gmp_sparsity(step, self.initial_sparsity, self.sparsity, self.begin, self.end)
-        counts = self.target_counts(target)
-        for name, module in self.layers.items():
-            mask = masking.mask_of(module)
-            excess = int(mask.sum()) - counts[name]
-            if excess > 0:
-                self.set_layer_mask(name, self.structure.prune(mask, magnitude(masking.raw(module)), excess))
-        self.history.append({"step": step, "target": target, "sparsity": self.actual_sparsity()})
 
 
 class DynamicSparsifier(Sparsifier):
@@ -203,4 +119,3 @@ class RigL(DynamicSparsifier):
         if not self.is_update_step(self.step_count):
             return 0.0
         return float(sum(2 * macs[n] * (1.0 - masking.density(m)) for n, m in self.layers.items()) * batch_size)
-

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from regrow.errors import ConfigError
-from regrow.tracking import MaskTracker, iou, pack, unpack
+from regrow.mask_history import MaskTracker, iou, pack, unpack
 
 
 def units(*active, n=8):
