@@ -25,7 +25,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from regrow.artifacts import METRICS  # noqa: E402
+from regrow import checkpoint  # noqa: E402
+from regrow.artifacts import METRICS, MODEL  # noqa: E402
 from regrow.env import cpu_name  # noqa: E402
 from regrow.training import TrainConfig, Trainer  # noqa: E402
 
@@ -51,6 +52,21 @@ RUNS: dict[str, dict] = {
     "mobilenetv2-rigl": dict(model="mobilenetv2", method="rigl", method_options={"interval": 2}),
     "resnet20-iee": dict(model="resnet20", method="iee", method_options=IEE_SHORT),
 }
+
+
+# Post-training runs: each starts from the dense teacher of the named golden training run.
+PTS_QUICK = {"epochs": 2, "batch_size": 16, "population": 4, "generations": 2, "parents": 2, "children": 2,
+             "mutants": 1}
+PTS_RUNS: dict[str, dict] = {
+    "resnet8-pts-magnitude": dict(teacher="resnet8-dense", method="magnitude", sparsity=0.7),
+    "resnet8-pts-pot": dict(teacher="resnet8-dense", method="pot", sparsity=0.7),
+    "resnet8-pts-wanda": dict(teacher="resnet8-dense", method="wanda", sparsity=0.7),
+    "resnet8-pts-unipts": dict(teacher="resnet8-dense", method="unipts", sparsity=0.7, options=PTS_QUICK),
+    "resnet8-pts-unipts-2:4": dict(teacher="resnet8-dense", method="unipts", sparsity=None, structure="2:4",
+                                   options=PTS_QUICK),
+    "mlp-pts-wanda": dict(teacher="mlp-dense", method="wanda", sparsity=0.8),
+}
+RUNS["mlp-dense"] = dict(model="mlp", method="dense")
 
 
 def machine() -> str:
@@ -83,14 +99,37 @@ def fingerprint(name: str) -> dict:
     }
 
 
+def fingerprint_pts(name: str) -> dict:
+    from regrow.posttraining import PTSConfig, run_pts
+
+    torch.set_num_threads(1)
+    spec = dict(PTS_RUNS[name])
+    teacher = spec.pop("teacher")
+    with tempfile.TemporaryDirectory() as out:
+        Trainer(config(teacher), Path(out) / "teacher").run()
+        pts_config = PTSConfig(dataset="synthetic", synthetic_size=64, calibration_size=32, progress=False, **spec)
+        summary = run_pts(pts_config, Path(out) / "teacher", Path(out) / "pts")
+        sections, _ = checkpoint.load(Path(out) / "pts" / MODEL)
+    state = sections["model"]
+    return {
+        "tensors": {k: hashlib.sha256(v.contiguous().numpy().tobytes()).hexdigest() for k, v in state.items()},
+        "mask_counts": {k: int(v.sum()) for k, v in state.items() if k.endswith("_mask")},
+        "test_accuracy": summary["test_accuracy"],
+        "test_loss": summary["test_loss"],
+        "sparsity_masked": summary["sparsity_masked"],
+        "train_flops": summary["train_flops"],
+    }
+
+
 def main() -> int:
     if sys.argv[1:] != ["--write"]:
         print(__doc__)
         return 2
     GOLDEN.parent.mkdir(exist_ok=True)
-    data = {"machine": machine(), "runs": {name: fingerprint(name) for name in RUNS}}
+    data = {"machine": machine(), "runs": {name: fingerprint(name) for name in RUNS},
+            "pts_runs": {name: fingerprint_pts(name) for name in PTS_RUNS}}
     GOLDEN.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-    print(f"{len(RUNS)} golden runs -> {GOLDEN}")
+    print(f"{len(RUNS)} training and {len(PTS_RUNS)} post-training golden runs -> {GOLDEN}")
     return 0
 
 
