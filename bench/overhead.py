@@ -144,13 +144,13 @@ OPTIONS = {  # label -> (steady allocator, channels_last, torch.compile, method)
 
 def option_worker(spec: dict) -> dict:
     """Train ``spec['steps']`` trainer steps of a masked model in this process with one option set; time them."""
-    from regrow.training import TrainConfig, Trainer
+    from regrow.training import TrainConfig, build_trainer
 
     torch.set_num_threads(1)
     config = TrainConfig(model=spec["model"], method=spec.get("method", "static"), sparsity=0.9, distribution="erk",
                          epochs=1, max_steps=spec["steps"], channels_last=spec["channels_last"], device="cpu",
                          compile=spec["compile"], progress=False, seed=0)
-    trainer = Trainer(config, "/dev/null/unused")  # train_step only: nothing is written
+    trainer = build_trainer(config, "/dev/null/unused")  # train_step only: nothing is written
     started = time.perf_counter()
     losses, times, faults = [], [], []
     for step in range(spec["steps"]):

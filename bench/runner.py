@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "src"))
 import torch  # noqa: E402
 
 from regrow.checkpoint import write_json  # noqa: E402
-from regrow.training import CHECKPOINT, SUMMARY, TrainConfig, Trainer, environment  # noqa: E402
+from regrow.training import CHECKPOINT, SUMMARY, TrainConfig, build_trainer, environment  # noqa: E402
 
 # Every bench script works from the repository root and names files relative to it, so the paths that runs record
 # (a teacher checkpoint, a pretrained model) are the same on every machine.
@@ -53,7 +53,7 @@ def commit() -> str:
 def _train_one(config: TrainConfig, out: Path, resume: bool, threads: int | None) -> dict:
     if threads:
         torch.set_num_threads(threads)
-    return Trainer(config, out).run(resume=resume)
+    return build_trainer(config, out).run(resume=resume)
 
 
 def _log(message: str) -> None:

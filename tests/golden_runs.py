@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from regrow import checkpoint  # noqa: E402
 from regrow.artifacts import METRICS, MODEL  # noqa: E402
 from regrow.env import cpu_name  # noqa: E402
-from regrow.training import TrainConfig, Trainer  # noqa: E402
+from regrow.training import TrainConfig, build_trainer  # noqa: E402
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "runs.json"
 IEE_SHORT = {"estimate_steps": 2, "improve_steps": 1, "explore_steps": 2}
@@ -82,7 +82,7 @@ def config(name: str) -> TrainConfig:
 def fingerprint(name: str) -> dict:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as out:
-        trainer = Trainer(config(name), out)
+        trainer = build_trainer(config(name), out)
         summary = trainer.run()
         state = trainer.model.state_dict()
         metrics = (Path(out) / METRICS).read_text()
@@ -106,7 +106,7 @@ def fingerprint_pts(name: str) -> dict:
     spec = dict(PTS_RUNS[name])
     teacher = spec.pop("teacher")
     with tempfile.TemporaryDirectory() as out:
-        Trainer(config(teacher), Path(out) / "teacher").run()
+        build_trainer(config(teacher), Path(out) / "teacher").run()
         pts_config = PTSConfig(dataset="synthetic", synthetic_size=64, calibration_size=32, progress=False, **spec)
         summary = run_pts(pts_config, Path(out) / "teacher", Path(out) / "pts")
         sections, _ = checkpoint.load(Path(out) / "pts" / MODEL)

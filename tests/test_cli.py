@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from regrow.cli import _config_from, build_parser, main
-from regrow.training import Trainer
+from regrow.training import build_trainer
 
 SMALL = ["--model", "resnet8", "--dataset", "synthetic", "--epochs", "1", "--batch-size", "32", "--no-progress"]
 
@@ -117,7 +117,7 @@ def test_cli_resume_matches_an_uninterrupted_run(tmp_path, capsys):
     assert main(["train", *args, "--out", str(tmp_path / "full")]) == 0
     # interrupt a second run right after its step-5 checkpoint, then resume it from the command line
     config = _config_from(build_parser().parse_args(["train", *args, "--out", str(tmp_path / "cut")]))
-    assert Trainer(config, tmp_path / "cut").run(stop_after=5) is None
+    assert build_trainer(config, tmp_path / "cut").run(stop_after=5) is None
     assert not (tmp_path / "cut" / "summary.json").exists()
     assert main(["train", *args, "--out", str(tmp_path / "cut")]) == 2
     assert "already holds a run" in capsys.readouterr().err

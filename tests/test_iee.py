@@ -8,7 +8,7 @@ from regrow import masking
 from regrow.criteria import magnitude
 from regrow.errors import ConfigError
 from regrow.schedules import cosine_fraction
-from regrow.training import MODEL, TrainConfig, Trainer, load_model
+from regrow.training import MODEL, TrainConfig, build_trainer, load_model
 
 H, J, Q = 3, 2, 3
 L = H + J + Q
@@ -175,11 +175,11 @@ def test_resume_in_the_middle_of_exploration_is_bit_identical(tmp_path, criterio
     def config(**kw):
         return TrainConfig(model="resnet8", dataset="synthetic", synthetic_size=256, method="iee", sparsity=0.8,
                            epochs=3, batch_size=32, log_every=3, progress=False, method_options=options, **kw)
-    full = Trainer(config(), tmp_path / "full").run()
-    cut = Trainer(config(checkpoint_every=7), tmp_path / "cut")
+    full = build_trainer(config(), tmp_path / "full").run()
+    cut = build_trainer(config(checkpoint_every=7), tmp_path / "cut")
     cut.run(stop_after=7)
     assert cut.sparsifier.exploring  # step 7 of an 8-step cycle: exploring
-    resumed = Trainer(config(checkpoint_every=7), tmp_path / "cut").run(resume=True)
+    resumed = build_trainer(config(checkpoint_every=7), tmp_path / "cut").run(resume=True)
     a, _ = load_model(tmp_path / "full" / MODEL)
     b, _ = load_model(tmp_path / "cut" / MODEL)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
@@ -316,7 +316,7 @@ def test_exploration_loss_is_logged_apart(tmp_path):
     options = {"estimate_steps": 3, "improve_steps": 2, "explore_steps": 3}
     config = TrainConfig(model="resnet8", dataset="synthetic", synthetic_size=128, method="iee", sparsity=0.8,
                          epochs=3, batch_size=32, log_every=1, progress=False, method_options=options)
-    trainer = Trainer(config, tmp_path / "run")
+    trainer = build_trainer(config, tmp_path / "run")
     trainer.run()
     import json
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -10,7 +10,7 @@ from regrow.cli import main
 from regrow.errors import CheckpointError, ConfigError, DataError
 from regrow.posttraining import PTSConfig, run_pts
 from regrow.structures import NM
-from regrow.training import MODEL, SUMMARY, TrainConfig, Trainer, load_model
+from regrow.training import MODEL, SUMMARY, TrainConfig, build_trainer, load_model
 
 # A search and a sparse training that take a second or two: the recipe's shape, not its length.
 QUICK = {"epochs": 6, "batch_size": 32, "population": 6, "generations": 3, "parents": 3, "children": 3,
@@ -24,7 +24,7 @@ TRAIN_FIELDS = {"method", "model", "dataset", "sparsity_target", "sparsity_actua
 
 def _teacher(root, model):
     out = root / f"dense-{model}"
-    Trainer(TrainConfig(model=model, dataset="synthetic", method="dense", epochs=2, batch_size=32, seed=0,
+    build_trainer(TrainConfig(model=model, dataset="synthetic", method="dense", epochs=2, batch_size=32, seed=0,
                         progress=False), out).run()
     return out
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from regrow.errors import CheckpointError, ConfigError, TrainingDivergedError
-from regrow.training import CHECKPOINT, METRICS, MODEL, SUMMARY, TrainConfig, Trainer, load_model
+from regrow.training import CHECKPOINT, METRICS, MODEL, SUMMARY, TrainConfig, build_trainer, load_model
 
 
 def config(**kw):
@@ -23,11 +23,11 @@ def digest(path):
 @pytest.mark.parametrize("method", ["rigl", "set", "gmp"])
 def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, method):
     options = {"interval": 4}
-    full = Trainer(config(method=method, method_options=options), tmp_path / "full").run()
+    full = build_trainer(config(method=method, method_options=options), tmp_path / "full").run()
     # Stop after step 7 (mid-epoch, between mask updates), then resume in a fresh trainer.
-    assert Trainer(config(method=method, method_options=options, checkpoint_every=7),
+    assert build_trainer(config(method=method, method_options=options, checkpoint_every=7),
                    tmp_path / "cut").run(stop_after=7) is None
-    resumed = Trainer(config(method=method, method_options=options, checkpoint_every=7),
+    resumed = build_trainer(config(method=method, method_options=options, checkpoint_every=7),
                       tmp_path / "cut").run(resume=True)
     a, _ = load_model(tmp_path / "full" / MODEL)
     b, _ = load_model(tmp_path / "cut" / MODEL)
@@ -40,7 +40,7 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, method):
 
 
 def test_summary_has_the_contract_fields(tmp_path):
-    s = Trainer(config(epochs=1), tmp_path).run()
+    s = build_trainer(config(epochs=1), tmp_path).run()
     on_disk = json.loads((tmp_path / SUMMARY).read_text())
     for key in ("method", "sparsity_target", "sparsity_actual", "test_accuracy", "train_flops",
                 "dense_train_flops", "wall_seconds", "layers"):
@@ -52,16 +52,16 @@ def test_summary_has_the_contract_fields(tmp_path):
 
 
 def test_dense_method_has_no_masks_and_costs_dense_flops(tmp_path):
-    s = Trainer(config(method="dense", epochs=3, method_options={}), tmp_path).run()
+    s = build_trainer(config(method="dense", epochs=3, method_options={}), tmp_path).run()
     assert s["sparsity_actual"] == 0.0 and s["train_flops"] == s["dense_train_flops"]
     assert s["test_accuracy"] > 0.8  # the synthetic data is learnable: 4 classes, chance is 0.25
     assert all(layer["density"] == 1.0 for layer in s["layers"])
 
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_path):
-    Trainer(config(checkpoint_every=5), tmp_path).run(stop_after=5)
+    build_trainer(config(checkpoint_every=5), tmp_path).run(stop_after=5)
     before = digest(tmp_path / CHECKPOINT)
-    trainer = Trainer(config(checkpoint_every=5), tmp_path)
+    trainer = build_trainer(config(checkpoint_every=5), tmp_path)
     trainer.train_data.images[:] = float("nan")
     with pytest.raises(TrainingDivergedError, match="loss is nan at step 6"):
         trainer.run(resume=True)
@@ -70,17 +70,17 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_pat
 
 
 def test_existing_run_is_not_overwritten_and_resume_checks_the_config(tmp_path):
-    Trainer(config(epochs=1), tmp_path).run()
+    build_trainer(config(epochs=1), tmp_path).run()
     before = digest(tmp_path / CHECKPOINT)
     with pytest.raises(CheckpointError, match="already holds a run"):
-        Trainer(config(epochs=1), tmp_path).run()
+        build_trainer(config(epochs=1), tmp_path).run()
     with pytest.raises(CheckpointError, match="configuration differs.*sparsity"):
-        Trainer(config(epochs=1, sparsity=0.5), tmp_path).run(resume=True)
+        build_trainer(config(epochs=1, sparsity=0.5), tmp_path).run(resume=True)
     assert digest(tmp_path / CHECKPOINT) == before
 
 
 def test_checkpoint_of_another_architecture_is_refused(tmp_path):
-    Trainer(config(epochs=1), tmp_path).run()
+    build_trainer(config(epochs=1), tmp_path).run()
     with pytest.raises(CheckpointError, match="resnet8 checkpoint, not resnet20"):
         load_model(tmp_path / MODEL, expect_model="resnet20")
     (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint")
@@ -91,13 +91,13 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path):
 def test_bad_training_options(tmp_path):
     for bad in (dict(epochs=0), dict(batch_size=-1), dict(lr=float("nan")), dict(sparsity=1.0)):
         with pytest.raises(ConfigError):
-            Trainer(config(**bad), tmp_path)
+            build_trainer(config(**bad), tmp_path)
 
 
 def test_channels_last_trains_the_same_masked_network(tmp_path):
     options = {"estimate_steps": 3, "improve_steps": 2, "explore_steps": 3}
-    standard = Trainer(config(method="iee", method_options=options, channels_last=False), tmp_path / "a")
-    nhwc = Trainer(config(method="iee", method_options=options, channels_last=True), tmp_path / "b")
+    standard = build_trainer(config(method="iee", method_options=options, channels_last=False), tmp_path / "a")
+    nhwc = build_trainer(config(method="iee", method_options=options, channels_last=True), tmp_path / "b")
     a, b = standard.run(), nhwc.run()
     conv = nhwc.model.layer1[0].conv1
     assert conv.weight_mask.is_contiguous(memory_format=torch.channels_last)
@@ -106,21 +106,73 @@ def test_channels_last_trains_the_same_masked_network(tmp_path):
 
 
 def test_resume_with_another_thread_count_warns(tmp_path):
-    Trainer(config(epochs=2, checkpoint_every=4), tmp_path).run(stop_after=4)
+    build_trainer(config(epochs=2, checkpoint_every=4), tmp_path).run(stop_after=4)
     threads = torch.get_num_threads()
     torch.set_num_threads(threads + 1)
     try:
         with pytest.warns(UserWarning, match=f"threads {threads + 1}; it was saved with {threads}"):
-            Trainer(config(epochs=2, checkpoint_every=4), tmp_path).run(resume=True)
+            build_trainer(config(epochs=2, checkpoint_every=4), tmp_path).run(resume=True)
     finally:
         torch.set_num_threads(threads)
 
 
 def test_a_damaged_metrics_file_does_not_block_resume(tmp_path):
-    Trainer(config(epochs=2, checkpoint_every=4), tmp_path).run(stop_after=4)
+    build_trainer(config(epochs=2, checkpoint_every=4), tmp_path).run(stop_after=4)
     with open(tmp_path / METRICS, "a") as f:
         f.write('{"step": 5, "lo')  # a line cut short by a crash
     with pytest.warns(UserWarning, match="1 damaged line"):
-        summary = Trainer(config(epochs=2, checkpoint_every=4), tmp_path).run(resume=True)
+        summary = build_trainer(config(epochs=2, checkpoint_every=4), tmp_path).run(resume=True)
     assert summary["steps"] > 4
     assert all(json.loads(line) for line in (tmp_path / METRICS).read_text().splitlines())
+
+
+def test_a_trainer_handed_its_pieces_trains_them_with_its_loss_and_lr_schedule(tmp_path):
+    import regrow
+    from regrow.data import load_dataset
+    from regrow.models import create_model
+    from regrow.training import Trainer
+
+    c = config(model="mlp", method="set", log_every=1, max_steps=12, channels_last=False)
+    train, test = (load_dataset("synthetic", split, synthetic_size=256) for split in ("train", "test"))
+    # the same pieces build_trainer makes, built by hand: the same run, bit for bit
+    torch.manual_seed(c.seed)
+    model = create_model("mlp", in_channels=1, num_classes=4, input_size=12)
+    optimizer = torch.optim.SGD(model.parameters(), lr=c.lr, momentum=c.momentum, nesterov=True,
+                                weight_decay=c.weight_decay)
+    sp = regrow.SET(model, optimizer, sparsity=0.8, total_steps=12, seed=c.seed, interval=4)
+    by_hand = Trainer(model, optimizer, sp, train, test, tmp_path / "hand", config=c).run()
+    built = build_trainer(c, tmp_path / "built").run()
+    assert by_hand["test_accuracy"] == built["test_accuracy"]
+    assert (tmp_path / "hand" / METRICS).read_text() == (tmp_path / "built" / METRICS).read_text()
+
+    # a loss and a learning-rate schedule of one's own are the ones used
+    calls = []
+
+    def loss_fn(logits, y):
+        calls.append(len(y))
+        return torch.nn.functional.multi_margin_loss(logits, y)
+
+    torch.manual_seed(0)
+    model = create_model("mlp", in_channels=1, num_classes=4, input_size=12)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    sp = regrow.RigL(model, optimizer, sparsity=0.8, total_steps=12, interval=4)
+    Trainer(model, optimizer, sp, train, test, tmp_path / "own", config=c, loss_fn=loss_fn,
+            lr_schedule=lambda step: 1e-3 / (1 + step)).run()
+    lrs = [r["lr"] for r in map(json.loads, (tmp_path / "own" / METRICS).read_text().splitlines()) if "lr" in r]
+    assert len(calls) == 12 and lrs == pytest.approx([1e-3 / (1 + s) for s in range(12)])
+    model, _ = load_model(tmp_path / "own" / MODEL)  # rebuilt from config.model
+    assert abs(regrow.masking.weight_sparsity(model)["sparsity"] - 0.8) < 0.01
+
+
+def test_a_trainer_refuses_a_model_its_config_would_not_rebuild(tmp_path):
+    import regrow
+    from regrow.data import load_dataset
+    from regrow.training import Trainer
+
+    train = load_dataset("synthetic", "train", synthetic_size=64)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(144, 4))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    sp = regrow.Static(model, optimizer, sparsity=0.5)
+    with pytest.raises(ConfigError, match="builds another architecture than the model given"):
+        Trainer(model, optimizer, sp, train, train, tmp_path, config=config(model="mlp", method="static"))
+    assert not any(tmp_path.iterdir())

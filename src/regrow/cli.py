@@ -139,9 +139,9 @@ def _config_from(args) -> Any:
 
 
 def cmd_train(args) -> int:
-    from .training import Trainer
+    from .training import build_trainer
 
-    summary = Trainer(_config_from(args), args.out).run(resume=args.resume, overwrite=args.overwrite)
+    summary = build_trainer(_config_from(args), args.out).run(resume=args.resume, overwrite=args.overwrite)
     print(f"{summary['method']} {summary['model']}: test accuracy {summary['test_accuracy']:.4f}, sparsity "
           f"{summary['sparsity_actual']:.4f}, training FLOPs {summary['train_flops_ratio']:.3f}× dense, "
           f"{summary['wall_seconds']:.1f} s -> {Path(args.out) / 'summary.json'}")
@@ -253,13 +253,13 @@ def cmd_bench_latency(args) -> int:
 
 def cmd_demo(args) -> int:
     from .report import format_report
-    from .training import TrainConfig, Trainer
+    from .training import TrainConfig, build_trainer
 
     out = Path(args.out)
     config = TrainConfig(model="resnet20", method="rigl", sparsity=0.9, distribution="erk", epochs=1,
                          max_steps=args.max_steps, data_dir=args.data_dir, seed=0, progress=not args.no_progress)
     print("regrow demo: RigL, ResNet-20 on Fashion-MNIST, 90 % sparsity (ERK), one epoch")
-    summary = Trainer(config, out).run(resume=(out / "checkpoint.safetensors").exists())
+    summary = build_trainer(config, out).run(resume=(out / "checkpoint.safetensors").exists())
     print(format_report(summary))
     return 0
 

@@ -15,6 +15,7 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from .artifacts import (
     RECIPE,
     RESULT_FILES,
     SUMMARY,
+    build_model,
     load_model,
     model_metadata,
 )
@@ -158,76 +160,112 @@ def layer_table(model: nn.Module, macs: dict[str, int]) -> list[dict[str, Any]]:
             for name, m in masking.prunable_layers(model).items()]
 
 
-class Trainer:
-    """One training run into ``out``; :meth:`run` trains (or resumes) and returns the summary."""
+def run_length(config: TrainConfig, samples: int) -> tuple[int, int]:
+    """(steps per epoch, total steps) of ``config`` on a training set of ``samples``."""
+    steps_per_epoch = batches_per_epoch(samples, config.batch_size)
+    total = config.epochs * steps_per_epoch
+    return steps_per_epoch, total if config.max_steps is None else min(total, config.max_steps)
 
-    def __init__(self, config: TrainConfig, out: str | os.PathLike):
-        config.validate()
-        self.config = config
+
+def _set_up_device(device: torch.device) -> None:
+    if device.type == "cpu":
+        steady_allocator()  # freed activations stay in the process: no page faults every step (same numbers)
+    else:  # the same kernels on every run, so that a resumed run repeats an uninterrupted one
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+
+
+def build_trainer(config: TrainConfig, out: str | os.PathLike) -> Trainer:
+    """The trainer a :class:`TrainConfig` describes: its data, its model (on its device), SGD with Nesterov
+    momentum, its sparsifier. The command line, the benchmarks and the tests all start runs here."""
+    config.validate()
+    c = config
+    device = resolve_device(c.device)
+    _set_up_device(device)
+    torch.manual_seed(c.seed)
+    train_data = load_dataset(c.dataset, "train", c.data_dir, synthetic_size=c.synthetic_size, seed=c.seed)
+    test_data = load_dataset(c.dataset, "test", c.data_dir, synthetic_size=c.synthetic_size, seed=c.seed)
+    if c.train_subset is not None:
+        train_data = train_data.subset(subset_indices(train_data.labels, c.train_subset, c.seed))
+    if c.augment and train_data.images.dim() != 4:
+        raise ConfigError(f"augmentation crops and flips images (N, C, H, W); {c.dataset} has samples of shape "
+                          f"{list(train_data.images.shape[1:])}: pass --no-augment")
+    model = create_model(c.model, in_channels=train_data.in_channels, num_classes=train_data.num_classes,
+                         input_size=train_data.input_size)
+    pretrain = _load_pretrained(model, c.init_from, c.model) if c.init_from is not None else None
+    # Initialised on the CPU, then moved: the same seed gives the same start on every device.
+    model = model.to(device)
+    if c.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=c.lr, momentum=c.momentum,
+                                nesterov=c.nesterov and c.momentum > 0, weight_decay=c.weight_decay)
+    _, total_steps = run_length(c, len(train_data))
+    options = dict(c.method_options)
+    if c.structure == "channel":
+        options.update(structure="channel", latency_target=c.latency_target, cost=c.cost,
+                       input_shape=tuple(train_data.images.shape[1:]), latency_batch=c.latency_batch)
+    elif c.method != "dense":
+        options.update(sparsity=c.sparsity, distribution=c.distribution, structure=c.structure,
+                       dense_first=c.dense_first, dense_last=c.dense_last)
+    sparsifier = methods.create(c.method, model, optimizer, total_steps=total_steps, seed=c.seed, **options)
+    return Trainer(model, optimizer, sparsifier, train_data, test_data, out, config=c, pretrain=pretrain,
+                   _checked=True)
+
+
+def _load_pretrained(model: nn.Module, path: str, name: str) -> dict[str, Any]:
+    """Start from a dense trained model; its training cost is kept for the summary (HALP's cost includes it)."""
+    pretrained, _ = load_model(path, expect_model=name)
+    if masking.masked_layers(pretrained):
+        raise CheckpointError(f"{path} holds a sparse model; --init-from takes a dense one "
+                              "(regrow train --method dense)")
+    model.load_state_dict(pretrained.state_dict())
+    summary_path = Path(path).with_name(SUMMARY)
+    cost = {"path": str(path), "train_flops": None, "wall_seconds": None}
+    if summary_path.is_file():
+        source = json.loads(summary_path.read_text())
+        cost.update(train_flops=source.get("train_flops"), wall_seconds=source.get("wall_seconds"),
+                    test_accuracy=source.get("test_accuracy"))
+    return cost
+
+
+class Trainer:
+    """One training run into ``out``, handed its pieces; :meth:`run` trains (or resumes) and returns the summary.
+
+    ``config`` holds the loop's settings (batch size, epochs or max_steps, seed, learning rate, augmentation,
+    logging, checkpoints, device options) and is what the run records; its ``model`` and ``dataset`` must name
+    the model and data handed in (a registry name or ``package.module:factory``), so that the saved model can
+    be rebuilt: a model of another architecture than ``config.model`` builds is refused. ``loss_fn(logits,
+    labels)`` defaults to cross-entropy with ``config.label_smoothing``; ``lr_schedule(step)`` to the cosine
+    schedule from ``config.lr`` with ``config.warmup_epochs`` of warm-up. :func:`build_trainer` builds every
+    piece from a config."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, sparsifier: methods.Sparsifier,
+                 train_data: Dataset, test_data: Dataset, out: str | os.PathLike, *, config: TrainConfig,
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                 lr_schedule: Callable[[int], float] | None = None, pretrain: dict[str, Any] | None = None,
+                 _checked: bool = False):
+        if not _checked:
+            config.validate()
+            _check_architecture(model, config, train_data)
+        self.config = c = config
         self.out = Path(out)
-        c = config
-        self.device = resolve_device(c.device)
-        if self.device.type == "cpu":
-            steady_allocator()  # freed activations stay in the process: no page faults every step (same numbers)
-        else:  # the same kernels on every run, so that a resumed run repeats an uninterrupted one
-            torch.backends.cudnn.benchmark = False
-            torch.backends.cudnn.deterministic = True
-        torch.manual_seed(c.seed)
-        self.train_data = load_dataset(c.dataset, "train", c.data_dir, synthetic_size=c.synthetic_size, seed=c.seed)
-        self.test_data = load_dataset(c.dataset, "test", c.data_dir, synthetic_size=c.synthetic_size, seed=c.seed)
-        if c.train_subset is not None:
-            self.train_data = self.train_data.subset(subset_indices(self.train_data.labels, c.train_subset, c.seed))
-        if c.augment and self.train_data.images.dim() != 4:
-            raise ConfigError(f"augmentation crops and flips images (N, C, H, W); {c.dataset} has samples of shape "
-                              f"{list(self.train_data.images.shape[1:])}: pass --no-augment")
-        self.model = create_model(c.model, in_channels=self.train_data.in_channels,
-                                  num_classes=self.train_data.num_classes, input_size=self.train_data.input_size)
-        self.pretrain: dict[str, Any] | None = None
-        if c.init_from is not None:
-            self.pretrain = self._load_pretrained(c.init_from)
-        # Initialised on the CPU, then moved: the same seed gives the same start on every device.
-        self.model = self.model.to(self.device)
-        if c.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+        self.model, self.optimizer, self.sparsifier = model, optimizer, sparsifier
+        self.train_data, self.test_data, self.pretrain = train_data, test_data, pretrain
+        self.device = next(model.parameters()).device
+        _set_up_device(self.device)
         # Training steps may run a compiled wrapper; everything else (evaluation, checkpoints) uses the model itself.
         # Static shapes: a recompile (masks' gradient capture switching on and off) must not turn on dynamic
         # shapes, with which inductor failed to lower a strided conv's backward (torch 2.13, RigL on ResNet-8).
         self.forward = torch.compile(self.model, dynamic=False) if c.compile else self.model
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=c.lr, momentum=c.momentum,
-                                         nesterov=c.nesterov and c.momentum > 0, weight_decay=c.weight_decay)
-        self.steps_per_epoch = batches_per_epoch(len(self.train_data), c.batch_size)
-        self.total_steps = c.epochs * self.steps_per_epoch
-        if c.max_steps is not None:
-            self.total_steps = min(self.total_steps, c.max_steps)
-        options = dict(c.method_options)
-        if c.structure == "channel":
-            options.update(structure="channel", latency_target=c.latency_target, cost=c.cost,
-                           input_shape=tuple(self.train_data.images.shape[1:]), latency_batch=c.latency_batch)
-        elif c.method != "dense":
-            options.update(sparsity=c.sparsity, distribution=c.distribution, structure=c.structure,
-                           dense_first=c.dense_first, dense_last=c.dense_last)
-        self.sparsifier = methods.create(c.method, self.model, self.optimizer, total_steps=self.total_steps,
-                                         seed=c.seed, **options)
+        self.steps_per_epoch, self.total_steps = run_length(c, len(train_data))
+        warmup = int(round(c.warmup_epochs * self.steps_per_epoch))
+        self.lr_schedule = lr_schedule or (lambda step: cosine_lr(step, self.total_steps, c.lr, warmup=warmup))
+        self.loss_fn = loss_fn or (lambda logits, y: F.cross_entropy(logits, y, label_smoothing=c.label_smoothing))
         self.macs = layer_macs(self.model, tuple(self.train_data.images.shape[1:]))
         self.dense_forward = forward_flops(self.macs)
         self.state: dict[str, Any] = {"step": 0, "train_flops": 0.0, "dense_train_flops": 0.0,
                                       "wall_seconds": 0.0, "loss_sum": 0.0, "loss_count": 0,
                                       "explore_loss_sum": 0.0, "explore_loss_count": 0, "evaluations": []}
-
-    def _load_pretrained(self, path: str) -> dict[str, Any]:
-        """Start from a dense trained model; its training cost is kept for the summary (HALP's cost includes it)."""
-        pretrained, meta = load_model(path, expect_model=self.config.model)
-        if masking.masked_layers(pretrained):
-            raise CheckpointError(f"{path} holds a sparse model; --init-from takes a dense one "
-                                  "(regrow train --method dense)")
-        self.model.load_state_dict(pretrained.state_dict())
-        summary_path = Path(path).with_name(SUMMARY)
-        cost = {"path": str(path), "train_flops": None, "wall_seconds": None}
-        if summary_path.is_file():
-            source = json.loads(summary_path.read_text())
-            cost.update(train_flops=source.get("train_flops"), wall_seconds=source.get("wall_seconds"),
-                        test_accuracy=source.get("test_accuracy"))
-        return cost
 
     # ----- persistence ------------------------------------------------------------------------------------
     def _metadata(self) -> dict[str, Any]:
@@ -310,14 +348,14 @@ class Trainer:
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         if c.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        lr = cosine_lr(step, self.total_steps, c.lr, warmup=int(round(c.warmup_epochs * self.steps_per_epoch)))
+        lr = self.lr_schedule(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         densities = self.sparsifier.forward_densities()
         exploring = self.sparsifier.exploring
         self.model.train()
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.amp == "bf16"):
-            loss = F.cross_entropy(self.forward(x), y, label_smoothing=c.label_smoothing)
+            loss = self.loss_fn(self.forward(x), y)
         if not torch.isfinite(loss):
             raise TrainingDivergedError(
                 f"loss is {loss.item()} at step {step + 1} (epoch {epoch}); training stopped and the last "
@@ -357,8 +395,7 @@ class Trainer:
         write_recipe(self.out / RECIPE, self.config)
         self._last_saved = self.state["step"]
         c = self.config
-        if c.structure == "channel" and c.cost == "latency":  # measure the table now, not in the middle of training
-            self.sparsifier.precompute_costs(progress=c.progress)
+        self.sparsifier.before_training(progress=c.progress)  # e.g. a latency table, measured before any step
         start_time = time.perf_counter()
         bar = _progress(self.total_steps, self.state["step"], enabled=c.progress, desc=f"{c.method} {c.model}")
         try:
@@ -427,9 +464,7 @@ class Trainer:
             "mask_updates": len(self.sparsifier.history), "mask_metrics": self.sparsifier.tracker.summary(),
             "config": dataclasses.asdict(c), "environment": environment(self.device),
         }
-        if c.structure == "channel":
-            summary["sparsity_target"] = None
-            summary["channels"] = self.sparsifier.budget_report()
+        summary.update(self.sparsifier.summary_fields())
         if self.pretrain is not None:
             summary["pretrain"] = self.pretrain
             if self.pretrain["train_flops"] is not None:
@@ -452,4 +487,18 @@ def _progress(total: int, initial: int, enabled: bool, desc: str):
 def train(config: TrainConfig, out: str | os.PathLike, resume: bool = False,
           overwrite: bool = False) -> dict[str, Any]:
     """Train ``config`` into ``out`` and return the summary (also written to ``out/summary.json``)."""
-    return Trainer(config, out).run(resume=resume, overwrite=overwrite)
+    return build_trainer(config, out).run(resume=resume, overwrite=overwrite)
+
+
+def _check_architecture(model: nn.Module, config: TrainConfig, data: Dataset) -> None:
+    """A model file records ``config.model`` to rebuild the model from: refuse a model it would not rebuild."""
+    meta = model_metadata(config.model, config.dataset, config.method, data)
+    with torch.random.fork_rng(devices=[]):  # building the reference must not move the run's random stream
+        reference = build_model(meta)
+    want = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("_mask")}
+    if want != have:
+        differ = sorted(set(want) ^ set(have)) or [k for k in want if want[k] != have[k]]
+        raise ConfigError(f"config.model {config.model!r} builds another architecture than the model given "
+                          f"(first difference: {differ[0]}); name the model's own factory (package.module:name) "
+                          "so that its saved file can be rebuilt")

@@ -190,6 +190,13 @@ class Sparsifier:
         """FLOPs this step spent beyond 3 × the forward (e.g. RigL's dense gradient at an update step)."""
         return 0.0
 
+    def before_training(self, progress: bool = False) -> None:
+        """Called once by a trainer before the first step (a channel method measures its latency table here)."""
+
+    def summary_fields(self) -> dict[str, Any]:
+        """Fields a method adds to (or overrides in) the run summary."""
+        return {}
+
     def actual_sparsity(self) -> float:
         """Fraction of zeros of the sparse network over the masked layers (0 when there are none)."""
         masks = self.masks()

@@ -194,6 +194,13 @@ class ChannelSparsifier(Sparsifier):
         self.save_cost_cache()
         return len(cells)
 
+    def before_training(self, progress: bool = False) -> None:
+        if self.cost_model.name == "latency":  # measured now, not in the middle of training
+            self.precompute_costs(progress=progress)
+
+    def summary_fields(self) -> dict[str, Any]:
+        return {"sparsity_target": None, "channels": self.budget_report()}
+
     def kept_counts(self) -> list[int]:
         return [int(k.sum()) for k in self.active_keep()]
 
