@@ -73,14 +73,19 @@ def test_latency_table_is_reused_from_cache_and_rebuilt_for_another_device_or_sh
     assert other_shape.calls == 1
 
 
-def test_real_latency_measurement_is_positive_and_grows_with_width(tmp_path):
+def test_real_latency_measurement_is_positive_and_kept_in_the_cache(tmp_path):
+    # Whether latency grows with width is a timing, measured in bench/latency_fidelity.py: a test that compared
+    # two timings failed when other work shared the cores.
     model = create_model("resnet8")
     table = LatencyTable(layer_shapes(model, torch.zeros(1, 1, 28, 28)), cache_dir=tmp_path, batch_size=8,
                          repeats=5)
     small, large = table("layer3.0.conv2", 8, 8), table("layer3.0.conv2", 64, 64)
-    assert 0 < small < large
+    assert 0 < small < float("inf") and 0 < large < float("inf")
     table.save()
     assert list(tmp_path.glob("latency-*.json"))
+    again = LatencyTable(layer_shapes(model, torch.zeros(1, 1, 28, 28)), cache_dir=tmp_path, batch_size=8,
+                         repeats=5)
+    assert again("layer3.0.conv2", 64, 64) == large  # read back from the cache, not measured again
 
 
 def test_cells_share_one_reference_latency_kept_in_the_cache(tmp_path, monkeypatch):

@@ -14,7 +14,6 @@ FORBIDDEN = [
     ("regrow.methods", "regrow.training"),
     ("regrow.methods", "regrow.cli"),
     ("regrow.methods", "regrow.posttraining"),
-    ("regrow.methods", "regrow.pts"),
     ("regrow.methods", "regrow.data"),
     ("regrow.structures", "regrow.methods"),
     ("regrow.criteria", "regrow.methods"),

@@ -5,10 +5,11 @@ import json
 import pytest
 import torch
 
-from regrow import masking, pts
+from regrow import masking
 from regrow.cli import main
 from regrow.errors import CheckpointError, ConfigError, DataError
 from regrow.posttraining import PTSConfig, run_pts
+from regrow.posttraining import pieces as pts
 from regrow.structures import NM
 from regrow.training import MODEL, SUMMARY, TrainConfig, build_trainer, load_model
 

@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 import regrow
-from regrow import masking, pts
+from regrow import masking
 from regrow.errors import ConfigError
+from regrow.posttraining import pieces as pts
 
 IEE_SHORT = {"estimate_steps": 2, "improve_steps": 1, "explore_steps": 2}
 

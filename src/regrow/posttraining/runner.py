@@ -1,7 +1,7 @@
 """Post-training sparsity, end to end: a dense trained model and a small calibration set in, a sparse model and a
 ``summary.json`` out (``regrow pts CHECKPOINT --method unipts|pot|wanda|magnitude``).
 
-The pieces live in :mod:`regrow.pts`; this module composes them into the four methods:
+The pieces live in :mod:`regrow.posttraining.pieces`; this module composes them into the four methods:
 
 - ``magnitude``: per-layer magnitude masks at the target (uniform), then BatchNorm recalibration;
 - ``pot``: the same masks, then every layer's kept weights (and bias) refitted to the dense layer's output on the
@@ -38,19 +38,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import checkpoint, masking, pts
-from .artifacts import MODEL, MODEL_KEYS, SUMMARY, build_model, check_data_fits, load_model, model_metadata
-from .data import batches_per_epoch, get_batch, load_dataset
-from .env import environment
-from .errors import CheckpointError, ConfigError, TrainingDivergedError, check_sparsity, unknown
-from .flops import forward_flops, layer_macs
-from .runfolder import RunFolder, check_writable
-from .schedules import cosine_lr
-from .structures import NM, get_structure
-from .training import evaluate, layer_table
+from .. import checkpoint, masking
+from ..artifacts import MODEL, MODEL_KEYS, SUMMARY, build_model, check_data_fits, load_model, model_metadata
+from ..data import batches_per_epoch, get_batch, load_dataset
+from ..env import environment
+from ..errors import CheckpointError, ConfigError, TrainingDivergedError, check_sparsity, unknown
+from ..flops import forward_flops, layer_macs
+from ..runfolder import RunFolder, check_writable
+from ..schedules import cosine_lr
+from ..structures import NM, get_structure
+from ..training import evaluate, layer_table
+from . import pieces as pts
 
 PTS_METHODS = ("magnitude", "pot", "wanda", "unipts")
-DISTRIBUTIONS = ("search", "uniform", "unconstrained")
+PTS_DISTRIBUTIONS = ("search", "uniform", "unconstrained")
 
 UNIPTS_DEFAULTS: dict[str, Any] = {
     # dynamic sparse training (the recipe: SGD, cosine per step, one warm-up pass)
@@ -71,7 +72,7 @@ BASELINE_DEFAULTS: dict[str, dict[str, Any]] = {
     "wanda": {"recalibrate_bn": False},
 }
 _CHOICES = {"loss": ("kl", "mse"), "tau": ("decay", "constant"), "teacher_mode": ("train", "eval"),
-            "distribution": DISTRIBUTIONS, "mask": ("dynamic", "static")}
+            "distribution": PTS_DISTRIBUTIONS, "mask": ("dynamic", "static")}
 
 
 _COUNTS = ("epochs", "batch_size", "population", "generations", "parents", "children", "mutants")

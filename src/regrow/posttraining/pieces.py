@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import masking
-from .data import Dataset, subset_indices
-from .errors import ConfigError, DataError
-from .structures import NM, Unstructured
+from .. import masking
+from ..data import Dataset, subset_indices
+from ..errors import ConfigError, DataError
+from ..structures import NM, Unstructured
 
 
 def calibration_set(train: Dataset, size: int, seed: int = 0, balanced: bool = True) -> Dataset:
