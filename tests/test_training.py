@@ -156,7 +156,10 @@ def test_a_trainer_handed_its_pieces_trains_them_with_its_loss_and_lr_schedule(t
     model = create_model("mlp", in_channels=1, num_classes=4, input_size=12)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     sp = regrow.RigL(model, optimizer, sparsity=0.8, total_steps=12, interval=4)
-    Trainer(model, optimizer, sp, train, test, tmp_path / "own", config=c, loss_fn=loss_fn,
+    with pytest.raises(ConfigError, match="recorded as another method"):
+        Trainer(model, optimizer, sp, train, test, tmp_path / "own", config=c)
+    rigl = config(model="mlp", method="rigl", log_every=1, max_steps=12, channels_last=False)
+    Trainer(model, optimizer, sp, train, test, tmp_path / "own", config=rigl, loss_fn=loss_fn,
             lr_schedule=lambda step: 1e-3 / (1 + step)).run()
     lrs = [r["lr"] for r in map(json.loads, (tmp_path / "own" / METRICS).read_text().splitlines()) if "lr" in r]
     assert len(calls) == 12 and lrs == pytest.approx([1e-3 / (1 + s) for s in range(12)])
@@ -175,4 +178,8 @@ def test_a_trainer_refuses_a_model_its_config_would_not_rebuild(tmp_path):
     sp = regrow.Static(model, optimizer, sparsity=0.5)
     with pytest.raises(ConfigError, match="builds another architecture than the model given"):
         Trainer(model, optimizer, sp, train, train, tmp_path, config=config(model="mlp", method="static"))
+    model = __import__("regrow").create_model("mlp", in_channels=1, num_classes=4, input_size=12)
+    sp = regrow.Static(model, torch.optim.SGD(model.parameters(), lr=0.1), sparsity=0.5)
+    with pytest.raises(ConfigError, match="the config records"):
+        Trainer(model, sp.optimizer, sp, train, train, tmp_path, config=config(model="mlp", method="static"))
     assert not any(tmp_path.iterdir())

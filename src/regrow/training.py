@@ -247,6 +247,7 @@ class Trainer:
         if not _checked:
             config.validate()
             _check_architecture(model, config, train_data)
+            _check_sparsifier(sparsifier, config)
         self.config = c = config
         self.out = Path(out)
         self.model, self.optimizer, self.sparsifier = model, optimizer, sparsifier
@@ -488,6 +489,21 @@ def train(config: TrainConfig, out: str | os.PathLike, resume: bool = False,
           overwrite: bool = False) -> dict[str, Any]:
     """Train ``config`` into ``out`` and return the summary (also written to ``out/summary.json``)."""
     return build_trainer(config, out).run(resume=resume, overwrite=overwrite)
+
+
+def _check_sparsifier(sparsifier: methods.Sparsifier, config: TrainConfig) -> None:
+    """The summary records the config's method and target: refuse a sparsifier that is something else."""
+    cls = methods.resolve(config.method, config.structure)
+    if type(sparsifier) is not cls:
+        raise ConfigError(f"config.method {config.method!r} is {cls.__name__}, but the sparsifier given is a "
+                          f"{type(sparsifier).__name__}: the run would be recorded as another method")
+    if cls is methods.Dense or config.structure == "channel":
+        return
+    given = (sparsifier.sparsity, sparsifier.distribution, sparsifier.structure.name)
+    recorded = (config.sparsity, config.distribution, config.structure)
+    if given != recorded:
+        raise ConfigError(f"the sparsifier has sparsity, distribution, structure {given}, the config records "
+                          f"{recorded}: make them the same")
 
 
 def _check_architecture(model: nn.Module, config: TrainConfig, data: Dataset) -> None:
