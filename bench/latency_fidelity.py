@@ -28,7 +28,7 @@ from runner import RESULTS, commit, figure, style
 from regrow.channels import channel_groups
 from regrow.export import remove_channels
 from regrow.latency import LatencyTable, device_key, layer_shapes, steady_allocator
-from regrow.latency_report import layer_widths, time_models
+from regrow.latency_report import channel_widths, time_models
 from regrow.models import create_model
 from regrow.training import environment
 
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     groups = channel_groups(dense, example)
     configs = configurations(groups, args.seed, args.random)
     models = {name: pruned_model(args.model, kept) for name, kept in configs.items()}
-    widths = {name: layer_widths(m) for name, m in models.items()}
+    widths = {name: channel_widths(m) for name, m in models.items()}
     shapes = layer_shapes(dense, example)
 
     predicted: dict[str, list[float]] = {c: [] for c in configs}

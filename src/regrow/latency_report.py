@@ -18,7 +18,7 @@ from .flops import layer_macs
 from .latency import LatencyTable, device_key, layer_shapes, steady_allocator
 
 
-def layer_widths(model: nn.Module) -> dict[str, tuple[int, int]]:
+def channel_widths(model: nn.Module) -> dict[str, tuple[int, int]]:
     """``(in, out)`` channels of every Conv/Linear layer: what a latency-table cell is looked up by."""
     out = {}
     for name, m in model.named_modules():
@@ -58,7 +58,7 @@ def latency_report(masked_model: nn.Module, meta: dict[str, Any], batch_size: in
         exported.eval()
         shapes = layer_shapes(dense, example)
         table = LatencyTable(shapes, batch_size=batch_size)
-        predicted = {name: sum(table(n, *w) for n, w in layer_widths(model).items())
+        predicted = {name: sum(table(n, *w) for n, w in channel_widths(model).items())
                      for name, model in (("dense", dense), ("exported", exported))}
         table.save()
         measured = time_models({"dense": dense, "exported": exported}, torch.randn(batch_size, *shape), repeats)
