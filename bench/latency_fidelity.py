@@ -25,9 +25,10 @@ import tempfile
 import torch
 from runner import RESULTS, commit, figure, style
 
-from regrow.channels import channel_groups
+from regrow.channels.costs import LatencyTable, device_key, layer_shapes
+from regrow.channels.groups import channel_groups
+from regrow.env import steady_allocator
 from regrow.export import remove_channels
-from regrow.latency import LatencyTable, device_key, layer_shapes, steady_allocator
 from regrow.latency_report import channel_widths, time_models
 from regrow.models import create_model
 from regrow.training import environment

@@ -8,8 +8,8 @@ from torch import nn
 
 import regrow
 from regrow import masking
+from regrow.channels.costs import LatencyTable, layer_shapes
 from regrow.errors import ConfigError
-from regrow.latency import LatencyTable, layer_shapes
 from regrow.models import create_model
 
 
@@ -89,7 +89,7 @@ def test_real_latency_measurement_is_positive_and_kept_in_the_cache(tmp_path):
 
 
 def test_cells_share_one_reference_latency_kept_in_the_cache(tmp_path, monkeypatch):
-    from regrow import latency
+    from regrow.channels import costs as latency
 
     calls = []
     real = latency.time_layer
@@ -126,7 +126,8 @@ def test_a_cache_of_another_format_is_measured_anew(tmp_path):
 
 
 def test_allocator_mode_is_part_of_the_latency_cache_key(monkeypatch):
-    from regrow import env, latency
+    from regrow import env
+    from regrow.channels import costs as latency
 
     steady = env.steady_allocator()
     assert latency.device_key("cpu", 64).count("allocator=steady" if steady else "allocator=default") == 1

@@ -16,7 +16,7 @@ from torch import nn
 
 from . import checkpoint, masking
 from .artifacts import build_model
-from .channels import ChannelMasks, _tracer
+from .channels.groups import ChannelMasks, _tracer
 from .errors import CheckpointError, ConfigError, ExportError
 
 EXPORT_FORMAT = "regrow-export/1"
@@ -115,7 +115,7 @@ def export_masked_model(model: nn.Module, example_inputs: torch.Tensor) -> tuple
     A group's channel is removed when its root layer's mask zeroes that output channel entirely; masks inside
     channels that stay (unstructured zeros) are baked in as zeros. Changes ``model`` in place.
     """
-    from .channels import channel_groups  # local: avoid a cycle at import time
+    from .channels.groups import channel_groups  # local: avoid a cycle at import time
 
     row_alive = {name: masking.mask_of(m).flatten(1).any(1) for name, m in masking.masked_layers(model).items()
                  if masking.raw(m).dim() > 1}

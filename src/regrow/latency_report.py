@@ -12,10 +12,10 @@ import torch
 from torch import nn
 
 from .artifacts import build_model, input_shape
-from .env import environment
+from .channels.costs import LatencyTable, device_key, layer_shapes
+from .env import environment, steady_allocator
 from .export import count_parameters, export_masked_model
 from .flops import layer_macs
-from .latency import LatencyTable, device_key, layer_shapes, steady_allocator
 
 
 def channel_widths(model: nn.Module) -> dict[str, tuple[int, int]]:

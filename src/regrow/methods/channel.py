@@ -1,8 +1,8 @@
 """Channel sparsity under a latency (or MACs) budget: HALP, and IEE over coupled channel groups.
 
 Both are compositions of the same pieces: coupled channel groups and soft channel masks
-(:mod:`regrow.channels`), HALP's Taylor-BN importance accumulated over an interval, a cost model (a latency table
-measured on this device, or MACs; :mod:`regrow.latency`) and the prefix knapsack (:mod:`regrow.knapsack`).
+(:mod:`regrow.channels.groups`), HALP's Taylor-BN importance accumulated over an interval, a cost model (a latency table
+measured on this device, or MACs; :mod:`regrow.channels.costs`) and the prefix knapsack (:mod:`regrow.channels.budget`).
 They differ in the schedule: HALP only prunes, towards the target along an exponential path, from a pretrained
 model; channel IEE prunes a fraction Ω_t of the budget, lets every pruned channel explore with the active ones
 frozen, and grows back by the same importance until the budget is full again (the knapsack with the active
@@ -25,10 +25,10 @@ import torch
 from torch import nn
 
 from .. import masking
-from ..channels import OUT, ChannelMasks, channel_groups, channel_importance
+from ..channels.budget import prefix_knapsack
+from ..channels.costs import COSTS, make_cost_model
+from ..channels.groups import OUT, ChannelMasks, channel_groups, channel_importance
 from ..errors import ConfigError, unknown
-from ..knapsack import prefix_knapsack
-from ..latency import COSTS, make_cost_model
 from ..schedules import FRACTIONS
 from .base import Sparsifier
 from .iee import IEECycle

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 
 def prefix_knapsack(values: Sequence[Sequence[float]], costs: Sequence[Sequence[float]], budget: float,

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from regrow import masking
-from regrow.channels import IN, OUT, ChannelMasks, channel_groups
+from regrow.channels.groups import IN, OUT, ChannelMasks, channel_groups
 from regrow.errors import CheckpointError, ConfigError, ExportError
 from regrow.export import (
     OutputCheck,

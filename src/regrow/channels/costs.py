@@ -36,9 +36,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import write_json
-from .env import cpu_name, steady_allocator
-from .errors import ConfigError
+from ..checkpoint import write_json
+from ..env import cpu_name, steady_allocator
+from ..errors import ConfigError
 
 COSTS = ("latency", "macs")
 

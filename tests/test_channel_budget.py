@@ -4,7 +4,7 @@ import random
 import pytest
 
 from regrow import ConfigError
-from regrow.knapsack import prefix_knapsack
+from regrow.channels.budget import prefix_knapsack
 
 
 def brute_force(values, costs, budget, min_groups):

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import masking
-from .errors import ConfigError
+from .. import masking
+from ..errors import ConfigError
 
 OUT, IN = "out", "in"
 
