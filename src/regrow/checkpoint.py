@@ -88,15 +88,25 @@ def save(path: str | os.PathLike, sections: dict[str, Any], metadata: dict[str, 
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"regrow": json.dumps(header)}))
 
 
-def _read(path: str | os.PathLike, with_tensors: bool) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def _open(path: str | os.PathLike, with_tensors) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """A safetensors file's raw metadata, and its tensors if ``with_tensors(metadata)`` says so."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
     try:
         with safe_open(str(path), framework="pt") as f:
-            header = json.loads((f.metadata() or {}).get("regrow", "null"))
-            tensors = {k: f.get_tensor(k) for k in f.keys()} if with_tensors else {}
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()} if with_tensors(metadata) else {}
     except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors checkpoint: {e}") from None
+    return metadata, tensors
+
+
+def _read(path: str | os.PathLike, with_tensors: bool) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    metadata, tensors = _open(path, lambda _: with_tensors)
+    try:
+        header = json.loads(metadata.get("regrow", "null"))
+    except ValueError as e:
         raise CheckpointError(f"{path} is not a readable safetensors checkpoint: {e}") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise CheckpointError(f"{path} is a safetensors file but not a regrow checkpoint")
@@ -105,17 +115,9 @@ def _read(path: str | os.PathLike, with_tensors: bool) -> tuple[dict[str, Any], 
 
 def load_plain(path: str | os.PathLike) -> dict[str, torch.Tensor] | None:
     """The tensors of a plain safetensors file (a state dict saved with ``safetensors.torch.save_file``); None if
-    it is a regrow checkpoint."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            if "regrow" in (f.metadata() or {}):
-                return None
-            return {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
+    it is a regrow checkpoint (its tensors are then not read)."""
+    metadata, tensors = _open(path, lambda meta: "regrow" not in meta)
+    return None if "regrow" in metadata else tensors
 
 
 def load(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:

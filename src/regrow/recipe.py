@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 from typing import Any
 
 from .artifacts import RECIPE  # noqa: F401  (the file name, re-exported)
@@ -44,7 +45,7 @@ def write_recipe(path: str | os.PathLike, config) -> None:
     import yaml
 
     text = _HEADER + yaml.safe_dump(recipe_from_config(config), sort_keys=False, allow_unicode=True)
-    atomic_write(path, lambda tmp: open(tmp, "w").write(text))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def read_recipe(path: str | os.PathLike, parser: argparse.ArgumentParser) -> dict[str, Any]:

@@ -180,8 +180,7 @@ def build_trainer(config: TrainConfig, out: str | os.PathLike) -> Trainer:
     momentum, its sparsifier. The command line, the benchmarks and the tests all start runs here."""
     config.validate()
     c = config
-    device = resolve_device(c.device)
-    _set_up_device(device)
+    device = resolve_device(c.device)  # the Trainer sets it up (allocator, deterministic kernels)
     torch.manual_seed(c.seed)
     train_data = load_dataset(c.dataset, "train", c.data_dir, synthetic_size=c.synthetic_size, seed=c.seed)
     test_data = load_dataset(c.dataset, "test", c.data_dir, synthetic_size=c.synthetic_size, seed=c.seed)

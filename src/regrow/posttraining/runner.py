@@ -40,7 +40,7 @@ from torch import nn
 
 from .. import checkpoint, masking
 from ..artifacts import MODEL, MODEL_KEYS, SUMMARY, build_model, check_data_fits, load_model, model_metadata
-from ..data import batches_per_epoch, get_batch, load_dataset
+from ..data import Dataset, batches_per_epoch, get_batch, load_dataset
 from ..env import environment
 from ..errors import CheckpointError, ConfigError, TrainingDivergedError, check_sparsity, unknown
 from ..flops import forward_flops, layer_macs
@@ -173,10 +173,14 @@ class PTSConfig:
         return structure, target, options
 
 
-def _load_dense(path: str | Path, expect_model: str | None, dataset: str | None, train_data
-                ) -> tuple[nn.Module, dict[str, Any], Path]:
-    """The dense model at ``path``: a regrow model file, or a plain safetensors state dict of ``expect_model``
-    trained on ``dataset`` (``train_data()`` loads it, for the shapes)."""
+def _split(config: PTSConfig, dataset: str, split: str) -> Dataset:
+    # (the synthetic set is its seed-0 draw: the templates a model trained with --seed 0 has learnt)
+    return load_dataset(dataset, split, config.data_dir, synthetic_size=config.synthetic_size)
+
+
+def _load_dense(path: str | Path, config: PTSConfig) -> tuple[nn.Module, dict[str, Any], Path, Dataset]:
+    """The dense model at ``path`` (a regrow model file, or a plain safetensors state dict of
+    ``config.expect_model`` trained on ``config.dataset``), its metadata, the file, and the training split."""
     path = Path(path)
     if path.is_dir():
         path = path / MODEL
@@ -184,20 +188,21 @@ def _load_dense(path: str | Path, expect_model: str | None, dataset: str | None,
         raise CheckpointError(f"no model at {path}: pass a model.safetensors or the --out folder of regrow train")
     plain = checkpoint.load_plain(path)
     if plain is not None:  # a user's own state dict: the architecture and the data must be named
-        if expect_model is None or dataset is None:
+        if config.expect_model is None or config.dataset is None:
             raise ConfigError(f"{path} is a plain safetensors state dict: name its architecture with --model "
                               "(a registry name or package.module:factory) and its data with --dataset")
-        meta = model_metadata(expect_model, dataset, "dense", train_data())
+        train = _split(config, config.dataset, "train")
+        meta = model_metadata(config.expect_model, config.dataset, "dense", train)
         model = build_model(meta)
         masking.load_state_dict(model, plain)  # a state dict of another architecture: an error naming the keys
         if masking.masked_layers(model):
             raise CheckpointError(f"{path} holds masks; post-training sparsity starts from a dense model")
-        return model, meta, path
-    model, meta = load_model(path, expect_model=expect_model)
+        return model, meta, path, train
+    model, meta = load_model(path, expect_model=config.expect_model)
     if masking.masked_layers(model):
         raise CheckpointError(f"{path} holds a sparse model; post-training sparsity starts from a dense one "
                               "(regrow train --method dense)")
-    return model, meta, path
+    return model, meta, path, _split(config, config.dataset or meta["dataset"], "train")
 
 
 def _sparsity_of(masks: dict[str, torch.Tensor]) -> float:
@@ -225,15 +230,9 @@ class PostTraining:
         self.out = Path(out)
         self.overwrite = overwrite
         self._check_out()
-        def train_split(name=config.dataset):
-            return load_dataset(name, "train", config.data_dir, synthetic_size=config.synthetic_size)
-
-        self.dense, self.meta, self.checkpoint_path = _load_dense(checkpoint_path, config.expect_model,
-                                                                  config.dataset, train_split)
+        self.dense, self.meta, self.checkpoint_path, self.train_data = _load_dense(checkpoint_path, config)
         dataset = config.dataset or self.meta["dataset"]
-        # (the synthetic set is its seed-0 draw: the templates a model trained with --seed 0 has learnt)
-        self.train_data = load_dataset(dataset, "train", config.data_dir, synthetic_size=config.synthetic_size)
-        self.test_data = load_dataset(dataset, "test", config.data_dir, synthetic_size=config.synthetic_size)
+        self.test_data = _split(config, dataset, "test")
         check_data_fits(self.meta, self.train_data, str(self.checkpoint_path))
         self.dataset = dataset
         self.calibration = pts.calibration_set(self.train_data, config.calibration_size, seed=config.seed,
