@@ -106,7 +106,7 @@ def test_post_training_sparsity_on_a_users_model(user_module, tmp_path):
     ("--model", "no_such_module_xyz:build", "cannot import 'no_such_module_xyz'"),
     ("--model", "{m}:", "is not of the form package.module:name"),
     ("--dataset", "{m}:build", "failed when called"),
-    ("--method", "{m}:build", "is not a subclass of regrow.Sparsifier"),
+    ("--method", "{m}:build", "is not a subclass of regrow.BaseSparsifier"),
     ("--method", "first-inactive", "unknown method 'first-inactive'"),
 ])
 def test_bad_user_code_is_one_line(user_module, tmp_path, capsys, flag, value, message):

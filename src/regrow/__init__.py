@@ -13,9 +13,23 @@ __version__ = "0.1.0"
 
 from . import allocation, criteria, masking, schedules, structures  # noqa: E402
 from .errors import CheckpointError, ConfigError, DataError, RegrowError, TrainingDivergedError  # noqa: E402
-from .methods import GMP, HALP, IEE, SET, ChannelIEE, Dense, OneShot, RigL, Sparsifier, Static, create, register  # noqa: E402
+from .methods import (  # noqa: E402
+    GMP,
+    HALP,
+    IEE,
+    SET,
+    BaseSparsifier,
+    ChannelIEE,
+    Dense,
+    OneShot,
+    RigL,
+    Sparsifier,
+    Static,
+    create,
+    register,
+)
 from .models import create_model  # noqa: E402
 
-__all__ = ["GMP", "HALP", "IEE", "SET", "ChannelIEE", "CheckpointError", "ConfigError", "DataError", "Dense",
-           "OneShot", "RegrowError", "RigL", "Sparsifier", "Static", "TrainingDivergedError", "allocation", "create",
-           "create_model", "criteria", "masking", "register", "schedules", "structures"]
+__all__ = ["BaseSparsifier", "ChannelIEE", "CheckpointError", "ConfigError", "DataError", "Dense", "GMP", "HALP",
+           "IEE", "OneShot", "RegrowError", "RigL", "SET", "Sparsifier", "Static", "TrainingDivergedError",
+           "allocation", "create", "create_model", "criteria", "masking", "register", "schedules", "structures"]

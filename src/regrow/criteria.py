@@ -2,6 +2,7 @@
 
 ``magnitude`` needs no gradient. ``gradient`` and ``taylor`` need the *dense* gradient dL/d(W ⊙ M), which the
 masking core records on request (``masking.capture_dense_grad``); :class:`ScoreAccumulator` sums it over steps.
+``channel_taylor`` scores whole channels (HALP's Taylor-BN), for the channel methods.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from collections.abc import Callable
 
 import torch
 
+from . import masking
+from .channels.groups import OUT, ChannelMasks
 from .errors import ConfigError, unknown
 
 
@@ -72,3 +75,25 @@ class ScoreAccumulator:
 
     def reset(self) -> None:
         self.total, self.count = None, 0
+
+
+def channel_taylor(masks: ChannelMasks, index: int) -> torch.Tensor:
+    """HALP's first-order Taylor importance of every channel of group ``index``, from the current ``.grad``s.
+
+    |Σ over the group's BatchNorms of (γ·∂L/∂γ + β·∂L/∂β)| per channel; a group without BatchNorm uses
+    |Σ over its producing layers of Σ_filter w·∂L/∂w|. Masked channels have zero gradient and score 0.
+    """
+    group = masks.groups[index]
+    total = torch.zeros(group.size)
+    norms = [(n, i) for n, r, i in group.members if r == OUT and isinstance(masks.modules[n], masking.NORM_TYPES)]
+    producers = norms or [(n, i) for n, r, i in group.members if r == OUT]
+    for name, idxs in producers:
+        module = masks.modules[name]
+        for param in (masking.raw(module, "weight"), masking.raw(module, "bias")):
+            if param is None or param.grad is None:
+                continue
+            contribution = (param.detach() * param.grad)
+            if contribution.dim() > 1:
+                contribution = contribution.flatten(1).sum(1)
+            total += contribution[idxs].reshape(group.size, -1).sum(1)
+    return total.abs()

@@ -193,25 +193,3 @@ class ChannelMasks:
             raise ConfigError("channel mask state is for other channel groups (another model?)")
         for i, root in enumerate(roots):
             self.set_keep(i, torch.tensor(state[root], dtype=torch.bool))
-
-
-def channel_importance(masks: ChannelMasks, index: int) -> torch.Tensor:
-    """HALP's first-order Taylor importance of every channel of group ``index``, from the current ``.grad``s.
-
-    |Σ over the group's BatchNorms of (γ·∂L/∂γ + β·∂L/∂β)| per channel; a group without BatchNorm uses
-    |Σ over its producing layers of Σ_filter w·∂L/∂w|. Masked channels have zero gradient and score 0.
-    """
-    group = masks.groups[index]
-    total = torch.zeros(group.size)
-    norms = [(n, i) for n, r, i in group.members if r == OUT and isinstance(masks.modules[n], masking.NORM_TYPES)]
-    producers = norms or [(n, i) for n, r, i in group.members if r == OUT]
-    for name, idxs in producers:
-        module = masks.modules[name]
-        for param in (masking.raw(module, "weight"), masking.raw(module, "bias")):
-            if param is None or param.grad is None:
-                continue
-            contribution = (param.detach() * param.grad)
-            if contribution.dim() > 1:
-                contribution = contribution.flatten(1).sum(1)
-            total += contribution[idxs].reshape(group.size, -1).sum(1)
-    return total.abs()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import ConfigError, unknown
-from .base import Sparsifier, method_options
+from .base import BaseSparsifier, Sparsifier, method_options
 from .channel import HALP, ChannelIEE, ChannelSparsifier
 from .dst import SET, DynamicSparsifier, RigL
 from .gmp import GMP
@@ -18,12 +18,12 @@ for _cls in (Dense, Static, OneShot, GMP, SET, RigL, IEE):
 register("halp", HALP)
 register("iee", ChannelIEE)
 
-METHODS: dict[str, type[Sparsifier]] = REGISTRY["weight"]  # live views: register() adds to them
+METHODS: dict[str, type[BaseSparsifier]] = REGISTRY["weight"]  # live views: register() adds to them
 # Methods over channel groups (structure "channel"): the budget is a cost (latency or MACs), not a sparsity.
-CHANNEL_METHODS: dict[str, type[Sparsifier]] = REGISTRY["channel"]
+CHANNEL_METHODS: dict[str, type[BaseSparsifier]] = REGISTRY["channel"]
 
 
-def resolve(method: str, structure: str | None = None) -> type[Sparsifier]:
+def resolve(method: str, structure: str | None = None) -> type[BaseSparsifier]:
     """The class ``create`` would build for ``method`` under ``structure``, or a ConfigError saying why not."""
     if structure == "channel":
         cls = lookup(method, "channel")
@@ -40,7 +40,7 @@ def resolve(method: str, structure: str | None = None) -> type[Sparsifier]:
     return cls
 
 
-def create(method: str, model, optimizer=None, **options: Any) -> Sparsifier:
+def create(method: str, model, optimizer=None, **options: Any) -> BaseSparsifier:
     """Build a sparsifier by name (or ``package.module:Class``), rejecting options the method does not take.
 
     ``structure="channel"`` selects the channel version (``halp``, ``iee``)."""
@@ -57,6 +57,6 @@ def create(method: str, model, optimizer=None, **options: Any) -> Sparsifier:
     return cls(model, optimizer, **options)
 
 
-__all__ = ["CHANNEL_METHODS", "GMP", "HALP", "IEE", "METHODS", "SET", "ChannelIEE", "ChannelSparsifier", "Dense",
-           "DynamicSparsifier", "OneShot", "RigL", "Sparsifier", "Static", "create", "lookup", "method_options",
-           "names", "register", "resolve"]
+__all__ = ["BaseSparsifier", "CHANNEL_METHODS", "ChannelIEE", "ChannelSparsifier", "Dense", "DynamicSparsifier", "GMP",
+           "HALP", "IEE", "METHODS", "OneShot", "RigL", "SET", "Sparsifier", "Static", "create", "lookup",
+           "method_options", "names", "register", "resolve"]

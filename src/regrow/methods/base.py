@@ -31,19 +31,18 @@ from ..mask_history import MaskTracker
 from ..structures import NM, get_structure
 
 
-class Sparsifier:
-    """Masks on the prunable layers of ``model``, an optimizer guard, a seeded generator and a step counter.
+class BaseSparsifier:
+    """The lifecycle every sparsifier shares, whatever it masks: the model, the optimizer, the optimizer guard, a
+    seeded generator, the step counter, the update history and the mask history, and ``state_dict``.
+
+    Subclasses decide *what* is masked: :class:`Sparsifier` masks weight entries (unstructured, N:M),
+    :class:`regrow.methods.channel.ChannelSparsifier` masks coupled channel groups under a cost budget. Each sets
+    ``layers`` (the masked layers, name -> module), ``guard`` and ``skipped`` and implements :meth:`update`.
 
     Args:
-        model: the network; its Linear/Conv layers (or ``include`` minus ``exclude``) get masks.
-        optimizer: the optimizer that trains ``model``; pruned and frozen entries are kept exact through its
-            steps (see :class:`regrow.masking.OptimizerGuard`). ``None`` for mask-only use.
-        sparsity: global target fraction of zeros over the masked layers, in [0, 1).
-        distribution: ``uniform``, ``global``, ``er`` or ``erk`` (per-layer allocation).
-        structure: ``unstructured`` or ``"N:M"``; N:M fixes every supported layer at N/M density, so
-            ``sparsity`` must be 1 - N/M, and layers whose input dimension is not a multiple of M stay dense.
+        model: the network.
+        optimizer: the optimizer that trains ``model`` (``None`` for mask-only use).
         total_steps: length of training, needed for options given as fractions.
-        dense_first, dense_last: keep the first / last masked layer dense (any distribution).
         seed: seeds the sparsifier's own generator (random masks, random growth).
     """
 
@@ -51,40 +50,13 @@ class Sparsifier:
     family = "weight"  # what the registry files it under: weight masks (channel methods: "channel")
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
-                 sparsity: float = 0.9, distribution: str = "erk", structure: str = "unstructured",
-                 total_steps: int | None = None, include: list[str] | None = None, exclude: list[str] = (),
-                 dense_first: bool = False, dense_last: bool = False, seed: int = 0):
-        self.model = model
-        self.optimizer = optimizer
-        self.sparsity = check_sparsity(sparsity)
-        if distribution not in DISTRIBUTIONS:
-            raise unknown("distribution", distribution, DISTRIBUTIONS)
-        self.distribution = distribution
-        self.structure = get_structure(structure)
+                 total_steps: int | None = None, seed: int = 0):
         if total_steps is not None and (not isinstance(total_steps, int) or total_steps <= 0):
             raise ConfigError(f"total_steps must be a positive integer, got {total_steps!r}")
-        self.total_steps = total_steps
-        self.dense_first, self.dense_last = dense_first, dense_last
-        layers = masking.prunable_layers(model, include, exclude)
-        self.skipped: dict[str, str] = {}
-        if isinstance(self.structure, NM):
-            if abs(self.sparsity - (1 - self.structure.density)) > 1e-9:
-                raise ConfigError(f"{self.structure.name} sparsity is {1 - self.structure.density:g} by definition; "
-                                  f"got sparsity={self.sparsity:g}")
-            for name in [n for n, m in layers.items() if not self.structure.supports(m.weight.shape)]:
-                self.skipped[name] = f"input dimension not a multiple of {self.structure.m}"
-                del layers[name]
-        if not layers:
-            raise ConfigError("no prunable layer left to sparsify")
-        self.layers: dict[str, nn.Module] = layers
-        for module in layers.values():
-            masking.add_mask(module)
-        self.guard = masking.OptimizerGuard(optimizer, layers.values()) if optimizer is not None else None
-        self._start_lifecycle(seed)
-        self.initialize()
-
-    def _start_lifecycle(self, seed: int) -> None:
-        """The state every sparsifier has, masked layers or not (the dense reference has none)."""
+        self.model, self.optimizer, self.total_steps = model, optimizer, total_steps
+        self.layers: dict[str, nn.Module] = {}
+        self.guard: masking.OptimizerGuard | None = None
+        self.skipped: dict[str, str] = {}  # layers (or groups) left dense, and why
         self.generator = torch.Generator().manual_seed(seed)
         self.seed = seed
         self.step_count = 0
@@ -104,62 +76,9 @@ class Sparsifier:
             raise ConfigError(f"{option} must be a step count (int >= 0) or a fraction (float), got {value!r}")
         return value
 
-    # ----- masks ------------------------------------------------------------------------------------------
-    def target_counts(self, sparsity: float | None = None) -> dict[str, int]:
-        """Keep counts per layer at ``sparsity`` (default: the target) under this distribution and structure."""
-        sparsity = self.sparsity if sparsity is None else sparsity
-        shapes = {n: m.weight.shape for n, m in self.layers.items()}
-        if isinstance(self.structure, NM):
-            return {n: self.structure.keep_count(s, self.structure.density) for n, s in shapes.items()}
-        scores = None
-        if self.distribution == "global":
-            scores = {n: magnitude(m.weight) for n, m in self.layers.items()}  # the masked values
-        return keep_counts(shapes, sparsity, self.distribution, dense_first=self.dense_first,
-                           dense_last=self.dense_last, scores=scores)
-
     def masks(self) -> dict[str, torch.Tensor]:
+        """The sparse network's mask of every masked layer's weight."""
         return {n: masking.mask_of(m) for n, m in self.layers.items()}
-
-    def set_layer_mask(self, name: str, new_mask: torch.Tensor, zero_grown: bool = False) -> dict[str, int]:
-        """Install ``new_mask`` on layer ``name``; changed entries get fresh optimizer state.
-
-        ``zero_grown`` sets newly activated weights to 0 (RigL, SET); otherwise they come back with their
-        most recent value (IEE's MRU). Returns counts of dropped and grown entries.
-        """
-        module = self.layers[name]
-        old = masking.mask_of(module)
-        grown, dropped = new_mask & ~old, old & ~new_mask
-        with torch.no_grad():
-            if zero_grown:
-                masking.raw(module).masked_fill_(grown, 0.0)
-            masking.set_mask(module, new_mask)
-        masking.reset_optimizer_state(self.optimizer, masking.raw(module), grown | dropped)
-        return {"dropped": int(dropped.sum()), "grown": int(grown.sum())}
-
-    def select_masks(self, scores: dict[str, torch.Tensor], counts: dict[str, int],
-                     zero_inactive: bool = False) -> None:
-        """Every layer keeps its ``counts[name]`` highest-scored units.
-
-        ``zero_inactive`` is for a sparse *start*: the network then is W ⊙ M, so a unit that was never active has
-        no value to remember but 0 (IEE's explorations start from it; RigL and SET grow at 0 anyway).
-        """
-        for name, module in self.layers.items():
-            mask = self.structure.select(scores[name], counts[name])
-            self.set_layer_mask(name, mask)
-            if zero_inactive:
-                with torch.no_grad():
-                    masking.raw(module).masked_fill_(~mask, 0.0)
-
-    def random_masks(self, counts: dict[str, int], zero_inactive: bool = True) -> None:
-        """A sparse start: random masks at the given counts (sparsifier's generator); inactive weights zero unless
-        ``zero_inactive`` is False (they then keep their initial values, as in a masked-dense implementation)."""
-        scores = {n: self.random_scores(m) for n, m in self.layers.items()}
-        self.select_masks(scores, counts, zero_inactive=zero_inactive)
-
-    def random_scores(self, module: nn.Module) -> torch.Tensor:
-        """Uniform scores for ``module``'s weight from the sparsifier's generator, drawn on the CPU and moved to the
-        weight's device: the same seed gives the same masks on every device."""
-        return torch.rand(module.weight.shape, generator=self.generator).to(module.weight.device)
 
     # ----- lifecycle --------------------------------------------------------------------------------------
     def initialize(self) -> None:
@@ -233,11 +152,109 @@ class Sparsifier:
         return self.model
 
 
+class Sparsifier(BaseSparsifier):
+    """Masks on the weight entries of the prunable layers of ``model``: unstructured or N:M.
+
+    Args:
+        model: the network; its Linear/Conv layers (or ``include`` minus ``exclude``) get masks.
+        optimizer: the optimizer that trains ``model``; pruned and frozen entries are kept exact through its
+            steps (see :class:`regrow.masking.OptimizerGuard`). ``None`` for mask-only use.
+        sparsity: global target fraction of zeros over the masked layers, in [0, 1).
+        distribution: ``uniform``, ``global``, ``er`` or ``erk`` (per-layer allocation).
+        structure: ``unstructured`` or ``"N:M"``; N:M fixes every supported layer at N/M density, so
+            ``sparsity`` must be 1 - N/M, and layers whose input dimension is not a multiple of M stay dense.
+        total_steps: length of training, needed for options given as fractions.
+        dense_first, dense_last: keep the first / last masked layer dense (any distribution).
+        seed: seeds the sparsifier's own generator (random masks, random growth).
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
+                 sparsity: float = 0.9, distribution: str = "erk", structure: str = "unstructured",
+                 total_steps: int | None = None, include: list[str] | None = None, exclude: list[str] = (),
+                 dense_first: bool = False, dense_last: bool = False, seed: int = 0):
+        super().__init__(model, optimizer, total_steps=total_steps, seed=seed)
+        self.sparsity = check_sparsity(sparsity)
+        if distribution not in DISTRIBUTIONS:
+            raise unknown("distribution", distribution, DISTRIBUTIONS)
+        self.distribution = distribution
+        self.structure = get_structure(structure)
+        self.dense_first, self.dense_last = dense_first, dense_last
+        layers = masking.prunable_layers(model, include, exclude)
+        if isinstance(self.structure, NM):
+            if abs(self.sparsity - (1 - self.structure.density)) > 1e-9:
+                raise ConfigError(f"{self.structure.name} sparsity is {1 - self.structure.density:g} by definition; "
+                                  f"got sparsity={self.sparsity:g}")
+            for name in [n for n, m in layers.items() if not self.structure.supports(m.weight.shape)]:
+                self.skipped[name] = f"input dimension not a multiple of {self.structure.m}"
+                del layers[name]
+        if not layers:
+            raise ConfigError("no prunable layer left to sparsify")
+        self.layers = layers
+        for module in layers.values():
+            masking.add_mask(module)
+        self.guard = masking.OptimizerGuard(optimizer, layers.values()) if optimizer is not None else None
+        self.initialize()
+
+    # ----- masks ------------------------------------------------------------------------------------------
+    def target_counts(self, sparsity: float | None = None) -> dict[str, int]:
+        """Keep counts per layer at ``sparsity`` (default: the target) under this distribution and structure."""
+        sparsity = self.sparsity if sparsity is None else sparsity
+        shapes = {n: m.weight.shape for n, m in self.layers.items()}
+        if isinstance(self.structure, NM):
+            return {n: self.structure.keep_count(s, self.structure.density) for n, s in shapes.items()}
+        scores = None
+        if self.distribution == "global":
+            scores = {n: magnitude(m.weight) for n, m in self.layers.items()}  # the masked values
+        return keep_counts(shapes, sparsity, self.distribution, dense_first=self.dense_first,
+                           dense_last=self.dense_last, scores=scores)
+
+    def set_layer_mask(self, name: str, new_mask: torch.Tensor, zero_grown: bool = False) -> dict[str, int]:
+        """Install ``new_mask`` on layer ``name``; changed entries get fresh optimizer state.
+
+        ``zero_grown`` sets newly activated weights to 0 (RigL, SET); otherwise they come back with their
+        most recent value (IEE's MRU). Returns counts of dropped and grown entries.
+        """
+        module = self.layers[name]
+        old = masking.mask_of(module)
+        grown, dropped = new_mask & ~old, old & ~new_mask
+        with torch.no_grad():
+            if zero_grown:
+                masking.raw(module).masked_fill_(grown, 0.0)
+            masking.set_mask(module, new_mask)
+        masking.reset_optimizer_state(self.optimizer, masking.raw(module), grown | dropped)
+        return {"dropped": int(dropped.sum()), "grown": int(grown.sum())}
+
+    def select_masks(self, scores: dict[str, torch.Tensor], counts: dict[str, int],
+                     zero_inactive: bool = False) -> None:
+        """Every layer keeps its ``counts[name]`` highest-scored units.
+
+        ``zero_inactive`` is for a sparse *start*: the network then is W ⊙ M, so a unit that was never active has
+        no value to remember but 0 (IEE's explorations start from it; RigL and SET grow at 0 anyway).
+        """
+        for name, module in self.layers.items():
+            mask = self.structure.select(scores[name], counts[name])
+            self.set_layer_mask(name, mask)
+            if zero_inactive:
+                with torch.no_grad():
+                    masking.raw(module).masked_fill_(~mask, 0.0)
+
+    def random_masks(self, counts: dict[str, int], zero_inactive: bool = True) -> None:
+        """A sparse start: random masks at the given counts (sparsifier's generator); inactive weights zero unless
+        ``zero_inactive`` is False (they then keep their initial values, as in a masked-dense implementation)."""
+        scores = {n: self.random_scores(m) for n, m in self.layers.items()}
+        self.select_masks(scores, counts, zero_inactive=zero_inactive)
+
+    def random_scores(self, module: nn.Module) -> torch.Tensor:
+        """Uniform scores for ``module``'s weight from the sparsifier's generator, drawn on the CPU and moved to the
+        weight's device: the same seed gives the same masks on every device."""
+        return torch.rand(module.weight.shape, generator=self.generator).to(module.weight.device)
+
+
 def method_options(cls: type) -> dict[str, Any]:
     """Keyword options of a sparsifier class and its bases, with defaults (for help texts and validation)."""
     options: dict[str, Any] = {}
     for klass in reversed(cls.__mro__):
-        if "__init__" in vars(klass) and issubclass(klass, Sparsifier):
+        if "__init__" in vars(klass) and issubclass(klass, BaseSparsifier):
             for p in inspect.signature(klass.__init__).parameters.values():
                 if p.kind is p.KEYWORD_ONLY:
                     options[p.name] = p.default

@@ -14,7 +14,6 @@ widths); the exported model's real latency is measured separately (``regrow benc
 
 from __future__ import annotations
 
-import itertools
 import math
 import warnings
 from collections.abc import Iterator
@@ -25,16 +24,17 @@ import torch
 from torch import nn
 
 from .. import masking
-from ..channels.budget import prefix_knapsack
+from ..channels.budget import ChannelBudget
 from ..channels.costs import COSTS, make_cost_model
-from ..channels.groups import OUT, ChannelMasks, channel_groups, channel_importance
+from ..channels.groups import ChannelMasks, channel_groups
+from ..criteria import channel_taylor
 from ..errors import ConfigError, unknown
 from ..schedules import FRACTIONS
-from .base import Sparsifier
+from .base import BaseSparsifier
 from .iee import IEECycle
 
 
-class ChannelSparsifier(Sparsifier):
+class ChannelSparsifier(BaseSparsifier):
     """Channel masks over the coupled groups of ``model``, a cost model and a budget.
 
     Args:
@@ -68,11 +68,8 @@ class ChannelSparsifier(Sparsifier):
             raise unknown("cost model", cost, COSTS)
         if not isinstance(group_size, int) or group_size < 1:
             raise ConfigError(f"group_size must be a positive integer, got {group_size!r}")
-        if total_steps is not None and (not isinstance(total_steps, int) or total_steps <= 0):
-            raise ConfigError(f"total_steps must be a positive integer, got {total_steps!r}")
-        self.model, self.optimizer, self.total_steps = model, optimizer, total_steps
-        self.latency_target, self.group_size, self.resolution = float(latency_target), group_size, resolution
-        self._start_lifecycle(seed)
+        super().__init__(model, optimizer, total_steps=total_steps, seed=seed)
+        self.latency_target, self.group_size = float(latency_target), group_size
         if input_shape is None:
             raise ConfigError("channel methods trace the model: pass input_shape, one sample's shape such as "
                               "(3, 32, 32)")
@@ -88,7 +85,7 @@ class ChannelSparsifier(Sparsifier):
         if unknown_roots:
             raise ConfigError(f"exclude_groups: no channel group with root {', '.join(map(repr, unknown_roots))}; "
                               f"groups: {', '.join(sorted(roots))}")
-        self.skipped: dict[str, str] = {n: "first conv (HALP never prunes it)" for n in ignored}
+        self.skipped.update({n: "first conv (HALP never prunes it)" for n in ignored})
         for g in every_group:
             if g.root in exclude_groups:
                 self.skipped[g.root] = "group left whole: exclude_groups"
@@ -108,12 +105,12 @@ class ChannelSparsifier(Sparsifier):
         self.channels = ChannelMasks(model, self.groups)
         self.layers = {n: m for n, m in self.channels.modules.items() if isinstance(m, masking.PRUNABLE_TYPES)}
         self.guard = masking.OptimizerGuard(optimizer, self.channels.modules.values()) if optimizer else None
-        self._wire_layers(model)
+        self.allocator = ChannelBudget(model, self.groups, self.cost_model, group_size, resolution)
         self.importance = [torch.zeros(g.size) for g in self.groups]
         self.importance_steps = 0
-        self.dense_cost = self.cost_of([g.size for g in self.groups])
+        self.dense_cost = self.allocator.cost_of([g.size for g in self.groups])
         self.budget = self.latency_target * self.dense_cost
-        floor = self.cost_of([min(group_size, g.size) for g in self.groups])
+        floor = self.allocator.cost_of([min(group_size, g.size) for g in self.groups])
         if self.budget < floor:
             raise ConfigError(f"latency_target={latency_target:g} ({self.budget:.4g} {self.cost_model.unit}) is below "
                               f"what this model reaches with one group of {group_size} channels per layer "
@@ -123,76 +120,10 @@ class ChannelSparsifier(Sparsifier):
         self.initialize()
 
     # ----- costs ------------------------------------------------------------------------------------------
-    def _wire_layers(self, model: nn.Module) -> None:
-        """For every costed layer: which group sets its output width and which groups its input width."""
-        modules = dict(model.named_modules())
-        self._costed = list(self.cost_model.shapes)
-        self._out_group: dict[str, int] = {}
-        self._in_groups: dict[str, list[tuple[int, int]]] = {n: [] for n in self._costed}
-        for i, group in enumerate(self.groups):
-            for name, role, idxs in group.members:
-                if name not in self._in_groups:
-                    continue
-                if role == OUT:
-                    self._out_group[name] = i
-                elif getattr(modules[name], "groups", 1) == 1:
-                    self._in_groups[name].append((i, len(idxs) // group.size))
-        self._full = {}
-        for name in self._costed:
-            m = modules[name]
-            full_in, full_out = (m.in_features, m.out_features) if isinstance(m, nn.Linear) else (m.in_channels,
-                                                                                                m.out_channels)
-            self._full[name] = (full_in, full_out)
-
-    def layer_widths(self, kept: list[int]) -> dict[str, tuple[int, int]]:
-        """(c_in, c_out) of every costed layer when group i keeps ``kept[i]`` channels."""
-        widths = {}
-        for name in self._costed:
-            full_in, full_out = self._full[name]
-            c_out = kept[self._out_group[name]] if name in self._out_group else full_out
-            if self.cost_model.shapes[name].depthwise:
-                c_in = c_out
-            else:
-                pruned = sum((self.groups[i].size - kept[i]) * factor for i, factor in self._in_groups[name])
-                c_in = full_in - pruned
-            widths[name] = (c_in, c_out)
-        return widths
-
-    def cost_of(self, kept: list[int]) -> float:
-        return float(sum(self.cost_model(n, c_in, c_out) for n, (c_in, c_out) in self.layer_widths(kept).items()))
-
-    def width_grid(self) -> dict[str, tuple[list[int], list[int]]]:
-        """Every (c_in, c_out) a layer can take when each group keeps a multiple of G channels (or all):
-        the cells the knapsack asks the cost model for."""
-        def options(size: int) -> list[int]:
-            return sorted(set(range(self.group_size, size + 1, self.group_size)) | {size})
-
-        grid = {}
-        for name in self._costed:
-            full_in, full_out = self._full[name]
-            outs = options(self.groups[self._out_group[name]].size) if name in self._out_group else [full_out]
-            ins = self._in_groups[name]
-            if self.cost_model.shapes[name].depthwise:
-                grid[name] = (outs, outs)
-            elif len(ins) == 1:
-                (i, factor), = ins
-                size = self.groups[i].size
-                grid[name] = ([full_in - (size - k) * factor for k in options(size)], outs)
-            else:  # unpruned input, or several groups concatenated (those are measured when first asked for)
-                grid[name] = ([full_in], outs)
-        return grid
-
     def precompute_costs(self, progress: bool = False) -> int:
-        """Ask the cost model for every cell of :meth:`width_grid` now (a latency table measures them once, on an
-        idle machine, instead of in the middle of training) and save the cache; returns the number of cells."""
-        cells = sorted({(n, ci, co) for n, (ins, outs) in self.width_grid().items()
-                        for ci in ins for co in outs if not self.cost_model.shapes[n].depthwise or ci == co})
-        from tqdm.auto import tqdm
-
-        for name, c_in, c_out in tqdm(cells, disable=not progress, desc="latency table", leave=False):
-            self.cost_model(name, c_in, c_out)
-        self.save_cost_cache()
-        return len(cells)
+        """Measure every cost the allocator can ask for now, not in the middle of training (see
+        :meth:`regrow.channels.budget.ChannelBudget.precompute`); returns the number of cells."""
+        return self.allocator.precompute(progress=progress)
 
     def before_training(self, progress: bool = False) -> None:
         if self.cost_model.name == "latency":  # measured now, not in the middle of training
@@ -206,7 +137,7 @@ class ChannelSparsifier(Sparsifier):
 
     def predicted_cost(self) -> float:
         """The cost model's figure for the sparse network now (Θ_K, even mid-exploration)."""
-        return self.cost_of(self.kept_counts())
+        return self.allocator.cost_of(self.kept_counts())
 
     def active_keep(self) -> list[torch.Tensor]:
         return [k.clone() for k in self.channels.keep]
@@ -215,7 +146,7 @@ class ChannelSparsifier(Sparsifier):
     def accumulate_importance(self) -> None:
         """Add this step's HALP importance (from the current gradients) to every group's running sum."""
         for i in range(len(self.groups)):
-            self.importance[i] += channel_importance(self.channels, i)
+            self.importance[i] += channel_taylor(self.channels, i)
         self.importance_steps += 1
 
     def take_importance(self) -> list[torch.Tensor]:
@@ -225,157 +156,6 @@ class ChannelSparsifier(Sparsifier):
         self.importance = [torch.zeros(g.size) for g in self.groups]
         self.importance_steps = 0
         return scores
-
-    # ----- the knapsack -----------------------------------------------------------------------------------
-    def select(self, scores: list[torch.Tensor], budget: float, allowed: list[torch.Tensor],
-               forced: list[torch.Tensor] | None = None, rounds: int = 4, steps: int = 14,
-               best_effort: bool = False) -> list[torch.Tensor]:
-        """Kept channels per group: the most important ``allowed`` ones, ``forced`` ones first, a prefix per
-        group, at most ``budget`` by the cost model.
-
-        A layer's cost depends on its input width, which another group decides, so the knapsack charges input
-        widths at a reference (HALP: the current widths). Charged costs are then only a proxy for the real cost of
-        an answer; so the room given to the knapsack is bisected until the *real* cost of its answer meets the
-        budget as closely as it can, and the reference is moved to that answer for another round. The best answer
-        within the budget wins; if none is found (a noisy table that is not monotone), chunks are dropped greedily.
-        ``best_effort``: a budget below the fewest allowed channels gives those (IEE's prune to (1 − Ω)·budget
-        can ask for less than the model can reach) instead of an error.
-        """
-        forced = forced or [torch.zeros_like(a) for a in allowed]
-        G = self.group_size
-        orders, values, min_groups = [], [], []
-        for score, allow, force in zip(scores, allowed, forced):
-            first = torch.nonzero(force).flatten()
-            rest = torch.nonzero(allow & ~force).flatten()
-            order = torch.cat([first[torch.argsort(score[first], descending=True, stable=True)],
-                               rest[torch.argsort(score[rest], descending=True, stable=True)]])
-            orders.append(order)
-            values.append([float(score[order[j * G:(j + 1) * G]].sum()) for j in range(math.ceil(len(order) / G))])
-            min_groups.append(max(1, math.ceil(len(first) / G)))
-        best, best_value = None, -math.inf
-
-        def consider(groups: list[int]) -> bool:
-            nonlocal best, best_value
-            keeps = self._keeps(orders, groups)
-            if self.cost_of([int(k.sum()) for k in keeps]) > budget * (1 + 1e-9):
-                return False
-            value = sum(float(s[k].sum()) for s, k in zip(scores, keeps))
-            if value > best_value:
-                best, best_value = keeps, value
-            return True
-
-        reference = self._on_grid([int(a.sum()) for a in allowed])
-        for _ in range(rounds):
-            costs = self._group_costs(orders, values, reference)
-            cheapest = sum(min(row[m - 1:]) for row, m in zip(costs, min_groups))
-            dearest = sum(max(row[m - 1:]) for row, m in zip(costs, min_groups))
-
-            def solve(room: float, costs=costs) -> list[int]:
-                return prefix_knapsack(values, costs, room, min_groups, self.resolution)
-
-            if consider(solve(dearest)):
-                break  # everything allowed fits
-            lo, hi, answer = cheapest, dearest, None
-            if consider(solve(lo)):
-                answer = solve(lo)
-                for _ in range(steps):
-                    mid = (lo + hi) / 2
-                    groups = solve(mid)
-                    if consider(groups):
-                        lo, answer = mid, groups
-                    else:
-                        hi = mid
-            if answer is None:  # even the fewest chunks overshoot at this reference: re-centre it on them
-                new_reference = self._on_grid([int(k.sum()) for k in self._keeps(orders, min_groups)])
-                if new_reference == reference:
-                    break
-                reference = new_reference
-                continue
-            new_reference = self._on_grid([int(k.sum()) for k in self._keeps(orders, answer)])
-            if new_reference == reference:
-                break
-            reference = new_reference
-        if best is None:  # a measured table that is not monotone defeated every solve: drop chunks greedily
-            best = self._greedy_fit(orders, values, min_groups, budget)
-        if best is not None:  # the proxy leaves room unused: add the best-value chunks that still fit
-            best = self._greedy_fill(orders, values, best, budget)
-        if best is None and best_effort:
-            best = self._keeps(orders, min_groups)
-        if best is None:
-            raise ConfigError(f"could not meet the budget {budget:.4g} {self.cost_model.unit} even with the fewest "
-                              "channels allowed")
-        return best
-
-    def _keeps(self, orders: list[torch.Tensor], groups: list[int]) -> list[torch.Tensor]:
-        keeps = []
-        for i, (order, k) in enumerate(zip(orders, groups)):
-            keep = torch.zeros(self.groups[i].size, dtype=torch.bool)
-            keep[order[: min(k * self.group_size, len(order))]] = True
-            keeps.append(keep)
-        return keeps
-
-    def _greedy_fill(self, orders, values, keeps: list[torch.Tensor], budget: float) -> list[torch.Tensor]:
-        """Add chunks, the most importance per unit of real cost first, while the real cost stays in budget."""
-        G = self.group_size
-        groups = [math.ceil(int(k.sum()) / G) if int(k.sum()) < len(o) else len(v)
-                  for k, o, v in zip(keeps, orders, values)]
-        current = self._keeps(orders, groups)
-        if any(not torch.equal(a, b) for a, b in zip(current, keeps)):
-            return keeps  # the answer is not a chunk prefix (forced channels not a multiple of G): keep it as is
-        cost = self.cost_of([int(k.sum()) for k in current])
-        while True:
-            best_gain, best_i, best_cost = -math.inf, None, None
-            for i, g in enumerate(groups):
-                if g >= len(values[i]):
-                    continue
-                trial = list(groups)
-                trial[i] += 1
-                new_cost = self.cost_of([int(k.sum()) for k in self._keeps(orders, trial)])
-                if new_cost > budget * (1 + 1e-9):
-                    continue
-                gain = values[i][g] / max(new_cost - cost, 1e-12 * max(abs(budget), 1.0))
-                if gain > best_gain:
-                    best_gain, best_i, best_cost = gain, i, new_cost
-            if best_i is None:
-                return self._keeps(orders, groups)
-            groups[best_i] += 1
-            cost = best_cost
-
-    def _greedy_fit(self, orders, values, min_groups, budget: float) -> list[torch.Tensor] | None:
-        """Start from every allowed chunk and drop the least important last chunk of any group until the real
-        cost fits: always ends, and finds an answer whenever the fewest allowed chunks fit."""
-        groups = [len(v) for v in values]
-        while True:
-            keeps = self._keeps(orders, groups)
-            if self.cost_of([int(k.sum()) for k in keeps]) <= budget:
-                return keeps
-            candidates = [i for i, g in enumerate(groups) if g > min_groups[i]]
-            if not candidates:
-                return None
-            weakest = min(candidates, key=lambda i: values[i][groups[i] - 1])
-            groups[weakest] -= 1
-
-    def _on_grid(self, counts: list[int]) -> list[int]:
-        """Round channel counts up to a multiple of G (or the group's size): the widths the cost table holds."""
-        G = self.group_size
-        return [min(g.size, math.ceil(c / G) * G) for c, g in zip(counts, self.groups)]
-
-    def _group_costs(self, orders, values, reference_counts: list[int]) -> list[list[float]]:
-        """Each group's cost when it keeps k chunks, its layers' input widths charged at ``reference_counts``.
-        Layers that no group prunes are left out (a constant)."""
-        reference = self.layer_widths(reference_counts)
-        costs = []
-        for i, order in enumerate(orders):
-            layers = [n for n, g in self._out_group.items() if g == i]
-            row = []
-            for k in range(1, len(values[i]) + 1):
-                width = min(k * self.group_size, len(order))
-                row.append(sum(self.cost_model(n, width if self.cost_model.shapes[n].depthwise else reference[n][0],
-                                               width) for n in layers))
-            # A wider layer is never cheaper: a measured table can say so (noise), and the knapsack would then
-            # add chunks "for free" that cost real latency.
-            costs.append(list(itertools.accumulate(row, max)))
-        return costs
 
     def install(self, keeps: list[torch.Tensor]) -> dict[str, int]:
         """Set every group's kept channels; entries that change get fresh optimizer state."""
@@ -394,9 +174,6 @@ class ChannelSparsifier(Sparsifier):
         return {"dropped_channels": dropped, "grown_channels": grown}
 
     # ----- lifecycle --------------------------------------------------------------------------------------
-    def masks(self) -> dict[str, torch.Tensor]:
-        return {n: masking.mask_of(m) for n, m in self.layers.items()}
-
     def budget_report(self) -> dict[str, Any]:
         return {"cost_model": self.cost_model.name, "unit": self.cost_model.unit, "dense_cost": self.dense_cost,
                 "budget": self.budget, "predicted_cost": self.predicted_cost(),
@@ -462,7 +239,7 @@ class HALP(ChannelSparsifier):
         if since % self.prune_every == 0:
             k = since // self.prune_every
             target = self.target_at(k)
-            keeps = self.select(self.take_importance(), target, allowed=self.active_keep())
+            keeps = self.allocator.select(self.take_importance(), target, allowed=self.active_keep())
             counts = self.install(keeps)
             cost = self.predicted_cost()
             self.history.append({"step": step, "pruning": k, "target": target, "predicted_cost": cost, **counts})
@@ -519,7 +296,7 @@ class ChannelIEE(IEECycle, ChannelSparsifier):
         for i, keep in enumerate(active):
             self.last_importance[i][keep] = scores[i][keep]
         before = self.masks()
-        keeps = self.select(scores, (1 - fraction) * self.budget, allowed=active, best_effort=True)
+        keeps = self.allocator.select(scores, (1 - fraction) * self.budget, allowed=active, best_effort=True)
         counts = self.install(keeps)
         after = self.masks()
         self.pruned = {n: before[n] & ~after[n] for n in before}
@@ -570,7 +347,7 @@ class ChannelIEE(IEECycle, ChannelSparsifier):
             active = self.active_keep()
             scores = [s.clone() for s in self.last_importance]
         everything = [torch.ones(g.size, dtype=torch.bool) for g in self.groups]
-        keeps = self.select(scores, self.budget, allowed=everything, forced=active)
+        keeps = self.allocator.select(scores, self.budget, allowed=everything, forced=active)
         counts = self.install(keeps)
         masks = self.masks()
         self.history.append({**self._cycle_record, "grow_step": step, "grown_channels": counts["grown_channels"],

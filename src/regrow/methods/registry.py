@@ -18,17 +18,17 @@ from importlib.metadata import entry_points
 
 from ..errors import ConfigError
 from ..plugins import is_import_spec, load_object
-from .base import Sparsifier
+from .base import BaseSparsifier
 
 ENTRY_POINT_GROUP = "regrow.methods"
 FAMILIES = ("weight", "channel")
 # family -> name -> class; METHODS and CHANNEL_METHODS in regrow.methods are these dicts.
-REGISTRY: dict[str, dict[str, type[Sparsifier]]] = {family: {} for family in FAMILIES}
+REGISTRY: dict[str, dict[str, type[BaseSparsifier]]] = {family: {} for family in FAMILIES}
 _entry_points_loaded = False
 _entry_point_errors: dict[str, str] = {}
 
 
-def register(name: str, cls: type[Sparsifier] | None = None, *, replace: bool = False):
+def register(name: str, cls: type[BaseSparsifier] | None = None, *, replace: bool = False):
     """Register ``cls`` under ``name`` (in the family its ``family`` attribute names); usable as a decorator.
 
     A name already taken in that family is refused unless ``replace=True``."""
@@ -36,8 +36,8 @@ def register(name: str, cls: type[Sparsifier] | None = None, *, replace: bool = 
         return lambda c: register(name, c, replace=replace)
     if not isinstance(name, str) or not name or ":" in name or name != name.strip():
         raise ConfigError(f"a method name is a non-empty word without ':', got {name!r}")
-    if not (isinstance(cls, type) and issubclass(cls, Sparsifier)):
-        raise ConfigError(f"method {name!r}: {cls!r} is not a subclass of regrow.Sparsifier")
+    if not (isinstance(cls, type) and issubclass(cls, BaseSparsifier)):
+        raise ConfigError(f"method {name!r}: {cls!r} is not a subclass of regrow.BaseSparsifier")
     family = getattr(cls, "family", "weight")
     if family not in FAMILIES:
         raise ConfigError(f"method {name!r}: family {family!r} is not one of {', '.join(FAMILIES)}")
@@ -64,12 +64,12 @@ def load_entry_points() -> None:
             warnings.warn(f"regrow method {ep.name!r} from entry point {ep.value} skipped: {e}", stacklevel=2)
 
 
-def lookup(name: str, family: str = "weight") -> type[Sparsifier] | None:
+def lookup(name: str, family: str = "weight") -> type[BaseSparsifier] | None:
     """The class registered as ``name`` in ``family``, importing ``package.module:Class`` names; None if unknown."""
     if is_import_spec(name):
         cls = load_object(name, "method")
-        if not (isinstance(cls, type) and issubclass(cls, Sparsifier)):
-            raise ConfigError(f"method {name!r} is not a subclass of regrow.Sparsifier")
+        if not (isinstance(cls, type) and issubclass(cls, BaseSparsifier)):
+            raise ConfigError(f"method {name!r} is not a subclass of regrow.BaseSparsifier")
         return cls if getattr(cls, "family", "weight") == family else None
     if name not in REGISTRY[family]:
         load_entry_points()

@@ -10,21 +10,18 @@ from torch import nn
 
 from .. import masking
 from ..criteria import magnitude
-from .base import Sparsifier
+from .base import BaseSparsifier, Sparsifier
 
 
-class Dense(Sparsifier):
+class Dense(BaseSparsifier):
     """No masks at all: the reference every method is compared with (same API, ``step()`` does nothing)."""
 
     name = "dense"
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
                  total_steps: int | None = None, seed: int = 0, **ignored: Any):
-        self.model, self.optimizer, self.total_steps = model, optimizer, total_steps
-        self.sparsity, self.distribution, self.skipped = 0.0, "dense", {}
-        self.layers: dict[str, nn.Module] = {}
-        self.guard = None
-        self._start_lifecycle(seed)
+        super().__init__(model, optimizer, total_steps=total_steps, seed=seed)
+        self.sparsity, self.distribution = 0.0, "dense"
 
 
 class Static(Sparsifier):
