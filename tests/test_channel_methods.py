@@ -168,6 +168,23 @@ def test_halp_prunes_along_the_exponential_path_to_the_budget_and_never_regrows(
     assert kept[-1] == kept[30]  # fixed after the last pruning
 
 
+@pytest.mark.parametrize("method", ["halp", "iee"])
+def test_finalize_leaves_a_plain_model_with_the_same_outputs(method):
+    model, optimizer, sp = setup(method)
+    train(model, optimizer, sp, 12)
+    model.eval()
+    x = batch(999)[0]
+    with sp.sparse_view(), torch.no_grad():
+        expected = model(x)
+    sp.finalize()
+    assert not any(masking.is_masked(m) for m in model.modules())  # norms included, not only convs
+    assert not any(name.endswith("_mask") for name in model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(model(x), expected)
+    fresh = create_model("resnet8")
+    fresh.load_state_dict(model.state_dict())  # strict: the plain class's keys
+
+
 def test_iee_channel_keeps_the_budget_and_explores_with_the_active_channels_frozen():
     model, optimizer, sp = setup("iee")
     snapshots = {}

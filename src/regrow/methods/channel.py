@@ -174,6 +174,14 @@ class ChannelSparsifier(BaseSparsifier):
         return {"dropped_channels": dropped, "grown_channels": grown}
 
     # ----- lifecycle --------------------------------------------------------------------------------------
+    def finalize(self) -> nn.Module:
+        """Bake the channel masks into every member of every group (convs, linears *and* norms) and remove them."""
+        if self.guard is not None:
+            self.guard.remove()
+        for module in self.channels.modules.values():
+            masking.remove_mask(module, bake=True)
+        return self.model
+
     def budget_report(self) -> dict[str, Any]:
         return {"cost_model": self.cost_model.name, "unit": self.cost_model.unit, "dense_cost": self.dense_cost,
                 "budget": self.budget, "predicted_cost": self.predicted_cost(),
