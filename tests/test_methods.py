@@ -161,3 +161,28 @@ def test_iee_never_active_init_keeps_the_initial_values():
     for name, m in sp.layers.items():
         assert not masking.mask_of(m).all()
         assert torch.equal(masking.raw(m).detach(), initial[f"{name}.weight"])  # masked, not zeroed
+
+
+@pytest.mark.parametrize("method", ["rigl", "iee"])
+def test_a_schedule_object_replaces_the_named_update_fraction(method):
+    """``schedule`` takes any callable step -> fraction (the named ones are objects too): the method asks it at
+    every update and moves that share."""
+    from regrow.schedules import CosineFraction
+
+    asked = []
+
+    def constant(step):
+        asked.append(step)
+        return 0.25
+
+    options = {"interval": 5} if method == "rigl" else {"estimate_steps": 3, "improve_steps": 1, "explore_steps": 1}
+    model, optimizer, sp = make(method, sparsity=0.8, t_end=40, schedule=constant, **options)
+    for t in range(1, 41):
+        train_step(model, optimizer, t)
+        sp.step()
+    assert asked and [h["fraction"] for h in sp.history] == [0.25] * len(sp.history)
+    assert sp.update_fraction is constant
+    _, _, named = make(method, sparsity=0.8, t_end=40, **options)
+    assert named.update_fraction == CosineFraction(0.3, 40)
+    with pytest.raises(ConfigError, match="schedule must be a name"):
+        make(method, sparsity=0.8, t_end=40, schedule=3, **options)

@@ -29,7 +29,7 @@ from ..channels.costs import COSTS, make_cost_model
 from ..channels.groups import ChannelMasks, channel_groups
 from ..criteria import channel_taylor
 from ..errors import ConfigError, unknown
-from ..schedules import FRACTIONS
+from ..schedules import check_schedule
 from .base import BaseSparsifier
 from .iee import IEECycle
 
@@ -276,8 +276,7 @@ class ChannelIEE(IEECycle, ChannelSparsifier):
                  estimate_steps: int = 50, improve_steps: int = 50, explore_steps: int = 50, alpha: float = 0.3,
                  schedule: str = "cosine", t_end: int | float = 0.75, explore: bool = True,
                  freeze_active: bool = True, explore_lr_scale: float = 0.1, **base: Any):
-        if schedule not in FRACTIONS:
-            raise unknown("update-fraction schedule", schedule, FRACTIONS)
+        check_schedule(schedule)
         if not 0.0 < alpha < 1.0:
             raise ConfigError(f"alpha (initial update fraction) must be in (0, 1), got {alpha}")
         self.alpha, self.schedule, self.explore, self.freeze_active = alpha, schedule, explore, freeze_active
@@ -298,7 +297,7 @@ class ChannelIEE(IEECycle, ChannelSparsifier):
 
     def prune(self, step: int) -> None:
         """Stage 2: keep the most important active channels within (1 − Ω_t)·budget."""
-        fraction = FRACTIONS[self.schedule](step, self.alpha, self.t_end)
+        fraction = self.update_fraction(step)
         scores = self.take_importance()
         active = self.active_keep()
         for i, keep in enumerate(active):

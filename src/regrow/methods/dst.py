@@ -14,8 +14,8 @@ from torch import nn
 
 from .. import masking
 from ..criteria import magnitude
-from ..errors import ConfigError, unknown
-from ..schedules import FRACTIONS
+from ..errors import ConfigError
+from ..schedules import check_schedule, update_fraction
 from .base import Sparsifier
 
 
@@ -30,8 +30,7 @@ class DynamicSparsifier(Sparsifier):
 
     def __init__(self, model, optimizer=None, *, interval: int = 100, alpha: float = 0.3,
                  t_end: int | float = 0.75, schedule: str = "cosine", **base):
-        if schedule not in FRACTIONS:
-            raise unknown("update-fraction schedule", schedule, FRACTIONS)
+        check_schedule(schedule)
         if not 0.0 < alpha < 1.0:
             raise ConfigError(f"alpha (initial update fraction) must be in (0, 1), got {alpha}")
         if not isinstance(interval, int) or interval <= 0:
@@ -39,13 +38,14 @@ class DynamicSparsifier(Sparsifier):
         self.interval, self.alpha, self.schedule = interval, alpha, schedule
         super().__init__(model, optimizer, **base)
         self.t_end = self.steps(t_end, "t_end")
+        self.update_fraction = update_fraction(schedule, alpha, self.t_end)
         self.prepare()
 
     def initialize(self) -> None:
         self.random_masks(self.target_counts())
 
     def fraction(self, step: int) -> float:
-        return FRACTIONS[self.schedule](step, self.alpha, self.t_end)
+        return self.update_fraction(step)
 
     def is_update_step(self, step: int) -> bool:
         return step % self.interval == 0 and step < self.t_end

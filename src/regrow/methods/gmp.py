@@ -5,7 +5,7 @@ from __future__ import annotations
 from .. import masking
 from ..criteria import magnitude
 from ..errors import ConfigError
-from ..schedules import gmp_sparsity
+from ..schedules import CubicSparsity
 from ..structures import NM
 from .base import Sparsifier
 
@@ -34,6 +34,7 @@ class GMP(Sparsifier):
         if not isinstance(interval, int) or interval <= 0:
             raise ConfigError(f"interval must be a positive number of steps, got {interval!r}")
         self.interval = interval
+        self.ramp = CubicSparsity(initial_sparsity, self.sparsity, self.begin, self.end)
 
     def is_prune_step(self, step: int) -> bool:
         return self.begin < step <= self.end and ((step - self.begin) % self.interval == 0 or step == self.end)
@@ -41,7 +42,7 @@ class GMP(Sparsifier):
     def update(self, step: int) -> None:
         if not self.is_prune_step(step):
             return
-        target = gmp_sparsity(step, self.initial_sparsity, self.sparsity, self.begin, self.end)
+        target = self.ramp(step)
         counts = self.target_counts(target)
         for name, module in self.layers.items():
             mask = masking.mask_of(module)

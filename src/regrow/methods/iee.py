@@ -39,7 +39,7 @@ from torch import nn
 from .. import masking
 from ..criteria import NEEDS_GRADIENT, ScoreAccumulator, get_criterion, magnitude
 from ..errors import ConfigError, unknown
-from ..schedules import FRACTIONS
+from ..schedules import check_schedule, update_fraction
 from ..structures import NM
 from .base import Sparsifier
 
@@ -87,6 +87,7 @@ class IEECycle:
         self.H, self.J, self.Q = estimate_steps, improve_steps, explore_steps
         self.explore_lr_scale = explore_lr_scale
         self.t_end = self.steps(t_end, "t_end")
+        self.update_fraction = update_fraction(self.schedule, self.alpha, self.t_end)
         self.cycles = self.t_end // self.cycle_length
         if self.cycles == 0:
             raise ConfigError(f"no IEE cycle of {self.cycle_length} steps (H + J + Q) fits before t_end = "
@@ -161,8 +162,7 @@ class IEE(IEECycle, Sparsifier):
                  explore: bool = True, freeze_active: bool = True, freeze_bn: bool | None = None,
                  grow_init: str = "mru", **base: Any):
         get_criterion(criterion)
-        if schedule not in FRACTIONS:
-            raise unknown("update-fraction schedule", schedule, FRACTIONS)
+        check_schedule(schedule)
         if ranking not in RANKINGS:
             raise unknown("ranking", ranking, RANKINGS)
         if start not in ("random", "magnitude"):
@@ -230,7 +230,7 @@ class IEE(IEECycle, Sparsifier):
 
     def prune(self, step: int) -> None:
         """Stage 2: move Ω_t lowest-scored active units of every cycled layer to Θ_P; their values stay in memory."""
-        fraction = FRACTIONS[self.schedule](step, self.alpha, self.t_end)
+        fraction = self.update_fraction(step)
         scores, masks = self.scores(), self.masks()
         if self.ranking == "global":
             total = int(fraction * sum(int(masks[n].sum()) for n in self.cycled))
