@@ -12,6 +12,7 @@ import regrow
 from regrow import artifacts, checkpoint, export
 from regrow.cli import main
 from regrow.methods import registry
+from regrow.posttraining import methods as pts_methods
 
 USER_CODE = '''
 import torch
@@ -20,6 +21,7 @@ from torch import nn
 import regrow
 from regrow import masking
 from regrow.methods import DynamicSparsifier
+from regrow.posttraining import MaskingMethod, select_mask
 
 
 def build(in_channels, num_classes, input_size):
@@ -50,6 +52,18 @@ class FirstInactive(DynamicSparsifier):
     def grow_scores(self, name, module):
         w = masking.raw(module)
         return -((torch.arange(w.numel()) + self.offset) % w.numel()).float().reshape(w.shape)
+
+
+class KeepSmallest(MaskingMethod):
+    """A toy out-of-tree post-training method: keep the smallest |w| (or, with flip=false, the largest)."""
+
+    name = "keep-smallest"
+    defaults = {"recalibrate_bn": False, "flip": True}
+
+    def select(self, run, model, layers, sparsities):
+        sign = -1 if self.options["flip"] else 1
+        return {n: select_mask(sign * masking.raw(m).detach().abs(), sparsities[n], run.structure)
+                for n, m in layers.items()}
 '''
 
 SMALL = ["--epochs", "2", "--batch-size", "32", "--no-progress", "--device", "cpu", "--no-augment"]
@@ -63,7 +77,7 @@ def user_module(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     yield name
     sys.modules.pop(name, None)
-    for family in registry.REGISTRY.values():
+    for family in [*registry.REGISTRY.values(), pts_methods.REGISTRY]:
         for key in [k for k, cls in family.items() if cls.__module__ == name]:
             del family[key]
 
@@ -189,3 +203,35 @@ def test_post_training_sparsity_from_a_plain_state_dict(user_module, tmp_path, c
                  f"{user_module}:data", "--method", "magnitude", "--sparsity", "0.5", "--out", str(tmp_path / "c"),
                  "--no-progress"]) == 2
     assert "does not match this model" in capsys.readouterr().err
+
+
+def test_an_out_of_tree_post_training_method_by_import_path_and_by_register(user_module, tmp_path, capsys):
+    dense = tmp_path / "dense"
+    assert main(["train", "--model", "mlp", "--dataset", "synthetic", "--method", "dense", *SMALL,
+                 "--out", str(dense)]) == 0
+    common = ["--sparsity", "0.5", "--calibration-size", "32", "--no-progress"]
+    spec = f"{user_module}:KeepSmallest"
+    assert main(["pts", str(dense), "--method", spec, *common, "--out", str(tmp_path / "a")]) == 0
+    summary = summary_of(tmp_path / "a")
+    assert summary["method"] == spec and abs(summary["sparsity_masked"] - 0.5) < 0.01
+    assert summary["options"] == {"recalibrate_bn": False, "flip": True} and summary["stage_seconds"].keys() == {
+        "keep-smallest"}
+    sparse, _ = artifacts.load_model(tmp_path / "a" / "model.safetensors")
+    dense_model, _ = artifacts.load_model(dense / "model.safetensors")
+    name = next(iter(regrow.masking.masked_layers(sparse)))
+    kept = regrow.masking.mask_of(regrow.masking.masked_layers(sparse)[name])
+    original = dict(dense_model.named_modules())[name].weight.detach().abs()
+    assert original[kept].max() <= original[~kept].min()  # the smallest were kept, as the user's method says
+    regrow.posttraining.register_pts("keep-smallest", __import__(user_module).KeepSmallest)
+    assert "keep-smallest" in regrow.posttraining.pts_names()
+    assert main(["pts", str(dense), "--method", "keep-smallest", "--opt", "flip=false", *common,
+                 "--out", str(tmp_path / "b")]) == 0
+    assert summary_of(tmp_path / "b")["options"]["flip"] is False
+    capsys.readouterr()
+    assert main(["pts", str(dense), "--method", "keep-smallest", "--opt", "bogus=1", *common,
+                 "--out", str(tmp_path / "c")]) == 2
+    assert "unknown option(s) bogus" in capsys.readouterr().err
+    assert main(["pts", str(dense), "--method", f"{user_module}:build", *common, "--out", str(tmp_path / "d")]) == 2
+    assert "is not a subclass of regrow.posttraining.PostTrainingMethod" in capsys.readouterr().err
+    with pytest.raises(regrow.ConfigError, match="is taken by"):
+        regrow.posttraining.register_pts("wanda", __import__(user_module).KeepSmallest)

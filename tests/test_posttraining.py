@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from regrow import masking
+from regrow import posttraining as pts
 from regrow.cli import main
 from regrow.errors import CheckpointError, ConfigError, DataError
 from regrow.posttraining import PTSConfig, run_pts
-from regrow.posttraining import pieces as pts
 from regrow.structures import NM
 from regrow.training import MODEL, SUMMARY, TrainConfig, build_trainer, load_model
 
@@ -92,7 +92,7 @@ def test_unipts_is_seeded_and_its_search_differs_from_equal_shares(teachers, tmp
 def test_unipts_ablations_change_what_they_name(teachers, tmp_path, monkeypatch):
     taus = []
     real = pts.base_decayed_kl
-    monkeypatch.setattr(pts, "base_decayed_kl", lambda s, t, tau, T: taus.append(tau) or real(s, t, tau, T))
+    monkeypatch.setattr(pts.unipts, "base_decayed_kl", lambda s, t, tau, T: taus.append(tau) or real(s, t, tau, T))
     teacher = teachers["resnet8"]
     default = _run(teacher, tmp_path / "default", method="unipts", sparsity=0.8)
     assert taus == [pytest.approx(8 * 0.99 ** (100 * (step // 2) / 6)) for step in range(12)]  # τ = 8·0.99^e

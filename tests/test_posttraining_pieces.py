@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from regrow import posttraining as pts
 from regrow.data import synthetic
 from regrow.errors import DataError
-from regrow.posttraining import pieces as pts
 
 
 def test_calibration_set_is_seeded_distinct_balanced_and_checked():

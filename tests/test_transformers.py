@@ -8,8 +8,8 @@ from torch import nn
 
 import regrow
 from regrow import masking
+from regrow import posttraining as pts
 from regrow.errors import ConfigError
-from regrow.posttraining import pieces as pts
 
 IEE_SHORT = {"estimate_steps": 2, "improve_steps": 1, "explore_steps": 2}
 

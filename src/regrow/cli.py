@@ -283,10 +283,11 @@ def cmd_pts(args) -> int:
 
 
 def _pts_text() -> str:
-    from .posttraining import BASELINE_DEFAULTS, UNIPTS_DEFAULTS
+    from .posttraining import pts_names, resolve_pts
 
-    entries = [("unipts", UNIPTS_DEFAULTS), *BASELINE_DEFAULTS.items()]
-    return "\n".join(f"  {name}: " + ", ".join(f"{k}={v}" for k, v in opts.items()) for name, opts in entries)
+    entries = [(name, resolve_pts(name).defaults) for name in pts_names()]
+    return "\n".join(f"  {name}: " + (", ".join(f"{k}={v}" for k, v in opts.items()) or "no options")
+                     for name, opts in entries)
 
 
 def _pts_parser(sub) -> None:
@@ -300,7 +301,8 @@ def _pts_parser(sub) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="a dense model.safetensors, or the --out folder of regrow train, or a plain "
                    "safetensors state dict (with --model and --dataset)")
-    p.add_argument("--method", default="unipts", help="one of unipts, pot, wanda, magnitude (default unipts)")
+    p.add_argument("--method", default="unipts", help="one of unipts, pot, wanda, magnitude (default unipts), or "
+                   "package.module:Class (a regrow.posttraining.PostTrainingMethod)")
     p.add_argument("--sparsity", type=float, default=None,
                    help="target fraction of zeros in [0, 1) (default 0.9; N:M implies its own)")
     p.add_argument("--structure", default="unstructured", help="unstructured (default) or N:M such as 2:4")
