@@ -87,6 +87,17 @@ def test_unipts_is_seeded_and_its_search_differs_from_equal_shares(teachers, tmp
     assert a["search"]["fitness_evaluations"] <= 6 * 3
     history = [h["best_fitness"] for h in a["search"]["history"]]
     assert history == sorted(history)  # the best so far never gets worse
+    # the sparse training ran in the shared trainer, in a folder of the run: one loss line per step, one evaluation
+    trained = json.loads((tmp_path / "a" / "sparse-training" / "summary.json").read_text())
+    lines = [json.loads(x) for x in (tmp_path / "a" / "sparse-training" / "metrics.jsonl").read_text().splitlines()]
+    assert trained["steps"] == a["training"]["steps"] == sum("lr" in r for r in lines) == 6 * 2
+    assert trained["evaluated_epochs"] == [5] and trained["test_accuracy"] == pytest.approx(a["test_accuracy"])
+    assert a["training"]["loss_first"] == lines[0]["loss"] and a["training"]["folder"] == "sparse-training"
+    assert not (tmp_path / "a" / "sparse-training" / "recipe.yaml").exists()  # a recipe cannot name the teacher
+    # per sample: the teacher (dense), the student's forward and input gradient (sparse), its weight gradient
+    # (dense under the straight-through estimator); FLOPs = 2 × MACs
+    per_sample = 2 * (2 * a["macs_dense"] + 2 * a["macs_sparse"])
+    assert trained["train_flops"] == pytest.approx(12 * 32 * per_sample, rel=1e-9)
 
 
 def test_unipts_ablations_change_what_they_name(teachers, tmp_path, monkeypatch):
@@ -138,20 +149,19 @@ def test_nm_keeps_n_of_every_m_in_every_layer_it_can_split(teachers, tmp_path, m
 
 def test_dynamic_sparsity_under_nm_is_exact_after_every_step():
     torch.manual_seed(0)
-    layer = torch.nn.Linear(8, 4)
-    dst = pts.DynamicSparsity({"l": layer}, {"l": 0.5}, structure=NM(2, 4))
-    optimizer = torch.optim.SGD(layer.parameters(), lr=0.5)
-    seen = []
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4))
+    dst = pts.DynamicSparsity(model, sparsities={"0": 0.5}, structure=NM(2, 4))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     for _ in range(5):
-        loss = layer(torch.randn(16, 8)).pow(2).sum()
+        loss = model(torch.randn(16, 8)).pow(2).sum()
         optimizer.zero_grad()
         loss.backward()
-        dst.add_srste()
         optimizer.step()
-        mask = dst.masks["l"]
+        dst.step()
+        mask = dst.masks()["0"]
         assert (mask.reshape(-1, 4).sum(1) == 2).all()
-        seen.append(mask.clone())
-    assert torch.equal(dst.current_masks()["l"], pts.select_mask(layer.weight.detach().abs(), 0.5, NM(2, 4)))
+    raw = masking.raw(model[0]).detach()
+    assert torch.equal(dst.masks()["0"], pts.select_mask(raw.abs(), 0.5, NM(2, 4)))
 
 
 @pytest.mark.parametrize("kw, error, message", [

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from regrow import masking
 from regrow import posttraining as pts
 from regrow.data import synthetic
 from regrow.errors import DataError
@@ -196,26 +197,47 @@ def test_sparsity_search_is_seeded_and_improves_its_fitness():
 def test_dynamic_sparse_training_keeps_exact_sparsity_and_gives_dense_gradient_plus_srste():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
-    layers = {"0": model[0], "2": model[2]}
-    dst = pts.DynamicSparsity(layers, {"0": 0.5, "2": 0.8}, srste=0.01)
+    dst = pts.DynamicSparsity(model, sparsities={"0": 0.5, "2": 0.8}, srste=0.01)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    first, last = masking.raw(model[0]), masking.raw(model[2])
+    changed = False
     for _ in range(5):
         x = torch.randn(8, 6)
+        masks = dst.masks()
         out = model(x)
         loss = out.pow(2).sum()
         optimizer.zero_grad()
         loss.backward()
         # Hand-computed: dL/dW_eff for the last layer (its input is the hidden activation), then SR-STE.
-        mask = dst.masks["2"]
+        mask = masks["2"]
         with torch.no_grad():
-            hidden = torch.relu(x @ (model[0].weight * dst.masks["0"]).T + model[0].bias)
-            expected = 2 * out.T @ hidden + 0.01 * (~mask) * model[2].weight
-        dst.add_srste()
-        assert torch.allclose(model[2].weight.grad, expected, atol=1e-5)
-        assert (model[2].weight.grad[~mask] != 0).any()  # pruned weights do receive gradient
+            hidden = torch.relu(x @ (first * masks["0"]).T + model[0].bias)
+            expected = 2 * out.T @ hidden + 0.01 * (~mask) * last
+        assert torch.allclose(last.grad, expected, atol=1e-5)
+        assert (last.grad[~mask] != 0).any()  # pruned weights do receive gradient
         optimizer.step()
+        dst.step()
         for name, s in (("0", 0.5), ("2", 0.8)):
-            assert int(dst.masks[name].sum()) == round((1 - s) * layers[name].weight.numel())
-    assert isinstance(model[0].weight, nn.Parameter) and "0.weight" in model.state_dict()
-    dst.remove()
-    assert not model[0]._forward_pre_hooks
+            assert int(dst.masks()[name].sum()) == round((1 - s) * masking.raw(model[int(name)]).numel())
+        # the masks follow the weights: the top |w| of the weights the step just made
+        assert torch.equal(dst.masks()["2"], pts.select_mask(last.detach().abs(), 0.8))
+        changed |= not torch.equal(dst.masks()["2"], mask)
+    assert changed  # a pruned weight came back (or an active one left) along the way
+    assert isinstance(first, nn.Parameter) and "0.weight" in model.state_dict()
+    dst.finalize()
+    assert not masking.is_masked(model[0]) and not masking.is_masked(model[2])
+
+
+def test_static_dynamic_sparsity_gives_pruned_weights_no_gradient():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    dst = pts.DynamicSparsity(model, sparsities={"0": 0.5, "2": 0.5}, static=True)
+    start = dst.masks()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(3):
+        model(torch.randn(8, 6)).pow(2).sum().backward()
+        assert (masking.raw(model[2]).grad[~start["2"]] == 0).all()
+        optimizer.step()
+        optimizer.zero_grad()
+        dst.step()
+    assert all(torch.equal(dst.masks()[n], start[n]) for n in start)

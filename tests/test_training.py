@@ -183,3 +183,39 @@ def test_a_trainer_refuses_a_model_its_config_would_not_rebuild(tmp_path):
     with pytest.raises(ConfigError, match="the config records"):
         Trainer(model, sp.optimizer, sp, train, train, tmp_path, config=config(model="mlp", method="static"))
     assert not any(tmp_path.iterdir())
+
+
+def test_a_trainer_with_a_teacher_distils_and_evaluates_every_n_epochs(tmp_path):
+    import regrow
+    from regrow.data import load_dataset
+    from regrow.models import create_model
+    from regrow.training import Trainer
+
+    c = config(model="mlp", method="static", epochs=3, log_every=1, eval_every=2, channels_last=False)
+    train, test = (load_dataset("synthetic", split, synthetic_size=64) for split in ("train", "test"))
+    torch.manual_seed(1)
+    teacher = create_model("mlp", in_channels=1, num_classes=4, input_size=12).eval()
+    torch.manual_seed(0)
+    model = create_model("mlp", in_channels=1, num_classes=4, input_size=12)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    sp = regrow.Static(model, optimizer, sparsity=0.8)
+    seen = []
+
+    def distil(logits, labels, teacher_logits, epoch):
+        seen.append(epoch)
+        with torch.no_grad():
+            assert torch.equal(teacher_logits, teacher(last_batch[0]))
+        return torch.nn.functional.mse_loss(logits, teacher_logits)
+
+    last_batch = []
+    teacher.register_forward_pre_hook(lambda m, inputs: last_batch.insert(0, inputs[0]))
+    with pytest.raises(ConfigError, match="needs a loss_fn"):
+        Trainer(model, optimizer, sp, train, test, tmp_path / "x", config=c, teacher=teacher)
+    summary = Trainer(model, optimizer, sp, train, test, tmp_path / "run", config=c, loss_fn=distil,
+                      teacher=teacher).run()
+    assert seen == [0, 0, 1, 1, 2, 2] and summary["evaluated_epochs"] == [1, 2]
+    assert not teacher.training and all(p.grad is None for p in teacher.parameters())
+    per_sample = 3 * 2 * summary["macs_sparse"] + 2 * summary["macs_dense"]  # student 3×, teacher 1× (dense)
+    assert summary["train_flops"] == pytest.approx(64 * 3 * per_sample, rel=1e-9)
+    with pytest.raises(ConfigError, match="eval_every"):
+        config(eval_every=0).validate()

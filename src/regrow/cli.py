@@ -86,6 +86,8 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/latest", help="output folder (default runs/latest)")
     p.add_argument("--log-every", type=int, default=50, help="steps between metric lines")
+    p.add_argument("--eval-every", type=int, default=1,
+                   help="epochs between test evaluations (default 1; the last epoch is always evaluated)")
     p.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: every epoch)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
@@ -134,7 +136,7 @@ def _config_from(args) -> Any:
         train_subset=args.train_subset, synthetic_size=args.synthetic_size,
         latency_target=args.latency_target, cost=args.cost, latency_batch=args.latency_batch,
         init_from=args.init_from,
-        seed=args.seed, log_every=args.log_every,
+        seed=args.seed, log_every=args.log_every, eval_every=args.eval_every,
         checkpoint_every=args.checkpoint_every, progress=not args.no_progress)
 
 

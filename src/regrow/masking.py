@@ -53,6 +53,22 @@ class _MaskedMixin:
             self._regrow_dense_grad += grad.detach()
 
 
+class _StraightThrough(torch.autograd.Function):
+    """Forward ``raw ⊙ mask``; backward the dense gradient to every entry, pruned ones included, plus SR-STE's
+    λ·(1 − M) ⊙ W that pulls pruned weights towards 0 (Zhou et al. 2021; λ = 0 gives the plain estimator)."""
+
+    @staticmethod
+    def forward(ctx, value, mask, srste):
+        ctx.save_for_backward(value, mask)
+        ctx.srste = srste
+        return value * mask
+
+    @staticmethod
+    def backward(ctx, grad):
+        value, mask = ctx.saved_tensors
+        return grad + ctx.srste * (mask == 0) * value, None, None
+
+
 def _masked_property(param: str) -> property:
     """``module.<param>`` of a masked module: the parameter times its mask, computed at every read, so that no
     forward path can see a pruned value. Without a mask (a bias that channel sparsity does not mask) it is the
@@ -63,6 +79,9 @@ def _masked_property(param: str) -> property:
         mask = self._buffers.get(mask_name(param))
         if value is None or mask is None:
             return value
+        srste = self._regrow_straight_through.get(param)
+        if srste is not None and value.requires_grad:
+            return _StraightThrough.apply(value, mask, srste)
         value = value * mask
         if param == "weight" and self._regrow_capture and value.requires_grad:
             value.register_hook(self._regrow_store_grad)
@@ -160,6 +179,7 @@ def add_mask(module: nn.Module, bias: bool = False) -> nn.Module:
         module._regrow_dense_grad = None
         module._regrow_trainable = {}  # param -> bool tensor; absent: trainable set == mask
         module._regrow_step_scale = {}  # param -> (bool tensor, factor): entries whose step is scaled
+        module._regrow_straight_through = {}  # param -> SR-STE λ: pruned entries get the dense gradient
     if bias and raw(module, "bias") is not None and "bias_mask" not in module._buffers:
         module.register_buffer("bias_mask", torch.ones_like(raw(module, "bias"), requires_grad=False))
     return module
@@ -180,7 +200,7 @@ def remove_mask(module: nn.Module, bake: bool = True) -> nn.Module:
                 raw(module, param).mul_(module._buffers[mask_name(param)])
             del module._buffers[mask_name(param)]
     for attr in ("_regrow_capture", "_regrow_dense_grad", "_regrow_trainable", "_regrow_step_scale",
-                 "_regrow_stats_frozen"):
+                 "_regrow_stats_frozen", "_regrow_straight_through"):
         module.__dict__.pop(attr, None)
     module.__class__ = type(module).__mro__[2]  # Masked<cls> -> (_MaskedMixin, cls)
     return module
@@ -281,6 +301,19 @@ def set_step_scale(module: nn.Module, where: torch.Tensor | None, factor: float 
 
 def step_scale_of(module: nn.Module, param: str = "weight") -> tuple[torch.Tensor, float] | None:
     return module._regrow_step_scale.get(param) if is_masked(module) else None
+
+
+def set_straight_through(module: nn.Module, srste: float | None, param: str = "weight") -> None:
+    """Give ``param``'s pruned entries the gradient they would have if they were active (the straight-through
+    estimator), plus ``srste``·(1 − M) ⊙ W (SR-STE); ``None`` ends it. The forward is unchanged (``raw ⊙ mask``).
+    For methods whose masks follow the weights at every step (UniPTS's dynamic sparse training): pruned weights
+    keep learning and can come back. Use it without an optimizer guard, which would hold pruned entries still."""
+    if srste is None:
+        module._regrow_straight_through.pop(param, None)
+        return
+    if not srste >= 0:
+        raise ConfigError(f"SR-STE's λ must be >= 0, got {srste}")
+    module._regrow_straight_through[param] = float(srste)
 
 
 def capture_dense_grad(module: nn.Module, on: bool = True) -> None:

@@ -37,7 +37,7 @@ def recipe_from_config(config) -> dict[str, Any]:
         weight_decay=c.weight_decay, warmup_epochs=c.warmup_epochs, label_smoothing=c.label_smoothing,
         no_augment=not c.augment, channels_last=c.channels_last, device=c.device, amp=c.amp, compile=c.compile,
         train_subset=c.train_subset, synthetic_size=c.synthetic_size, seed=c.seed, data_dir=c.data_dir,
-        log_every=c.log_every, checkpoint_every=c.checkpoint_every)
+        log_every=c.log_every, eval_every=c.eval_every, checkpoint_every=c.checkpoint_every)
     return recipe
 
 

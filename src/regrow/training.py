@@ -47,7 +47,7 @@ from .schedules import cosine_lr
 
 # Options a resume may change: they do not change what a run computes (the device changes only the rounding:
 # a run moved to another device goes on, but is bit-identical only to a run on that device).
-_RESUME_FREE = {"data_dir", "checkpoint_every", "progress", "device"}
+_RESUME_FREE = {"data_dir", "checkpoint_every", "eval_every", "progress", "device"}
 # Sparsifier arguments the trainer sets itself: as --opt they would be overridden (and recorded) without effect.
 TRAINER_OPTIONS = {"sparsity", "distribution", "structure", "total_steps", "seed", "dense_first", "dense_last",
                    "latency_target", "cost", "input_shape", "latency_batch"}
@@ -90,6 +90,7 @@ class TrainConfig:
     synthetic_size: int = 512
     seed: int = 0
     log_every: int = 50
+    eval_every: int = 1  # epochs between test evaluations (the last step is always evaluated)
     checkpoint_every: int = 0  # steps; 0: only at the end of every epoch
     progress: bool = True
 
@@ -101,7 +102,8 @@ class TrainConfig:
                                   f"got {self.latency_target!r}")
         elif cls is not methods.Dense:
             check_sparsity(self.sparsity)
-        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "log_every": self.log_every}
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "log_every": self.log_every,
+                    "eval_every": self.eval_every}
         for name, value in positive.items():
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
@@ -235,14 +237,16 @@ class Trainer:
     the model and data handed in (a registry name or ``package.module:factory``), so that the saved model can
     be rebuilt: a model of another architecture than ``config.model`` builds is refused. ``loss_fn(logits,
     labels)`` defaults to cross-entropy with ``config.label_smoothing``; ``lr_schedule(step)`` to the cosine
-    schedule from ``config.lr`` with ``config.warmup_epochs`` of warm-up. :func:`build_trainer` builds every
-    piece from a config."""
+    schedule from ``config.lr`` with ``config.warmup_epochs`` of warm-up. With a ``teacher`` (a module, left in
+    the mode it is given in and never trained) the run distils: every step also runs the teacher on the batch,
+    without gradients, and calls ``loss_fn(logits, labels, teacher_logits, epoch)``; its forward counts in the
+    training FLOPs (dense). :func:`build_trainer` builds every piece from a config."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, sparsifier: methods.Sparsifier,
                  train_data: Dataset, test_data: Dataset, out: str | os.PathLike, *, config: TrainConfig,
                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
                  lr_schedule: Callable[[int], float] | None = None, pretrain: dict[str, Any] | None = None,
-                 _checked: bool = False):
+                 teacher: nn.Module | None = None, _checked: bool = False):
         if not _checked:
             config.validate()
             _check_architecture(model, config, train_data)
@@ -251,6 +255,9 @@ class Trainer:
         self.out = Path(out)
         self.model, self.optimizer, self.sparsifier = model, optimizer, sparsifier
         self.train_data, self.test_data, self.pretrain = train_data, test_data, pretrain
+        if teacher is not None and loss_fn is None:
+            raise ConfigError("a teacher needs a loss_fn(logits, labels, teacher_logits, epoch) to distil with")
+        self.teacher = teacher
         self.device = next(model.parameters()).device
         _set_up_device(self.device)
         # Training steps may run a compiled wrapper; everything else (evaluation, checkpoints) uses the model itself.
@@ -355,7 +362,12 @@ class Trainer:
         exploring = self.sparsifier.exploring
         self.model.train()
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.amp == "bf16"):
-            loss = self.loss_fn(self.forward(x), y)
+            if self.teacher is None:
+                loss = self.loss_fn(self.forward(x), y)
+            else:
+                with torch.no_grad():
+                    teacher_logits = self.teacher(x)
+                loss = self.loss_fn(self.forward(x), y, teacher_logits, epoch)
         if not torch.isfinite(loss):
             raise TrainingDivergedError(
                 f"loss is {loss.item()} at step {step + 1} (epoch {epoch}); training stopped and the last "
@@ -367,6 +379,8 @@ class Trainer:
         batch = x.shape[0]
         self.state["train_flops"] += 3 * forward_flops(self.macs, densities) * batch \
             + self.sparsifier.extra_flops(self.macs, batch)
+        if self.teacher is not None:
+            self.state["train_flops"] += self.dense_forward * batch
         self.state["dense_train_flops"] += 3 * self.dense_forward * batch
         return loss.item(), exploring
 
@@ -392,7 +406,8 @@ class Trainer:
         else:
             for name in existing:
                 (self.out / name).unlink()
-        write_recipe(self.out / RECIPE, self.config)
+        if self.teacher is None:  # a recipe cannot name a teacher: a distillation run is repeated by its caller
+            write_recipe(self.out / RECIPE, self.config)
         self._last_saved = self.state["step"]
         c = self.config
         self.sparsifier.before_training(progress=c.progress)  # e.g. a latency table, measured before any step
@@ -418,7 +433,9 @@ class Trainer:
                     if record["loss"] is not None:
                         bar.set_postfix(loss=f"{record['loss']:.3f}")
                 epoch_end = (step + 1) % self.steps_per_epoch == 0 or step + 1 == self.total_steps
-                if epoch_end:
+                evaluated = step + 1 == self.total_steps or (
+                    epoch_end and (step // self.steps_per_epoch + 1) % c.eval_every == 0)
+                if evaluated:
                     with self.sparsifier.sparse_view():
                         accuracy, test_loss = evaluate(self.model, self.test_data)
                     record = {"step": step + 1, "epoch": step // self.steps_per_epoch,
@@ -454,6 +471,7 @@ class Trainer:
             "distribution": c.distribution, "structure": c.structure,
             "test_accuracy": final["test_accuracy"], "test_loss": final["test_loss"],
             "test_accuracy_per_epoch": [e["test_accuracy"] for e in s["evaluations"]],
+            "evaluated_epochs": [e["epoch"] for e in s["evaluations"]],  # all of them unless eval_every > 1
             "train_flops": s["train_flops"], "dense_train_flops": s["dense_train_flops"],
             "train_flops_ratio": s["train_flops"] / s["dense_train_flops"],
             "wall_seconds": s["wall_seconds"], "steps": s["step"], "epochs": c.epochs, "seed": c.seed,

@@ -23,13 +23,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import masking
-from ..artifacts import SUMMARY
-from ..data import batches_per_epoch, get_batch
+from ..artifacts import METRICS, SUMMARY
+from ..data import batches_per_epoch
 from ..errors import CheckpointError, ConfigError, TrainingDivergedError
+from ..methods.base import BaseSparsifier
 from ..schedules import cosine_lr
 from ..structures import NM, Unstructured
-from ..training import evaluate
-from .calibration import apply_masks, keep_count, recalibrate_batchnorm, select_mask
+from ..training import TrainConfig, Trainer, evaluate
+from .calibration import keep_count, recalibrate_batchnorm, select_mask
 from .methods import PostTrainingMethod
 
 # ``run`` below: the PostTraining run (regrow.posttraining.runner, which imports this module).
@@ -146,89 +147,87 @@ class SparsitySearch:
 
 
 # ----- UniPTS: dynamic sparse training ----------------------------------------------------------------------
-class _StraightThrough(torch.autograd.Function):
-    """Forward W ⊙ M; backward: the dense gradient to every weight, pruned ones included."""
+class DynamicSparsity(BaseSparsifier):
+    """UniPTS's dynamic sparsity as a sparsifier on the masking core.
 
-    @staticmethod
-    def forward(ctx, weight, mask):
-        return weight * mask
+    Every layer named in ``sparsities`` keeps its top |w| at its sparsity (or N of every M), recomputed after every
+    optimizer step (:meth:`step`), so every forward runs the masks of the current weights. The backward gives the
+    pruned weights the dense gradient plus SR-STE's λ·(1 − M) ⊙ W (:func:`regrow.masking.set_straight_through`):
+    they keep learning and come back when they outgrow a kept one. There is no optimizer guard, since every weight
+    trains. ``static=True`` (an ablation) fixes the masks of the first weights instead: the forward is the plain
+    product W ⊙ M, so pruned weights get no gradient and never come back.
+    """
 
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
+    name = "unipts-dst"
 
-
-class DynamicSparsity:
-    """Every layer keeps its top |w| at its sparsity (or N of every M), recomputed at every forward; backward
-    gives every weight the dense gradient, and :meth:`add_srste` adds λ·(1 − M) ⊙ W (SR-STE, λ = 5e-5) to pull
-    pruned ones to 0. ``static=True`` (an ablation) fixes the masks of the first weights instead: the forward is
-    the plain product W ⊙ M, so pruned weights get no gradient and never come back.
-
-    Implemented with forward pre-hooks that swap in the masked weight for the duration of the call, so the model
-    keeps its own classes and parameters."""
-
-    def __init__(self, layers: dict[str, nn.Module], sparsities: dict[str, float], srste: float = 5e-5,
-                 structure: Unstructured | NM | None = None, static: bool = False):
-        masked = [name for name, m in layers.items() if masking.is_masked(m)]
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
+                 sparsities: dict[str, float], srste: float = 5e-5, structure: Unstructured | NM | None = None,
+                 static: bool = False, total_steps: int | None = None, seed: int = 0):
+        super().__init__(model, optimizer, total_steps=total_steps, seed=seed)
+        modules = dict(model.named_modules())
+        missing = [n for n in sparsities if not isinstance(modules.get(n), masking.PRUNABLE_TYPES)]
+        if missing:
+            raise ConfigError(f"no prunable Linear/Conv layer named {', '.join(map(repr, missing))}")
+        masked = [n for n in sparsities if masking.is_masked(modules[n])]
         if masked:
-            raise ConfigError(f"UniPTS's sparse training keeps its own masks; {', '.join(masked)} already carry regrow "
-                              "masks (finalize them first)")
-        self.layers, self.srste, self.static = layers, srste, static
+            raise ConfigError(f"UniPTS's sparse training keeps its own masks; {', '.join(masked)} already carry "
+                              "regrow masks (finalize them first)")
+        self.layers = {n: modules[n] for n in sparsities}
+        self.srste, self.static = srste, static
         self.structure = structure or Unstructured()
         self.sparsities = dict(sparsities)
-        self.keep = {n: keep_count(masking.raw(m), sparsities[n], self.structure) for n, m in layers.items()}
-        self.masks: dict[str, torch.Tensor] = {}
-        if static:
-            self.masks = {n: self._select(n, masking.raw(m)) for n, m in layers.items()}
-        self._handles = []
-        for name, module in layers.items():
-            self._handles.append(module.register_forward_pre_hook(self._pre(name)))
-            self._handles.append(module.register_forward_hook(self._post))
+        self.keep = {n: keep_count(masking.raw(m), self.sparsities[n], self.structure) for n, m in self.layers.items()}
+        for name, module in self.layers.items():
+            masking.add_mask(module)
+            masking.set_mask(module, self._select(name))
+            if not static:
+                masking.set_straight_through(module, srste)
 
-    def _select(self, name: str, weight: torch.Tensor) -> torch.Tensor:
-        return select_mask(weight.detach().abs(), self.sparsities[name], self.structure)
+    def _select(self, name: str) -> torch.Tensor:
+        return select_mask(masking.raw(self.layers[name]).detach().abs(), self.sparsities[name], self.structure)
 
-    def _pre(self, name):
-        def hook(module, inputs):
-            dense = module._parameters["weight"]
-            if self.static:
-                sparse = dense * self.masks[name]
-            else:
-                self.masks[name] = self._select(name, dense)
-                sparse = _StraightThrough.apply(dense, self.masks[name].to(dense.dtype))
-            module._regrow_dense_weight = dense
-            del module._parameters["weight"]
-            module.weight = sparse  # a plain attribute for this call only
-        return hook
-
-    @staticmethod
-    def _post(module, inputs, output):
-        del module.weight
-        module._parameters["weight"] = module._regrow_dense_weight
-        del module._regrow_dense_weight
-
-    def add_srste(self) -> None:
-        """Call after ``loss.backward()``: grad += λ·(1 − M) ⊙ W for every layer (masks of the last forward)."""
-        if self.static:
-            return
-        with torch.no_grad():
+    def update(self, step: int) -> None:
+        if not self.static:  # the masks follow the weights the optimizer step just changed
             for name, module in self.layers.items():
-                weight = masking.raw(module)
-                if weight.grad is not None and name in self.masks:
-                    weight.grad.add_(self.srste * (~self.masks[name]) * weight)
+                masking.set_mask(module, self._select(name))
 
-    def current_masks(self) -> dict[str, torch.Tensor]:
-        """The masks the next forward would use."""
+    def extra_flops(self, macs: dict[str, int], batch_size: int) -> float:
+        """The weight gradient is dense under the straight-through estimator: the backward's second half counts
+        every weight (3 × the sparse forward already counts it at the layers' densities)."""
         if self.static:
-            return dict(self.masks)
-        return {n: self._select(n, masking.raw(m)) for n, m in self.layers.items()}
+            return 0.0
+        densities = self.densities()
+        return float(sum(2 * m * (1 - densities.get(n, 1.0)) for n, m in macs.items())) * batch_size
 
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+    def release(self) -> nn.Module:
+        """End the sparse training: the straight-through gradients go, the masks stay on the model."""
+        for module in self.layers.values():
+            masking.set_straight_through(module, None)
+        return self.model
+
+    def finalize(self) -> nn.Module:
+        self.release()
+        return super().finalize()
 
 
+class Distillation:
+    """UniPTS's objective as a trainer loss: ``(logits, labels, teacher_logits, epoch)`` -> the base-decayed KL
+    (τ from the epoch), plain KL at τ = 1 (``tau="constant"``), or MSE of the logits (``loss="mse"``)."""
+
+    def __init__(self, epochs: int, loss: str = "kl", temperature: float = 4.0, tau: str = "decay",
+                 tau_start: float = 8.0, tau_decay: float = 0.99):
+        self.epochs, self.loss, self.temperature = epochs, loss, temperature
+        self.tau, self.tau_start, self.tau_decay = tau, tau_start, tau_decay
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor,
+                 epoch: int) -> torch.Tensor:
+        if self.loss == "mse":
+            return F.mse_loss(logits, teacher_logits)
+        tau = tau_at(epoch / self.epochs, self.tau_start, self.tau_decay) if self.tau == "decay" else 1.0
+        return base_decayed_kl(logits, teacher_logits, tau, self.temperature)
+
+
+SPARSE_TRAINING = "sparse-training"  # the sparse training's folder inside the run's
 PTS_DISTRIBUTIONS = ("search", "uniform", "unconstrained")
 UNIPTS_DEFAULTS: dict[str, Any] = {
     # dynamic sparse training (the recipe: SGD, cosine per step, one warm-up pass)
@@ -344,56 +343,60 @@ class UniPTS(PostTrainingMethod):
         teacher.train(o["teacher_mode"] == "train")
         for p in teacher.parameters():
             p.requires_grad_(False)
-        dst = DynamicSparsity(layers, sparsities, srste=o["srste"], structure=run.structure,
-                                  static=o["mask"] == "static")
+        static = o["mask"] == "static"
+        sparsifier = DynamicSparsity(model, sparsities={n: sparsities[n] for n in layers}, srste=o["srste"],
+                                     structure=run.structure, static=static, seed=c.seed)
         lr = o["lr"] if o["lr"] is not None else (0.05 if run.meta["model"] == "mobilenetv2" else 0.01)
         optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=o["momentum"], weight_decay=o["weight_decay"])
         data = run.calibration
         batch = min(o["batch_size"], len(data))
         per_epoch = batches_per_epoch(len(data), batch)
         total = o["epochs"] * per_epoch
-        densities = {n: dst.keep[n] / m.weight.numel() for n, m in layers.items()}
-        student_factor = 3.0 if o["mask"] == "static" else None
-        from tqdm.auto import tqdm
-
-        model.train()
-        losses = []
+        warmup = o["warmup_epochs"] * per_epoch
+        # The shared trainer runs the sparse training in a folder of the run (its checkpoints, metrics, recipe):
+        # evaluated once, at the end; inputs as the calibration set holds them.
+        config = TrainConfig(model=run.meta["model"], dataset=run.dataset, method="unipts", sparsity=run.target,
+                             distribution=o["distribution"], structure=run.structure.name, epochs=o["epochs"],
+                             batch_size=batch, lr=lr, momentum=o["momentum"], nesterov=False,
+                             weight_decay=o["weight_decay"], warmup_epochs=o["warmup_epochs"], augment=o["augment"],
+                             channels_last=False, device=str(next(model.parameters()).device), seed=c.seed,
+                             log_every=1, eval_every=o["epochs"], progress=c.progress)
+        trainer = Trainer(model, optimizer, sparsifier, data, run.test_data, run.out / SPARSE_TRAINING,
+                          config=config, teacher=teacher, lr_schedule=lambda step: cosine_lr(step, total, lr, warmup),
+                          loss_fn=Distillation(o["epochs"], o["loss"], o["temperature"], o["tau"], o["tau_start"],
+                                               o["tau_decay"]), _checked=True)
         start = time.perf_counter()
-        for step in tqdm(range(total), disable=not c.progress, desc="unipts: sparse training", leave=False):
-            epoch, index = divmod(step, per_epoch)
-            x, _ = get_batch(data, batch, c.seed, epoch, index, train_augment=o["augment"])
-            for group in optimizer.param_groups:
-                group["lr"] = cosine_lr(step, total, lr, warmup=o["warmup_epochs"] * per_epoch)
-            with torch.no_grad():
-                teacher_logits = teacher(x)
-            logits = model(x)
-            if o["loss"] == "mse":
-                loss = F.mse_loss(logits, teacher_logits)
-            else:
-                tau = tau_at(epoch / o["epochs"], o["tau_start"], o["tau_decay"]) if o["tau"] == "decay" else 1.0
-                loss = base_decayed_kl(logits, teacher_logits, tau, o["temperature"])
-            if not torch.isfinite(loss):
-                raise TrainingDivergedError(f"UniPTS's loss is {loss.item()} at step {step + 1}; nothing was saved. "
-                                            "Try a smaller --opt lr.")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            dst.add_srste()
-            optimizer.step()
-            losses.append(loss.item())
-            run.cost.forward(len(x))  # the teacher, dense
-            if student_factor:
-                run.cost.forward(len(x), densities, factor=student_factor)
-            else:  # forward and input gradient at the layers' densities, weight gradient dense
-                run.cost.forward(len(x), densities, factor=2.0)
-                run.cost.forward(len(x))
-            run.cost.samples += len(x)
+        try:
+            trainer.run(overwrite=True)  # the run folder holds no result (checked): what is there is a torn run's
+        except TrainingDivergedError as e:
+            raise TrainingDivergedError(f"UniPTS's sparse training diverged ({e}); no sparse model was saved. "
+                                        "Try a smaller --opt lr.") from None
         run.stages["sparse_training"] = time.perf_counter() - start
+        losses = [r["loss"] for r in map(json.loads, (run.out / SPARSE_TRAINING / METRICS).read_text().splitlines())
+                  if "lr" in r]
+        self.count_training(run, total, per_epoch, batch, len(data), sparsifier.keep, layers, static)
         run.extra["training"] = {"steps": total, "epochs": o["epochs"], "batch_size": batch, "lr": lr,
-                                  "loss_first": losses[0] if losses else None,
-                                  "loss_last": losses[-1] if losses else None,
-                                  "loss_per_epoch": [sum(losses[e * per_epoch:(e + 1) * per_epoch]) / per_epoch
-                                                     for e in range(o["epochs"])]}
-        masks = dst.current_masks()
-        dst.remove()
-        apply_masks(layers, masks)
-        return masks
+                                 "loss_first": losses[0] if losses else None,
+                                 "loss_last": losses[-1] if losses else None,
+                                 "loss_per_epoch": [sum(losses[e * per_epoch:(e + 1) * per_epoch]) / per_epoch
+                                                    for e in range(o["epochs"])],
+                                 "folder": SPARSE_TRAINING}
+        sparsifier.release()  # the masks of the last weights stay on the model
+        return sparsifier.masks()
+
+    @staticmethod
+    def count_training(run: Run, total: int, per_epoch: int, batch: int, samples: int, keep: dict[str, int],
+                       layers: dict[str, nn.Module], static: bool) -> None:
+        """The sparse training's FLOPs in the post-training convention, step by step: the teacher's forward
+        (dense), the student's forward and input gradient at the layers' densities, its weight gradient dense under
+        the straight-through estimator (at the densities with static masks)."""
+        densities = {n: keep[n] / m.weight.numel() for n, m in layers.items()}
+        for step in range(total):
+            n = min(batch, samples - (step % per_epoch) * batch)
+            run.cost.forward(n)
+            if static:
+                run.cost.forward(n, densities, factor=3.0)
+            else:
+                run.cost.forward(n, densities, factor=2.0)
+                run.cost.forward(n)
+            run.cost.samples += n
