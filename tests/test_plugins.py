@@ -235,3 +235,14 @@ def test_an_out_of_tree_post_training_method_by_import_path_and_by_register(user
     assert "is not a subclass of regrow.posttraining.PostTrainingMethod" in capsys.readouterr().err
     with pytest.raises(regrow.ConfigError, match="is taken by"):
         regrow.posttraining.register_pts("wanda", __import__(user_module).KeepSmallest)
+
+
+def test_the_command_line_scans_installed_methods_only_when_it_needs_them(monkeypatch, capsys):
+    from regrow.cli import build_parser
+
+    monkeypatch.setattr(registry, "_entry_points_loaded", False)
+    monkeypatch.setattr(pts_methods, "_entry_points_loaded", False)
+    build_parser()  # every start of the CLI builds it: no entry-point scan, no plugin import
+    assert not registry._entry_points_loaded and not pts_methods._entry_points_loaded
+    assert main(["train", "--help"]) == 0
+    assert "rigl: interval=100" in capsys.readouterr().out and registry._entry_points_loaded

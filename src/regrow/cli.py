@@ -39,8 +39,8 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model with a sparsification method",
                        description="Train with a sparsification method and write DIR/summary.json, "
                                    "DIR/metrics.jsonl, DIR/model.safetensors and a resumable checkpoint.",
-                       epilog="Method options (--opt key=value; a float in (0, 1] for a step option is a fraction "
-                              "of training, an int is a step count):\n" + _methods_text(),
+                       epilog=lambda: "Method options (--opt key=value; a float in (0, 1] for a step option is a "
+                                      "fraction of training, an int is a step count):\n" + _methods_text(),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", default=None, metavar="YAML", help="read the options from a recipe file (every "
                    "run writes its own as DIR/recipe.yaml); flags given here win over it")
@@ -50,8 +50,8 @@ def _train_parser(sub) -> argparse.ArgumentParser:
                    "package.module:factory, a function of yours that returns (train, test)")
     p.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST idx .gz files "
                    "(default $REGROW_DATA_DIR, else /usr/share/datasets/fashion-mnist)")
-    p.add_argument("--method", default="rigl", help=f"one of {', '.join(names())} (default rigl), a method "
-                   "registered with regrow.register or the regrow.methods entry points, or package.module:Class")
+    p.add_argument("--method", default="rigl", help="a method of 'regrow methods' (default rigl): one of regrow's, "
+                   "one registered with regrow.register or the regrow.methods entry points, or package.module:Class")
     p.add_argument("--sparsity", type=float, default=None, help="target fraction of zeros in [0, 1) (default 0.9)")
     p.add_argument("--distribution", default=None, help=f"one of {', '.join(DISTRIBUTIONS)} (default erk)")
     p.add_argument("--structure", default="unstructured",
@@ -96,7 +96,7 @@ def _train_parser(sub) -> argparse.ArgumentParser:
 
 
 def _methods_text() -> str:
-    from .methods import Dense, lookup, names
+    from .methods import Dense, lookup
     from .training import TRAINER_OPTIONS
 
     hidden = TRAINER_OPTIONS | {"include", "exclude", "cost_model"}  # set by the trainer, or Python-only
@@ -188,11 +188,13 @@ def cmd_eval(args) -> int:
     accuracy, loss = evaluate(model, data)
     from . import masking
 
+    weights = masking.weight_sparsity(model)  # as the run summaries count it: every weight matrix
+    sparsity = weights["sparsity"]
     layers = masking.masked_layers(model)
     total = sum(m.weight_mask.numel() for m in layers.values())
-    sparsity = 1 - sum(float(m.weight_mask.sum()) for m in layers.values()) / total if total else 0.0
+    masked = 1 - sum(float(m.weight_mask.sum()) for m in layers.values()) / total if total else 0.0
     result = {"checkpoint": str(args.checkpoint), "model": meta["model"], "test_accuracy": accuracy,
-              "test_loss": loss, "sparsity": sparsity}
+              "test_loss": loss, "sparsity": sparsity, "sparsity_masked": masked, "left_dense": weights["left_dense"]}
     print(json.dumps(result) if args.json else
           f"{meta['model']}: test accuracy {accuracy:.4f}, loss {loss:.4f}, sparsity {sparsity:.4f}")
     return 0
@@ -297,9 +299,9 @@ def _pts_parser(sub) -> None:
                        description="Sparsify a dense trained model (regrow train --method dense) with a small "
                                    "calibration set of the training split; write DIR/model.safetensors and "
                                    "DIR/summary.json (the fields of regrow train, plus the per-layer sparsities).",
-                       epilog="Method options (--opt key=value):\n" + _pts_text() + "\nUniPTS ablations: "
-                              "distribution=uniform, mask=static, tau=constant, loss=mse; the overfitting check: "
-                              "distribution=unconstrained.",
+                       epilog=lambda: "Method options (--opt key=value):\n" + _pts_text() + "\nUniPTS ablations: "
+                                      "distribution=uniform, mask=static, tau=constant, loss=mse; the overfitting "
+                                      "check: distribution=unconstrained.",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="a dense model.safetensors, or the --out folder of regrow train, or a plain "
                    "safetensors state dict (with --model and --dataset)")
@@ -332,6 +334,11 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def format_help(self) -> str:
+        if callable(self.epilog):  # built when help is printed: it imports every installed method
+            self.epilog = self.epilog()
+        return super().format_help()
 
 
 def build_parser() -> argparse.ArgumentParser:
