@@ -86,7 +86,7 @@ def prebuild_latency_table(args) -> int:
     sp = HALP(model, None, latency_target=max(args.targets), cost="latency", latency_batch=args.latency_batch,
               input_shape=(1, 28, 28), **channel_options(args))
     cells = sp.precompute_costs(progress=sys.stderr.isatty())
-    floor = sp.cost_of([min(args.group_size, g.size) for g in sp.groups]) / sp.dense_cost
+    floor = sp.allocator.cost_of([min(args.group_size, g.size) for g in sp.groups]) / sp.dense_cost
     print(f"latency table: {cells} cells, {sp.cost_model.measurements} measured now; dense {sp.dense_cost:.2f} ms "
           f"at batch {args.latency_batch}; one group per layer reaches {floor:.3f} of dense", flush=True)
     torch.set_num_threads(threads)
