@@ -54,6 +54,28 @@ class FirstInactive(DynamicSparsifier):
         return -((torch.arange(w.numel()) + self.offset) % w.numel()).float().reshape(w.shape)
 
 
+def tokens():
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(240) % 3
+    x = torch.randint(0, 50, (240, 12), generator=g, dtype=torch.int32)
+    x[:, 0] = 50 + y.int()  # a class token among eleven random ones
+    return (x[:192], y[:192]), (x[192:], y[192:])
+
+
+class Bag(nn.Module):
+    def __init__(self, num_classes):
+        super().__init__()
+        self.embedding = nn.Embedding(53, 16)
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, num_classes)
+
+    def forward(self, ids):
+        return self.fc2(torch.relu(self.fc1(self.embedding(ids).mean(1))))
+
+
+def bag(num_classes):
+    return Bag(num_classes)
+
+
 class KeepSmallest(MaskingMethod):
     """A toy out-of-tree post-training method: keep the smallest |w| (or, with flip=false, the largest)."""
 
@@ -246,3 +268,38 @@ def test_the_command_line_scans_installed_methods_only_when_it_needs_them(monkey
     assert not registry._entry_points_loaded and not pts_methods._entry_points_loaded
     assert main(["train", "--help"]) == 0
     assert "rigl: interval=100" in capsys.readouterr().out and registry._entry_points_loaded
+
+
+def test_a_users_token_model_trains_evaluates_and_exports(user_module, tmp_path, capsys):
+    """Integer inputs (token ids) are kept as ids: an embedding model trains with a weight method, evaluates and
+    exports; what does not take ids yet (channel structure, post-training, augmentation) says so in one line."""
+    out = tmp_path / "run"
+    common = ["--model", f"{user_module}:bag", "--dataset", f"{user_module}:tokens", "--batch-size", "32",
+              "--no-progress", "--device", "cpu"]
+    assert main(["train", *common, "--method", "rigl", "--sparsity", "0.5", "--opt", "interval=2", "--epochs", "8",
+                 "--no-augment", "--out", str(out)]) == 0
+    summary = summary_of(out)
+    assert summary["test_accuracy"] > 0.6 and abs(summary["sparsity_masked"] - 0.5) < 0.01  # 3 classes
+    assert "embedding.weight" in summary["left_dense"]  # an embedding is counted, and named as left dense
+    masked, meta = artifacts.load_model(out / "model.safetensors")
+    assert meta["input_dtype"] == "int64" and meta["input_max"] == 52 and meta["input_shape"] == [12]
+    assert summary["macs_dense"] == 16 * 32 + 32 * 3  # measured on ids: the linears after the embedding
+    capsys.readouterr()
+    assert main(["eval", str(out / "model.safetensors"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["test_accuracy"] == pytest.approx(summary["test_accuracy"])
+    assert main(["export", str(out), "--out", str(tmp_path / "exported.safetensors")]) == 0
+    exported, _ = export.load_exported(tmp_path / "exported.safetensors")
+    ids = torch.randint(0, 53, (5, 12))
+    assert torch.allclose(exported.eval()(ids), masked.eval()(ids), atol=1e-6)
+    assert main(["train", *common, "--method", "dense", "--no-augment", "--out", str(tmp_path / "dense")]) == 0
+    for argv, message in (
+            (["train", *common, "--method", "rigl", "--out", str(tmp_path / "a")], "pass --no-augment"),
+            (["train", *common, "--method", "halp", "--structure", "channel", "--no-augment",
+              "--out", str(tmp_path / "b")], "holds token ids; channel structure"),
+            (["pts", str(tmp_path / "dense"), "--method", "magnitude", "--sparsity", "0.5", "--no-progress",
+              "--out", str(tmp_path / "c")], "regrow pts takes float inputs"),
+            (["eval", str(out / "model.safetensors"), "--dataset", "synthetic"], "takes token ids")):
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err

@@ -12,6 +12,7 @@ import math
 import os
 from typing import Any
 
+import torch
 from torch import nn
 
 from . import __version__, checkpoint, masking
@@ -23,7 +24,8 @@ CHECKPOINT, MODEL, SUMMARY, METRICS = "checkpoint.safetensors", "model.safetenso
 RECIPE = "recipe.yaml"  # the options the run was started with (regrow.recipe)
 RESULT_FILES = (CHECKPOINT, MODEL, SUMMARY, METRICS, RECIPE)  # what a training run writes into its folder
 # Metadata keys an exported model carries over from the model it came from.
-MODEL_KEYS = ("model", "dataset", "in_channels", "num_classes", "input_size", "input_shape", "method")
+MODEL_KEYS = ("model", "dataset", "in_channels", "num_classes", "input_size", "input_shape", "input_dtype",
+              "input_max", "method")
 
 # What a checkpoint's metadata may ask a registry model to be built with: a damaged or edited header is refused
 # before it can ask for a model of terabytes. A user's factory builds what its own code says.
@@ -33,9 +35,25 @@ _MAX_SAMPLE_NUMEL = 2**31
 
 def model_metadata(model: str, dataset: str, method: str, data) -> dict[str, Any]:
     """The metadata of a model trained on ``data`` (a :class:`regrow.data.Dataset`)."""
-    return {"kind": "model", "model": model, "dataset": dataset, "in_channels": data.in_channels,
+    meta = {"kind": "model", "model": model, "dataset": dataset, "in_channels": data.in_channels,
             "num_classes": data.num_classes, "input_size": data.input_size,
             "input_shape": list(data.images.shape[1:]), "method": method, "regrow_version": __version__}
+    if not data.images.is_floating_point():  # token ids: what an example input may hold
+        meta.update(input_dtype="int64", input_max=int(data.images.max()))
+    return meta
+
+
+def example_inputs(meta: dict[str, Any], samples: int = 1, seed: int | None = None) -> torch.Tensor:
+    """Inputs of the kind the model at ``meta`` takes: zeros, or (with ``seed``) a seeded random batch, N(0, 1)
+    for float inputs and ids uniform in 0..input_max for token inputs."""
+    shape = (samples, *input_shape(meta))
+    if meta.get("input_dtype") == "int64":
+        if seed is None:
+            return torch.zeros(shape, dtype=torch.long)
+        return torch.randint(0, int(meta["input_max"]) + 1, shape, generator=torch.Generator().manual_seed(seed))
+    if seed is None:
+        return torch.zeros(shape)
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
 def input_shape(meta: dict[str, Any]) -> tuple[int, ...]:
@@ -61,10 +79,20 @@ def check_model_metadata(meta: dict[str, Any], where: str) -> None:
             and math.prod(shape) <= _MAX_SAMPLE_NUMEL):
         raise CheckpointError(f"{where}: metadata input_shape={shape!r} is not a sample shape; the file is damaged "
                               "or was edited")
+    if meta.get("input_dtype") not in (None, "int64") or (meta.get("input_dtype") == "int64" and not (
+            isinstance(meta.get("input_max"), int) and not isinstance(meta.get("input_max"), bool)
+            and meta["input_max"] >= 0)):
+        raise CheckpointError(f"{where}: metadata input_dtype={meta.get('input_dtype')!r}, "
+                              f"input_max={meta.get('input_max')!r} is not an input kind; the file is damaged or "
+                              "was edited")
 
 
 def check_data_fits(meta: dict[str, Any], data, where: str) -> None:
     """Refuse data whose samples or classes are not the ones the model at ``where`` was built for."""
+    tokens, is_tokens = meta.get("input_dtype") == "int64", not data.images.is_floating_point()
+    if tokens != is_tokens:
+        raise CheckpointError(f"{where} takes {'token ids' if tokens else 'float inputs'}; the dataset holds "
+                              f"{'token ids' if is_tokens else 'float inputs'}")
     if (tuple(data.images.shape[1:]), data.num_classes) != (input_shape(meta), meta["num_classes"]):
         raise CheckpointError(f"{where} expects inputs of shape {list(input_shape(meta))} and "
                               f"{meta['num_classes']} classes; the dataset has {list(data.images.shape[1:])} and "

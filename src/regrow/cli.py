@@ -209,9 +209,8 @@ def _load_run_model(run: str):
 
 
 def cmd_export(args) -> int:
-    import torch
 
-    from .artifacts import MODEL_KEYS, RESULT_FILES, input_shape
+    from .artifacts import MODEL_KEYS, RESULT_FILES, example_inputs
     from .export import count_parameters, export_masked_model, export_onnx, save_exported
     from .runfolder import RunFolder, check_writable
 
@@ -228,13 +227,13 @@ def cmd_export(args) -> int:
         raise ConfigError(f"{out} exists; pass --overwrite to replace it")
     check_writable(out.parent)
     model, meta = _load_run_model(args.run)
-    shape = input_shape(meta)
     before = count_parameters(model)
     model.eval()
-    exported, structure = export_masked_model(model, torch.zeros(1, *shape))
+    tokens = meta.get("input_dtype") == "int64"  # traced on random ids: zeros would hide an id-dependent path
+    exported, structure = export_masked_model(model, example_inputs(meta, 1, seed=0 if tokens else None))
     with RunFolder(out.parent):
         if args.format == "onnx":
-            diff = export_onnx(exported, torch.randn(args.check_batch, *shape), out)
+            diff = export_onnx(exported, example_inputs(meta, args.check_batch, seed=0), out)
             detail = f"onnxruntime matches PyTorch within {diff:.2g}"
         else:
             save_exported(out, exported, structure, {k: meta[k] for k in MODEL_KEYS if k in meta})

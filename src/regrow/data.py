@@ -135,13 +135,16 @@ def load_dataset(name: str, split: str, data_dir: str | None = None, *, syntheti
     raise unknown("dataset", name, ["fashion-mnist", "synthetic", "package.module:factory"])
 
 
+TOKEN_DTYPES = (torch.int64, torch.int32)  # integer inputs that are ids, not pixels
+
+
 @functools.lru_cache(maxsize=1)  # train and test come from one call of the factory
 def user_datasets(spec: str) -> tuple[Dataset, Dataset]:
     """A user's factory, called without arguments, returns ``(train, test)``; each may be a regrow
     :class:`Dataset`, a pair of tensors ``(inputs, labels)`` or any map-style dataset of ``(input, label)``
-    samples (a ``torch.utils.data.Dataset``). Samples are stacked into memory once; labels are class indices,
-    and the number of classes is the factory's ``num_classes`` attribute or, without one, the largest label + 1
-    over both splits."""
+    samples (a ``torch.utils.data.Dataset``). Inputs are floats, or int64/int32 token ids (kept as int64).
+    Samples are stacked into memory once; labels are class indices, and the number of classes is the factory's
+    ``num_classes`` attribute or, without one, the largest label + 1 over both splits."""
     factory = load_object(spec, "dataset")
     result = call_factory(factory, spec, "dataset")
     if not isinstance(result, (tuple, list)) or len(result) != 2:
@@ -177,10 +180,16 @@ def _as_tensors(part, spec: str, split: str) -> tuple[torch.Tensor, torch.Tensor
                         "tensors (inputs, labels) or a map-style dataset of (input, label)")
     if len(inputs) == 0 or len(inputs) != len(labels):
         raise DataError(f"dataset {spec!r}: the {split} split has {len(inputs)} inputs and {len(labels)} labels")
-    if not inputs.is_floating_point():
-        raise DataError(f"dataset {spec!r}: the {split} inputs are {inputs.dtype}; the trainer takes float inputs")
     if labels.dim() != 1 or labels.is_floating_point() or labels.is_complex():
         raise DataError(f"dataset {spec!r}: the {split} labels must be a 1-d tensor of class indices")
+    if inputs.dtype in TOKEN_DTYPES:  # token ids (an embedding reads them): kept as integers
+        if int(inputs.min()) < 0:
+            raise DataError(f"dataset {spec!r}: the {split} inputs are integers (token ids) and must be >= 0; "
+                            f"the smallest is {int(inputs.min())}")
+        return inputs.long().contiguous(), labels.long()
+    if not inputs.is_floating_point():
+        raise DataError(f"dataset {spec!r}: the {split} inputs are {inputs.dtype}; regrow takes float inputs, or "
+                        "int64/int32 token ids (convert uint8 images to float, normalised)")
     return inputs.float().contiguous(), labels.long()
 
 

@@ -29,9 +29,18 @@ class OutputCheck:
     in each sum). A group that Torch-Pruning cannot remove exactly (a grouped conv inside a residual block, a layer
     it does not know) changes the outputs: then :class:`ExportError` names the group and nothing is saved."""
 
-    def __init__(self, model: nn.Module, input_shape: tuple[int, ...], samples: int = 8, tolerance: float = 1e-4):
+    def __init__(self, model: nn.Module, example: tuple[int, ...] | torch.Tensor, samples: int = 8,
+                 tolerance: float = 1e-4):
+        # ``example``: one sample's shape (float inputs), or example inputs whose kind is kept: token ids are
+        # checked on random ids up to the example's largest
         device = next(model.parameters()).device
-        self.inputs = torch.randn(samples, *input_shape, generator=torch.Generator().manual_seed(0)).to(device)
+        generator = torch.Generator().manual_seed(0)
+        if isinstance(example, torch.Tensor) and not example.is_floating_point():
+            self.inputs = torch.randint(0, int(example.max()) + 1, (samples, *example.shape[1:]), generator=generator)
+        else:
+            shape = tuple(example.shape[1:]) if isinstance(example, torch.Tensor) else tuple(example)
+            self.inputs = torch.randn(samples, *shape, generator=generator)
+        self.inputs = self.inputs.to(device)
         self.model, self.tolerance = model, tolerance
         self.reference = self._outputs()
         self.scale = 1.0 + float(self.reference.abs().max())
@@ -105,8 +114,8 @@ def export_channels(model: nn.Module, masks: ChannelMasks, example_inputs: torch
     kept = masks.kept_indices()
     for module in masking.masked_layers(model).values():
         masking.remove_mask(module, bake=True)
-    remove_channels(model, example_inputs, kept, OutputCheck(model, tuple(example_inputs.shape[1:])))
-    return model, {"kept": kept, "input_shape": list(example_inputs.shape[1:])}
+    remove_channels(model, example_inputs, kept, OutputCheck(model, example_inputs.cpu()))
+    return model, _structure(kept, example_inputs)
 
 
 def export_masked_model(model: nn.Module, example_inputs: torch.Tensor) -> tuple[nn.Module, dict]:
@@ -123,8 +132,15 @@ def export_masked_model(model: nn.Module, example_inputs: torch.Tensor) -> tuple
         masking.remove_mask(module, bake=True)
     groups = channel_groups(model, example_inputs)
     kept = {g.root: torch.nonzero(row_alive[g.root]).flatten().tolist() for g in groups if g.root in row_alive}
-    remove_channels(model, example_inputs, kept, OutputCheck(model, tuple(example_inputs.shape[1:])))
-    return model, {"kept": kept, "input_shape": list(example_inputs.shape[1:])}
+    remove_channels(model, example_inputs, kept, OutputCheck(model, example_inputs.cpu()))
+    return model, _structure(kept, example_inputs)
+
+
+def _structure(kept: dict[str, list[int]], example_inputs: torch.Tensor) -> dict[str, Any]:
+    structure = {"kept": kept, "input_shape": list(example_inputs.shape[1:])}
+    if not example_inputs.is_floating_point():
+        structure["input_dtype"] = "int64"
+    return structure
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -148,7 +164,8 @@ def load_exported(path: str | os.PathLike, model: nn.Module | None = None) -> tu
         raise CheckpointError(f"{path} is a regrow checkpoint but not an exported model (use `regrow export`)")
     if model is None:
         model = build_model(meta)
-    example = torch.zeros(1, *meta["structure"]["input_shape"])
+    example = torch.zeros(1, *meta["structure"]["input_shape"],
+                          dtype=torch.long if meta["structure"].get("input_dtype") == "int64" else torch.float)
     try:
         remove_channels(model, example, meta["structure"]["kept"])
     except (ConfigError, ExportError, IndexError, RuntimeError) as e:

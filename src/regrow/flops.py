@@ -13,8 +13,9 @@ from torch import nn
 from .masking import PRUNABLE_TYPES
 
 
-def layer_macs(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]:
-    """MACs per sample of every Linear/Conv layer, for an input of ``input_shape`` (without the batch)."""
+def layer_macs(model: nn.Module, input_shape: tuple[int, ...], dtype: torch.dtype | None = None) -> dict[str, int]:
+    """MACs per sample of every Linear/Conv layer, for an input of ``input_shape`` (without the batch) and
+    ``dtype`` (default the parameters'; ``torch.long`` for token ids, fed as zeros)."""
     macs: dict[str, int] = {}
     handles = []
 
@@ -33,7 +34,7 @@ def layer_macs(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]
     try:
         with torch.no_grad():
             param = next(model.parameters())
-            model(torch.zeros(1, *input_shape, device=param.device, dtype=param.dtype))
+            model(torch.zeros(1, *input_shape, device=param.device, dtype=dtype or param.dtype))
     finally:
         model.train(was_training)
         for h in handles:

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .artifacts import build_model, input_shape
+from .artifacts import build_model, example_inputs, input_shape
 from .channels.costs import LatencyTable, device_key, layer_shapes
 from .env import environment, steady_allocator
 from .export import count_parameters, export_masked_model
@@ -52,7 +52,7 @@ def latency_report(masked_model: nn.Module, meta: dict[str, Any], batch_size: in
         torch.set_num_threads(threads)
     try:
         shape = input_shape(meta)
-        example = torch.zeros(1, *shape)
+        example = example_inputs(meta, 1, seed=0 if meta.get("input_dtype") == "int64" else None)
         dense = build_model(meta).eval()
         exported, structure = export_masked_model(copy.deepcopy(masked_model).eval(), example)
         exported.eval()
@@ -61,10 +61,12 @@ def latency_report(masked_model: nn.Module, meta: dict[str, Any], batch_size: in
         predicted = {name: sum(table(n, *w) for n, w in channel_widths(model).items())
                      for name, model in (("dense", dense), ("exported", exported))}
         table.save()
-        measured = time_models({"dense": dense, "exported": exported}, torch.randn(batch_size, *shape), repeats)
+        measured = time_models({"dense": dense, "exported": exported}, example_inputs(meta, batch_size, seed=0),
+                               repeats)
         rows = {}
         for name, model in (("dense", dense), ("exported", exported)):
-            rows[name] = {"params": count_parameters(model), "macs": sum(layer_macs(model, shape).values()),
+            macs = sum(layer_macs(model, shape, None if example.is_floating_point() else example.dtype).values())
+            rows[name] = {"params": count_parameters(model), "macs": macs,
                           "predicted_ms": predicted[name], "measured_ms": measured[name]}
         macs_reduction = rows["dense"]["macs"] / rows["exported"]["macs"]
         speedup = rows["dense"]["measured_ms"] / rows["exported"]["measured_ms"]

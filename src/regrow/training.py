@@ -188,7 +188,10 @@ def build_trainer(config: TrainConfig, out: str | os.PathLike) -> Trainer:
     test_data = load_dataset(c.dataset, "test", c.data_dir, synthetic_size=c.synthetic_size, seed=c.seed)
     if c.train_subset is not None:
         train_data = train_data.subset(subset_indices(train_data.labels, c.train_subset, c.seed))
-    if c.augment and train_data.images.dim() != 4:
+    if not train_data.images.is_floating_point() and c.structure == "channel":
+        raise ConfigError(f"{c.dataset} holds token ids; channel structure traces the model on float inputs (not "
+                          "supported for token models yet): use unstructured or N:M sparsity")
+    if c.augment and (train_data.images.dim() != 4 or not train_data.images.is_floating_point()):
         raise ConfigError(f"augmentation crops and flips images (N, C, H, W); {c.dataset} has samples of shape "
                           f"{list(train_data.images.shape[1:])}: pass --no-augment")
     model = create_model(c.model, in_channels=train_data.in_channels, num_classes=train_data.num_classes,
@@ -268,7 +271,9 @@ class Trainer:
         warmup = int(round(c.warmup_epochs * self.steps_per_epoch))
         self.lr_schedule = lr_schedule or (lambda step: cosine_lr(step, self.total_steps, c.lr, warmup=warmup))
         self.loss_fn = loss_fn or (lambda logits, y: F.cross_entropy(logits, y, label_smoothing=c.label_smoothing))
-        self.macs = layer_macs(self.model, tuple(self.train_data.images.shape[1:]))
+        images = self.train_data.images
+        tokens = None if images.is_floating_point() else images.dtype  # ids: the MACs are measured on zeros
+        self.macs = layer_macs(self.model, tuple(images.shape[1:]), tokens)
         self.dense_forward = forward_flops(self.macs)
         self.state: dict[str, Any] = {"step": 0, "train_flops": 0.0, "dense_train_flops": 0.0,
                                       "wall_seconds": 0.0, "loss_sum": 0.0, "loss_count": 0,

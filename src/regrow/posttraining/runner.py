@@ -188,11 +188,13 @@ class PostTraining:
         self._check_out()
         self.dense, self.meta, self.checkpoint_path, self.train_data = _load_dense(checkpoint_path, config)
         dataset = config.dataset or self.meta["dataset"]
+        if not self.train_data.images.is_floating_point():  # BatchNorm noise, layer-input refits, FLOPs tracing
+            raise ConfigError(f"{dataset} holds token ids; regrow pts takes float inputs (token models: not yet)")
         self.test_data = _split(config, dataset, "test")
         check_data_fits(self.meta, self.train_data, str(self.checkpoint_path))
         self.dataset = dataset
         self.calibration = calibration_set(self.train_data, config.calibration_size, seed=config.seed,
-                                               balanced=config.balanced)
+                                           balanced=config.balanced)
         self.shape = tuple(self.train_data.images.shape[1:])
         if len(self.shape) == 3:  # NHWC: about 25 % faster convolutions on CPU for the search and the training
             self.dense = self.dense.to(memory_format=torch.channels_last)
