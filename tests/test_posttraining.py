@@ -94,6 +94,8 @@ def test_unipts_is_seeded_and_its_search_differs_from_equal_shares(teachers, tmp
     assert trained["evaluated_epochs"] == [5] and trained["test_accuracy"] == pytest.approx(a["test_accuracy"])
     assert a["training"]["loss_first"] == lines[0]["loss"] and a["training"]["folder"] == "sparse-training"
     assert not (tmp_path / "a" / "sparse-training" / "recipe.yaml").exists()  # a recipe cannot name the teacher
+    assert not any((tmp_path / "a" / "sparse-training" / f).exists() for f in ("checkpoint.safetensors",
+                                                                                "model.safetensors"))
     # per sample: the teacher (dense), the student's forward and input gradient (sparse), its weight gradient
     # (dense under the straight-through estimator); FLOPs = 2 × MACs
     per_sample = 2 * (2 * a["macs_dense"] + 2 * a["macs_sparse"])

@@ -245,7 +245,7 @@ class Trainer:
     without gradients, and calls ``loss_fn(logits, labels, teacher_logits, epoch)``; its forward counts in the
     training FLOPs (dense). :func:`build_trainer` builds every piece from a config."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, sparsifier: methods.Sparsifier,
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, sparsifier: methods.BaseSparsifier,
                  train_data: Dataset, test_data: Dataset, out: str | os.PathLike, *, config: TrainConfig,
                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
                  lr_schedule: Callable[[int], float] | None = None, pretrain: dict[str, Any] | None = None,
@@ -513,7 +513,7 @@ def train(config: TrainConfig, out: str | os.PathLike, resume: bool = False,
     return build_trainer(config, out).run(resume=resume, overwrite=overwrite)
 
 
-def _check_sparsifier(sparsifier: methods.Sparsifier, config: TrainConfig) -> None:
+def _check_sparsifier(sparsifier: methods.BaseSparsifier, config: TrainConfig) -> None:
     """The summary records the config's method and target: refuse a sparsifier that is something else."""
     cls = methods.resolve(config.method, config.structure)
     if type(sparsifier) is not cls:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import masking
-from ..artifacts import METRICS, SUMMARY
+from ..artifacts import CHECKPOINT, METRICS, MODEL, SUMMARY
 from ..data import batches_per_epoch
 from ..errors import CheckpointError, ConfigError, TrainingDivergedError
 from ..methods.base import BaseSparsifier
@@ -372,6 +372,8 @@ class UniPTS(PostTrainingMethod):
             raise TrainingDivergedError(f"UniPTS's sparse training diverged ({e}); no sparse model was saved. "
                                         "Try a smaller --opt lr.") from None
         run.stages["sparse_training"] = time.perf_counter() - start
+        for name in (CHECKPOINT, MODEL):  # no resume for a finished run; the sparse model is the run's own file
+            (run.out / SPARSE_TRAINING / name).unlink(missing_ok=True)
         losses = [r["loss"] for r in map(json.loads, (run.out / SPARSE_TRAINING / METRICS).read_text().splitlines())
                   if "lr" in r]
         self.count_training(run, total, per_epoch, batch, len(data), sparsifier.keep, layers, static)
