@@ -318,3 +318,18 @@ def test_a_cache_cell_that_cannot_be_a_measurement_is_measured_again(tmp_path, b
     again("layer1.0.conv1", 16, 4), again("layer1.0.conv1", 16, 8)
     assert counting.calls == 1  # only the bad cell was measured again
     assert again.fingerprint()["cells"] == 2 and len(again.fingerprint()["sha256"]) == 64
+
+
+def test_iee_channel_can_ramp_its_budget_down_like_halp():
+    model, optimizer, sp = setup("iee", ramp_cycles=3)
+    train(model, optimizer, sp, 60)
+    budgets = [h["budget"] for h in sp.history]
+    assert len(budgets) == 5 and budgets[0] > budgets[1] > budgets[2] == pytest.approx(sp.budget)
+    assert budgets[3:] == [sp.budget, sp.budget]
+    assert budgets[0] == pytest.approx(sp.dense_cost * (sp.budget / sp.dense_cost) ** (1 / 3))  # HALP's path
+    assert all(h["cost_after_grow"] <= b * (1 + 1e-9) for h, b in zip(sp.history, budgets))
+    assert sp.predicted_cost() <= sp.budget
+    _, _, straight = setup("iee")
+    assert straight.budget_at(1) == straight.budget  # the paper's first cut: straight to the budget
+    with pytest.raises(ConfigError, match="ramp_cycles=9 is more than the 5 IEE cycles"):
+        setup("iee", ramp_cycles=9)

@@ -71,6 +71,13 @@ class CubicSparsity:
         return gmp_sparsity(step, self.initial, self.final, self.begin, self.end)
 
 
+def exponential_path(k: int, steps: int, start: float, end: float) -> float:
+    """HALP's path of cost targets: exp(α·log end + (1 − α)·log start), α = k / steps (clamped to [0, 1]); a
+    geometric interpolation from ``start`` (k = 0) to ``end`` (k ≥ steps)."""
+    alpha = min(max(k / steps, 0.0), 1.0)
+    return math.exp(alpha * math.log(end) + (1 - alpha) * math.log(start))
+
+
 # Update-fraction schedules by name: each built from (alpha, t_end).
 FRACTIONS: dict[str, Callable[[float, int], Callable[[int], float]]] = {
     "cosine": CosineFraction, "exponential": ExponentialFraction}
