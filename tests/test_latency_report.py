@@ -21,3 +21,28 @@ def test_a_channel_pruned_model_reports_fewer_macs_and_both_speedups(tmp_path, m
     assert report["measured_speedup"] == report["dense"]["measured_ms"] / report["exported"]["measured_ms"]
     text = format_latency_report(report)
     assert "MACs reduction" in text and f"{report['macs_reduction']:.2f}x" in text
+
+
+def test_deployment_latency_at_several_batch_sizes_under_pytorch_and_onnx_runtime(tmp_path, monkeypatch, capsys):
+    import json
+
+    monkeypatch.setenv("REGROW_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    assert main(["train", "--model", "mlp", "--dataset", "synthetic", "--method", "halp", "--structure", "channel",
+                 "--cost", "macs", "--latency-target", "0.4", "--batch-size", "16", "--max-steps", "12",
+                 "--opt", "prune_every=2", "--opt", "prune_steps=3", "--no-progress", "--device", "cpu",
+                 "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["bench-latency", str(out), "--deploy", "1,8", "--repeats", "3", "--threads", "1", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["batch_sizes"] == [1, 8] and r["threads"] == 1
+    for backend in ("pytorch", "onnxruntime"):
+        assert set(r[backend]) == {"1", "8"}
+        for row in r[backend].values():
+            assert row["dense_ms"] > 0 and row["exported_ms"] > 0
+            assert row["speedup"] == row["dense_ms"] / row["exported_ms"]
+    assert main(["bench-latency", str(out), "--deploy", "4", "--no-onnx", "--repeats", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "pytorch" in text and "onnxruntime" not in text.split("\n", 1)[1]
+    assert main(["bench-latency", str(out), "--deploy", "1,x"]) == 2
+    assert "--deploy takes batch sizes" in capsys.readouterr().err

@@ -248,7 +248,21 @@ def cmd_bench_latency(args) -> int:
     for flag, value in (("--batch-size", args.batch_size), ("--repeats", args.repeats), ("--threads", args.threads)):
         if value is not None and value <= 0:
             raise ConfigError(f"{flag} must be a positive integer, got {value}")
+    if args.deploy is not None:
+        try:
+            sizes = [int(b) for b in args.deploy.split(",") if b]
+        except ValueError:
+            sizes = []
+        if not sizes or min(sizes) <= 0:
+            raise ConfigError(f"--deploy takes batch sizes separated by commas, such as 1,64,256; got {args.deploy!r}")
     model, meta = _load_run_model(args.run)
+    if args.deploy is not None:
+        from .latency_report import deployment_latency, format_deployment_latency
+
+        result = deployment_latency(model, meta, batch_sizes=sizes, repeats=args.repeats, threads=args.threads,
+                                    onnx=not args.no_onnx)
+        print(json.dumps(result, indent=2) if args.json else format_deployment_latency(result))
+        return 0
     result = latency_report(model, meta, batch_size=args.batch_size, repeats=args.repeats, threads=args.threads)
     print(json.dumps(result, indent=2) if args.json else format_latency_report(result))
     return 0
@@ -375,6 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-size", type=int, default=64, help="batch size of every latency figure (default 64)")
     b.add_argument("--repeats", type=int, default=50, help="timed runs per model after warm-up (default 50)")
     b.add_argument("--threads", type=int, default=None, help="torch threads while timing (default: torch's)")
+    b.add_argument("--deploy", default=None, metavar="BATCHES", help="instead: dense against exported at these batch "
+                   "sizes (such as 1,64,256) under PyTorch and ONNX Runtime")
+    b.add_argument("--no-onnx", action="store_true", help="with --deploy: PyTorch only")
     b.add_argument("--json", action="store_true")
     return parser
 

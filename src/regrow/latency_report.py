@@ -80,6 +80,76 @@ def latency_report(masked_model: nn.Module, meta: dict[str, Any], batch_size: in
         torch.set_num_threads(previous_threads)
 
 
+def time_onnx(models: dict[str, nn.Module], x: torch.Tensor, repeats: int = 50, warmup: int = 10,
+              threads: int | None = None) -> dict[str, float]:
+    """Median time (ms) of each model exported to ONNX and run by ONNX Runtime's CPU provider on ``x``, runs
+    interleaved as in :func:`time_models`; ``threads`` intra-op threads (default torch's)."""
+    import tempfile
+
+    import onnxruntime
+
+    from .export import export_onnx
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    feed = {"input": x.numpy()}
+    with tempfile.TemporaryDirectory() as folder:
+        sessions = {}
+        for name, model in models.items():
+            path = f"{folder}/{name}.onnx"
+            export_onnx(model, x[:1], path)  # checked against PyTorch on the way
+            sessions[name] = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        times: dict[str, list[float]] = {name: [] for name in models}
+        for i in range(warmup + repeats):
+            for name, session in sessions.items():
+                start = time.perf_counter()
+                session.run(None, feed)
+                if i >= warmup:
+                    times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def deployment_latency(masked_model: nn.Module, meta: dict[str, Any], batch_sizes=(1, 64, 256), repeats: int = 50,
+                       threads: int | None = None, onnx: bool = True) -> dict[str, Any]:
+    """Dense against exported where users deploy: at every batch size, under PyTorch and (with ``onnx``) under
+    ONNX Runtime, each pair timed interleaved on the same seeded inputs. Returns per backend and batch size the
+    two medians and the speed-up."""
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        tokens = meta.get("input_dtype") == "int64"
+        dense = build_model(meta).eval()
+        exported, _ = export_masked_model(copy.deepcopy(masked_model).eval(),
+                                          example_inputs(meta, 1, seed=0 if tokens else None))
+        models = {"dense": dense, "exported": exported.eval()}
+        results: dict[str, Any] = {}
+        backends = {"pytorch": lambda x: time_models(models, x, repeats)}
+        if onnx:
+            backends["onnxruntime"] = lambda x: time_onnx(models, x, repeats, threads=threads)
+        for backend, timer in backends.items():
+            for batch in batch_sizes:
+                measured = timer(example_inputs(meta, batch, seed=0))
+                results.setdefault(backend, {})[str(batch)] = {
+                    "dense_ms": measured["dense"], "exported_ms": measured["exported"],
+                    "speedup": measured["dense"] / measured["exported"]}
+        return {"model": meta["model"], "batch_sizes": list(batch_sizes), "repeats": repeats,
+                "threads": threads or previous_threads, **results, "environment": environment()}
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def format_deployment_latency(r: dict[str, Any]) -> str:
+    lines = [f"{r['model']}: {r['threads']} thread(s), median of {r['repeats']} runs, dense against exported",
+             f"{'backend':14}{'batch':>7}{'dense ms':>12}{'exported ms':>13}{'speed-up':>10}"]
+    for backend in ("pytorch", "onnxruntime"):
+        for batch, row in r.get(backend, {}).items():
+            lines.append(f"{backend:14}{batch:>7}{row['dense_ms']:>12.3f}{row['exported_ms']:>13.3f}"
+                         f"{row['speedup']:>9.2f}x")
+    return "\n".join(lines)
+
+
 def format_latency_report(r: dict[str, Any]) -> str:
     lines = [f"{r['model']}: batch {r['batch_size']}, {r['threads']} thread(s), median of {r['repeats']} runs",
              f"{'':10}{'params':>12}{'MACs':>14}{'predicted ms':>15}{'measured ms':>14}"]
