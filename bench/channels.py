@@ -1,19 +1,26 @@
 """Channel pruning under a latency budget measured on this CPU: HALP, IEE from scratch, IEE from a pretrained
-model, and Torch-Pruning's magnitude pruner at the same MACs as an outside reference.
+model, the controls that separate budget from method, and Torch-Pruning's magnitude pruner at the same MACs as an
+outside reference.
 
-    python bench/channels.py               # the README grid (see --help for its size)
+    python bench/channels.py --model resnet20 --pretrain-epochs E --epochs E   # the converged protocol
     python bench/channels.py --quick       # smoke test: a few steps per run, MACs cost, separate results
 
 Steps (each resumable: finished runs are skipped):
-1. dense pretraining (``--pretrain-epochs``), one model per seed: HALP, IEE-pretrained and Torch-Pruning start
-   from it, and their total training cost includes it;
+1. dense training, one model per seed, for E (``--pretrain-epochs``) and for 2E epochs: the plateau check (the
+   two within 0.3 points says E is long enough); HALP, IEE-pretrained and Torch-Pruning start from the E-epoch
+   model and their total training cost includes it. A dense model of E/2 epochs feeds the cost-matched HALP;
 2. the latency table of the model (batch ``--latency-batch``, one thread), measured once on the idle machine;
-3. HALP (prunings every ``--prune-every`` steps, 30 of them, then fine-tuning), IEE from scratch and IEE from the
-   pretrained model, ``--epochs`` each, at every latency target (a fraction of the dense model's latency);
+3. at every latency target (a fraction of the dense model's latency), ``--epochs`` each: HALP (prunings every
+   ``--prune-every`` steps, 30 of them, then fine-tuning), IEE from scratch, IEE from the pretrained model;
+   controls: IEE from scratch for 2E epochs (budget), HALP with its total cost matched to IEE's (dense E/2 +
+   pruning and fine-tuning E/2), IEE with its budget ramped over the first ``--ramp-cycles`` cycles (the first
+   cut, an open choice);
 4. Torch-Pruning's MagnitudePruner (L1, per layer) on the pretrained model, the ratio searched so that its MACs
    match HALP's exported model at that target, then fine-tuned for ``--epochs`` with the same recipe;
 5. every model is exported (masked channels removed) and timed against the dense model, interleaved, one
-   thread, batch ``--latency-batch``, median of ``--repeats`` runs after warm-up.
+   thread, batch ``--latency-batch``, median of ``--repeats`` runs after warm-up; and at batch 1, 64 and 256
+   under PyTorch and ONNX Runtime (``--deploy``). The table gives each run's measured latency as a fraction of
+   dense, so that methods are compared at the latency they reached, not the one they were asked for.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ from runner import RESULTS, commit, figure, mean_std, run_grid, style
 from regrow import checkpoint
 from regrow.data import batches_per_epoch, get_batch, load_dataset
 from regrow.flops import forward_flops, layer_macs
-from regrow.latency_report import latency_report, time_models
+from regrow.latency_report import deployment_latency, latency_report, time_models
 from regrow.methods.channel import HALP
 from regrow.schedules import cosine_lr
 from regrow.training import MODEL, SUMMARY, TrainConfig, environment, evaluate, load_model
@@ -57,6 +64,11 @@ def grids(args) -> tuple[dict[str, TrainConfig], dict[str, TrainConfig]]:
     if not args.quick:
         for config in pre.values():
             config.epochs = args.pretrain_epochs
+        for s in range(args.seeds):  # the plateau check, and the short pretraining of the cost-matched HALP
+            pre[f"dense-2x-seed{s}"] = recipe(args, method="dense", seed=s, sparsity=0.0)
+            pre[f"dense-2x-seed{s}"].epochs = 2 * args.pretrain_epochs
+            pre[f"dense-half-seed{s}"] = recipe(args, method="dense", seed=s, sparsity=0.0)
+            pre[f"dense-half-seed{s}"].epochs = max(1, args.pretrain_epochs // 2)
     cost = "macs" if args.quick else "latency"
     hjq = 5 if args.quick else 50
     iee = {**dict.fromkeys(("estimate_steps", "improve_steps", "explore_steps"), hjq), **channel_options(args)}
@@ -73,6 +85,17 @@ def grids(args) -> tuple[dict[str, TrainConfig], dict[str, TrainConfig]]:
             main[f"iee-scratch-{target:g}-seed{s}"] = recipe(args, method="iee", method_options=iee, **common)
             main[f"iee-pretrained-{target:g}-seed{s}"] = recipe(args, method="iee", init_from=dense,
                                                                method_options=iee, **common)
+            if args.quick:
+                continue
+            # controls: the budget (IEE trained twice as long), the cost (HALP at IEE's total), the first cut
+            main[f"iee-scratch-2x-{target:g}-seed{s}"] = recipe(args, method="iee", method_options=iee, **common)
+            main[f"iee-scratch-2x-{target:g}-seed{s}"].epochs = 2 * args.epochs
+            half = str(RESULTS / "runs" / args.name / f"dense-half-seed{s}" / MODEL)
+            main[f"halp-matched-{target:g}-seed{s}"] = recipe(args, method="halp", init_from=half,
+                                                             method_options=halp, **common)
+            main[f"halp-matched-{target:g}-seed{s}"].epochs = max(1, args.epochs // 2)
+            main[f"iee-ramp-{target:g}-seed{s}"] = recipe(
+                args, method="iee", method_options={**iee, "ramp_cycles": args.ramp_cycles}, **common)
     return pre, main
 
 
@@ -166,6 +189,8 @@ def measure(args, run_id: str) -> dict:
         return json.loads((out / LATENCY).read_text())
     model, meta = load_model(out / MODEL)
     result = latency_report(model, meta, batch_size=args.latency_batch, repeats=args.repeats, threads=1)
+    if args.deploy:  # where users deploy: other batch sizes, ONNX Runtime
+        result["deploy"] = deployment_latency(model, meta, batch_sizes=args.deploy, repeats=args.repeats, threads=1)
     checkpoint.write_json(out / LATENCY, result)
     return result
 
@@ -186,9 +211,15 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=30, help="timed runs per model (median reported)")
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--ramp-cycles", type=int, default=5, help="IEE-ramp control: cycles over which the budget "
+                   "ramps down along HALP's path (default 5)")
+    p.add_argument("--deploy", type=int, nargs="*", default=[1, 64, 256],
+                   help="batch sizes timed under PyTorch and ONNX Runtime too (none: skip)")
     p.add_argument("--name", default=None)
     args = p.parse_args(argv)
     args.name = args.name or ("channels-quick" if args.quick else f"channels-{args.model}-e{args.epochs}")
+    if args.quick and args.deploy == [1, 64, 256]:
+        args.deploy = [1, 8]  # a smoke test of the deployment timings, not a measurement
     pre, main_runs = grids(args)
     for run_id in pre:  # a grid from before the pretrained weights were kept in git trains them again
         out = RESULTS / "runs" / args.name / run_id
@@ -215,14 +246,17 @@ def main(argv=None) -> int:
 def table_rows(args, pre, summaries, latencies, references) -> dict:
     dense_epochs_flops = statistics.fmean(s["train_flops"] / s["epochs"] for s in pre.values())
     rows = {}
-    dense_acc = mean_std(s["test_accuracy"] for s in pre.values())
     dense_ms = statistics.fmean(lat["dense"]["measured_ms"] for lat in latencies.values())
-    rows["dense (pretrained)"] = {"accuracy": dense_acc, "measured_ms": dense_ms, "speedup": 1.0,
-                                  "macs_reduction": 1.0, "cost": statistics.fmean(s["train_flops"] for s in
-                                                                                  pre.values()) / dense_epochs_flops,
-                                  "n": len(pre), "wall": statistics.fmean(s["wall_seconds"] for s in pre.values())}
+    for kind, label in (("dense", "dense (pretrained, E)"), ("dense-2x", "dense 2E (plateau check)"),
+                        ("dense-half", "dense E/2 (HALP-matched start)")):
+        runs = [v for k, v in pre.items() if k.startswith(f"{kind}-seed")]
+        if runs:
+            rows[label] = {"accuracy": mean_std(s["test_accuracy"] for s in runs), "measured_ms": dense_ms,
+                           "measured_fraction": 1.0, "speedup": 1.0, "macs_reduction": 1.0,
+                           "cost": statistics.fmean(s["train_flops"] for s in runs) / dense_epochs_flops,
+                           "n": len(runs), "wall": statistics.fmean(s["wall_seconds"] for s in runs)}
     for target in args.targets:
-        for method in ("halp", "iee-scratch", "iee-pretrained"):
+        for method in ("halp", "halp-matched", "iee-scratch", "iee-scratch-2x", "iee-ramp", "iee-pretrained"):
             keys = [k for k in summaries if k.startswith(f"{method}-{target:g}-seed")]
             if not keys:
                 continue
@@ -230,7 +264,11 @@ def table_rows(args, pre, summaries, latencies, references) -> dict:
             rows[f"{method} @ {target:g}"] = {
                 "accuracy": mean_std(summaries[k]["test_accuracy"] for k in keys),
                 "measured_ms": statistics.fmean(x["exported"]["measured_ms"] for x in lat),
+                "measured_fraction": statistics.fmean(x["exported"]["measured_ms"] / x["dense"]["measured_ms"]
+                                                      for x in lat),
                 "predicted_fraction": statistics.fmean(summaries[k]["channels"]["predicted_fraction"] for k in keys),
+                "readmitted": _mean_of(summaries[k]["mask_metrics"].get("readmitted_share") for k in keys),
+                "deploy": _deploy_means(lat),
                 "speedup": statistics.fmean(x["measured_speedup"] for x in lat),
                 "macs_reduction": statistics.fmean(x["macs_reduction"] for x in lat),
                 "cost": statistics.fmean(summaries[k].get("total_train_flops", summaries[k]["train_flops"])
@@ -249,6 +287,21 @@ def table_rows(args, pre, summaries, latencies, references) -> dict:
     return rows
 
 
+def _mean_of(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.fmean(values) if values else None
+
+
+def _deploy_means(latencies: list[dict]) -> dict[str, float]:
+    """Mean speed-up per backend and batch size over the seeds (where measured)."""
+    found: dict[str, list[float]] = {}
+    for lat in latencies:
+        for backend in ("pytorch", "onnxruntime"):
+            for batch, row in lat.get("deploy", {}).get(backend, {}).items():
+                found.setdefault(f"{backend} b{batch}", []).append(row["speedup"])
+    return {k: statistics.fmean(v) for k, v in found.items()}
+
+
 def write(args, rows, pre, summaries, latencies, references, argv) -> None:
     command = " ".join(["python bench/channels.py", *(argv if argv is not None else sys.argv[1:])])
     env = environment()
@@ -260,18 +313,33 @@ def write(args, rows, pre, summaries, latencies, references, argv) -> None:
                 f"dense pretraining {args.pretrain_epochs} epochs, every other run {args.epochs} epochs, ")
              + f"SGD Nesterov, lr 0.1 cosine, wd 5e-4, batch 128, G = {args.group_size}, "
              f"first conv {'prunable' if args.prune_first else 'never pruned'}, HALP prunes every "
-             f"{args.prune_every} steps 30 times, IEE H = J = Q = 50, seeds {args.seeds}", "",
-             "| run | last-epoch accuracy | measured latency | speed-up (measured) | MACs reduction | speed-up / "
-             "MACs reduction | predicted latency (fraction) | total training cost (dense epochs) | seeds |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             + ("1 step 10 times, IEE H = J = Q = 5" if args.quick else
+                f"{args.prune_every} steps 30 times, IEE H = J = Q = 50, IEE-ramp over {args.ramp_cycles} cycles")
+             + f", seeds {args.seeds}", "",
+             "| run | last-epoch accuracy | measured latency | measured fraction of dense | predicted fraction | "
+             "speed-up (measured) | MACs reduction | speed-up / MACs reduction | total training cost (dense epochs) "
+             "| re-admitted | seeds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for key, r in rows.items():
         predicted = f"{r['predicted_fraction']:.3f}" if "predicted_fraction" in r else "-"
+        measured = f"{r['measured_fraction']:.3f}" if r.get("measured_fraction") is not None else "-"
+        readmitted = f"{100 * r['readmitted']:.0f} %" if r.get("readmitted") is not None else "-"
         lines.append(f"| {key} | {100 * r['accuracy'][0]:.2f} ± {100 * r['accuracy'][1]:.2f} % | "
-                     f"{r['measured_ms']:.2f} ms | {r['speedup']:.2f}× | {r['macs_reduction']:.2f}× | "
-                     f"{r['speedup'] / r['macs_reduction']:.2f} | {predicted} | {r['cost']:.2f} | {r['n']} |")
+                     f"{r['measured_ms']:.2f} ms | {measured} | {predicted} | {r['speedup']:.2f}× | "
+                     f"{r['macs_reduction']:.2f}× | {r['speedup'] / r['macs_reduction']:.2f} | {r['cost']:.2f} | "
+                     f"{readmitted} | {r['n']} |")
+    deployed = {k: r["deploy"] for k, r in rows.items() if r.get("deploy")}
+    if deployed:
+        columns = sorted({c for d in deployed.values() for c in d},
+                         key=lambda c: (c.split()[0], int(c.split()[1][1:])))
+        lines += ["", "Measured speed-up over dense where users deploy (one thread; mean over seeds):", "",
+                  "| run | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+        for key, d in deployed.items():
+            lines.append(f"| {key} | " + " | ".join(f"{d[c]:.2f}×" if c in d else "-" for c in columns) + " |")
     lines += ["", "Training cost counts 3 × forward FLOPs as the network ran (masked channels excluded; IEE's "
               "exploration dense), in units of one dense epoch, pretraining included where a run starts from the "
-              "dense model.", ""]
+              "dense model. Compare methods at their measured fraction of dense latency (a method may land under "
+              "its budget); re-admitted: the share of pruned channels grown back in the same cycle.", ""]
     md = "\n".join(lines)
     (RESULTS / f"{args.name}.md").write_text(md)
     checkpoint.write_json(RESULTS / f"{args.name}.json", {
@@ -282,11 +350,14 @@ def write(args, rows, pre, summaries, latencies, references, argv) -> None:
         "latency": latencies, "references": references})
     print(md)
     with figure(RESULTS / f"{args.name}.png", figsize=(6.5, 4)) as ax:
-        markers = {"halp": "s", "iee-scratch": "o", "iee-pretrained": "^", "torch-pruning": "x", "dense": "*"}
+        markers = {"halp-matched": "D", "halp": "s", "iee-scratch-2x": "P", "iee-scratch": "o", "iee-ramp": "v",
+                   "iee-pretrained": "^", "torch-pruning": "x", "dense": "*"}
         for key, r in rows.items():
             marker = next((m for prefix, m in markers.items() if key.startswith(prefix)), "o")
             ax.errorbar(r["measured_ms"], 100 * r["accuracy"][0], yerr=100 * r["accuracy"][1], fmt=marker,
                         capsize=3, label=key)
+            ax.annotate(f"{r['cost']:.1f}", (r["measured_ms"], 100 * r["accuracy"][0]), fontsize=6,
+                        textcoords="offset points", xytext=(4, 3))  # total training cost, dense epochs
         style(ax, f"measured latency, batch {args.latency_batch}, 1 thread (ms)", "last-epoch test accuracy (%)",
               f"{args.model} on Fashion-MNIST: accuracy vs latency", legend="lower right")
 
