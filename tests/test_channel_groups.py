@@ -189,11 +189,13 @@ class GroupedResidual(nn.Module):
         self.conv3, self.bn3 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
         self.fc = nn.Linear(8, 10)
 
-    def forward(self, x):
+    def block(self, x):
         x = torch.relu(self.bn1(self.conv1(x)))
         y = torch.relu(self.bn2(self.grouped(x)))
-        x = torch.relu(x + self.bn3(self.conv3(y)))
-        return self.fc(x.mean((2, 3)))
+        return torch.relu(x + self.bn3(self.conv3(y)))
+
+    def forward(self, x):
+        return self.fc(self.block(x).mean((2, 3)))
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -250,10 +252,7 @@ class GroupedResidualThenConv(GroupedResidual):
         self.fc = nn.Linear(16, 10)
 
     def forward(self, x):
-        x = torch.relu(self.bn1(self.conv1(x)))
-        y = torch.relu(self.bn2(self.grouped(x)))
-        x = torch.relu(x + self.bn3(self.conv3(y)))
-        x = torch.relu(self.bn4(self.conv4(x)))
+        x = torch.relu(self.bn4(self.conv4(self.block(x))))
         return self.fc(x.mean((2, 3)))
 
 

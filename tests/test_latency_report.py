@@ -5,13 +5,19 @@ from regrow.cli import main
 from regrow.latency_report import format_latency_report, latency_report
 
 
-def test_a_channel_pruned_model_reports_fewer_macs_and_both_speedups(tmp_path, monkeypatch):
+def halp_run(tmp_path, monkeypatch):
+    """A short HALP run of the MLP at 40 % of its MACs: a model with channels to remove."""
     monkeypatch.setenv("REGROW_CACHE_DIR", str(tmp_path / "cache"))
     out = tmp_path / "run"
     assert main(["train", "--model", "mlp", "--dataset", "synthetic", "--method", "halp", "--structure", "channel",
                  "--cost", "macs", "--latency-target", "0.4", "--batch-size", "16", "--max-steps", "12",
                  "--opt", "prune_every=2", "--opt", "prune_steps=3", "--no-progress", "--device", "cpu",
                  "--out", str(out)]) == 0
+    return out
+
+
+def test_a_channel_pruned_model_reports_fewer_macs_and_both_speedups(tmp_path, monkeypatch):
+    out = halp_run(tmp_path, monkeypatch)
     model, meta = load_model(out / "model.safetensors")
     report = latency_report(model, meta, batch_size=4, repeats=3)
     assert report["dense"]["params"] > report["exported"]["params"]
@@ -26,12 +32,7 @@ def test_a_channel_pruned_model_reports_fewer_macs_and_both_speedups(tmp_path, m
 def test_deployment_latency_at_several_batch_sizes_under_pytorch_and_onnx_runtime(tmp_path, monkeypatch, capsys):
     import json
 
-    monkeypatch.setenv("REGROW_CACHE_DIR", str(tmp_path / "cache"))
-    out = tmp_path / "run"
-    assert main(["train", "--model", "mlp", "--dataset", "synthetic", "--method", "halp", "--structure", "channel",
-                 "--cost", "macs", "--latency-target", "0.4", "--batch-size", "16", "--max-steps", "12",
-                 "--opt", "prune_every=2", "--opt", "prune_steps=3", "--no-progress", "--device", "cpu",
-                 "--out", str(out)]) == 0
+    out = halp_run(tmp_path, monkeypatch)
     capsys.readouterr()
     assert main(["bench-latency", str(out), "--deploy", "1,8", "--repeats", "3", "--threads", "1", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)

@@ -43,6 +43,13 @@ def model_metadata(model: str, dataset: str, method: str, data) -> dict[str, Any
     return meta
 
 
+def trace_inputs(meta: dict[str, Any]) -> torch.Tensor:
+    """The one-sample input an export traces the model at ``meta`` on: zeros for float inputs; seeded random ids
+    for token inputs (an all-zero sequence would hide a path that depends on the ids, and the exported model's
+    output check draws its ids up to the largest in this example)."""
+    return example_inputs(meta, 1, seed=0 if meta.get("input_dtype") == "int64" else None)
+
+
 def example_inputs(meta: dict[str, Any], samples: int = 1, seed: int | None = None) -> torch.Tensor:
     """Inputs of the kind the model at ``meta`` takes: zeros, or (with ``seed``) a seeded random batch, N(0, 1)
     for float inputs and ids uniform in 0..input_max for token inputs."""

@@ -210,7 +210,7 @@ def _load_run_model(run: str):
 
 def cmd_export(args) -> int:
 
-    from .artifacts import MODEL_KEYS, RESULT_FILES, example_inputs
+    from .artifacts import MODEL_KEYS, RESULT_FILES, example_inputs, trace_inputs
     from .export import count_parameters, export_masked_model, export_onnx, save_exported
     from .runfolder import RunFolder, check_writable
 
@@ -229,8 +229,7 @@ def cmd_export(args) -> int:
     model, meta = _load_run_model(args.run)
     before = count_parameters(model)
     model.eval()
-    tokens = meta.get("input_dtype") == "int64"  # traced on random ids: zeros would hide an id-dependent path
-    exported, structure = export_masked_model(model, example_inputs(meta, 1, seed=0 if tokens else None))
+    exported, structure = export_masked_model(model, trace_inputs(meta))
     with RunFolder(out.parent):
         if args.format == "onnx":
             diff = export_onnx(exported, example_inputs(meta, args.check_batch, seed=0), out)

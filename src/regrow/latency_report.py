@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .artifacts import build_model, example_inputs, input_shape
+from .artifacts import build_model, example_inputs, input_shape, trace_inputs
 from .channels.costs import LatencyTable, device_key, layer_shapes
 from .env import environment, steady_allocator
 from .export import count_parameters, export_masked_model
@@ -52,7 +52,7 @@ def latency_report(masked_model: nn.Module, meta: dict[str, Any], batch_size: in
         torch.set_num_threads(threads)
     try:
         shape = input_shape(meta)
-        example = example_inputs(meta, 1, seed=0 if meta.get("input_dtype") == "int64" else None)
+        example = trace_inputs(meta)
         dense = build_model(meta).eval()
         exported, structure = export_masked_model(copy.deepcopy(masked_model).eval(), example)
         exported.eval()
@@ -119,10 +119,8 @@ def deployment_latency(masked_model: nn.Module, meta: dict[str, Any], batch_size
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        tokens = meta.get("input_dtype") == "int64"
         dense = build_model(meta).eval()
-        exported, _ = export_masked_model(copy.deepcopy(masked_model).eval(),
-                                          example_inputs(meta, 1, seed=0 if tokens else None))
+        exported, _ = export_masked_model(copy.deepcopy(masked_model).eval(), trace_inputs(meta))
         models = {"dense": dense, "exported": exported.eval()}
         results: dict[str, Any] = {}
         backends = {"pytorch": lambda x: time_models(models, x, repeats)}

@@ -12,7 +12,9 @@ import importlib
 import inspect
 import os
 import sys
+import warnings
 from collections.abc import Callable
+from importlib.metadata import entry_points
 from typing import Any
 
 from .errors import ConfigError
@@ -62,3 +64,33 @@ def call_factory(factory: Callable[..., Any], spec: str, what: str, **offered: A
     except Exception as e:
         raise ConfigError(f"{what} {spec!r} failed when called with {kwargs or 'no arguments'}: "
                           f"{type(e).__name__}: {e}") from None
+
+
+# ----- registries of named classes (sparsifiers, post-training methods) ------------------------------------------
+def check_name(name: str) -> None:
+    """A registry name is a plain word: no ``:`` (that marks ``package.module:Class``), no surrounding spaces."""
+    if not isinstance(name, str) or not name or ":" in name or name != name.strip():
+        raise ConfigError(f"a method name is a non-empty word without ':', got {name!r}")
+
+
+def check_registration(table: dict[str, type], name: str, cls: type, replace: bool, what: str) -> None:
+    """Refuse a name that is not a plain word, or one ``table`` already holds for another class (unless
+    ``replace``)."""
+    check_name(name)
+    taken = table.get(name)
+    if taken is not None and taken is not cls and not replace:
+        raise ConfigError(f"{what} name {name!r} is taken by {taken.__module__}.{taken.__qualname__}; pass "
+                          "replace=True to replace it")
+
+
+def register_entry_points(group: str, register: Callable[[str, Any], Any], errors: dict[str, str],
+                          what: str) -> None:
+    """Register every class the installed packages declare in entry-point ``group``; one that fails to import or
+    register is skipped with a warning and its error kept in ``errors`` (named if it is asked for), so that it
+    cannot break every other method."""
+    for ep in entry_points(group=group):
+        try:
+            register(ep.name, ep.load())
+        except Exception as e:  # an installed plugin that fails to import or register
+            errors[ep.name] = f"{ep.value}: {type(e).__name__}: {e}"
+            warnings.warn(f"regrow {what} {ep.name!r} from entry point {ep.value} skipped: {e}", stacklevel=3)

@@ -179,9 +179,13 @@ class ChannelBudget:
 
         for name, c_in, c_out in tqdm(cells, disable=not progress, desc="latency table", leave=False):
             self.cost_model(name, c_in, c_out)
+        self.save_costs()
+        return len(cells)
+
+    def save_costs(self) -> None:
+        """Write the cost model's cache (a latency table keeps what it measured; MACs have nothing to keep)."""
         if hasattr(self.cost_model, "save"):
             self.cost_model.save()
-        return len(cells)
 
     def select(self, scores: list[torch.Tensor], budget: float, allowed: list[torch.Tensor],
                forced: list[torch.Tensor] | None = None, rounds: int = 4, steps: int = 14,

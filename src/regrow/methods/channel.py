@@ -207,8 +207,7 @@ class ChannelSparsifier(BaseSparsifier):
         """Method-specific state (IEE: the exploration in progress)."""
 
     def save_cost_cache(self) -> None:
-        if hasattr(self.cost_model, "save"):
-            self.cost_model.save()
+        self.allocator.save_costs()
 
 
 class HALP(ChannelSparsifier):

@@ -13,11 +13,8 @@ weight entries, for ``unstructured`` and N:M) or ``"channel"`` (channel groups u
 
 from __future__ import annotations
 
-import warnings
-from importlib.metadata import entry_points
-
 from ..errors import ConfigError
-from ..plugins import is_import_spec, load_object
+from ..plugins import check_name, check_registration, is_import_spec, load_object, register_entry_points
 from .base import BaseSparsifier
 
 ENTRY_POINT_GROUP = "regrow.methods"
@@ -34,17 +31,13 @@ def register(name: str, cls: type[BaseSparsifier] | None = None, *, replace: boo
     A name already taken in that family is refused unless ``replace=True``."""
     if cls is None:
         return lambda c: register(name, c, replace=replace)
-    if not isinstance(name, str) or not name or ":" in name or name != name.strip():
-        raise ConfigError(f"a method name is a non-empty word without ':', got {name!r}")
+    check_name(name)
     if not (isinstance(cls, type) and issubclass(cls, BaseSparsifier)):
         raise ConfigError(f"method {name!r}: {cls!r} is not a subclass of regrow.BaseSparsifier")
     family = getattr(cls, "family", "weight")
     if family not in FAMILIES:
         raise ConfigError(f"method {name!r}: family {family!r} is not one of {', '.join(FAMILIES)}")
-    taken = REGISTRY[family].get(name)
-    if taken is not None and taken is not cls and not replace:
-        raise ConfigError(f"method name {name!r} is taken by {taken.__module__}.{taken.__qualname__}; pass "
-                          "replace=True to replace it")
+    check_registration(REGISTRY[family], name, cls, replace, "method")
     REGISTRY[family][name] = cls
     return cls
 
@@ -56,12 +49,7 @@ def load_entry_points() -> None:
     if _entry_points_loaded:
         return
     _entry_points_loaded = True
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            register(ep.name, ep.load())
-        except Exception as e:  # an installed plugin that fails to import or register
-            _entry_point_errors[ep.name] = f"{ep.value}: {type(e).__name__}: {e}"
-            warnings.warn(f"regrow method {ep.name!r} from entry point {ep.value} skipped: {e}", stacklevel=2)
+    register_entry_points(ENTRY_POINT_GROUP, register, _entry_point_errors, "method")
 
 
 def lookup(name: str, family: str = "weight") -> type[BaseSparsifier] | None:

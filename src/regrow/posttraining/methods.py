@@ -11,15 +11,13 @@ installed packages can declare theirs in the ``regrow.pts_methods`` entry-point 
 
 from __future__ import annotations
 
-import warnings
-from importlib.metadata import entry_points
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError, unknown
-from ..plugins import is_import_spec, load_object
+from ..plugins import check_name, check_registration, is_import_spec, load_object, register_entry_points
 from ..structures import NM, Unstructured
 from .calibration import apply_masks, magnitude_masks, recalibrate_batchnorm
 
@@ -91,14 +89,10 @@ def register_pts(name: str, cls: type[PostTrainingMethod] | None = None, *, repl
     """Register a post-training method class under ``name``; usable as a decorator."""
     if cls is None:
         return lambda c: register_pts(name, c, replace=replace)
-    if not isinstance(name, str) or not name or ":" in name or name != name.strip():
-        raise ConfigError(f"a method name is a non-empty word without ':', got {name!r}")
+    check_name(name)
     if not (isinstance(cls, type) and issubclass(cls, PostTrainingMethod)):
         raise ConfigError(f"post-training method {name!r}: {cls!r} is not a subclass of PostTrainingMethod")
-    taken = REGISTRY.get(name)
-    if taken is not None and taken is not cls and not replace:
-        raise ConfigError(f"post-training method name {name!r} is taken by {taken.__module__}.{taken.__qualname__}; "
-                          "pass replace=True to replace it")
+    check_registration(REGISTRY, name, cls, replace, "post-training method")
     REGISTRY[name] = cls
     return cls
 
@@ -108,13 +102,7 @@ def _load_entry_points() -> None:
     if _entry_points_loaded:
         return
     _entry_points_loaded = True
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            register_pts(ep.name, ep.load())
-        except Exception as e:  # an installed plugin that fails to import or register
-            _entry_point_errors[ep.name] = f"{ep.value}: {type(e).__name__}: {e}"
-            warnings.warn(f"regrow post-training method {ep.name!r} from entry point {ep.value} skipped: {e}",
-                          stacklevel=2)
+    register_entry_points(ENTRY_POINT_GROUP, register_pts, _entry_point_errors, "post-training method")
 
 
 def pts_names() -> list[str]:

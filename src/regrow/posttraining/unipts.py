@@ -196,8 +196,8 @@ class DynamicSparsity(BaseSparsifier):
         every weight (3 × the sparse forward already counts it at the layers' densities)."""
         if self.static:
             return 0.0
-        densities = self.densities()
-        return float(sum(2 * m * (1 - densities.get(n, 1.0)) for n, m in macs.items())) * batch_size
+        pruned = {n: 1 - self.keep[n] / masking.raw(m).numel() for n, m in self.layers.items()}  # fixed counts
+        return float(sum(2 * m * pruned.get(n, 0.0) for n, m in macs.items())) * batch_size
 
     def release(self) -> nn.Module:
         """End the sparse training: the straight-through gradients go, the masks stay on the model."""
