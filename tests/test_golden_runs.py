@@ -21,7 +21,12 @@ def test_golden_run(name):
     assert got["mask_counts"] == expected["mask_counts"]
     assert got["mask_updates"] == expected["mask_updates"]
     assert got["sparsity_masked"] == pytest.approx(expected["sparsity_masked"], abs=1e-12)
-    assert got["losses"] == pytest.approx(expected["losses"], rel=1e-3, abs=1e-4)
+    # The first step's loss is the start's; later ones amplify another CPU's rounding through these short,
+    # high-learning-rate runs (measured against the Intel recording on an AMD EPYC: up to 2.2 % by step 12,
+    # resnet20-iee, with every mask count equal), so they are held to 5 % off the recording machine.
+    tolerance = 1e-3 if machine() == RECORDED["machine"] else 5e-2
+    assert got["losses"][0] == pytest.approx(expected["losses"][0], rel=1e-3, abs=1e-4)
+    assert got["losses"] == pytest.approx(expected["losses"], rel=tolerance, abs=1e-4)
     if machine() != RECORDED["machine"]:
         pytest.skip(f"bit-identity is checked on the recording machine ({RECORDED['machine']}); portable numbers "
                     "matched here")

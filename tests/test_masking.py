@@ -207,3 +207,45 @@ def test_step_scale_is_a_per_entry_learning_rate(name):
     torch.testing.assert_close(scaled[where], slow[where], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(scaled[~where], full[~where], rtol=1e-5, atol=1e-6)
     assert not torch.allclose(slow[where], full[where])
+
+
+def rigl_run(forward_of, steps=12):
+    """RigL every 2 steps (gradient capture switching on and off) on TinyNet; returns losses and final masks."""
+    torch.manual_seed(0)
+    model = TinyNet()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    sp = regrow.RigL(model, optimizer, sparsity=0.8, interval=2, total_steps=steps)
+    forward = forward_of(model)
+    losses = []
+    for t in range(steps):
+        x, y = batch(t)
+        loss = nn.functional.cross_entropy(forward(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        sp.step()
+        losses.append(loss.item())
+    return losses, sp.masks(), len(sp.history)
+
+
+def test_compiled_masked_forward_compiles_once_per_capture_state_and_equals_eager():
+    import torch._dynamo
+
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    counted, counted_masks, updates = rigl_run(lambda m: torch.compile(m, backend=counting_backend))
+    # One graph without the dense-gradient probe and one with it, whatever the number of masked layers and
+    # updates (a tensor hook in the forward broke the graph and recompiled per layer, past dynamo's limit of 8).
+    assert updates >= 4 and len(graphs) == 2
+    torch._dynamo.reset()
+    compiled, compiled_masks, _ = rigl_run(lambda m: torch.compile(m, backend="aot_eager"))
+    eager, eager_masks, _ = rigl_run(lambda m: m)
+    assert compiled == pytest.approx(eager, rel=1e-5) and counted == pytest.approx(eager, rel=1e-5)
+    for name in eager_masks:
+        assert torch.equal(compiled_masks[name], eager_masks[name]), name
+        assert torch.equal(counted_masks[name], eager_masks[name]), name

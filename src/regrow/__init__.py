@@ -11,8 +11,15 @@ lifecycle::
 
 __version__ = "0.1.0"
 
-from . import allocation, criteria, masking, schedules, structures  # noqa: E402
-from .errors import CheckpointError, ConfigError, DataError, RegrowError, TrainingDivergedError  # noqa: E402
+from . import allocation, criteria, distributed, masking, schedules, structures  # noqa: E402
+from .errors import (  # noqa: E402
+    CheckpointError,
+    ConfigError,
+    DataError,
+    DistributedError,
+    RegrowError,
+    TrainingDivergedError,
+)
 from .methods import (  # noqa: E402
     GMP,
     HALP,
@@ -30,6 +37,7 @@ from .methods import (  # noqa: E402
 )
 from .models import create_model  # noqa: E402
 
-__all__ = ["BaseSparsifier", "ChannelIEE", "CheckpointError", "ConfigError", "DataError", "Dense", "GMP", "HALP",
-           "IEE", "OneShot", "RegrowError", "RigL", "SET", "Sparsifier", "Static", "TrainingDivergedError",
-           "allocation", "create", "create_model", "criteria", "masking", "register", "schedules", "structures"]
+__all__ = ["BaseSparsifier", "ChannelIEE", "CheckpointError", "ConfigError", "DataError", "Dense", "DistributedError",
+           "GMP", "HALP", "IEE", "OneShot", "RegrowError", "RigL", "SET", "Sparsifier", "Static",
+           "TrainingDivergedError", "allocation", "create", "create_model", "criteria", "distributed", "masking",
+           "register", "schedules", "structures"]

@@ -81,6 +81,10 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: CUDA when available)")
     p.add_argument("--amp", default="none", choices=["none", "bf16"], help="bf16: forward under bfloat16 autocast")
     p.add_argument("--compile", action="store_true", help="torch.compile the training forward (see the README)")
+    p.add_argument("--nproc", type=int, default=1, help="data-parallel processes on this machine (default 1): each "
+                   "trains on its slice of every batch (--batch-size is the global batch), masks stay identical "
+                   "across processes; Gloo on the CPU, one GPU each with --device cuda. Under torchrun, leave it "
+                   "at 1: the processes torchrun starts join one group")
     p.add_argument("--train-subset", type=int, default=None, help="train on a seeded subset of N samples")
     p.add_argument("--synthetic-size", type=int, default=512, help="samples per split of --dataset synthetic")
     p.add_argument("--seed", type=int, default=0)
@@ -141,9 +145,20 @@ def _config_from(args) -> Any:
 
 
 def cmd_train(args) -> int:
-    from .training import build_trainer
+    from . import distributed
+    from .training import build_trainer, train_parallel
 
-    summary = build_trainer(_config_from(args), args.out).run(resume=args.resume, overwrite=args.overwrite)
+    if not isinstance(args.nproc, int) or args.nproc < 1:
+        raise ConfigError(f"--nproc must be a positive integer, got {args.nproc}")
+    config = _config_from(args)
+    if distributed.init_from_environment(config.device):  # started by torchrun: this process is one rank
+        if args.nproc != 1:
+            raise ConfigError("--nproc starts its own processes; under torchrun leave it out")
+        summary = build_trainer(config, args.out).run(resume=args.resume, overwrite=args.overwrite)
+        if summary is None:  # not rank 0: rank 0 reports
+            return 0
+    else:
+        summary = train_parallel(config, args.out, args.nproc, resume=args.resume, overwrite=args.overwrite)
     print(f"{summary['method']} {summary['model']}: test accuracy {summary['test_accuracy']:.4f}, sparsity "
           f"{summary['sparsity_actual']:.4f}, training FLOPs {summary['train_flops_ratio']:.3f}× dense, "
           f"{summary['wall_seconds']:.1f} s -> {Path(args.out) / 'summary.json'}")

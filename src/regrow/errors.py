@@ -25,6 +25,10 @@ class ExportError(RegrowError):
     """A physical export would not compute what the masked model computes; nothing is saved."""
 
 
+class DistributedError(RegrowError):
+    """Processes of one data-parallel run disagree (masks differ between ranks), or cannot run together."""
+
+
 class TrainingDivergedError(RegrowError):
     """The loss became NaN or infinite; nothing was saved from the broken state."""
 

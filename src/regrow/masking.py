@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed
 from .errors import CheckpointError, ConfigError
 
 MASK = "weight_mask"
@@ -42,15 +43,13 @@ def mask_name(param: str) -> str:
 
 
 class _MaskedMixin:
-    """Masked parameters read as ``raw ⊙ mask`` (see :func:`_masked_property`); records the dense gradient."""
+    """Masked parameters read as ``raw ⊙ mask`` (see :func:`_masked_property`).
 
-    def _regrow_store_grad(self, grad: torch.Tensor) -> None:
-        # Gradient w.r.t. the effective weight: dL/dW for every entry, pruned ones included (RigL's dense grad).
-        # A weight read several times in one forward gets the sum of its uses' gradients, its total gradient.
-        if self._regrow_dense_grad is None:
-            self._regrow_dense_grad = grad.detach().clone()
-        else:
-            self._regrow_dense_grad += grad.detach()
+    The dense gradient dL/d(raw ⊙ mask), pruned entries included (RigL's growth score), is captured by a *probe*:
+    while capture is on, the weight reads ``raw ⊙ mask + probe`` with ``probe`` a zero tensor that requires grad,
+    so autograd leaves dL/d(weight) in ``probe.grad`` (summed over every read of the weight in the step, its
+    total gradient). Adding zeros changes no value, and unlike a tensor hook it does not break a
+    ``torch.compile`` graph: the compiled forward has one graph with capture on and one without."""
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -84,7 +83,7 @@ def _masked_property(param: str) -> property:
             return _StraightThrough.apply(value, mask, srste)
         value = value * mask
         if param == "weight" and self._regrow_capture and value.requires_grad:
-            value.register_hook(self._regrow_store_grad)
+            value = value + self._regrow_probe
         return value
 
     return property(read, doc=f"{param} ⊙ {mask_name(param)} (the raw parameter: masking.raw(module, {param!r}))")
@@ -176,7 +175,7 @@ def add_mask(module: nn.Module, bias: bool = False) -> nn.Module:
         module.register_buffer(MASK, torch.ones_like(raw(module), requires_grad=False))
         module.__class__ = _masked_class(type(module))
         module._regrow_capture = False
-        module._regrow_dense_grad = None
+        module._regrow_probe = None  # zeros whose .grad is the dense gradient (capture_dense_grad)
         module._regrow_trainable = {}  # param -> bool tensor; absent: trainable set == mask
         module._regrow_step_scale = {}  # param -> (bool tensor, factor): entries whose step is scaled
         module._regrow_straight_through = {}  # param -> SR-STE λ: pruned entries get the dense gradient
@@ -199,7 +198,7 @@ def remove_mask(module: nn.Module, bake: bool = True) -> nn.Module:
             if bake:
                 raw(module, param).mul_(module._buffers[mask_name(param)])
             del module._buffers[mask_name(param)]
-    for attr in ("_regrow_capture", "_regrow_dense_grad", "_regrow_trainable", "_regrow_step_scale",
+    for attr in ("_regrow_capture", "_regrow_probe", "_regrow_trainable", "_regrow_step_scale",
                  "_regrow_stats_frozen", "_regrow_straight_through"):
         module.__dict__.pop(attr, None)
     module.__class__ = type(module).__mro__[2]  # Masked<cls> -> (_MaskedMixin, cls)
@@ -317,18 +316,31 @@ def set_straight_through(module: nn.Module, srste: float | None, param: str = "w
 
 
 def capture_dense_grad(module: nn.Module, on: bool = True) -> None:
-    """Record dL/d(weight ⊙ mask) at the next backward passes (summed) into ``dense_grad(module)``."""
+    """Record dL/d(weight ⊙ mask) at the next backward passes (summed) into ``dense_grad(module)``.
+
+    The probe is kept between captures (one zero tensor the weight's size per layer, made at the first capture
+    and again only if the weight moved to another device or dtype), so that a compiled forward sees the same
+    tensor every time instead of recompiling."""
     module._regrow_capture = on
+    weight = raw(module)
+    probe = module._regrow_probe
+    if on and (probe is None or probe.device != weight.device or probe.dtype != weight.dtype):
+        module._regrow_probe = torch.zeros_like(weight, requires_grad=True)
     if not on:
-        module._regrow_dense_grad = None
+        clear_dense_grad(module)
 
 
 def dense_grad(module: nn.Module) -> torch.Tensor | None:
-    return module._regrow_dense_grad
+    """The recorded dL/d(weight ⊙ mask); under data parallelism averaged over the ranks (DDP reduces only the
+    parameters' gradients), so that every rank scores with the global batch's gradient."""
+    probe = module._regrow_probe
+    grad = None if probe is None else probe.grad
+    return None if grad is None else distributed.average(grad)
 
 
 def clear_dense_grad(module: nn.Module) -> None:
-    module._regrow_dense_grad = None
+    if module._regrow_probe is not None:
+        module._regrow_probe.grad = None
 
 
 def density(module: nn.Module) -> float:

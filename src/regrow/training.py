@@ -16,6 +16,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import checkpoint, masking, methods
+from . import checkpoint, distributed, masking, methods
 from .artifacts import (
     CHECKPOINT,
     METRICS,
@@ -182,7 +183,7 @@ def build_trainer(config: TrainConfig, out: str | os.PathLike) -> Trainer:
     momentum, its sparsifier. The command line, the benchmarks and the tests all start runs here."""
     config.validate()
     c = config
-    device = resolve_device(c.device)  # the Trainer sets it up (allocator, deterministic kernels)
+    device = distributed.local_device(resolve_device(c.device))  # the Trainer sets it up (allocator, kernels)
     torch.manual_seed(c.seed)
     train_data = load_dataset(c.dataset, "train", c.data_dir, synthetic_size=c.synthetic_size, seed=c.seed)
     test_data = load_dataset(c.dataset, "test", c.data_dir, synthetic_size=c.synthetic_size, seed=c.seed)
@@ -263,10 +264,24 @@ class Trainer:
         self.teacher = teacher
         self.device = next(model.parameters()).device
         _set_up_device(self.device)
+        self.rank, self.world = distributed.world()
+        if self.world > 1:
+            _check_data_parallel(c, sparsifier, len(train_data), self.world)
         # Training steps may run a compiled wrapper; everything else (evaluation, checkpoints) uses the model itself.
         # Static shapes: a recompile (masks' gradient capture switching on and off) must not turn on dynamic
         # shapes, with which inductor failed to lower a strided conv's backward (torch 2.13, RigL on ResNet-8).
-        self.forward = torch.compile(self.model, dynamic=False) if c.compile else self.model
+        # Several processes: DDP averages the parameters' gradients over the ranks' slices of each batch (the
+        # sparsifier averages the dense gradients it scores with, and checks that the masks stay equal).
+        self.forward = self.model
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # A channels_last model's gradients are copied into DDP's contiguous buckets: a cost, not an error.
+            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+
+            self.forward = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.forward = torch.compile(self.forward, dynamic=False) if c.compile else self.forward
         self.steps_per_epoch, self.total_steps = run_length(c, len(train_data))
         warmup = int(round(c.warmup_epochs * self.steps_per_epoch))
         self.lr_schedule = lr_schedule or (lambda step: cosine_lr(step, self.total_steps, c.lr, warmup=warmup))
@@ -284,9 +299,12 @@ class Trainer:
         c = self.config
         return {**model_metadata(c.model, c.dataset, c.method, self.train_data), "kind": "training",
                 "config": self.config.fingerprint(), "step": self.state["step"],
-                "threads": torch.get_num_threads(), "device": self.device.type}
+                "threads": torch.get_num_threads(), "device": self.device.type, "processes": self.world}
 
     def save_checkpoint(self) -> None:
+        """Write the resumable state (rank 0 only: every rank holds the same model, masks and optimizer)."""
+        if self.rank != 0:
+            return
         for name, p in self.model.named_parameters():
             if not torch.isfinite(p).all():
                 raise TrainingDivergedError(f"parameter {name} is not finite at step {self.state['step']}; "
@@ -311,7 +329,8 @@ class Trainer:
             details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in diff[:5])
             raise CheckpointError(f"cannot resume {path}: the configuration differs ({details})")
         for what, then, now in (("threads", meta.get("threads"), torch.get_num_threads()),
-                                ("device", meta.get("device"), self.device.type)):
+                                ("device", meta.get("device"), self.device.type),
+                                ("processes", meta.get("processes", 1), self.world)):
             if then is not None and then != now:  # other kernels or summation orders: close, but not the same bits
                 warnings.warn(f"resuming {path} with {what} {now}; it was saved with {then}: the run goes on, but "
                               "will not be bit-identical to one that was never interrupted", stacklevel=2)
@@ -324,7 +343,8 @@ class Trainer:
         torch.set_rng_state(sections["rng"])
         if self.device.type == "cuda" and "cuda_rng" in sections:
             torch.cuda.set_rng_state(sections["cuda_rng"], self.device)
-        self._truncate_metrics(self.state["step"])
+        if self.rank == 0:
+            self._truncate_metrics(self.state["step"])
 
     def _truncate_metrics(self, step: int) -> None:
         path = self.out / METRICS
@@ -346,6 +366,8 @@ class Trainer:
         checkpoint.atomic_write(path, lambda tmp: Path(tmp).write_text("".join(ln + "\n" for ln in kept)))
 
     def _log(self, record: dict[str, Any]) -> None:
+        if self.rank != 0:
+            return
         with open(self.out / METRICS, "a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -357,6 +379,9 @@ class Trainer:
         epoch, index = divmod(step, self.steps_per_epoch)
         # Batches are made on the CPU from seeded generators, the same on every device, then moved.
         x, y = get_batch(self.train_data, c.batch_size, c.seed, epoch, index, train_augment=c.augment)
+        global_batch = x.shape[0]
+        if self.world > 1:  # this rank's slice of the batch every rank drew alike
+            x, y = x.tensor_split(self.world)[self.rank], y.tensor_split(self.world)[self.rank]
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         if c.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -373,30 +398,42 @@ class Trainer:
                 with torch.no_grad():
                     teacher_logits = self.teacher(x)
                 loss = self.loss_fn(self.forward(x), y, teacher_logits, epoch)
-        if not torch.isfinite(loss):
+        if self.world > 1:
+            # DDP averages the ranks' gradients; weighting each rank's mean loss by its share of the batch makes
+            # that average the gradient of the whole batch's mean loss, slices of unequal size included.
+            loss = loss * (x.shape[0] * self.world / global_batch)
+            logged = distributed.average(loss.detach())
+        else:
+            logged = loss.detach()
+        if not torch.isfinite(logged):
             raise TrainingDivergedError(
-                f"loss is {loss.item()} at step {step + 1} (epoch {epoch}); training stopped and the last "
+                f"loss is {logged.item()} at step {step + 1} (epoch {epoch}); training stopped and the last "
                 f"checkpoint (step {self._last_saved}) was left as it was. Try a smaller --lr.")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         self.sparsifier.step()
-        batch = x.shape[0]
+        batch = global_batch  # the FLOPs of all ranks together: the same count as one process
         self.state["train_flops"] += 3 * forward_flops(self.macs, densities) * batch \
             + self.sparsifier.extra_flops(self.macs, batch)
         if self.teacher is not None:
             self.state["train_flops"] += self.dense_forward * batch
         self.state["dense_train_flops"] += 3 * self.dense_forward * batch
-        return loss.item(), exploring
+        return logged.item(), exploring
 
     def run(self, resume: bool = False, stop_after: int | None = None,
             overwrite: bool = False) -> dict[str, Any] | None:
         """Train to the end (or, for tests, stop after checkpointing at step ``stop_after``).
 
         The output folder is locked for the whole run (a second writer is refused). A folder that already holds a
-        run is refused unless ``resume`` (continue it from its checkpoint) or ``overwrite`` (replace it)."""
-        with RunFolder(self.out):
-            return self._run(resume, stop_after, overwrite)
+        run is refused unless ``resume`` (continue it from its checkpoint) or ``overwrite`` (replace it).
+
+        Under data parallelism every rank calls this; rank 0 alone writes the folder and returns the summary, the
+        others return ``None`` once it is written."""
+        with RunFolder(self.out) if self.rank == 0 else nullcontext():
+            result = self._run(resume, stop_after, overwrite)
+        distributed.barrier()  # the folder is complete before any rank returns
+        return result
 
     def _run(self, resume: bool, stop_after: int | None, overwrite: bool) -> dict[str, Any] | None:
         existing = [name for name in RESULT_FILES if (self.out / name).exists()]
@@ -408,11 +445,12 @@ class Trainer:
             what = "a run to resume (pass --resume)" if CHECKPOINT in existing else "a finished run"
             raise CheckpointError(f"{self.out} already holds {what}: {', '.join(existing)}; pass --overwrite to "
                                   "replace it, or choose another --out")
-        else:
+        elif self.rank == 0:
             for name in existing:
                 (self.out / name).unlink()
-        if self.teacher is None:  # a recipe cannot name a teacher: a distillation run is repeated by its caller
+        if self.teacher is None and self.rank == 0:  # a recipe cannot name a teacher: its caller repeats the run
             write_recipe(self.out / RECIPE, self.config)
+        distributed.barrier()  # rank 0 has cleared the folder before any rank goes on
         self._last_saved = self.state["step"]
         c = self.config
         self.sparsifier.before_training(progress=c.progress)  # e.g. a latency table, measured before any step
@@ -440,7 +478,7 @@ class Trainer:
                 epoch_end = (step + 1) % self.steps_per_epoch == 0 or step + 1 == self.total_steps
                 evaluated = step + 1 == self.total_steps or (
                     epoch_end and (step // self.steps_per_epoch + 1) % c.eval_every == 0)
-                if evaluated:
+                if evaluated and self.rank == 0:  # the same model on every rank: rank 0 evaluates it
                     with self.sparsifier.sparse_view():
                         accuracy, test_loss = evaluate(self.model, self.test_data)
                     record = {"step": step + 1, "epoch": step // self.steps_per_epoch,
@@ -458,7 +496,7 @@ class Trainer:
                     return None
         finally:
             bar.close()
-        return self.finish()
+        return self.finish() if self.rank == 0 else None
 
     def finish(self) -> dict[str, Any]:
         c, s = self.config, self.state
@@ -485,7 +523,7 @@ class Trainer:
             "macs_sparse": sum(layer["macs"] * layer["density"] for layer in layers),
             "layers": layers, "skipped_layers": self.sparsifier.skipped,
             "mask_updates": len(self.sparsifier.history), "mask_metrics": self.sparsifier.tracker.summary(),
-            "config": dataclasses.asdict(c), "environment": environment(self.device),
+            "config": dataclasses.asdict(c), "environment": {**environment(self.device), "processes": self.world},
         }
         summary.update(self.sparsifier.summary_fields())
         if self.pretrain is not None:
@@ -511,6 +549,31 @@ def train(config: TrainConfig, out: str | os.PathLike, resume: bool = False,
           overwrite: bool = False) -> dict[str, Any]:
     """Train ``config`` into ``out`` and return the summary (also written to ``out/summary.json``)."""
     return build_trainer(config, out).run(resume=resume, overwrite=overwrite)
+
+
+def train_parallel(config: TrainConfig, out: str | os.PathLike, nproc: int, resume: bool = False,
+                   overwrite: bool = False) -> dict[str, Any]:
+    """Train ``config`` with ``nproc`` data-parallel processes on this machine (one GPU each with a CUDA device,
+    Gloo on the CPU): each process takes its slice of every batch, so ``config.batch_size`` is the global batch and
+    the run computes what one process would (up to float rounding; BatchNorm statistics are each rank's own, as in
+    plain DDP). Returns the summary rank 0 wrote."""
+    if nproc == 1:
+        return train(config, out, resume=resume, overwrite=overwrite)
+    config.validate()
+    distributed.launch(train, nproc, (config, out, resume, overwrite), device=config.device)
+    return json.loads((Path(out) / SUMMARY).read_text())
+
+
+def _check_data_parallel(config: TrainConfig, sparsifier: methods.BaseSparsifier, samples: int, world: int) -> None:
+    """What several processes cannot do (yet), refused before any step."""
+    last = samples % config.batch_size or config.batch_size
+    if min(config.batch_size, last) < world:
+        raise ConfigError(f"a batch of {min(config.batch_size, last)} samples cannot be split over {world} "
+                          "processes: use a larger batch size or fewer processes")
+    if config.structure == "channel" and config.cost == "latency":
+        raise ConfigError("channel structure with a measured latency table is single-process for now (each "
+                          "process would time its own table and choose other channels): use --cost macs, or one "
+                          "process")
 
 
 def _check_sparsifier(sparsifier: methods.BaseSparsifier, config: TrainConfig) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import masking
+from .. import distributed, masking
 from ..allocation import DISTRIBUTIONS, keep_counts
 from ..criteria import magnitude
 from ..errors import ConfigError, check_sparsity, unknown
@@ -90,9 +90,15 @@ class BaseSparsifier:
         return False
 
     def step(self) -> None:
-        """Call once after every ``optimizer.step()``."""
+        """Call once after every ``optimizer.step()``.
+
+        Under data parallelism the masks are compared across ranks at the first step and after every update (see
+        :mod:`regrow.distributed`): ranks that disagree raise :class:`regrow.errors.DistributedError`."""
         self.step_count += 1
+        updates = len(self.history)
         self.update(self.step_count)
+        if distributed.active() and (self.step_count == 1 or len(self.history) != updates):
+            distributed.check_same_masks(self.masks(), self.step_count)
 
     def update(self, step: int) -> None:
         """Change masks if the schedule says so at ``step`` (1-based: the number of optimizer steps taken)."""
