@@ -14,7 +14,12 @@ $pip install --quiet --upgrade pip >/dev/null 2>&1 || true
 if ! "$venv/bin/python" -c "import torch" >/dev/null 2>&1; then
     $pip install --quiet "torch==2.13.0"
 fi
-$pip install --quiet -e ".[dev]"
+# Hold torch at the version installed: an optional dependency that asks for a newer one then resolves to an
+# older release of itself instead of pulling another torch (and its CUDA packages).
+constraints="$(mktemp)"
+"$venv/bin/python" -c 'import torch; print("torch==" + torch.__version__.split("+")[0])' > "$constraints"
+$pip install --quiet -c "$constraints" -e ".[dev]"
+rm -f "$constraints"
 
 data_dir="${REGROW_DATA_DIR:-/usr/share/datasets/fashion-mnist}"
 if [ ! -f "$data_dir/train-images-idx3-ubyte.gz" ]; then

@@ -1,0 +1,94 @@
+"""The Hugging Face Trainer and Lightning callbacks, each with a tiny model in its own framework (skipped, with the
+reason, where the framework is not installed: both are optional extras)."""
+
+import pytest
+import torch
+from torch import nn
+
+from regrow import masking
+from regrow.errors import ConfigError
+from regrow.integrations import SparsifierFactory, unwrap_model, unwrap_optimizer
+
+
+def check_sparse(model, sparsifier, sparsity):
+    layers = masking.masked_layers(model)
+    assert layers and sparsifier.actual_sparsity() == pytest.approx(sparsity, abs=2e-3)
+    for name, module in layers.items():  # what the forward sees is zero wherever the mask is
+        assert torch.count_nonzero(module.weight[~masking.mask_of(module)]) == 0, name
+
+
+def test_unknown_method_fails_when_the_callback_is_made():
+    with pytest.raises(ConfigError, match="unknown method"):
+        SparsifierFactory("rigll", sparsity=0.9)
+
+
+def test_wrappers_are_unwrapped():
+    model = nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    class Wrapper:
+        def __init__(self, inner):
+            self.optimizer = inner
+
+    assert unwrap_optimizer(Wrapper(Wrapper(optimizer))) is optimizer
+    assert unwrap_model(nn.parallel.DistributedDataParallel.__new__(nn.parallel.DistributedDataParallel)) is not None
+    with pytest.raises(ConfigError, match="no torch optimizer"):
+        unwrap_optimizer(object())
+
+
+def test_hugging_face_trainer_trains_a_sparse_bert(tmp_path):
+    transformers = pytest.importorskip("transformers", reason="the huggingface extra is not installed")
+    pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate")
+    from regrow.integrations.huggingface import RegrowCallback
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=16, num_labels=2)
+    model = transformers.BertForSequenceClassification(config)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 64, (64, 8), generator=g)
+    labels = (ids[:, 0] > 31).long()  # learnable: the first token decides
+    data = [{"input_ids": i, "labels": y} for i, y in zip(ids, labels)]
+    callback = RegrowCallback("rigl", sparsity=0.8, interval=2, exclude=["classifier"])
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=12, per_device_train_batch_size=8,
+                                          gradient_accumulation_steps=2, learning_rate=1e-3, report_to=[],
+                                          save_strategy="no", logging_strategy="no", use_cpu=True, seed=0)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[callback])
+    result = trainer.train()
+    sp = callback.sparsifier
+    assert sp.step_count == 12 == trainer.state.global_step  # one mask step per optimizer step
+    assert len(sp.history) >= 4 and sum(h["grown"] for h in sp.history) > 0
+    assert "bert.encoder.layer.0.attention.self.query" in sp.layers and "classifier" not in sp.layers
+    check_sparse(model, sp, 0.8)
+    assert result.training_loss == result.training_loss  # finite, not NaN
+
+
+def test_lightning_trainer_trains_a_sparse_mlp():
+    lightning = pytest.importorskip("lightning", reason="the lightning extra is not installed")
+    from regrow.integrations.lightning import RegrowCallback
+
+    class Module(lightning.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4))
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return nn.functional.cross_entropy(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+    torch.manual_seed(0)
+    x = torch.randn(256, 16)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, (x[:, 0] > 0).long()), batch_size=16)
+    module = Module()
+    callback = RegrowCallback("set", sparsity=0.9, interval=3)
+    trainer = lightning.Trainer(max_epochs=2, accumulate_grad_batches=2, accelerator="cpu", devices=1,
+                                logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                                enable_model_summary=False, callbacks=[callback])
+    trainer.fit(module, data)
+    sp = callback.sparsifier
+    assert trainer.global_step == 16 and sp.step_count == 16  # 32 batches, a step every second one
+    assert sp.total_steps == 16 and len(sp.history) >= 3
+    check_sparse(module, sp, 0.9)
