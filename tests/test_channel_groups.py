@@ -175,8 +175,9 @@ def test_exported_model_saves_loads_and_runs_under_onnxruntime(tmp_path):
     assert loaded_meta["structure"]["kept"] == structure["kept"]
     with pytest.raises(CheckpointError, match="does not fit"):
         load_exported(tmp_path / "model.safetensors", model=create_model("resnet20"))
-    diff = export_onnx(exported, x, tmp_path / "model.onnx")
-    assert diff < 1e-4 and (tmp_path / "model.onnx").stat().st_size > 0
+    written = export_onnx(exported, x, tmp_path / "model.onnx")
+    assert written.exporter == "dynamo" and written.fallback_reason is None  # torch.export's exporter, no fallback
+    assert written.max_abs_diff < 1e-4 and (tmp_path / "model.onnx").stat().st_size > 0
 
 
 class GroupedResidual(nn.Module):
@@ -309,3 +310,34 @@ def test_export_works_under_no_grad():
         expected = model(x)
         exported, _ = export_channels(model, masks, x[:1])
         assert torch.allclose(exported(x), expected, atol=1e-4)
+
+
+class DataDependent(nn.Module):
+    """A branch on a value: torch.export cannot export it (a data-dependent guard), TorchScript traces one branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        if x.sum() > -1e9:  # always true on the check batch
+            return self.fc(x)
+        return -self.fc(x)
+
+
+def test_onnx_falls_back_to_torchscript_only_when_dynamo_cannot_export(tmp_path):
+    import warnings
+
+    torch.manual_seed(0)
+    model, x = DataDependent(), torch.randn(3, 4)
+    with pytest.raises(ExportError, match="torch.export's ONNX exporter failed"):
+        export_onnx(model, x, tmp_path / "strict.onnx", exporter="dynamo")
+    assert not (tmp_path / "strict.onnx").exists()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        written = export_onnx(model, x, tmp_path / "auto.onnx")
+    assert written.exporter == "torchscript" and written.fallback_reason
+    assert any("TorchScript exporter instead" in str(w.message) for w in caught)
+    assert written.max_abs_diff < 1e-5 and (tmp_path / "auto.onnx").stat().st_size > 0
+    with pytest.raises(ConfigError, match="unknown ONNX exporter"):
+        export_onnx(model, x, tmp_path / "x.onnx", exporter="onnx")

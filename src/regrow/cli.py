@@ -247,8 +247,8 @@ def cmd_export(args) -> int:
     exported, structure = export_masked_model(model, trace_inputs(meta))
     with RunFolder(out.parent):
         if args.format == "onnx":
-            diff = export_onnx(exported, example_inputs(meta, args.check_batch, seed=0), out)
-            detail = f"onnxruntime matches PyTorch within {diff:.2g}"
+            written = export_onnx(exported, example_inputs(meta, args.check_batch, seed=0), out)
+            detail = f"{written.exporter} exporter, onnxruntime matches PyTorch within {written.max_abs_diff:.2g}"
         else:
             save_exported(out, exported, structure, {k: meta[k] for k in MODEL_KEYS if k in meta})
             detail = "load with regrow.export.load_exported"

@@ -2,13 +2,16 @@
 
 The recorded structure of an exported model is the list of kept channels per group root, so loading needs only
 the original architecture (a registry name, or the user's own constructor): build it, remove the same channels,
-load the weights. ONNX export goes through ``torch.onnx`` and is checked against onnxruntime when asked.
+load the weights. ONNX export goes through ``torch.onnx`` (torch.export's exporter; the TorchScript one as a
+fallback) and is checked against onnxruntime when asked.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -180,31 +183,75 @@ def load_exported(path: str | os.PathLike, model: nn.Module | None = None) -> tu
     return model, meta
 
 
+ONNX_EXPORTERS = ("auto", "dynamo", "torchscript")
+
+
+@dataclass
+class OnnxExport:
+    """What :func:`export_onnx` wrote: the exporter that wrote it, and the largest absolute difference between
+    onnxruntime's and PyTorch's outputs on the check batch (``None`` without a check)."""
+
+    exporter: str
+    max_abs_diff: float | None
+    fallback_reason: str | None = None  # why "auto" fell back to the TorchScript exporter
+
+
+def _export_dynamo(model: nn.Module, example_inputs: torch.Tensor, tmp: str) -> None:
+    # torch.export's exporter, the one torch recommends (the TorchScript exporter is deprecated in torch 2.13); a
+    # dynamic batch dimension that also accepts the size of the example, 1 included.
+    # Its registry logs a warning for every torchvision operator it cannot register when torchvision is absent.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # onnxscript's use of a deprecated pytree check
+        torch.onnx.export(model, (example_inputs,), tmp, input_names=["input"], output_names=["output"],
+                          dynamo=True, dynamic_shapes=({0: torch.export.Dim.DYNAMIC},), verbose=False)
+
+
+def _export_torchscript(model: nn.Module, example_inputs: torch.Tensor, tmp: str) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(model, (example_inputs,), tmp, input_names=["input"], output_names=["output"],
+                          dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}}, dynamo=False)
+
+
 def export_onnx(model: nn.Module, example_inputs: torch.Tensor, path: str | os.PathLike,
-                check: bool = True, atol: float = 1e-4) -> float | None:
+                check: bool = True, atol: float = 1e-4, exporter: str = "auto") -> OnnxExport:
     """Write ``model`` as ONNX (batch dimension dynamic). With ``check``, run it under onnxruntime on
-    ``example_inputs`` and return the largest absolute difference to PyTorch (an error above ``atol``)."""
+    ``example_inputs`` and record the largest absolute difference to PyTorch (an error above ``atol``, and
+    nothing is saved).
+
+    ``exporter``: ``dynamo`` (torch.export's, which torch recommends), ``torchscript`` (the deprecated one), or
+    ``auto`` (default): dynamo, and the TorchScript exporter only if dynamo cannot export the model (the reason is
+    kept in the result and warned)."""
+    if exporter not in ONNX_EXPORTERS:
+        raise ConfigError(f"unknown ONNX exporter {exporter!r}; known: {', '.join(ONNX_EXPORTERS)}")
     try:
         import onnx  # noqa: F401 - torch.onnx needs it
     except ImportError as e:
-        raise ConfigError("ONNX export needs the onnx package (pip install 'regrow[onnx]')") from e
+        raise ConfigError("ONNX export needs the onnx package (pip install onnx onnxscript)") from e
     model = model.eval()
 
     if check:
         try:
             import onnxruntime
         except ImportError as e:
-            raise ConfigError("checking an ONNX export needs onnxruntime (pip install 'regrow[onnx]')") from e
-    diff = None
+            raise ConfigError("checking an ONNX export needs onnxruntime (pip install onnxruntime)") from e
+    result = OnnxExport(exporter="torchscript" if exporter == "torchscript" else "dynamo", max_abs_diff=None)
 
     def write(tmp):
-        nonlocal diff
-        # The TorchScript exporter: fast, and enough for convolutional nets; torch.export's exporter would add the
-        # onnxscript dependency and several seconds per export for the same graph here.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            torch.onnx.export(model, (example_inputs,), tmp, input_names=["input"], output_names=["output"],
-                              dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}}, dynamo=False)
+        if result.exporter == "dynamo":
+            try:
+                _export_dynamo(model, example_inputs, tmp)
+            except Exception as e:  # noqa: BLE001 - any failure of the new exporter: the old one may still work
+                if exporter == "dynamo":
+                    raise ExportError(f"torch.export's ONNX exporter failed ({type(e).__name__}: "
+                                      f"{str(e).splitlines()[0] if str(e) else ''}); nothing was saved") from e
+                result.exporter = "torchscript"
+                result.fallback_reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                warnings.warn(f"torch.export's ONNX exporter failed ({result.fallback_reason}); exported with the "
+                              "TorchScript exporter instead", stacklevel=3)
+        if result.exporter == "torchscript":
+            _export_torchscript(model, example_inputs, tmp)
         if check:  # checked before it takes the destination's name: a file that fails is never left there
             session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
             got = session.run(None, {"input": example_inputs.numpy()})[0]
@@ -212,7 +259,9 @@ def export_onnx(model: nn.Module, example_inputs: torch.Tensor, path: str | os.P
                 want = model(example_inputs).numpy()
             diff = float(abs(got - want).max())
             if not diff <= atol:
-                raise ExportError(f"ONNX output differs from PyTorch by {diff:.3g} (> {atol:g}); nothing was saved")
+                raise ExportError(f"ONNX output ({result.exporter} exporter) differs from PyTorch by {diff:.3g} "
+                                  f"(> {atol:g}); nothing was saved")
+            result.max_abs_diff = diff
 
     checkpoint.atomic_write(path, write)
-    return diff
+    return result
