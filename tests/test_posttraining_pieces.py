@@ -71,9 +71,22 @@ def test_wanda_handles_depthwise_convs_per_channel():
     conv = nn.Conv2d(3, 3, 3, padding=1, groups=3, bias=False)
     images = torch.randn(4, 3, 5, 5)
     images[:, 1] *= 10  # channel 1's inputs are large: its norms scale, the others' do not
-    norms = pts.input_norms(conv, pts.layer_inputs(conv, {"c": conv}, images)["c"])
+    norms = pts.input_norms(conv, pts.input_square_sums(conv, {"c": conv}, images)["c"])
     assert norms.shape == conv.weight.shape
     assert norms[1].mean() > 5 * norms[0].mean() and norms[1].mean() > 5 * norms[2].mean()
+
+
+def test_wanda_running_norms_equal_norms_over_every_kept_input():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 3 * 3, 3))
+    layers = {"0": model[0], "3": model[3]}
+    images = torch.randn(600, 2, 5, 5)  # three calibration batches of 256, 256 and 88
+    running = pts.input_square_sums(model, layers, images)
+    kept = pts.layer_inputs(model, layers, images)
+    for name, m in layers.items():
+        assert len(kept[name]) == 3
+        columns = torch.cat([pts.input_columns(m, x) for x in kept[name]])
+        torch.testing.assert_close(running[name], columns.pow(2).sum(0))
 
 
 def assert_least_squares_fit(columns, target, row_mask, row_weight, bias):

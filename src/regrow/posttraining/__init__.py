@@ -13,6 +13,7 @@ from .calibration import (
     keep_count,
     layer_inputs,
     magnitude_masks,
+    observe_inputs,
     recalibrate_batchnorm,
     select_mask,
 )
@@ -29,14 +30,14 @@ from .unipts import (
     regrow_sparsities,
     tau_at,
 )
-from .wanda import Wanda, input_norms, row_masks, wanda_masks
+from .wanda import Wanda, input_norms, input_square_sums, row_masks, wanda_masks
 
 for _cls in (UniPTS, POT, Wanda, Magnitude):
     register_pts(_cls.name, _cls)
 
-__all__ = ["POT", "PTS_DISTRIBUTIONS", "UNIPTS_DEFAULTS", "DynamicSparsity", "Magnitude",
-           "MaskingMethod", "PTSConfig", "PostTraining", "PostTrainingMethod", "SparsitySearch", "UniPTS", "Wanda",
-           "apply_masks", "base_decayed_kl", "calibration_set", "input_columns", "input_norms", "keep_count",
-           "layer_inputs", "magnitude_masks", "method_defaults", "pot_refit", "pts_names", "recalibrate_batchnorm",
+__all__ = ["POT", "PTS_DISTRIBUTIONS", "UNIPTS_DEFAULTS", "DynamicSparsity", "Magnitude", "MaskingMethod", "PTSConfig",
+           "PostTraining", "PostTrainingMethod", "SparsitySearch", "UniPTS", "Wanda", "apply_masks", "base_decayed_kl",
+           "calibration_set", "input_columns", "input_norms", "input_square_sums", "keep_count", "layer_inputs",
+           "magnitude_masks", "method_defaults", "observe_inputs", "pot_refit", "pts_names", "recalibrate_batchnorm",
            "regrow_sparsities", "register_pts", "resolve_pts", "row_masks", "run_pts", "select_mask", "tau_at",
            "wanda_masks"]

@@ -2,15 +2,18 @@
 
 - :func:`calibration_set`: N distinct training samples, seeded, class-balanced by default (never the test set).
 - :func:`recalibrate_batchnorm`: reset BatchNorm statistics and re-estimate them on calibration images.
-- :func:`layer_inputs`: the inputs every prunable layer sees on calibration data (dense model, for Wanda and POT),
-  and :func:`input_columns`, a layer's input unfolded so that its output is a matrix product.
+- :func:`observe_inputs`: every prunable layer's input on calibration data handed to a function batch by batch
+  (Wanda accumulates its norms there, so memory does not grow with the calibration set); :func:`layer_inputs`
+  keeps them all (POT refits with them); :func:`input_columns`, a layer's input unfolded so that its output is a
+  matrix product.
 - Masks at a per-layer sparsity (:func:`keep_count`, :func:`select_mask`, :func:`magnitude_masks`) and
   :func:`apply_masks`, which puts them on the masking core.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import functools
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -61,12 +64,17 @@ def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, batch_size: in
 
 
 @torch.no_grad()
-def layer_inputs(model: nn.Module, layers: dict[str, nn.Module], images: torch.Tensor,
-                 batch_size: int = 256) -> dict[str, list[torch.Tensor]]:
-    """The input of every layer in ``layers`` on ``images`` (model in eval mode), batch by batch."""
-    seen: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
-    hooks = [m.register_forward_hook(lambda mod, inp, out, name=name: seen[name].append(inp[0].detach()))
-             for name, m in layers.items()]
+def observe_inputs(model: nn.Module, layers: dict[str, nn.Module], images: torch.Tensor,
+                   observe: Callable[[str, nn.Module, torch.Tensor], None], batch_size: int = 256) -> None:
+    """Run ``model`` (in eval mode) on ``images`` batch by batch and call ``observe(name, layer, input)`` with the
+    input of every layer in ``layers`` as it runs: statistics can be accumulated without keeping the inputs."""
+    seen = dict.fromkeys(layers, False)
+
+    def hook(module, inputs, output, name):
+        seen[name] = True
+        observe(name, module, inputs[0].detach())
+
+    hooks = [m.register_forward_hook(functools.partial(hook, name=name)) for name, m in layers.items()]
     was_training = model.training
     model.eval()
     try:
@@ -76,11 +84,19 @@ def layer_inputs(model: nn.Module, layers: dict[str, nn.Module], images: torch.T
         model.train(was_training)
         for h in hooks:
             h.remove()
-    silent = [name for name, inputs in seen.items() if not inputs]
+    silent = [name for name, ran in seen.items() if not ran]
     if silent:
         raise ConfigError(f"{', '.join(silent)} never ran as a module on the calibration data (another module reads "
                           "its weight directly, as nn.MultiheadAttention does with out_proj), so there are no inputs "
                           "to score or refit it with: leave it out of the layers to prune")
+
+
+def layer_inputs(model: nn.Module, layers: dict[str, nn.Module], images: torch.Tensor,
+                 batch_size: int = 256) -> dict[str, list[torch.Tensor]]:
+    """The input of every layer in ``layers`` on ``images`` (model in eval mode), batch by batch. Memory grows with
+    the calibration set; :func:`observe_inputs` keeps only what a method accumulates."""
+    seen: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
+    observe_inputs(model, layers, images, lambda name, module, x: seen[name].append(x), batch_size)
     return seen
 
 

@@ -1,5 +1,6 @@
 """Wanda (Sun et al. 2024): score |W_ij|·‖X_j‖₂ on calibration inputs of the dense model, prune per output row;
-no weight update. Convolutions use their unfolded inputs."""
+no weight update. Convolutions use their unfolded inputs. The norms are running sums of squares, accumulated as
+the calibration batches pass (the inputs themselves are never kept)."""
 
 from __future__ import annotations
 
@@ -10,18 +11,27 @@ from torch import nn
 
 from .. import masking
 from ..structures import NM, Unstructured
-from .calibration import input_columns, layer_inputs, select_mask
+from .calibration import input_columns, observe_inputs, select_mask
 from .methods import MaskingMethod
 
 
-def input_norms(module: nn.Module, inputs: list[torch.Tensor]) -> torch.Tensor:
+def input_square_sums(model: nn.Module, layers: dict[str, nn.Module], images: torch.Tensor
+                      ) -> dict[str, torch.Tensor]:
+    """Σ X_j² over the calibration set for every input entry j of every layer, accumulated batch by batch as the
+    model runs (memory: one vector per layer, whatever the calibration set's size)."""
+    totals: dict[str, torch.Tensor] = {}
+
+    def accumulate(name: str, module: nn.Module, x: torch.Tensor) -> None:
+        sq = input_columns(module, x).pow(2).sum(0)
+        totals[name] = sq if name not in totals else totals[name] + sq
+
+    observe_inputs(model, layers, images, accumulate)
+    return totals
+
+
+def input_norms(module: nn.Module, square_sum: torch.Tensor) -> torch.Tensor:
     """‖X_j‖₂ for every weight entry's input, shaped like the weight (Wanda's activation term)."""
-    total = None
-    for x in inputs:
-        cols = input_columns(module, x)
-        sq = cols.pow(2).sum(0)
-        total = sq if total is None else total + sq
-    norms = total.sqrt()
+    norms = square_sum.sqrt()
     weight = masking.raw(module)
     if isinstance(module, nn.Linear):
         return norms.expand_as(weight)
@@ -45,10 +55,10 @@ def wanda_masks(model: nn.Module, layers: dict[str, nn.Module], images: torch.Te
                 sparsity: float, structure: Unstructured | NM | None = None) -> dict[str, torch.Tensor]:
     """Wanda: score |W_ij|·‖X_j‖₂ on calibration inputs of the dense model; prune per output row (under N:M, per
     group of M, which lies inside a row)."""
-    inputs = layer_inputs(model, layers, images)
+    square_sums = input_square_sums(model, layers, images)
     masks = {}
     for name, m in layers.items():
-        scores = masking.raw(m).detach().abs() * input_norms(m, inputs[name])
+        scores = masking.raw(m).detach().abs() * input_norms(m, square_sums[name])
         masks[name] = select_mask(scores, sparsity, structure) if isinstance(structure, NM) \
             else row_masks(scores, sparsity)
     return masks
