@@ -8,7 +8,7 @@ from torch import nn
 from regrow import masking
 from regrow import posttraining as pts
 from regrow.data import synthetic
-from regrow.errors import DataError
+from regrow.errors import ConfigError, DataError
 
 
 def test_calibration_set_is_seeded_distinct_balanced_and_checked():
@@ -254,3 +254,37 @@ def test_static_dynamic_sparsity_gives_pruned_weights_no_gradient():
         optimizer.zero_grad()
         dst.step()
     assert all(torch.equal(dst.masks()[n], start[n]) for n in start)
+
+
+class TokenModel(nn.Module):
+    """Token ids in, a tensor out: what a user's own (Hugging Face) model wrapped for sparsify_model looks like."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(50, 16)
+        self.mix = nn.Linear(16, 32)
+        self.out = nn.Linear(32, 8)
+
+    def forward(self, ids):
+        return self.out(torch.relu(self.mix(self.embed(ids)))).mean(1)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "pot"])
+def test_sparsify_model_in_memory_on_token_inputs(method):
+    torch.manual_seed(0)
+    model = TokenModel()
+    ids = torch.randint(0, 50, (40, 12))
+    masks = pts.sparsify_model(model, ids, method=method, sparsity=0.75)
+    assert set(masks) == {"mix", "out"} and set(masking.masked_layers(model)) == {"mix", "out"}
+    for name, mask in masks.items():
+        assert mask.float().mean() == pytest.approx(0.25, abs=0.01), name
+        assert torch.equal(masking.mask_of(getattr(model, name)), mask)
+    masks = pts.sparsify_model(TokenModel(), ids, method="wanda", sparsity=None, structure="2:4")
+    assert all(m.reshape(-1, 4).sum(1).eq(2).all() for m in masks.values())
+
+
+def test_sparsify_model_refuses_what_it_cannot_run():
+    with pytest.raises(ConfigError, match="not a one-pass method"):
+        pts.sparsify_model(TokenModel(), torch.randint(0, 50, (8, 4)), method="unipts", sparsity=0.5)
+    with pytest.raises(ConfigError, match="unknown"):
+        pts.sparsify_model(TokenModel(), torch.randint(0, 50, (8, 4)), method="wandaa", sparsity=0.5)

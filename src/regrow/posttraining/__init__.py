@@ -19,7 +19,7 @@ from .calibration import (
 )
 from .methods import Magnitude, MaskingMethod, PostTrainingMethod, pts_names, register_pts, resolve_pts
 from .pot import POT, pot_refit
-from .runner import PostTraining, PTSConfig, method_defaults, run_pts
+from .runner import InMemoryRun, PostTraining, PTSConfig, method_defaults, run_pts, sparsify_model
 from .unipts import (
     PTS_DISTRIBUTIONS,
     UNIPTS_DEFAULTS,
@@ -39,5 +39,5 @@ __all__ = ["POT", "PTS_DISTRIBUTIONS", "UNIPTS_DEFAULTS", "DynamicSparsity", "Ma
            "PostTraining", "PostTrainingMethod", "SparsitySearch", "UniPTS", "Wanda", "apply_masks", "base_decayed_kl",
            "calibration_set", "input_columns", "input_norms", "input_square_sums", "keep_count", "layer_inputs",
            "magnitude_masks", "method_defaults", "observe_inputs", "pot_refit", "pts_names", "recalibrate_batchnorm",
-           "regrow_sparsities", "register_pts", "resolve_pts", "row_masks", "run_pts", "select_mask", "tau_at",
-           "wanda_masks"]
+           "regrow_sparsities", "register_pts", "resolve_pts", "row_masks", "run_pts", "select_mask", "sparsify_model",
+           "tau_at", "wanda_masks", "InMemoryRun"]

@@ -45,6 +45,8 @@ def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, batch_size: in
     """Reset every BatchNorm's running statistics and re-estimate them (cumulative average) on ``images``
     (optionally with N(0, noise_std²) added, as UniPTS's fitness does)."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:  # nothing to re-estimate (a transformer's LayerNorms hold no running statistics)
+        return
     momenta = [m.momentum for m in norms]
     for m in norms:
         m.reset_running_stats()

@@ -297,3 +297,42 @@ def run_pts(config: PTSConfig, checkpoint_path: str | Path, out: str | Path, ove
     with RunFolder(out):
         run._check_out()  # again, under the lock: another process may have finished a run there meanwhile
         return run.run()
+
+
+class InMemoryRun:
+    """What a one-pass method (:class:`MaskingMethod`: magnitude, Wanda, POT, or one of yours) reads from a run,
+    for a model and calibration inputs held in memory: no checkpoint, no dataset, no labels, no files."""
+
+    def __init__(self, model: nn.Module, inputs: torch.Tensor, target: float, structure: Unstructured | NM,
+                 seed: int = 0):
+        self.calibration = Dataset(inputs, torch.zeros(len(inputs), dtype=torch.int64), num_classes=1)
+        self.target, self.structure = target, structure
+        self.config = PTSConfig(seed=seed)
+        self.stages: dict[str, float] = {}
+        self.extra: dict[str, Any] = {}
+        self.cost = _Cost(layer_macs(model, tuple(inputs.shape[1:]), None if inputs.is_floating_point()
+                                     else inputs.dtype))
+
+    uniform_sparsities = PostTraining.uniform_sparsities
+    timed = PostTraining.timed
+
+
+def sparsify_model(model: nn.Module, inputs: torch.Tensor, method: str = "wanda", sparsity: float | None = 0.5,
+                   structure: str = "unstructured", layers: dict[str, nn.Module] | None = None,
+                   options: dict[str, Any] | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Sparsify ``model`` in place with a one-pass post-training method on calibration ``inputs`` (a tensor the
+    model takes batch by batch: images, or token ids for a model of your own that reads them); return the masks,
+    which are on the model's ``layers`` (default: every Linear/Conv layer). For any model, a Hugging Face one
+    wrapped to return a tensor included; :func:`run_pts` is the end-to-end run with a dataset and a summary.
+    UniPTS searches and trains against labelled data and is not a one-pass method: use ``run_pts`` for it."""
+    from .methods import MaskingMethod
+
+    config = PTSConfig(method=method, sparsity=sparsity, structure=structure, options=dict(options or {}),
+                       seed=seed)
+    structure_obj, target, resolved = config.validate()
+    cls = resolve_pts(method)
+    if not issubclass(cls, MaskingMethod):
+        raise ConfigError(f"{method} is not a one-pass method (MaskingMethod): run it with regrow pts / run_pts")
+    layers = masking.prunable_layers(model) if layers is None else layers
+    run = InMemoryRun(model, inputs, target, structure_obj, seed=seed)
+    return cls(resolved).sparsify(run, model, layers)
