@@ -38,10 +38,17 @@ from regrow.env import environment
 from regrow.posttraining import sparsify_model
 
 CALIBRATION_MODULES = ("argparse", "collections", "json", "logging", "pathlib", "subprocess", "threading",
-                       "unittest", "typing", "functools", "itertools", "random", "statistics", "csv", "zipfile")
+                       "unittest", "typing", "functools", "itertools", "random", "statistics", "csv", "zipfile", "os",
+                       "re", "string", "heapq", "bisect", "enum", "dataclasses", "contextlib", "abc", "copy",
+                       "pprint", "traceback", "warnings", "io", "queue", "sched", "doctest", "optparse", "pdb",
+                       "cmd", "shlex", "glob", "fnmatch", "codecs", "timeit", "trace", "pstats")
 HELD_OUT_MODULES = ("email", "http.client", "urllib.request", "asyncio", "datetime", "decimal", "fractions",
                     "shutil", "tarfile", "textwrap", "difflib", "inspect", "pickle", "socket", "sqlite3", "ssl",
-                    "tempfile", "xml.dom.minidom", "configparser", "calendar")
+                    "tempfile", "xml.dom.minidom", "configparser", "calendar", "smtplib", "imaplib", "ftplib",
+                    "poplib", "mailbox", "mimetypes", "gzip", "bz2", "lzma", "hashlib", "hmac", "secrets", "uuid",
+                    "ipaddress", "locale", "gettext", "getopt", "filecmp", "wave", "zipapp", "selectors",
+                    "concurrent.futures", "multiprocessing.pool", "http.server", "urllib.parse", "xml.sax",
+                    "email.message", "email.utils", "asyncio.streams", "asyncio.tasks", "logging.handlers")
 METHODS = ("magnitude", "wanda", "pot")
 SETTINGS = (("unstructured", 0.5), ("unstructured", 0.7), ("unstructured", 0.9), ("2:4", None))
 SEGMENT = 64

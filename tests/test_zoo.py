@@ -1,0 +1,113 @@
+"""Models from the zoos (torchvision, timm, Hugging Face) built from configs, no download: regrow's masks, IEE and
+UniPTS on them, through the same trainer and post-training runner as the registry models. Each test is skipped,
+with the reason, where its library is not installed (``pip install regrow[zoo]``)."""
+
+import pytest
+import torch
+from torch import nn
+
+import regrow
+from regrow import masking
+from regrow.posttraining import PTSConfig, run_pts
+from regrow.training import TrainConfig, build_trainer
+
+IEE_SHORT = {"estimate_steps": 2, "improve_steps": 1, "explore_steps": 2}
+
+
+def needs(module):
+    try:
+        if module in ("torchvision", "timm"):
+            from regrow.zoo import import_torchvision
+            import_torchvision()
+        __import__(module)
+    except Exception as e:  # noqa: BLE001 - a missing or broken install: skip with its reason
+        pytest.skip(f"{module} is not usable here ({type(e).__name__}: {e}); pip install 'regrow[zoo]'")
+
+
+def train(tmp_path, model, method, options, sparsity=0.8, **kw):
+    config = TrainConfig(model=model, dataset="synthetic", synthetic_size=96, method=method, sparsity=sparsity,
+                         epochs=2, batch_size=16, augment=False, progress=False, channels_last=False,
+                         method_options=options, **kw)
+    trainer = build_trainer(config, tmp_path / method)
+    return trainer, trainer.run()
+
+
+def assert_exactly_sparse(model, summary, sparsity):
+    layers = masking.masked_layers(model)
+    assert layers and summary["sparsity_masked"] == pytest.approx(sparsity, abs=2e-3)
+    for name, module in layers.items():
+        assert torch.count_nonzero(module.weight[~masking.mask_of(module)]) == 0, name
+
+
+@pytest.mark.parametrize("method,options", [("rigl", {"interval": 2}), ("iee", IEE_SHORT)])
+def test_torchvision_resnet18_trains_sparse(tmp_path, method, options):
+    needs("torchvision")
+    trainer, summary = train(tmp_path, "regrow.zoo:torchvision_resnet18", method, options)
+    assert summary["mask_updates"] >= (2 if method == "rigl" else 1)  # IEE: one cycle fits 12 steps
+    assert len(summary["layers"]) == 21  # 20 convs (3 of them 1×1 shortcuts) and the classifier
+    assert_exactly_sparse(trainer.model, summary, 0.8)
+
+
+def test_unipts_on_a_trained_torchvision_resnet18(tmp_path):
+    needs("torchvision")
+    train(tmp_path, "regrow.zoo:torchvision_resnet18", "dense", {}, sparsity=0.0)
+    options = {"epochs": 1, "batch_size": 16, "population": 4, "generations": 2, "parents": 2, "children": 2,
+               "mutants": 1}
+    summary = run_pts(PTSConfig(method="unipts", sparsity=0.7, calibration_size=64, synthetic_size=96,
+                                options=options, progress=False), tmp_path / "dense", tmp_path / "pts")
+    assert summary["model"] == "regrow.zoo:torchvision_resnet18"
+    assert summary["sparsity_masked"] == pytest.approx(0.7, abs=0.02)
+
+
+def test_timm_vit_trains_sparse(tmp_path):
+    needs("timm")
+    trainer, summary = train(tmp_path, "regrow.zoo:timm_vit_tiny", "rigl", {"interval": 2})
+    assert summary["mask_updates"] >= 2
+    assert_exactly_sparse(trainer.model, summary, 0.8)
+    # the attention projections are Linear layers, masked like the rest
+    assert any(name.endswith("attn.qkv") for name in masking.masked_layers(trainer.model))
+
+
+def test_timm_convnext_trains_sparse():
+    needs("timm")
+    from regrow.zoo import timm_convnext_atto
+
+    torch.manual_seed(0)
+    model = timm_convnext_atto(in_channels=3, num_classes=4)  # downsamples 32×: 32×32 inputs
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    sp = regrow.RigL(model, optimizer, sparsity=0.8, interval=2, total_steps=8)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(8):
+        x, y = torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 4, (8,), generator=g)
+        loss = nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        sp.step()
+    assert len(sp.history) >= 2 and sp.actual_sparsity() == pytest.approx(0.8, abs=2e-3)
+    assert any(m.groups == m.in_channels > 1 for m in sp.layers.values() if isinstance(m, nn.Conv2d))  # depthwise
+
+
+@pytest.mark.parametrize("method,options", [("rigl", {"interval": 2}), ("iee", IEE_SHORT)])
+def test_hugging_face_bert_from_config_trains_sparse(method, options):
+    needs("transformers")
+    from regrow.zoo import hf_bert_tiny
+
+    torch.manual_seed(0)
+    model = hf_bert_tiny(num_classes=3, input_size=12, vocab_size=60)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sp = regrow.create(method, model, optimizer, sparsity=0.8, total_steps=24, exclude=["model.classifier"],
+                       **options)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(24):
+        ids = torch.randint(1, 60, (16, 12), generator=g)
+        labels = ids[:, 0] % 3
+        loss = nn.functional.cross_entropy(model(ids), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        sp.step()
+    assert len(sp.history) >= 2 and sp.actual_sparsity() == pytest.approx(0.8, abs=2e-3)
+    assert "model.bert.encoder.layer.0.attention.self.query" in sp.layers
+    for name, module in sp.layers.items():
+        assert torch.count_nonzero(module.weight[~masking.mask_of(module)]) == 0, name
