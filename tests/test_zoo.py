@@ -111,3 +111,40 @@ def test_hugging_face_bert_from_config_trains_sparse(method, options):
     assert "model.bert.encoder.layer.0.attention.self.query" in sp.layers
     for name, module in sp.layers.items():
         assert torch.count_nonzero(module.weight[~masking.mask_of(module)]) == 0, name
+
+
+def test_vit_channel_pruning_leaves_attention_heads_whole_and_exports_exactly():
+    needs("timm")
+    import warnings
+
+    from regrow.export import export_masked_model
+    from regrow.zoo import timm_vit_tiny
+
+    torch.manual_seed(0)
+    model = timm_vit_tiny(in_channels=1, num_classes=4, input_size=16)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Torch-Pruning on cls_token / pos_embed, which it leaves to regrow
+        sp = regrow.create("halp", model, optimizer, structure="channel", latency_target=0.7, cost="macs",
+                           input_shape=(1, 16, 16), total_steps=20, prune_every=2, prune_steps=3)
+    # The MLP hidden channels are pruned; the q/k/v projections (reshaped into heads) are left whole, with why.
+    assert {g.root for g in sp.groups} == {f"blocks.{i}.mlp.fc1" for i in range(12)}
+    assert any("attention heads" in reason for reason in sp.skipped.values())
+    g = torch.Generator().manual_seed(0)
+    for _ in range(8):
+        x, y = torch.randn(8, 1, 16, 16, generator=g), torch.randint(0, 4, (8,), generator=g)
+        loss = nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        sp.step()
+    assert len(sp.history) == 3 and sp.history[-1]["dropped_channels"] > 0
+    x = torch.randn(4, 1, 16, 16, generator=g)
+    model.eval()
+    with torch.no_grad():
+        want = model(x)
+    dense_size = sum(p.numel() for p in model.parameters())
+    exported, _ = export_masked_model(model, x)  # the masked model: its masks say which channels go
+    assert sum(p.numel() for p in exported.parameters()) < dense_size
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x), want, rtol=1e-4, atol=1e-5)

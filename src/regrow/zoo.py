@@ -15,6 +15,7 @@ models and ``transforms.v2`` work.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 from types import ModuleType
 
@@ -45,10 +46,17 @@ def import_torchvision() -> ModuleType:
     return importlib.import_module("torchvision")
 
 
+def torchvision_ready() -> None:
+    """Make an installed torchvision importable before a library that imports it when present (timm, transformers,
+    Lightning) does: without this, a CUDA torchvision wheel on the CPU torch breaks *their* imports too. Nothing
+    happens when torchvision is absent or imports by itself."""
+    if importlib.util.find_spec("torchvision") is not None:
+        import_torchvision()
+
+
 def _import(name: str, extra: str = "zoo") -> ModuleType:
     try:
-        if name == "timm":
-            import_torchvision()  # timm imports torchvision
+        torchvision_ready()
         return importlib.import_module(name)
     except ImportError as e:
         raise ConfigError(f"this model needs {name}: pip install 'regrow[{extra}]'") from e

@@ -94,10 +94,18 @@ def channel_groups(model: nn.Module, example_inputs: torch.Tensor, ignored: list
 
 
 def exclusion(group: ChannelGroup, modules: dict[str, nn.Module]) -> str | None:
-    """Why ``group`` cannot be pruned channel by channel, or None. A grouped (not depthwise) conv splits its
+    """Why ``group`` cannot be pruned channel by channel, or None. A member whose coupled channels do not map evenly
+    onto the group's (attention heads: a packed q/k/v projection reshaped into heads) would be cut inconsistently.
+    A grouped (not depthwise) conv splits its
     channels into blocks that must keep equal sizes, which removing single channels breaks (its export would
     compute another function); a member that is not a Conv, Linear or BatchNorm (a LayerNorm, a layer of the
     user's own) cannot carry regrow's channel masks."""
+    for name, _, idxs in group.members:
+        if not idxs or len(idxs) % group.size:
+            # e.g. an attention block's packed q/k/v projection, whose output is reshaped into heads: its channels
+            # map onto the output projection's unevenly, and removing them one by one would mix the heads.
+            return (f"contains {name}, whose {len(idxs)} coupled channels do not map evenly onto the group's "
+                    f"{group.size} (a reshape, such as attention heads, couples them): not pruned channel by channel")
     for name, _, _ in group.members:
         module = modules[name]
         groups = getattr(module, "groups", 1)

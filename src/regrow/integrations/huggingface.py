@@ -16,9 +16,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from transformers import TrainerCallback
-
+from ..zoo import torchvision_ready
 from . import SparsifierFactory
+
+torchvision_ready()  # a CUDA torchvision wheel on the CPU torch would otherwise break the framework's import
+from transformers import TrainerCallback  # noqa: E402
 
 
 class RegrowCallback(TrainerCallback):

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from lightning.pytorch import Callback
-
 from ..errors import ConfigError
+from ..zoo import torchvision_ready
 from . import SparsifierFactory
+
+torchvision_ready()  # a CUDA torchvision wheel on the CPU torch would otherwise break the framework's import
+from lightning.pytorch import Callback  # noqa: E402
 
 
 class RegrowCallback(Callback):
