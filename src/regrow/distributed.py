@@ -170,7 +170,9 @@ def launch(fn: Callable[..., Any], nproc: int, args: tuple = (), device: str = "
     threads = threads or max(1, torch.get_num_threads() // nproc)
     # torch logs "Terminating process ... via signal SIGTERM" when it ends the other ranks after a failure: the
     # failure itself is what this function raises.
-    logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
+    spawn_log = logging.getLogger("torch.multiprocessing.spawn")
+    level = spawn_log.level
+    spawn_log.setLevel(logging.ERROR)
     context = mp.get_context("spawn")
     errors = context.SimpleQueue()
     try:
@@ -180,6 +182,8 @@ def launch(fn: Callable[..., Any], nproc: int, args: tuple = (), device: str = "
         pass  # reported through the queue below
     except mp.ProcessExitedException as e:
         raise DistributedError(f"process {e.error_index} of {nproc} died (exit code {e.exit_code})") from None
+    finally:
+        spawn_log.setLevel(level)
     reported = []
     while not errors.empty():
         reported.append(errors.get())
