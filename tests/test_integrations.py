@@ -63,6 +63,51 @@ def test_hugging_face_trainer_trains_a_sparse_bert(tmp_path):
     assert result.training_loss == result.training_loss  # finite, not NaN
 
 
+def hf_run(tmp_path, transformers, steps=12, resume=None, save_steps=6):
+    from regrow.integrations.huggingface import RegrowCallback
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=16, num_labels=2)
+    model = transformers.BertForSequenceClassification(config)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 64, (64, 8), generator=g)
+    data = [{"input_ids": i, "labels": y} for i, y in zip(ids, (ids[:, 0] > 31).long())]
+    callback = RegrowCallback("rigl", sparsity=0.8, interval=2, exclude=["classifier"])
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=8,
+                                          learning_rate=1e-3, report_to=[], save_strategy="steps",
+                                          save_steps=save_steps, logging_strategy="no", use_cpu=True, seed=0)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[callback])
+    trainer.train(resume_from_checkpoint=resume)
+    return model, callback.sparsifier
+
+
+def test_hugging_face_resume_restores_masks_and_schedule(tmp_path):
+    transformers = pytest.importorskip("transformers", reason="the huggingface extra is not installed")
+    pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate")
+    full, full_sp = hf_run(tmp_path / "full", transformers)
+    hf_run(tmp_path / "cut", transformers, steps=12, save_steps=6)  # writes checkpoint-6 (and -12)
+    assert (tmp_path / "cut" / "checkpoint-6" / "regrow_sparsifier.safetensors").is_file()
+    resumed, resumed_sp = hf_run(tmp_path / "cut", transformers, resume=str(tmp_path / "cut" / "checkpoint-6"))
+    assert resumed_sp.step_count == 12 and len(resumed_sp.history) == len(full_sp.history)
+    for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        if name.endswith("_mask"):
+            assert torch.equal(a, b), name
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_hugging_face_resume_without_the_callbacks_file_is_refused(tmp_path):
+    transformers = pytest.importorskip("transformers", reason="the huggingface extra is not installed")
+    pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate")
+    from regrow.errors import CheckpointError
+
+    hf_run(tmp_path, transformers, steps=6, save_steps=6)
+    (tmp_path / "checkpoint-6" / "regrow_sparsifier.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="its masks cannot be restored"):
+        hf_run(tmp_path, transformers, steps=12, resume=str(tmp_path / "checkpoint-6"))
+
+
 def test_lightning_trainer_trains_a_sparse_mlp():
     lightning = pytest.importorskip("lightning", reason="the lightning extra is not installed")
     from regrow.integrations.lightning import RegrowCallback

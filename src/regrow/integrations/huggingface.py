@@ -2,25 +2,40 @@
 
     from regrow.integrations.huggingface import RegrowCallback
     trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[RegrowCallback("rigl", sparsity=0.9)])
-    trainer.train()
-    callback.sparsifier.finalize()          # optional: bake the masks into the weights
+    trainer.train()                                      # or trainer.train(resume_from_checkpoint=True)
+    callback.sparsifier.finalize()                       # optional: bake the masks into the weights
 
 The sparsifier is built at ``on_train_begin`` on the Trainer's model and optimizer with ``total_steps`` =
 ``state.max_steps`` (schedule options given as fractions are fractions of that), and steps after every optimizer
 step (``on_optimizer_step``: gradient accumulation gives one mask step per optimizer step, and RigL's dense gradient
-is summed over the accumulated micro-batches). Masks are buffers of the model (``<layer>.weight_mask``), so the
-Trainer's checkpoints hold them; the sparsifier's own schedule position is in ``callback.sparsifier.state_dict()``.
+is summed over the accumulated micro-batches).
+
+Checkpoints: the Trainer saves the weights (their dense values) but a fresh model has no masks to load the masks
+into, and the sparsifier's schedule position is not the model's. So at every save the callback writes its own
+file next to the Trainer's, ``checkpoint-N/regrow_sparsifier.safetensors`` (the masks and the sparsifier's state;
+no pickle), and when training resumes from ``checkpoint-N`` it installs them: the resumed run has the masks and
+the schedule it was saved with. A resume without that file is refused (it would start new masks on trained
+weights).
 """
 
 from __future__ import annotations
 
+import copy
+import os
+from pathlib import Path
 from typing import Any
 
+import torch
+
+from .. import checkpoint, masking
+from ..errors import CheckpointError
 from ..zoo import torchvision_ready
-from . import SparsifierFactory
+from . import SparsifierFactory, unwrap_model, unwrap_optimizer
 
 torchvision_ready()  # a CUDA torchvision wheel on the CPU torch would otherwise break the framework's import
 from transformers import TrainerCallback  # noqa: E402
+
+STATE_FILE = "regrow_sparsifier.safetensors"
 
 
 class RegrowCallback(TrainerCallback):
@@ -31,8 +46,51 @@ class RegrowCallback(TrainerCallback):
         self.sparsifier = None
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        if self.sparsifier is None:  # a second train() call (resume) keeps the masks it has
+        if self.sparsifier is not None and state.global_step == self.sparsifier.step_count:
+            return  # train() called again on the same model: the masks it has are the run's
+        if state.global_step == 0:
             self.sparsifier = self.factory.build(model, optimizer, state.max_steps)
+            return
+        # Resuming from checkpoint-N: the Trainer has loaded its weights and optimizer state. Building the
+        # sparsifier draws start masks (zeroing weights and optimizer state outside them), so both are kept aside
+        # and put back once the saved masks and schedule are installed.
+        net, inner = unwrap_model(model), unwrap_optimizer(optimizer)
+        weights = {n: p.detach().clone() for n, p in net.named_parameters()}
+        optimizer_state = copy.deepcopy(inner.state_dict())
+        self.sparsifier = self.factory.build(model, optimizer, state.max_steps)
+        self._restore(Path(args.output_dir) / f"checkpoint-{state.global_step}", model)
+        with torch.no_grad():
+            for name, p in net.named_parameters():
+                p.copy_(weights[name])
+        inner.load_state_dict(optimizer_state)
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.sparsifier.step()
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if self.sparsifier is None or not folder.is_dir() or not _is_writer(args):
+            return
+        masks = {k: v for k, v in unwrap_model(model).state_dict().items() if k.endswith("_mask")}
+        checkpoint.save(folder / STATE_FILE, {"masks": masks, "sparsifier": self.sparsifier.state_dict()},
+                        {"kind": "regrow-huggingface-callback", "step": state.global_step})
+
+    def _restore(self, folder: Path, model) -> None:
+        path = folder / STATE_FILE
+        if not path.is_file():
+            raise CheckpointError(f"resuming from {folder}, which has no {STATE_FILE}: its masks cannot be restored "
+                                  "(the checkpoint was not written with RegrowCallback); start a new run instead")
+        sections, _ = checkpoint.load(path)
+        modules = dict(unwrap_model(model).named_modules())
+        for key, mask in sections["masks"].items():
+            owner, _, buffer = key.rpartition(".")
+            if owner not in modules or not masking.is_masked(modules[owner]):
+                raise CheckpointError(f"{path} holds a mask for {owner!r}, which the sparsifier does not mask here "
+                                      "(other options than the saved run?)")
+            masking.set_mask(modules[owner], mask.bool(), buffer[: -len("_mask")])
+        self.sparsifier.load_state_dict(sections["sparsifier"])
+
+
+def _is_writer(args) -> bool:
+    """One process writes the file (the Trainer's own rule for its checkpoint files)."""
+    return getattr(args, "should_save", True) and int(os.environ.get("RANK", "0")) == 0
