@@ -8,6 +8,9 @@ from torch import nn
 from regrow import masking
 from regrow.errors import ConfigError
 from regrow.integrations import SparsifierFactory, unwrap_model, unwrap_optimizer
+from regrow.zoo import torchvision_ready
+
+torchvision_ready()  # before importorskip imports a framework that imports an installed torchvision
 
 
 def check_sparse(model, sparsifier, sparsity):
