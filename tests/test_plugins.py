@@ -272,7 +272,8 @@ def test_the_command_line_scans_installed_methods_only_when_it_needs_them(monkey
 
 def test_a_users_token_model_trains_evaluates_and_exports(user_module, tmp_path, capsys):
     """Integer inputs (token ids) are kept as ids: an embedding model trains with a weight method, evaluates and
-    exports; what does not take ids yet (channel structure, post-training, augmentation) says so in one line."""
+    exports, and is made sparse after training (Wanda, POT, UniPTS); what does not take ids yet (channel structure,
+    augmentation) says so in one line."""
     out = tmp_path / "run"
     common = ["--model", f"{user_module}:bag", "--dataset", f"{user_module}:tokens", "--batch-size", "32",
               "--no-progress", "--device", "cpu"]
@@ -292,12 +293,17 @@ def test_a_users_token_model_trains_evaluates_and_exports(user_module, tmp_path,
     ids = torch.randint(0, 53, (5, 12))
     assert torch.allclose(exported.eval()(ids), masked.eval()(ids), atol=1e-6)
     assert main(["train", *common, "--method", "dense", "--no-augment", "--out", str(tmp_path / "dense")]) == 0
+    quick = ["epochs=1", "batch_size=16", "population=4", "generations=2", "parents=2", "children=2", "mutants=1"]
+    for method, options in (("wanda", []), ("pot", []), ("unipts", quick)):  # post-training sparsity on ids
+        assert main(["pts", str(tmp_path / "dense"), "--method", method, "--sparsity", "0.5", "--no-progress",
+                     "--calibration-size", "64", *[f"--opt={o}" for o in options],
+                     "--out", str(tmp_path / f"pts-{method}")]) == 0, method
+        pts_summary = summary_of(tmp_path / f"pts-{method}")
+        assert pts_summary["sparsity_masked"] == pytest.approx(0.5, abs=0.02) and pts_summary["test_accuracy"] > 0.4
     for argv, message in (
             (["train", *common, "--method", "rigl", "--out", str(tmp_path / "a")], "pass --no-augment"),
             (["train", *common, "--method", "halp", "--structure", "channel", "--no-augment",
               "--out", str(tmp_path / "b")], "holds token ids; channel structure"),
-            (["pts", str(tmp_path / "dense"), "--method", "magnitude", "--sparsity", "0.5", "--no-progress",
-              "--out", str(tmp_path / "c")], "regrow pts takes float inputs"),
             (["eval", str(out / "model.safetensors"), "--dataset", "synthetic"], "takes token ids")):
         capsys.readouterr()
         assert main(argv) == 2, argv

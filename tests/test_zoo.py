@@ -2,6 +2,8 @@
 UniPTS on them, through the same trainer and post-training runner as the registry models. Each test is skipped,
 with the reason, where its library is not installed (``pip install regrow[zoo]``)."""
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -148,3 +150,35 @@ def test_vit_channel_pruning_leaves_attention_heads_whole_and_exports_exactly():
     assert sum(p.numel() for p in exported.parameters()) < dense_size
     with torch.no_grad():
         torch.testing.assert_close(exported(x), want, rtol=1e-4, atol=1e-5)
+
+
+TOKENS = '''
+import torch
+
+
+def tokens():
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(240) % 3
+    x = torch.randint(1, 900, (240, 12), generator=g)
+    x[:, 0] = 900 + y  # a class token among eleven random ones
+    return (x[:192], y[:192]), (x[192:], y[192:])
+'''
+
+
+def test_unipts_on_a_trained_hugging_face_bert(tmp_path, monkeypatch):
+    needs("transformers")
+    from regrow.cli import main
+
+    (tmp_path / "zoo_tokens.py").write_text(TOKENS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    common = ["--model", "regrow.zoo:hf_bert_tiny", "--dataset", "zoo_tokens:tokens", "--no-progress",
+              "--device", "cpu"]
+    assert main(["train", *common, "--method", "dense", "--no-augment", "--epochs", "4", "--batch-size", "32",
+                 "--lr", "0.05", "--out", str(tmp_path / "dense")]) == 0
+    quick = ["epochs=1", "batch_size=16", "population=4", "generations=2", "parents=2", "children=2", "mutants=1"]
+    assert main(["pts", str(tmp_path / "dense"), "--method", "unipts", "--sparsity", "0.6", "--no-progress",
+                 "--calibration-size", "48", *[f"--opt={o}" for o in quick], "--out", str(tmp_path / "pts")]) == 0
+    summary = json.loads((tmp_path / "pts" / "summary.json").read_text())
+    assert summary["sparsity_masked"] == pytest.approx(0.6, abs=0.02)
+    assert any(name.endswith("attention.self.query") for name in summary["layer_sparsities"])
+    assert "search" in summary and summary["training"]["steps"] == 3  # 48 samples in batches of 16, one epoch

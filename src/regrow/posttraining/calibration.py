@@ -56,7 +56,7 @@ def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, batch_size: in
     generator = torch.Generator().manual_seed(seed)
     try:
         for x in _batches(images, batch_size):
-            if noise_std:
+            if noise_std and x.is_floating_point():  # token ids take no noise
                 x = x + noise_std * torch.randn(x.shape, generator=generator)
             model(x)
     finally:

@@ -188,8 +188,6 @@ class PostTraining:
         self._check_out()
         self.dense, self.meta, self.checkpoint_path, self.train_data = _load_dense(checkpoint_path, config)
         dataset = config.dataset or self.meta["dataset"]
-        if not self.train_data.images.is_floating_point():  # BatchNorm noise, layer-input refits, FLOPs tracing
-            raise ConfigError(f"{dataset} holds token ids; regrow pts takes float inputs (token models: not yet)")
         self.test_data = _split(config, dataset, "test")
         check_data_fits(self.meta, self.train_data, str(self.checkpoint_path))
         self.dataset = dataset
@@ -199,7 +197,10 @@ class PostTraining:
         if len(self.shape) == 3:  # NHWC: about 25 % faster convolutions on CPU for the search and the training
             self.dense = self.dense.to(memory_format=torch.channels_last)
             self.calibration.images = self.calibration.images.contiguous(memory_format=torch.channels_last)
-        self.macs = layer_macs(self.dense, self.shape)
+        # Token ids (a language model): the MACs are traced on ids, the fitness adds no noise to them, the sparse
+        # training does not crop or flip them.
+        self.tokens = None if self.train_data.images.is_floating_point() else self.train_data.images.dtype
+        self.macs = layer_macs(self.dense, self.shape, self.tokens)
         self.cost = _Cost(self.macs)
         self.stages: dict[str, float] = {}
         self.extra: dict[str, Any] = {}

@@ -358,8 +358,9 @@ class UniPTS(PostTrainingMethod):
         config = TrainConfig(model=run.meta["model"], dataset=run.dataset, method="unipts", sparsity=run.target,
                              distribution=o["distribution"], structure=run.structure.name, epochs=o["epochs"],
                              batch_size=batch, lr=lr, momentum=o["momentum"], nesterov=False,
-                             weight_decay=o["weight_decay"], warmup_epochs=o["warmup_epochs"], augment=o["augment"],
-                             channels_last=False, device=str(next(model.parameters()).device), seed=c.seed,
+                             weight_decay=o["weight_decay"], warmup_epochs=o["warmup_epochs"],
+                             augment=o["augment"] and run.tokens is None, channels_last=False,
+                             device=str(next(model.parameters()).device), seed=c.seed,
                              log_every=1, eval_every=o["epochs"], progress=c.progress)
         trainer = Trainer(model, optimizer, sparsifier, data, run.test_data, run.out / SPARSE_TRAINING,
                           config=config, teacher=teacher, lr_schedule=lambda step: cosine_lr(step, total, lr, warmup),
