@@ -318,16 +318,16 @@ def set_straight_through(module: nn.Module, srste: float | None, param: str = "w
 def capture_dense_grad(module: nn.Module, on: bool = True) -> None:
     """Record dL/d(weight ⊙ mask) at the next backward passes (summed) into ``dense_grad(module)``.
 
-    The probe is kept between captures (one zero tensor the weight's size per layer, made at the first capture
-    and again only if the weight moved to another device or dtype), so that a compiled forward sees the same
-    tensor every time instead of recompiling."""
+    The probe (a zero tensor the weight's size) exists only while capture is on: RigL holds it for one step in
+    every ΔT, so it costs no memory in between. A compiled forward takes a new probe as a new input of the same
+    graph, without recompiling (tests/test_masking.py)."""
     module._regrow_capture = on
     weight = raw(module)
     probe = module._regrow_probe
     if on and (probe is None or probe.device != weight.device or probe.dtype != weight.dtype):
         module._regrow_probe = torch.zeros_like(weight, requires_grad=True)
     if not on:
-        clear_dense_grad(module)
+        module._regrow_probe = None
 
 
 def dense_grad(module: nn.Module) -> torch.Tensor | None:
