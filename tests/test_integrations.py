@@ -34,7 +34,10 @@ def test_wrappers_are_unwrapped():
             self.optimizer = inner
 
     assert unwrap_optimizer(Wrapper(Wrapper(optimizer))) is optimizer
-    assert unwrap_model(nn.parallel.DistributedDataParallel.__new__(nn.parallel.DistributedDataParallel)) is not None
+    assert unwrap_model(torch.compile(nn.DataParallel(model))) is model
+    own = nn.Sequential()
+    own.module = nn.Linear(4, 2)  # a model's own submodule called "module" is not a wrapper
+    assert unwrap_model(own) is own
     with pytest.raises(ConfigError, match="no torch optimizer"):
         unwrap_optimizer(object())
 

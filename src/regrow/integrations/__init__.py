@@ -28,11 +28,17 @@ def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The model inside DDP / compile wrappers: masks go on the module that holds the parameters."""
-    for attribute in ("module", "_orig_mod"):
-        while isinstance(getattr(model, attribute, None), nn.Module):
-            model = getattr(model, attribute)
-    return model
+    """The model inside (Distributed)DataParallel and ``torch.compile`` wrappers: masks go on the module that holds
+    the parameters. Only those wrapper types are unwrapped (a model's own submodule named ``module`` is not)."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif isinstance(model, OptimizedModule):
+            model = model._orig_mod
+        else:
+            return model
 
 
 class SparsifierFactory:
