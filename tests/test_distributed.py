@@ -7,7 +7,7 @@ from safetensors.torch import save_file
 
 from regrow import SET, distributed
 from regrow.cli import main
-from regrow.errors import ConfigError, DistributedError
+from regrow.errors import DistributedError
 from regrow.training import MODEL, TrainConfig, build_trainer, load_model, train_parallel
 
 
@@ -95,9 +95,12 @@ def test_train_parallel_writes_one_run_folder(tmp_path):
 
 def test_a_batch_too_small_to_split_is_refused_before_work(tmp_path, capsys):
     # 200 samples in batches of 64: the last batch holds 8 samples, which 16 processes cannot share.
-    with pytest.raises(ConfigError, match="cannot be split over 16 processes"):
-        from regrow.training import _check_data_parallel
-        _check_data_parallel(config(batch_size=64), None, 200, 16)
+    # 512 synthetic samples in batches of 96: the last batch holds 32 samples, which 48 processes cannot share.
+    assert main(["train", "--model", "mlp", "--dataset", "synthetic", "--batch-size", "96", "--nproc", "48",
+                 "--no-augment", "--out", str(tmp_path / "y")]) == 2
+    err = capsys.readouterr().err
+    assert "a batch of 32 samples cannot be split over 48 processes" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "y").exists()  # refused before any process started or wrote
     assert main(["train", "--model", "mlp", "--dataset", "synthetic", "--nproc", "0",
                  "--out", str(tmp_path / "x")]) == 2
     assert "--nproc must be a positive integer" in capsys.readouterr().err

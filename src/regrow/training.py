@@ -266,7 +266,7 @@ class Trainer:
         _set_up_device(self.device)
         self.rank, self.world = distributed.world()
         if self.world > 1:
-            _check_data_parallel(c, sparsifier, len(train_data), self.world)
+            _check_data_parallel(c, len(train_data), self.world)
         # Training steps may run a compiled wrapper; everything else (evaluation, checkpoints) uses the model itself.
         # Static shapes: a recompile (masks' gradient capture switching on and off) must not turn on dynamic
         # shapes, with which inductor failed to lower a strided conv's backward (torch 2.13, RigL on ResNet-8).
@@ -560,11 +560,15 @@ def train_parallel(config: TrainConfig, out: str | os.PathLike, nproc: int, resu
     if nproc == 1:
         return train(config, out, resume=resume, overwrite=overwrite)
     config.validate()
+    # What several processes cannot do is refused here, before any process starts.
+    train_data = load_dataset(config.dataset, "train", config.data_dir, synthetic_size=config.synthetic_size,
+                              seed=config.seed)
+    _check_data_parallel(config, min(len(train_data), config.train_subset or len(train_data)), nproc)
     distributed.launch(train, nproc, (config, out, resume, overwrite), device=config.device)
     return json.loads((Path(out) / SUMMARY).read_text())
 
 
-def _check_data_parallel(config: TrainConfig, sparsifier: methods.BaseSparsifier, samples: int, world: int) -> None:
+def _check_data_parallel(config: TrainConfig, samples: int, world: int) -> None:
     """What several processes cannot do (yet), refused before any step."""
     last = samples % config.batch_size or config.batch_size
     if min(config.batch_size, last) < world:
