@@ -131,7 +131,8 @@ def tp_reference(args, seed: int, target_macs: float, out) -> dict:
     def pruned_at(ratio: float):
         model = copy.deepcopy(dense)
         convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
-        ignored = [model.fc] + ([] if args.prune_first else [convs[0]])
+        classifier = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]  # ResNet's fc, MobileNet's
+        ignored = [classifier] + ([] if args.prune_first else [convs[0]])
         pruner = tp.pruner.MagnitudePruner(model, example, importance=tp.importance.MagnitudeImportance(p=1),
                                            pruning_ratio=ratio, ignored_layers=ignored)
         pruner.step()
