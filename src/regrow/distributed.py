@@ -42,11 +42,6 @@ def active() -> bool:
     return world()[1] > 1
 
 
-def is_main() -> bool:
-    """True on the rank that writes files (rank 0, or the only process)."""
-    return world()[0] == 0
-
-
 def barrier() -> None:
     if active():
         dist.barrier()
@@ -66,15 +61,6 @@ def average(tensor: torch.Tensor) -> torch.Tensor:
     out = tensor.detach().to(_comm_device(), copy=True)
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out.div_(world()[1]).to(tensor.device)
-
-
-def agree(flag: bool) -> bool:
-    """True on every rank if ``flag`` is true on any rank (so that all ranks stop together)."""
-    if not active():
-        return flag
-    value = torch.tensor([1 if flag else 0], dtype=torch.int64, device=_comm_device())
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
 
 
 def mask_checksum(mask: torch.Tensor) -> torch.Tensor:
