@@ -113,3 +113,18 @@ def test_without_a_process_group_nothing_is_reduced():
     assert distributed.average(t) is t
     assert distributed.mask_checksum(torch.tensor([1, 0, 1, 0])).tolist() != \
         distributed.mask_checksum(torch.tensor([0, 1, 0, 1])).tolist()
+
+
+def test_channel_pruning_keeps_identical_masks_on_both_ranks(tmp_path):
+    """HALP on a ResNet with BatchNorm: its Taylor-BN scores come from gradients DDP averages, so the ranks choose the
+    same channels (the checksum would raise otherwise) and end with bit-identical weights and masks; BatchNorm makes
+    it differ from one process, so that is not compared."""
+    cfg = config(model="resnet8", method="halp", structure="channel", cost="macs", latency_target=0.6,
+                 channels_last=False, method_options={"prune_every": 2, "prune_steps": 3})
+    distributed.launch(run_and_keep_each_rank, 2, (cfg, tmp_path / "ddp"))
+    rank0, rank1 = load_rank(tmp_path / "ddp", 0), load_rank(tmp_path / "ddp", 1)
+    masks = [k for k in rank0 if k.endswith("weight_mask")]
+    assert masks and any(not bool(rank0[k].all()) for k in masks)  # channels were pruned
+    for key in rank0:  # BatchNorm's running statistics are each rank's own after its last local batch (plain DDP)
+        if not key.endswith(("running_mean", "running_var", "num_batches_tracked")):
+            assert torch.equal(rank0[key], rank1[key]), key
