@@ -42,19 +42,22 @@ def test_wrappers_are_unwrapped():
         unwrap_optimizer(object())
 
 
+def tiny_bert(transformers):
+    """A 2-layer BERT classifier from a config, and 64 token sequences whose first token decides the label."""
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=16, num_labels=2)
+    model = transformers.BertForSequenceClassification(config)
+    ids = torch.randint(0, 64, (64, 8), generator=torch.Generator().manual_seed(0))
+    return model, [{"input_ids": i, "labels": y} for i, y in zip(ids, (ids[:, 0] > 31).long())]
+
+
 def test_hugging_face_trainer_trains_a_sparse_bert(tmp_path):
     transformers = pytest.importorskip("transformers", reason="the huggingface extra is not installed")
     pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate")
     from regrow.integrations.huggingface import RegrowCallback
 
-    torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=64, max_position_embeddings=16, num_labels=2)
-    model = transformers.BertForSequenceClassification(config)
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 64, (64, 8), generator=g)
-    labels = (ids[:, 0] > 31).long()  # learnable: the first token decides
-    data = [{"input_ids": i, "labels": y} for i, y in zip(ids, labels)]
+    model, data = tiny_bert(transformers)
     callback = RegrowCallback("rigl", sparsity=0.8, interval=2, exclude=["classifier"])
     args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=12, per_device_train_batch_size=8,
                                           gradient_accumulation_steps=2, learning_rate=1e-3, report_to=[],
@@ -72,13 +75,7 @@ def test_hugging_face_trainer_trains_a_sparse_bert(tmp_path):
 def hf_run(tmp_path, transformers, steps=12, resume=None, save_steps=6):
     from regrow.integrations.huggingface import RegrowCallback
 
-    torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=64, max_position_embeddings=16, num_labels=2)
-    model = transformers.BertForSequenceClassification(config)
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 64, (64, 8), generator=g)
-    data = [{"input_ids": i, "labels": y} for i, y in zip(ids, (ids[:, 0] > 31).long())]
+    model, data = tiny_bert(transformers)
     callback = RegrowCallback("rigl", sparsity=0.8, interval=2, exclude=["classifier"])
     args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=8,
                                           learning_rate=1e-3, report_to=[], save_strategy="steps",

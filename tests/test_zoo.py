@@ -34,6 +34,21 @@ def train(tmp_path, model, method, options, sparsity=0.8, **kw):
     return trainer, trainer.run()
 
 
+def loop(model, optimizer, sp, batches):
+    """Our own training loop over ``(inputs, labels)`` batches, ``sp.step()`` after every optimizer step."""
+    for x, y in batches:
+        loss = nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        sp.step()
+
+
+def images(g, steps, channels, size, classes):
+    return [(torch.randn(8, channels, size, size, generator=g), torch.randint(0, classes, (8,), generator=g))
+            for _ in range(steps)]
+
+
 def assert_exactly_sparse(model, summary, sparsity):
     layers = masking.masked_layers(model)
     assert layers and summary["sparsity_masked"] == pytest.approx(sparsity, abs=2e-3)
@@ -78,14 +93,7 @@ def test_timm_convnext_trains_sparse():
     model = timm_convnext_atto(in_channels=3, num_classes=4)  # downsamples 32×: 32×32 inputs
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     sp = regrow.RigL(model, optimizer, sparsity=0.8, interval=2, total_steps=8)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(8):
-        x, y = torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 4, (8,), generator=g)
-        loss = nn.functional.cross_entropy(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        sp.step()
+    loop(model, optimizer, sp, images(torch.Generator().manual_seed(0), 8, 3, 32, 4))
     assert len(sp.history) >= 2 and sp.actual_sparsity() == pytest.approx(0.8, abs=2e-3)
     assert any(m.groups == m.in_channels > 1 for m in sp.layers.values() if isinstance(m, nn.Conv2d))  # depthwise
 
@@ -101,14 +109,8 @@ def test_hugging_face_bert_from_config_trains_sparse(method, options):
     sp = regrow.create(method, model, optimizer, sparsity=0.8, total_steps=24, exclude=["model.classifier"],
                        **options)
     g = torch.Generator().manual_seed(0)
-    for _ in range(24):
-        ids = torch.randint(1, 60, (16, 12), generator=g)
-        labels = ids[:, 0] % 3
-        loss = nn.functional.cross_entropy(model(ids), labels)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        sp.step()
+    ids = [torch.randint(1, 60, (16, 12), generator=g) for _ in range(24)]
+    loop(model, optimizer, sp, [(x, x[:, 0] % 3) for x in ids])
     assert len(sp.history) >= 2 and sp.actual_sparsity() == pytest.approx(0.8, abs=2e-3)
     assert "model.bert.encoder.layer.0.attention.self.query" in sp.layers
     for name, module in sp.layers.items():
@@ -133,13 +135,7 @@ def test_vit_channel_pruning_leaves_attention_heads_whole_and_exports_exactly():
     assert {g.root for g in sp.groups} == {f"blocks.{i}.mlp.fc1" for i in range(12)}
     assert any("attention heads" in reason for reason in sp.skipped.values())
     g = torch.Generator().manual_seed(0)
-    for _ in range(8):
-        x, y = torch.randn(8, 1, 16, 16, generator=g), torch.randint(0, 4, (8,), generator=g)
-        loss = nn.functional.cross_entropy(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        sp.step()
+    loop(model, optimizer, sp, images(g, 8, 1, 16, 4))
     assert len(sp.history) == 3 and sp.history[-1]["dropped_channels"] > 0
     x = torch.randn(4, 1, 16, 16, generator=g)
     model.eval()
