@@ -243,11 +243,10 @@ def export_onnx(model: nn.Module, example_inputs: torch.Tensor, path: str | os.P
             try:
                 _export_dynamo(model, example_inputs, tmp)
             except Exception as e:  # noqa: BLE001 - any failure of the new exporter: the old one may still work
+                reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                 if exporter == "dynamo":
-                    raise ExportError(f"torch.export's ONNX exporter failed ({type(e).__name__}: "
-                                      f"{str(e).splitlines()[0] if str(e) else ''}); nothing was saved") from e
-                result.exporter = "torchscript"
-                result.fallback_reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                    raise ExportError(f"torch.export's ONNX exporter failed ({reason}); nothing was saved") from e
+                result.exporter, result.fallback_reason = "torchscript", reason
                 warnings.warn(f"torch.export's ONNX exporter failed ({result.fallback_reason}); exported with the "
                               "TorchScript exporter instead", stacklevel=3)
         if result.exporter == "torchscript":

@@ -311,8 +311,8 @@ class InMemoryRun:
         self.config = PTSConfig(seed=seed)
         self.stages: dict[str, float] = {}
         self.extra: dict[str, Any] = {}
-        self.cost = _Cost(layer_macs(model, tuple(inputs.shape[1:]), None if inputs.is_floating_point()
-                                     else inputs.dtype))
+        self.tokens = None if inputs.is_floating_point() else inputs.dtype  # as PostTraining.tokens
+        self.cost = _Cost(layer_macs(model, tuple(inputs.shape[1:]), self.tokens))
 
     uniform_sparsities = PostTraining.uniform_sparsities
     timed = PostTraining.timed
