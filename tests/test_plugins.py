@@ -272,8 +272,8 @@ def test_the_command_line_scans_installed_methods_only_when_it_needs_them(monkey
 
 def test_a_users_token_model_trains_evaluates_and_exports(user_module, tmp_path, capsys):
     """Integer inputs (token ids) are kept as ids: an embedding model trains with a weight method, evaluates and
-    exports, and is made sparse after training (Wanda, POT, UniPTS); what does not take ids yet (channel structure,
-    augmentation) says so in one line."""
+    exports, and is made sparse after training (Wanda, POT, UniPTS), channel structure included; what does not take
+    ids (augmentation) says so in one line."""
     out = tmp_path / "run"
     common = ["--model", f"{user_module}:bag", "--dataset", f"{user_module}:tokens", "--batch-size", "32",
               "--no-progress", "--device", "cpu"]
@@ -300,10 +300,19 @@ def test_a_users_token_model_trains_evaluates_and_exports(user_module, tmp_path,
                      "--out", str(tmp_path / f"pts-{method}")]) == 0, method
         pts_summary = summary_of(tmp_path / f"pts-{method}")
         assert pts_summary["sparsity_masked"] == pytest.approx(0.5, abs=0.02) and pts_summary["test_accuracy"] > 0.4
+    # channel structure traces the model on ids: HALP prunes fc1's channels, the export equals the masked model
+    halp = tmp_path / "halp"
+    assert main(["train", *common, "--method", "halp", "--structure", "channel", "--latency-target", "0.5",
+                 "--cost", "macs", "--no-augment", "--epochs", "2", "--opt", "prune_every=2", "--opt", "prune_steps=2",
+                 "--out", str(halp)]) == 0
+    assert summary_of(halp)["channels"]["kept_channels"]["fc1"] < 32
+    assert main(["export", str(halp), "--out", str(tmp_path / "halp.safetensors")]) == 0
+    masked, _ = artifacts.load_model(halp / "model.safetensors")
+    exported, _ = export.load_exported(tmp_path / "halp.safetensors")
+    assert exported.fc1.out_features == summary_of(halp)["channels"]["kept_channels"]["fc1"]
+    assert torch.allclose(exported.eval()(ids), masked.eval()(ids), atol=1e-6)
     for argv, message in (
             (["train", *common, "--method", "rigl", "--out", str(tmp_path / "a")], "pass --no-augment"),
-            (["train", *common, "--method", "halp", "--structure", "channel", "--no-augment",
-              "--out", str(tmp_path / "b")], "holds token ids; channel structure"),
             (["eval", str(out / "model.safetensors"), "--dataset", "synthetic"], "takes token ids")):
         capsys.readouterr()
         assert main(argv) == 2, argv

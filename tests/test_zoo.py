@@ -117,11 +117,11 @@ def test_hugging_face_bert_from_config_trains_sparse(method, options):
         assert torch.count_nonzero(module.weight[~masking.mask_of(module)]) == 0, name
 
 
-def test_vit_channel_pruning_leaves_attention_heads_whole_and_exports_exactly():
+def test_vit_channel_pruning_prunes_whole_heads_and_exports_exactly(tmp_path):
     needs("timm")
     import warnings
 
-    from regrow.export import export_masked_model
+    from regrow.export import export_masked_model, load_exported, save_exported
     from regrow.zoo import timm_vit_tiny
 
     torch.manual_seed(0)
@@ -129,21 +129,70 @@ def test_vit_channel_pruning_leaves_attention_heads_whole_and_exports_exactly():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Torch-Pruning on cls_token / pos_embed, which it leaves to regrow
-        sp = regrow.create("halp", model, optimizer, structure="channel", latency_target=0.7, cost="macs",
+        sp = regrow.create("halp", model, optimizer, structure="channel", latency_target=0.6, cost="macs",
                            input_shape=(1, 16, 16), total_steps=20, prune_every=2, prune_steps=3)
-    # The MLP hidden channels are pruned; the q/k/v projections (reshaped into heads) are left whole, with why.
-    assert {g.root for g in sp.groups} == {f"blocks.{i}.mlp.fc1" for i in range(12)}
-    assert any("attention heads" in reason for reason in sp.skipped.values())
+    # The MLP hidden channels and the attention heads (3 per block, whole: q/k/v rows and proj columns) are pruned.
+    assert {g.root for g in sp.groups} == {f"blocks.{i}.{part}" for i in range(12) for part in ("mlp.fc1", "attn")}
+    assert all(g.size == 3 and g.unit == "head" for g in sp.groups if g.root.endswith("attn"))
     g = torch.Generator().manual_seed(0)
     loop(model, optimizer, sp, images(g, 8, 1, 16, 4))
     assert len(sp.history) == 3 and sp.history[-1]["dropped_channels"] > 0
+    heads = {g.root: int(k.sum()) for g, k in zip(sp.groups, sp.channels.keep) if g.unit == "head"}
+    assert min(heads.values()) < 3
     x = torch.randn(4, 1, 16, 16, generator=g)
     model.eval()
     with torch.no_grad():
         want = model(x)
     dense_size = sum(p.numel() for p in model.parameters())
-    exported, _ = export_masked_model(model, x)  # the masked model: its masks say which channels go
+    exported, structure = export_masked_model(model, x)  # the masked model: its masks say which channels go
     assert sum(p.numel() for p in exported.parameters()) < dense_size
+    modules = dict(exported.named_modules())
+    for root, kept in heads.items():  # timm's own bookkeeping follows: fewer heads of the same size
+        attn = modules[root]
+        assert attn.num_heads == kept and attn.qkv.out_features == 3 * kept * attn.head_dim == 3 * attn.attn_dim
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x), want, rtol=1e-4, atol=1e-5)
+    save_exported(tmp_path / "vit.safetensors", exported, structure)
+    loaded, _ = load_exported(tmp_path / "vit.safetensors", timm_vit_tiny(in_channels=1, num_classes=4, input_size=16))
+    loaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), want, rtol=1e-4, atol=1e-5)
+
+
+def test_bert_channel_pruning_prunes_whole_heads_and_exports_exactly():
+    needs("transformers")
+    from regrow.export import export_masked_model
+    from regrow.zoo import hf_bert_tiny
+
+    torch.manual_seed(0)
+    model = hf_bert_tiny(num_classes=3, input_size=12)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    sp = regrow.create("halp", model, optimizer, structure="channel", latency_target=0.4, cost="macs",
+                       input_shape=(12,), input_dtype="int64", total_steps=20, prune_every=2, prune_steps=3)
+    # q/k/v are viewed as 2 heads of 32: without the head groups the graph would couple them channel by channel,
+    # which no export can reproduce (the heads' size is fixed); the FFN and pooler channels stay channel groups
+    roots = {g.root: g.unit for g in sp.groups}
+    layer = "model.bert.encoder.layer.{}."
+    assert roots == {**{layer.format(i) + "attention": "head" for i in range(2)},
+                     **{layer.format(i) + "intermediate.dense": "channel" for i in range(2)},
+                     "model.bert.pooler.dense": "channel"}
+    g = torch.Generator().manual_seed(0)
+    for _ in range(8):
+        x, y = torch.randint(1, 1000, (8, 12), generator=g), torch.randint(0, 3, (8,), generator=g)
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        sp.step()
+    kept = {g.root: int(k.sum()) for g, k in zip(sp.groups, sp.channels.keep) if g.unit == "head"}
+    assert min(kept.values()) == 1
+    x = torch.randint(1, 1000, (4, 12), generator=g)
+    model.eval()
+    with torch.no_grad():
+        want = model(x)
+    exported, _ = export_masked_model(model, x)
+    modules = dict(exported.named_modules())
+    for root, heads in kept.items():
+        assert modules[root].self.num_attention_heads == heads and modules[root].self.query.out_features == 32 * heads
     with torch.no_grad():
         torch.testing.assert_close(exported(x), want, rtol=1e-4, atol=1e-5)
 

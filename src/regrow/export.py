@@ -19,7 +19,8 @@ from torch import nn
 
 from . import checkpoint, masking
 from .artifacts import build_model
-from .channels.groups import ChannelMasks, _tracer
+from .channels.groups import OUT, ChannelMasks, _tracer
+from .channels.heads import adapter_for
 from .errors import CheckpointError, ConfigError, ExportError
 
 EXPORT_FORMAT = "regrow-export/1"
@@ -90,6 +91,12 @@ def remove_channels(model: nn.Module, example_inputs: torch.Tensor, kept: dict[s
         raise ConfigError(f"the dependency graph cannot trace this model ({type(e).__name__}: {e})") from None
     for root, keep in kept.items():
         module = modules[root]
+        adapter = adapter_for(module)
+        if adapter is not None:  # a group of whole attention heads, named after its attention module
+            _remove_heads(root, module, adapter, keep, modules, tp)
+            if check is not None:
+                check(root)
+            continue
         if isinstance(module, nn.Linear):
             size, prune = module.out_features, tp.prune_linear_out_channels
         else:
@@ -107,6 +114,24 @@ def remove_channels(model: nn.Module, example_inputs: torch.Tensor, kept: dict[s
                 check(root)
     model.train(was_training)
     return model
+
+
+def _remove_heads(root: str, module: nn.Module, adapter, keep: list[int], modules: dict[str, nn.Module], tp) -> None:
+    """Remove the heads of ``module`` not in ``keep``: their rows in every projection, their columns in the output
+    layer (Torch-Pruning's layer functions), then the module's head count (the adapter)."""
+    layout = adapter.layout(root, module)
+    if isinstance(layout, str):
+        raise ExportError(f"cannot remove the heads of {root!r}: {layout}")
+    if not keep:
+        raise ConfigError(f"attention {root!r} would lose every head; at least one must stay")
+    drop = sorted(set(range(layout.num_heads)) - {int(i) for i in keep})
+    if not drop:
+        return
+    hd = layout.head_dim
+    for layer, offsets in layout.projections:
+        tp.prune_linear_out_channels(modules[layer], [o + h * hd + j for h in drop for o in offsets for j in range(hd)])
+    tp.prune_linear_in_channels(modules[layout.output], [h * hd + j for h in drop for j in range(hd)])
+    adapter.set_heads(module, layout.num_heads - len(drop))
 
 
 def export_channels(model: nn.Module, masks: ChannelMasks, example_inputs: torch.Tensor) -> tuple[nn.Module, dict]:
@@ -133,8 +158,13 @@ def export_masked_model(model: nn.Module, example_inputs: torch.Tensor) -> tuple
                  if masking.raw(m).dim() > 1}
     for module in masking.masked_layers(model).values():
         masking.remove_mask(module, bake=True)
-    groups = channel_groups(model, example_inputs)
-    kept = {g.root: torch.nonzero(row_alive[g.root]).flatten().tolist() for g in groups if g.root in row_alive}
+    kept = {}
+    for g in channel_groups(model, example_inputs):
+        # the group's first producer says which units live: a channel is its row, a head its rows in that layer
+        name, idxs = next(((n, i) for n, r, i in g.members if r == OUT and n in row_alive), (None, None))
+        if name is not None and not g.excluded:
+            alive = row_alive[name][idxs].reshape(g.size, -1).any(1)
+            kept[g.root] = torch.nonzero(alive).flatten().tolist()
     remove_channels(model, example_inputs, kept, OutputCheck(model, example_inputs.cpu()))
     return model, _structure(kept, example_inputs)
 

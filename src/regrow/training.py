@@ -51,7 +51,7 @@ from .schedules import cosine_lr
 _RESUME_FREE = {"data_dir", "checkpoint_every", "eval_every", "progress", "device"}
 # Sparsifier arguments the trainer sets itself: as --opt they would be overridden (and recorded) without effect.
 TRAINER_OPTIONS = {"sparsity", "distribution", "structure", "total_steps", "seed", "dense_first", "dense_last",
-                   "latency_target", "cost", "input_shape", "latency_batch"}
+                   "latency_target", "cost", "input_shape", "input_dtype", "latency_batch"}
 AMP_MODES = ("none", "bf16")
 
 
@@ -189,9 +189,6 @@ def build_trainer(config: TrainConfig, out: str | os.PathLike) -> Trainer:
     test_data = load_dataset(c.dataset, "test", c.data_dir, synthetic_size=c.synthetic_size, seed=c.seed)
     if c.train_subset is not None:
         train_data = train_data.subset(subset_indices(train_data.labels, c.train_subset, c.seed))
-    if not train_data.images.is_floating_point() and c.structure == "channel":
-        raise ConfigError(f"{c.dataset} holds token ids; channel structure traces the model on float inputs (not "
-                          "supported for token models yet): use unstructured or N:M sparsity")
     if c.augment and (train_data.images.dim() != 4 or not train_data.images.is_floating_point()):
         raise ConfigError(f"augmentation crops and flips images (N, C, H, W); {c.dataset} has samples of shape "
                           f"{list(train_data.images.shape[1:])}: pass --no-augment")
@@ -208,7 +205,8 @@ def build_trainer(config: TrainConfig, out: str | os.PathLike) -> Trainer:
     options = dict(c.method_options)
     if c.structure == "channel":
         options.update(structure="channel", latency_target=c.latency_target, cost=c.cost,
-                       input_shape=tuple(train_data.images.shape[1:]), latency_batch=c.latency_batch)
+                       input_shape=tuple(train_data.images.shape[1:]), latency_batch=c.latency_batch,
+                       input_dtype="float" if train_data.images.is_floating_point() else "int64")
     elif c.method != "dense":
         options.update(sparsity=c.sparsity, distribution=c.distribution, structure=c.structure,
                        dense_first=c.dense_first, dense_last=c.dense_last)

@@ -100,7 +100,8 @@ class ChannelBudget:
         groups: its coupled channel groups (:func:`regrow.channels.groups.channel_groups`) that may be pruned.
         cost_model: a callable ``(layer, c_in, c_out) -> cost`` with the ``shapes`` of the layers it prices
             (:mod:`regrow.channels.costs`: a measured latency table, or MACs).
-        group_size: G, channels per knapsack item.
+        group_size: G, channels per knapsack item (a group with its own ``chunk``, an attention head group, uses
+            that instead: one head per item).
         resolution: grid steps of the knapsack's budget.
     """
 
@@ -114,14 +115,14 @@ class ChannelBudget:
         """For every costed layer: which group sets its output width and which groups its input width."""
         modules = dict(model.named_modules())
         self._costed = list(self.cost_model.shapes)
-        self._out_group: dict[str, int] = {}
+        self._out_group: dict[str, tuple[int, int]] = {}  # layer -> (group, its output rows per group unit)
         self._in_groups: dict[str, list[tuple[int, int]]] = {n: [] for n in self._costed}
         for i, group in enumerate(self.groups):
             for name, role, idxs in group.members:
                 if name not in self._in_groups:
                     continue
                 if role == OUT:
-                    self._out_group[name] = i
+                    self._out_group[name] = (i, len(idxs) // group.size)
                 elif getattr(modules[name], "groups", 1) == 1:
                     self._in_groups[name].append((i, len(idxs) // group.size))
         self._full = {}
@@ -136,7 +137,11 @@ class ChannelBudget:
         widths = {}
         for name in self._costed:
             full_in, full_out = self._full[name]
-            c_out = kept[self._out_group[name]] if name in self._out_group else full_out
+            if name in self._out_group:
+                i, factor = self._out_group[name]
+                c_out = kept[i] * factor
+            else:
+                c_out = full_out
             if self.cost_model.shapes[name].depthwise:
                 c_in = c_out
             else:
@@ -151,20 +156,25 @@ class ChannelBudget:
     def width_grid(self) -> dict[str, tuple[list[int], list[int]]]:
         """Every (c_in, c_out) a layer can take when each group keeps a multiple of G channels (or all):
         the cells the knapsack asks the cost model for."""
-        def options(size: int) -> list[int]:
-            return sorted(set(range(self.group_size, size + 1, self.group_size)) | {size})
+        def options(i: int) -> list[int]:
+            size, chunk = self.groups[i].size, self.chunk(i)
+            return sorted(set(range(chunk, size + 1, chunk)) | {size})
 
         grid = {}
         for name in self._costed:
             full_in, full_out = self._full[name]
-            outs = options(self.groups[self._out_group[name]].size) if name in self._out_group else [full_out]
+            if name in self._out_group:
+                i, factor = self._out_group[name]
+                outs = [k * factor for k in options(i)]
+            else:
+                outs = [full_out]
             ins = self._in_groups[name]
             if self.cost_model.shapes[name].depthwise:
                 grid[name] = (outs, outs)
             elif len(ins) == 1:
                 (i, factor), = ins
                 size = self.groups[i].size
-                grid[name] = ([full_in - (size - k) * factor for k in options(size)], outs)
+                grid[name] = ([full_in - (size - k) * factor for k in options(i)], outs)
             else:  # unpruned input, or several groups concatenated (those are measured when first asked for)
                 grid[name] = ([full_in], outs)
         return grid
@@ -202,9 +212,9 @@ class ChannelBudget:
         can ask for less than the model can reach) instead of an error.
         """
         forced = forced or [torch.zeros_like(a) for a in allowed]
-        G = self.group_size
         orders, values, min_groups = [], [], []
-        for score, allow, force in zip(scores, allowed, forced):
+        for i, (score, allow, force) in enumerate(zip(scores, allowed, forced)):
+            G = self.chunk(i)
             first = torch.nonzero(force).flatten()
             rest = torch.nonzero(allow & ~force).flatten()
             order = torch.cat([first[torch.argsort(score[first], descending=True, stable=True)],
@@ -266,19 +276,22 @@ class ChannelBudget:
                               "channels allowed")
         return best
 
+    def chunk(self, i: int) -> int:
+        """Units of group ``i`` per knapsack item: G, or the group's own (one attention head)."""
+        return self.groups[i].chunk or self.group_size
+
     def _keeps(self, orders: list[torch.Tensor], groups: list[int]) -> list[torch.Tensor]:
         keeps = []
         for i, (order, k) in enumerate(zip(orders, groups)):
             keep = torch.zeros(self.groups[i].size, dtype=torch.bool)
-            keep[order[: min(k * self.group_size, len(order))]] = True
+            keep[order[: min(k * self.chunk(i), len(order))]] = True
             keeps.append(keep)
         return keeps
 
     def _greedy_fill(self, orders, values, keeps: list[torch.Tensor], budget: float) -> list[torch.Tensor]:
         """Add chunks, the most importance per unit of real cost first, while the real cost stays in budget."""
-        G = self.group_size
-        groups = [math.ceil(int(k.sum()) / G) if int(k.sum()) < len(o) else len(v)
-                  for k, o, v in zip(keeps, orders, values)]
+        groups = [math.ceil(int(k.sum()) / self.chunk(i)) if int(k.sum()) < len(o) else len(v)
+                  for i, (k, o, v) in enumerate(zip(keeps, orders, values))]
         current = self._keeps(orders, groups)
         if any(not torch.equal(a, b) for a, b in zip(current, keeps)):
             return keeps  # the answer is not a chunk prefix (forced channels not a multiple of G): keep it as is
@@ -317,8 +330,8 @@ class ChannelBudget:
 
     def _on_grid(self, counts: list[int]) -> list[int]:
         """Round channel counts up to a multiple of G (or the group's size): the widths the cost table holds."""
-        G = self.group_size
-        return [min(g.size, math.ceil(c / G) * G) for c, g in zip(counts, self.groups)]
+        return [min(g.size, math.ceil(c / self.chunk(i)) * self.chunk(i))
+                for i, (c, g) in enumerate(zip(counts, self.groups))]
 
     def _group_costs(self, orders, values, reference_counts: list[int]) -> list[list[float]]:
         """Each group's cost when it keeps k chunks, its layers' input widths charged at ``reference_counts``.
@@ -326,12 +339,12 @@ class ChannelBudget:
         reference = self.channel_widths(reference_counts)
         costs = []
         for i, order in enumerate(orders):
-            layers = [n for n, g in self._out_group.items() if g == i]
+            layers = [(n, factor) for n, (g, factor) in self._out_group.items() if g == i]
             row = []
             for k in range(1, len(values[i]) + 1):
-                width = min(k * self.group_size, len(order))
-                row.append(sum(self.cost_model(n, width if self.cost_model.shapes[n].depthwise else reference[n][0],
-                                               width) for n in layers))
+                width = min(k * self.chunk(i), len(order))
+                row.append(sum(self.cost_model(n, width * f if self.cost_model.shapes[n].depthwise else reference[n][0],
+                                               width * f) for n, f in layers))
             # A wider layer is never cheaper: a measured table can say so (noise), and the knapsack would then
             # add chunks "for free" that cost real latency.
             costs.append(list(itertools.accumulate(row, max)))

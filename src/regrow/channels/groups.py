@@ -3,7 +3,8 @@
 A *channel group* is a set of coupled channel dimensions: removing channel i of the group removes the i-th output
 channel of every producer in it (convs, linears, BatchNorms, a residual stage's adds) and the matching input
 channel of every consumer. Residual stages, depthwise convolutions (input channel = output channel) and
-concatenations are followed by the dependency graph, not by a second tracer of our own.
+concatenations are followed by the dependency graph, not by a second tracer of our own. Attention heads, which
+the graph couples unevenly, become groups of whole heads where regrow knows the attention module (:mod:`.heads`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ class ChannelGroup:
     size: int
     members: list[tuple[str, str, list[int]]] = field(default_factory=list)
     excluded: str | None = None  # why regrow leaves this group whole (None: it can be pruned)
+    unit: str = "channel"  # what one of its ``size`` units is: a channel, or a whole attention head (heads.py)
+    chunk: int | None = None  # units per knapsack item; None: the method's group_size (a head is its own item)
 
     def modules(self, role: str | None = None) -> list[str]:
         return [name for name, r, _ in self.members if role is None or r == role]
@@ -90,6 +93,12 @@ def channel_groups(model: nn.Module, example_inputs: torch.Tensor, ignored: list
         group = ChannelGroup(root=root_name, size=len(root_idxs), members=members)
         group.excluded = exclusion(group, modules)
         groups.append(group)
+    from .heads import head_groups  # local: heads builds on this module's ChannelGroup
+
+    groups = head_groups(model, groups)
+    for group in groups:
+        if group.unit == "head":
+            group.excluded = exclusion(group, modules)
     return groups
 
 

@@ -42,6 +42,8 @@ class ChannelSparsifier(BaseSparsifier):
         group_size: G, channels per knapsack item (HALP: 32-128 on ResNet-50; 4 suits the small nets here).
         input_shape: one sample's shape (channels, height, width), for tracing and the cost model (required: the
             trainer passes its data's).
+        input_dtype: ``float`` (default) or ``int64``: a model that takes token ids is traced on ids (all 1: a real
+            token, not padding).
         prune_first: allow pruning the first conv's output channels (HALP never does; default False).
         exclude_groups: groups to leave whole, by root layer name (a list, or names separated by commas).
             Groups regrow cannot prune exactly (a grouped conv, a LayerNorm or unknown layer in them) are left
@@ -57,7 +59,8 @@ class ChannelSparsifier(BaseSparsifier):
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
                  latency_target: float = 0.5, cost: str = "latency", group_size: int = 4,
-                 input_shape: tuple[int, ...] | list[int] | None = None, prune_first: bool = False,
+                 input_shape: tuple[int, ...] | list[int] | None = None, input_dtype: str = "float",
+                 prune_first: bool = False,
                  exclude_groups: list[str] | str = (), latency_batch: int = 64, cache_dir: str | None = None,
                  resolution: int = 2000, total_steps: int | None = None, seed: int = 0, cost_model=None):
         if not isinstance(latency_target, (int, float)) or not 0.0 < latency_target < 1.0:
@@ -72,8 +75,11 @@ class ChannelSparsifier(BaseSparsifier):
         if input_shape is None:
             raise ConfigError("channel methods trace the model: pass input_shape, one sample's shape such as "
                               "(3, 32, 32)")
+        if input_dtype not in ("float", "int64"):
+            raise unknown("input_dtype", input_dtype, ("float", "int64"))
         param = next(model.parameters())
-        example = torch.zeros(1, *input_shape, device=param.device, dtype=param.dtype)
+        example = (torch.ones(1, *input_shape, device=param.device, dtype=torch.long) if input_dtype == "int64"
+                   else torch.zeros(1, *input_shape, device=param.device, dtype=param.dtype))
         convs = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))]
         ignored = [] if prune_first or not convs else [convs[0]]
         every_group = channel_groups(model, example, ignored=ignored)
@@ -109,7 +115,7 @@ class ChannelSparsifier(BaseSparsifier):
         self.importance_steps = 0
         self.dense_cost = self.allocator.cost_of([g.size for g in self.groups])
         self.budget = self.latency_target * self.dense_cost
-        floor = self.allocator.cost_of([min(group_size, g.size) for g in self.groups])
+        floor = self.allocator.cost_of([min(self.allocator.chunk(i), g.size) for i, g in enumerate(self.groups)])
         if self.budget < floor:
             raise ConfigError(f"latency_target={latency_target:g} ({self.budget:.4g} {self.cost_model.unit}) is below "
                               f"what this model reaches with one group of {group_size} channels per layer "
