@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -283,8 +284,44 @@ def test_sparsify_model_in_memory_on_token_inputs(method):
     assert all(m.reshape(-1, 4).sum(1).eq(2).all() for m in masks.values())
 
 
+QUICK_UNIPTS = {"epochs": 20, "batch_size": 16, "population": 4, "generations": 2, "parents": 2, "children": 2,
+                "mutants": 1, "teacher_mode": "eval"}
+
+
+@pytest.mark.parametrize("fitness, loss", [("cosine", "cosine"), ("agreement", "kl")])
+def test_unipts_in_memory_without_labels_searches_and_trains_against_the_dense_model(fitness, loss):
+    """UniPTS on a model and unlabelled token ids: the search scores candidates against the dense model's outputs
+    (cosine for an encoder, top-1 agreement for a classifier) and the sparse training moves the weights towards
+    them; the masks hold the target, and the dense model the inputs came with is the teacher, unchanged."""
+    torch.manual_seed(0)
+    model = TokenModel()
+    dense = copy.deepcopy(model)
+    ids = torch.randint(0, 50, (48, 12))
+    details = {}
+    masks = pts.sparsify_model(model, ids, method="unipts", sparsity=0.7, details=details,
+                               options={**QUICK_UNIPTS, "fitness": fitness, "loss": loss})
+    kept = sum(int(m.sum()) for m in masks.values())
+    assert 1 - kept / sum(m.numel() for m in masks.values()) == pytest.approx(0.7, abs=0.02)
+    assert details["search"]["fitness"] == fitness and details["search"]["heldout_accuracy"] is None
+    assert len(details["search"]["history"]) == 2 and 0 < details["search"]["calibration_accuracy"] <= 1
+    training = details["training"]
+    assert training["steps"] == 20 * 3 and training["folder"] is None and len(training["loss_per_epoch"]) == 20
+    assert details["flops"] > 0 and details["stages"]["sparse_training"] > 0
+    assert torch.equal(masking.mask_of(model.mix), masks["mix"])  # the masks are on the model
+    if loss != "cosine":
+        return  # the base-decayed KL matches the student at T = 1 to the teacher at T = 4: not a cosine to compare
+    # trained towards the teacher: closer to the dense outputs than the same masks on the dense weights
+    untrained = copy.deepcopy(dense)
+    with torch.no_grad():
+        for name, mask in masks.items():
+            getattr(untrained, name).weight.mul_(mask)
+        model.eval()
+        closeness = [float(F.cosine_similarity(m(ids), dense(ids)).mean()) for m in (untrained, model)]
+    assert closeness[1] > closeness[0], closeness
+
+
 def test_sparsify_model_refuses_what_it_cannot_run():
-    with pytest.raises(ConfigError, match="not a one-pass method"):
+    with pytest.raises(ConfigError, match="no labels: pass the option fitness=agreement"):
         pts.sparsify_model(TokenModel(), torch.randint(0, 50, (8, 4)), method="unipts", sparsity=0.5)
     with pytest.raises(ConfigError, match="unknown"):
         pts.sparsify_model(TokenModel(), torch.randint(0, 50, (8, 4)), method="wandaa", sparsity=0.5)

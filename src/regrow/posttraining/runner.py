@@ -179,6 +179,8 @@ class _Cost:
 class PostTraining:
     """One post-training run; :meth:`run` returns the summary (also written to ``out/summary.json``)."""
 
+    labelled = True  # the calibration set is a labelled subset of the training data
+
     def __init__(self, config: PTSConfig, checkpoint_path: str | Path, out: str | Path, overwrite: bool = False):
         self.config = config
         self.structure, self.target, self.options = config.validate()
@@ -301,14 +303,20 @@ def run_pts(config: PTSConfig, checkpoint_path: str | Path, out: str | Path, ove
 
 
 class InMemoryRun:
-    """What a one-pass method (:class:`MaskingMethod`: magnitude, Wanda, POT, or one of yours) reads from a run,
-    for a model and calibration inputs held in memory: no checkpoint, no dataset, no labels, no files."""
+    """What a post-training method reads from a run, for a model and calibration inputs held in memory: no
+    checkpoint, no dataset, no labels, no files (a one-pass :class:`MaskingMethod`, or UniPTS with a label-free
+    fitness)."""
+
+    labelled = False  # the calibration labels are placeholders
+    out = test_data = None  # no folder to write, no held-out data to evaluate
 
     def __init__(self, model: nn.Module, inputs: torch.Tensor, target: float, structure: Unstructured | NM,
-                 seed: int = 0):
+                 seed: int = 0, progress: bool = False):
         self.calibration = Dataset(inputs, torch.zeros(len(inputs), dtype=torch.int64), num_classes=1)
         self.target, self.structure = target, structure
-        self.config = PTSConfig(seed=seed)
+        self.config = PTSConfig(seed=seed, progress=progress)
+        self.meta: dict[str, Any] = {}
+        self.dense = model  # read before the method changes it (UniPTS copies it first: its teacher)
         self.stages: dict[str, float] = {}
         self.extra: dict[str, Any] = {}
         self.tokens = None if inputs.is_floating_point() else inputs.dtype  # as PostTraining.tokens
@@ -320,20 +328,29 @@ class InMemoryRun:
 
 def sparsify_model(model: nn.Module, inputs: torch.Tensor, method: str = "wanda", sparsity: float | None = 0.5,
                    structure: str = "unstructured", layers: dict[str, nn.Module] | None = None,
-                   options: dict[str, Any] | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Sparsify ``model`` in place with a one-pass post-training method on calibration ``inputs`` (a tensor the
-    model takes batch by batch: images, or token ids for a model of your own that reads them); return the masks,
-    which are on the model's ``layers`` (default: every Linear/Conv layer). For any model, a Hugging Face one
-    wrapped to return a tensor included; :func:`run_pts` is the end-to-end run with a dataset and a summary.
-    UniPTS searches and trains against labelled data and is not a one-pass method: use ``run_pts`` for it."""
+                   options: dict[str, Any] | None = None, seed: int = 0, details: dict[str, Any] | None = None,
+                   progress: bool = False) -> dict[str, torch.Tensor]:
+    """Sparsify ``model`` in place with a post-training method on calibration ``inputs`` (a tensor the model takes
+    batch by batch: images, or token ids for a model of your own that reads them); return the masks, which are on
+    the model's ``layers`` (default: every Linear/Conv layer). For any model, a Hugging Face one wrapped to return a
+    tensor included; :func:`run_pts` is the end-to-end run with a dataset and a summary.
+
+    The inputs carry no labels: the one-pass methods need none; UniPTS needs ``fitness=agreement`` or
+    ``fitness=cosine`` for its search (and for an encoder ``loss=cosine``), and trains in place. ``details``, when
+    given, receives what the method records (UniPTS: its search, training and stage times)."""
     from .methods import MaskingMethod
 
     config = PTSConfig(method=method, sparsity=sparsity, structure=structure, options=dict(options or {}),
                        seed=seed)
     structure_obj, target, resolved = config.validate()
     cls = resolve_pts(method)
-    if not issubclass(cls, MaskingMethod):
-        raise ConfigError(f"{method} is not a one-pass method (MaskingMethod): run it with regrow pts / run_pts")
+    if not (issubclass(cls, MaskingMethod) or getattr(cls, "in_memory", False)):
+        raise ConfigError(f"{method} needs a dataset and a run folder: run it with regrow pts / run_pts")
     layers = masking.prunable_layers(model) if layers is None else layers
-    run = InMemoryRun(model, inputs, target, structure_obj, seed=seed)
-    return cls(resolved).sparsify(run, model, layers)
+    run = InMemoryRun(model, inputs, target, structure_obj, seed=seed, progress=progress)
+    if not issubclass(cls, MaskingMethod):
+        run.dense = copy.deepcopy(model)  # the dense teacher and the search's starting point, kept apart
+    masks = cls(resolved).sparsify(run, model, layers)
+    if details is not None:
+        details.update(run.extra, stages=dict(run.stages), flops=run.cost.flops)
+    return masks

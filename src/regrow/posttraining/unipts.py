@@ -7,6 +7,14 @@ min(64, N), one warm-up pass); ``tau=constant`` (an ablation) is τ = 1, plain K
 (the overfitting check) hands the whole kept budget out by the genes (margin 1 − P: any layer may reach any
 sparsity) instead of capping every layer at P + 0.05; the fitness adds noise of standard deviation 1e-6 to the
 calibration images for the BatchNorm recalibration.
+
+Without labels (a model and calibration inputs in memory, :func:`regrow.posttraining.sparsify_model`) the paper's
+fitness, top-1 on the labelled calibration set, cannot be computed: ``fitness=agreement`` scores a candidate by
+its top-1 agreement with the dense model (a classifier), ``fitness=cosine`` by the mean cosine similarity of its
+outputs to the dense model's (an encoder, whose outputs are embeddings); ``loss=cosine`` trains the student
+towards the teacher's outputs by 1 − cosine, for outputs that are not logits (a KL over the dimensions of an
+embedding has no meaning). The sparse training then runs as a plain loop over the calibration inputs (no
+evaluation: there are no labels), the same steps, schedule and objective as the trainer's.
 """
 
 from __future__ import annotations
@@ -212,7 +220,8 @@ class DynamicSparsity(BaseSparsifier):
 
 class Distillation:
     """UniPTS's objective as a trainer loss: ``(logits, labels, teacher_logits, epoch)`` -> the base-decayed KL
-    (τ from the epoch), plain KL at τ = 1 (``tau="constant"``), or MSE of the logits (``loss="mse"``)."""
+    (τ from the epoch), plain KL at τ = 1 (``tau="constant"``), MSE of the logits (``loss="mse"``), or 1 − the
+    cosine similarity of each sample's outputs (``loss="cosine"``: embeddings, not logits)."""
 
     def __init__(self, epochs: int, loss: str = "kl", temperature: float = 4.0, tau: str = "decay",
                  tau_start: float = 8.0, tau_decay: float = 0.99):
@@ -223,6 +232,8 @@ class Distillation:
                  epoch: int) -> torch.Tensor:
         if self.loss == "mse":
             return F.mse_loss(logits, teacher_logits)
+        if self.loss == "cosine":
+            return 1 - F.cosine_similarity(logits.flatten(1), teacher_logits.flatten(1), dim=1).mean()
         tau = tau_at(epoch / self.epochs, self.tau_start, self.tau_decay) if self.tau == "decay" else 1.0
         return base_decayed_kl(logits, teacher_logits, tau, self.temperature)
 
@@ -240,6 +251,7 @@ UNIPTS_DEFAULTS: dict[str, Any] = {
     # the genetic search
     "population": 25, "generations": 25, "parents": 10, "children": 12, "mutants": 12, "mutation_p": 0.1,
     "fitness_noise": 1e-6,
+    "fitness": "accuracy",  # accuracy (labelled calibration data, the paper), agreement or cosine (no labels)
     "search_from": "",  # a UniPTS run (folder or summary.json) whose searched distribution to reuse
 }
 
@@ -249,8 +261,10 @@ class UniPTS(PostTrainingMethod):
 
     name = "unipts"
     defaults = UNIPTS_DEFAULTS
-    choices = {"loss": ("kl", "mse"), "tau": ("decay", "constant"), "teacher_mode": ("train", "eval"),
-               "distribution": PTS_DISTRIBUTIONS, "mask": ("dynamic", "static")}
+    choices = {"loss": ("kl", "mse", "cosine"), "tau": ("decay", "constant"), "teacher_mode": ("train", "eval"),
+               "distribution": PTS_DISTRIBUTIONS, "mask": ("dynamic", "static"),
+               "fitness": ("accuracy", "agreement", "cosine")}
+    in_memory = True  # runs on a model and unlabelled inputs too (fitness agreement or cosine)
 
     @classmethod
     def check(cls, options, target, structure):
@@ -262,13 +276,25 @@ class UniPTS(PostTrainingMethod):
 
     def fitness_model(self, run: Run, layers: dict[str, nn.Module]):
         """UniPTS's fitness: magnitude masks at the candidate sparsities on the pretrained weights, BatchNorm reset
-        and re-estimated on the (noised) calibration images, top-1 on the calibration set."""
+        and re-estimated on the (noised) calibration images, top-1 on the calibration set (``fitness=accuracy``;
+        without labels: top-1 agreement with the dense model, or the mean cosine similarity to its outputs)."""
         candidate = copy.deepcopy(run.dense)
         cand_layers = masking.prunable_layers(candidate)
         weights = {n: masking.raw(m).detach().clone() for n, m in layers.items()}
         order = {n: torch.argsort(w.abs().flatten(), descending=True, stable=True) for n, w in weights.items()}
         images, labels = run.calibration.images, run.calibration.labels
         noise = self.options.get("fitness_noise", 0.0)
+        measure = self.options.get("fitness", "accuracy")
+
+        def outputs(model: nn.Module) -> torch.Tensor:
+            model.eval()
+            with torch.no_grad():
+                return torch.cat([model(x) for x in images.split(256)])
+
+        reference = None
+        if measure != "accuracy":  # the dense model's outputs, once
+            reference = outputs(run.dense)
+            run.cost.forward(len(images))
 
         def apply(sparsities: dict[str, float]) -> dict[str, float]:
             densities = {}
@@ -285,11 +311,11 @@ class UniPTS(PostTrainingMethod):
 
         def fitness(sparsity_list: list[float]) -> float:
             apply(dict(zip(layers, sparsity_list)))
-            candidate.eval()
-            with torch.no_grad():
-                correct = sum(int((candidate(x).argmax(1) == labels[i:i + len(x)]).sum())
-                              for i, x in zip(range(0, len(images), 256), images.split(256)))
-            return correct / len(images)
+            out = outputs(candidate)
+            if measure == "cosine":
+                return float(F.cosine_similarity(out.flatten(1), reference.flatten(1), dim=1).mean())
+            target = labels if measure == "accuracy" else reference.argmax(1)
+            return float((out.argmax(1) == target).float().mean())
 
         return candidate, apply, fitness
 
@@ -304,9 +330,10 @@ class UniPTS(PostTrainingMethod):
                                     progress=run.config.progress)
         best, achieved, best_fitness = search.run()
         sparsities = dict(zip(layers, best))
-        apply(sparsities)  # the overfitting check: the searched distribution on held-out data
-        heldout, _ = evaluate(candidate, run.test_data)
-        run.extra["search"] = {"distribution": o["distribution"], "margin": margin, "achieved_sparsity": achieved,
+        apply(sparsities)  # the overfitting check: the searched distribution on held-out data (when there is any)
+        heldout = evaluate(candidate, run.test_data)[0] if run.test_data is not None else None
+        run.extra["search"] = {"distribution": o["distribution"], "fitness": o["fitness"], "margin": margin,
+                               "achieved_sparsity": achieved,
                                 "calibration_accuracy": best_fitness, "heldout_accuracy": heldout,
                                 "fitness_evaluations": len(search.scores), "history": search.history}
         return sparsities
@@ -323,15 +350,20 @@ class UniPTS(PostTrainingMethod):
         found = earlier.get("layer_sparsities")
         if "search" not in earlier or not isinstance(found, dict):
             raise CheckpointError(f"search_from: {path} is not the summary of a UniPTS run with a search")
-        if earlier.get("model") != run.meta["model"] or set(found) != set(layers) \
+        if earlier.get("model") != run.meta.get("model") or set(found) != set(layers) \
                 or abs(earlier.get("sparsity_target", -1) - run.target) > 1e-9:
             raise CheckpointError(f"search_from: {path} searched {earlier.get('model')} at sparsity "
-                                  f"{earlier.get('sparsity_target')}, not {run.meta['model']} at {run.target}")
+                                  f"{earlier.get('sparsity_target')}, not {run.meta.get('model')} at {run.target}")
         run.extra["search"] = {**earlier["search"], "reused_from": str(path)}
         return {n: float(found[n]) for n in layers}
 
     def sparsify(self, run: Run, model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
         o, c = self.options, run.config
+        searching = not (isinstance(run.structure, NM) or o["distribution"] == "uniform" or o["search_from"])
+        if searching and o["fitness"] == "accuracy" and not run.labelled:
+            raise ConfigError("UniPTS's search scores top-1 on labelled calibration data, and these inputs have no "
+                              "labels: pass the option fitness=agreement (a classifier: agreement with the dense "
+                              "model) or fitness=cosine (an encoder: cosine similarity to its outputs)")
         if isinstance(run.structure, NM) or o["distribution"] == "uniform":
             sparsities = run.uniform_sparsities(layers)
         elif o["search_from"]:
@@ -346,13 +378,20 @@ class UniPTS(PostTrainingMethod):
         static = o["mask"] == "static"
         sparsifier = DynamicSparsity(model, sparsities={n: sparsities[n] for n in layers}, srste=o["srste"],
                                      structure=run.structure, static=static, seed=c.seed)
-        lr = o["lr"] if o["lr"] is not None else (0.05 if run.meta["model"] == "mobilenetv2" else 0.01)
+        lr = o["lr"] if o["lr"] is not None else (0.05 if run.meta.get("model") == "mobilenetv2" else 0.01)
         optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=o["momentum"], weight_decay=o["weight_decay"])
         data = run.calibration
         batch = min(o["batch_size"], len(data))
         per_epoch = batches_per_epoch(len(data), batch)
         total = o["epochs"] * per_epoch
         warmup = o["warmup_epochs"] * per_epoch
+        loss_fn = Distillation(o["epochs"], o["loss"], o["temperature"], o["tau"], o["tau_start"], o["tau_decay"])
+        if run.out is None:  # a model and inputs in memory: no labels to evaluate, no folder to write
+            start = time.perf_counter()
+            losses = self.train_in_memory(model, optimizer, sparsifier, teacher, data.images, loss_fn, total, batch,
+                                          lambda step: cosine_lr(step, total, lr, warmup), c.seed)
+            run.stages["sparse_training"] = time.perf_counter() - start
+            return self.finish(run, sparsifier, losses, total, per_epoch, batch, len(data), layers, static, lr)
         # The shared trainer runs the sparse training in a folder of the run (its checkpoints, metrics, recipe):
         # evaluated once, at the end; inputs as the calibration set holds them.
         config = TrainConfig(model=run.meta["model"], dataset=run.dataset, method="unipts", sparsity=run.target,
@@ -364,8 +403,7 @@ class UniPTS(PostTrainingMethod):
                              log_every=1, eval_every=o["epochs"], progress=c.progress)
         trainer = Trainer(model, optimizer, sparsifier, data, run.test_data, run.out / SPARSE_TRAINING,
                           config=config, teacher=teacher, lr_schedule=lambda step: cosine_lr(step, total, lr, warmup),
-                          loss_fn=Distillation(o["epochs"], o["loss"], o["temperature"], o["tau"], o["tau_start"],
-                                               o["tau_decay"]), _checked=True)
+                          loss_fn=loss_fn, _checked=True)
         start = time.perf_counter()
         try:
             trainer.run(overwrite=True)  # the run folder holds no result (checked): what is there is a torn run's
@@ -377,15 +415,54 @@ class UniPTS(PostTrainingMethod):
             (run.out / SPARSE_TRAINING / name).unlink(missing_ok=True)
         losses = [r["loss"] for r in map(json.loads, (run.out / SPARSE_TRAINING / METRICS).read_text().splitlines())
                   if "lr" in r]
-        self.count_training(run, total, per_epoch, batch, len(data), sparsifier.keep, layers, static)
+        return self.finish(run, sparsifier, losses, total, per_epoch, batch, len(data), layers, static, lr,
+                           folder=SPARSE_TRAINING)
+
+    def finish(self, run: Run, sparsifier: DynamicSparsity, losses: list[float], total: int, per_epoch: int,
+               batch: int, samples: int, layers: dict[str, nn.Module], static: bool, lr: float,
+               folder: str | None = None) -> dict[str, torch.Tensor]:
+        o = self.options
+        self.count_training(run, total, per_epoch, batch, samples, sparsifier.keep, layers, static)
         run.extra["training"] = {"steps": total, "epochs": o["epochs"], "batch_size": batch, "lr": lr,
                                  "loss_first": losses[0] if losses else None,
                                  "loss_last": losses[-1] if losses else None,
                                  "loss_per_epoch": [sum(losses[e * per_epoch:(e + 1) * per_epoch]) / per_epoch
                                                     for e in range(o["epochs"])],
-                                 "folder": SPARSE_TRAINING}
+                                 "folder": folder}
         sparsifier.release()  # the masks of the last weights stay on the model
         return sparsifier.masks()
+
+    @staticmethod
+    def train_in_memory(model: nn.Module, optimizer: torch.optim.Optimizer, sparsifier: DynamicSparsity,
+                        teacher: nn.Module, inputs: torch.Tensor, loss_fn: Distillation, total: int, batch: int,
+                        lr_at, seed: int) -> list[float]:
+        """The sparse training on inputs without labels: shuffled passes (seeded), the teacher's outputs as the
+        only target, the learning rate set before every step; returns the loss of every step."""
+        generator = torch.Generator().manual_seed(seed)
+        per_epoch = batches_per_epoch(len(inputs), batch)
+        device = next(model.parameters()).device
+        losses: list[float] = []
+        model.train()
+        order = None
+        for step in range(total):
+            epoch, i = divmod(step, per_epoch)
+            if i == 0:
+                order = torch.randperm(len(inputs), generator=generator)
+            x = inputs[order[i * batch:(i + 1) * batch]].to(device)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step)
+            with torch.no_grad():
+                target = teacher(x)
+            loss = loss_fn(model(x), None, target, epoch)
+            if not torch.isfinite(loss):
+                raise TrainingDivergedError(f"UniPTS's sparse training diverged at step {step + 1} (loss {loss.item()})"
+                                            "; no sparse model was saved. Try a smaller --opt lr.")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            sparsifier.step()
+            losses.append(loss.item())
+        return losses
 
     @staticmethod
     def count_training(run: Run, total: int, per_epoch: int, batch: int, samples: int, keep: dict[str, int],
