@@ -279,7 +279,8 @@ class UniPTS(PostTrainingMethod):
         and re-estimated on the (noised) calibration images, top-1 on the calibration set (``fitness=accuracy``;
         without labels: top-1 agreement with the dense model, or the mean cosine similarity to its outputs)."""
         candidate = copy.deepcopy(run.dense)
-        cand_layers = masking.prunable_layers(candidate)
+        modules = dict(candidate.named_modules())
+        cand_layers = {n: modules[n] for n in layers}  # the layers being pruned (a subset of the model's: e.g. MiniLM's)
         weights = {n: masking.raw(m).detach().clone() for n, m in layers.items()}
         order = {n: torch.argsort(w.abs().flatten(), descending=True, stable=True) for n, w in weights.items()}
         images, labels = run.calibration.images, run.calibration.labels
