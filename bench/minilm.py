@@ -196,7 +196,8 @@ def main(argv=None) -> int:
         return 0
     earlier = RESULTS / "minilm.json"
     if set(args.methods) != set(METHODS) and earlier.is_file():  # a subset re-measured: keep the other methods' rows
-        kept = [r for r in json.loads(earlier.read_text())["rows"] if r["method"] not in args.methods]
+        old = json.loads(earlier.read_text())
+        kept = [{"commit": old["commit"], **r} for r in old["rows"] if r["method"] not in args.methods]
         rows = sorted(kept + rows, key=lambda r: METHODS.index(r["method"]))
     write(rows, args, code)
     return 0
