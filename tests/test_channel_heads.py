@@ -158,6 +158,8 @@ def test_halp_and_iee_prune_whole_heads_within_the_budget_and_export_exactly(ada
     kept_heads = int(sp.channels.keep[index].sum())
     assert 1 <= kept_heads < 4  # at 40 % of the MACs the heads are pruned too, one at a time (no chunk of G=4)
     assert sp.predicted_cost() <= sp.budget * (1 + 1e-9)
+    report = sp.budget_report()
+    assert report["head_groups"] == ["attn"] and report["kept_channels"]["attn"] == kept_heads
     # the cost model saw the kept heads' rows: qkv's output width is 3 * head size per head
     widths = sp.allocator.channel_widths(sp.kept_counts())
     assert widths["attn.qkv"][1] == kept_heads * 12 and widths["attn.proj"][0] == kept_heads * 4

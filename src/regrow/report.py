@@ -57,7 +57,8 @@ def format_report(summary: dict[str, Any]) -> str:
         budget_line = (f"channel budget  {channels['cost_model']}: dense {channels['dense_cost']:.4g} "
                        f"{channels['unit']}, budget {channels['budget']:.4g}, predicted "
                        f"{channels['predicted_cost']:.4g} ({channels['predicted_fraction']:.2%} of dense)")
-        kept = ", ".join(f"{root} {n}/{channels['group_channels'][root]}"
+        heads = set(channels.get("head_groups", ()))
+        kept = ", ".join(f"{root} {n}/{channels['group_channels'][root]}{' heads' if root in heads else ''}"
                          for root, n in channels["kept_channels"].items())
         budget_lines = [budget_line, f"kept channels   {kept}"]
     else:

@@ -193,6 +193,7 @@ class ChannelSparsifier(BaseSparsifier):
                 "predicted_fraction": self.predicted_cost() / self.dense_cost,
                 "kept_channels": dict(zip([g.root for g in self.groups], self.kept_counts())),
                 "group_channels": {g.root: g.size for g in self.groups},
+                "head_groups": [g.root for g in self.groups if g.unit == "head"],  # their counts are whole heads
                 "cost_table": self.cost_model.fingerprint() if hasattr(self.cost_model, "fingerprint") else None}
 
     def state_dict(self) -> dict[str, Any]:

@@ -280,7 +280,7 @@ class UniPTS(PostTrainingMethod):
         without labels: top-1 agreement with the dense model, or the mean cosine similarity to its outputs)."""
         candidate = copy.deepcopy(run.dense)
         modules = dict(candidate.named_modules())
-        cand_layers = {n: modules[n] for n in layers}  # the layers being pruned (a subset of the model's: e.g. MiniLM's)
+        cand_layers = {n: modules[n] for n in layers}  # the layers being pruned (MiniLM: a subset of the model's)
         weights = {n: masking.raw(m).detach().clone() for n, m in layers.items()}
         order = {n: torch.argsort(w.abs().flatten(), descending=True, stable=True) for n, w in weights.items()}
         images, labels = run.calibration.images, run.calibration.labels
