@@ -111,9 +111,8 @@ def test_hugging_face_resume_without_the_callbacks_file_is_refused(tmp_path):
         hf_run(tmp_path, transformers, steps=12, resume=str(tmp_path / "checkpoint-6"))
 
 
-def test_lightning_trainer_trains_a_sparse_mlp():
-    lightning = pytest.importorskip("lightning", reason="the lightning extra is not installed")
-    from regrow.integrations.lightning import RegrowCallback
+def lightning_run(lightning, callback, epochs, checkpoint_dir=None, resume=None):
+    """The tests' MLP under Lightning: 32 batches of 16 per epoch, a step every second batch (SGD, momentum)."""
 
     class Module(lightning.LightningModule):
         def __init__(self):
@@ -131,12 +130,53 @@ def test_lightning_trainer_trains_a_sparse_mlp():
     x = torch.randn(256, 16)
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, (x[:, 0] > 0).long()), batch_size=16)
     module = Module()
+    checkpoints = [lightning.pytorch.callbacks.ModelCheckpoint(dirpath=checkpoint_dir, save_top_k=-1,
+                                                               every_n_epochs=1)] if checkpoint_dir else []
+    trainer = lightning.Trainer(max_epochs=epochs, accumulate_grad_batches=2, accelerator="cpu", devices=1,
+                                logger=False, enable_checkpointing=bool(checkpoint_dir), enable_progress_bar=False,
+                                enable_model_summary=False, callbacks=[*([callback] if callback else []), *checkpoints])
+    trainer.fit(module, data, ckpt_path=resume)
+    return module, trainer
+
+
+def test_lightning_trainer_trains_a_sparse_mlp():
+    lightning = pytest.importorskip("lightning", reason="the lightning extra is not installed")
+    from regrow.integrations.lightning import RegrowCallback
+
     callback = RegrowCallback("set", sparsity=0.9, interval=3)
-    trainer = lightning.Trainer(max_epochs=2, accumulate_grad_batches=2, accelerator="cpu", devices=1,
-                                logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                                enable_model_summary=False, callbacks=[callback])
-    trainer.fit(module, data)
+    module, trainer = lightning_run(lightning, callback, epochs=2)
     sp = callback.sparsifier
     assert trainer.global_step == 16 and sp.step_count == 16  # 32 batches, a step every second one
     assert sp.total_steps == 16 and len(sp.history) >= 3
     check_sparse(module, sp, 0.9)
+
+
+def test_lightning_resume_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path):
+    """Lightning's strict load of a checkpoint's weights into a fresh module (no mask buffers yet) works: the masks
+    come out of the checkpoint, back in once the sparsifier is built, with the saved schedule; the resumed run ends
+    where the uninterrupted one does (masks exact, weights to float rounding). A checkpoint written without the
+    callback is refused."""
+    lightning = pytest.importorskip("lightning", reason="the lightning extra is not installed")
+    from regrow.errors import CheckpointError
+    from regrow.integrations.lightning import RegrowCallback
+
+    uninterrupted = RegrowCallback("rigl", sparsity=0.8, interval=3)
+    whole, _ = lightning_run(lightning, uninterrupted, epochs=3, checkpoint_dir=tmp_path / "whole")
+    saved = sorted((tmp_path / "whole").glob("epoch=0-*.ckpt"))
+    assert len(saved) == 1
+    callback = RegrowCallback("rigl", sparsity=0.8, interval=3)
+    resumed, trainer = lightning_run(lightning, callback, epochs=3, resume=str(saved[0]))
+    assert trainer.global_step == 24 and callback.sparsifier.step_count == 24
+    history = callback.sparsifier.history  # the mask updates, none lost or repeated across the resume
+    assert len(history) >= 4 and history == uninterrupted.sparsifier.history
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        if name.endswith("_mask"):
+            assert torch.equal(a, b), name
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    check_sparse(resumed, callback.sparsifier, 0.8)
+
+    lightning_run(lightning, None, epochs=1, checkpoint_dir=tmp_path / "plain")  # a dense run without the callback
+    plain = sorted((tmp_path / "plain").glob("*.ckpt"))[0]
+    with pytest.raises(CheckpointError, match="holds no RegrowCallback state"):
+        lightning_run(lightning, RegrowCallback("rigl", sparsity=0.8, interval=3), epochs=2, resume=str(plain))

@@ -2,25 +2,34 @@
 
     from regrow.integrations.lightning import RegrowCallback
     trainer = lightning.Trainer(max_epochs=10, callbacks=[RegrowCallback("rigl", sparsity=0.9)])
-    trainer.fit(module, data)
+    trainer.fit(module, data)                        # or trainer.fit(module, data, ckpt_path="last.ckpt")
 
 The sparsifier is built at ``on_fit_start`` on the LightningModule and its (first) optimizer with ``total_steps`` =
 ``trainer.estimated_stepping_batches``, and steps after every optimizer step (automatic optimisation; with
 ``accumulate_grad_batches`` only the batches that end in a step count). Masks are buffers of the model, so
-Lightning's checkpoints hold them; resuming ``fit`` from such a checkpoint is not supported yet (the fresh model
-has no masks to load them into).
+Lightning's checkpoints hold them, and the callback's own state (the sparsifier's schedule, history and random
+state) goes into the checkpoint's callback section. Resuming ``fit`` from such a checkpoint installs both: the
+fresh model has no mask buffers yet, so the callback takes the masks out of the checkpoint's state dict before
+Lightning's (strict) load of the weights, builds the sparsifier at ``on_fit_start``, puts the loaded weights back
+and installs the saved masks and schedule; Lightning then restores the optimizer state. A checkpoint written
+without the callback is refused.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from ..errors import ConfigError
+import torch
+
+from .. import masking
+from ..errors import CheckpointError, ConfigError
 from ..zoo import torchvision_ready
-from . import SparsifierFactory
+from . import SparsifierFactory, unwrap_model
 
 torchvision_ready()  # a CUDA torchvision wheel on the CPU torch would otherwise break the framework's import
 from lightning.pytorch import Callback  # noqa: E402
+
+MASK_BUFFERS = tuple(f".{masking.mask_name(p)}" for p in masking.MASKABLE_PARAMS)  # ".weight_mask", ".bias_mask"
 
 
 class RegrowCallback(Callback):
@@ -30,17 +39,71 @@ class RegrowCallback(Callback):
         self.factory = SparsifierFactory(method, **options)
         self.sparsifier = None
         self._global_step = 0
+        self._saved_masks: dict[str, torch.Tensor] | None = None  # taken out of a checkpoint being resumed
+        self._saved_state: dict[str, Any] | None = None
+        self._unwrap = None  # puts the module's own on_load_checkpoint back
+
+    # ----- resume: masks out of the weights' load, back in once the sparsifier exists --------------------------
+    def setup(self, trainer, pl_module, stage):
+        # Lightning names the checkpoint it resumes from only once it reads it, after this hook: the module's
+        # on_load_checkpoint, which runs just before the (strict) load of the weights, takes the masks out.
+        if stage != "fit" or self.sparsifier is not None:
+            return
+        original = pl_module.on_load_checkpoint
+        self._unwrap = lambda: setattr(pl_module, "on_load_checkpoint", original)
+
+        def take_masks(checkpoint):
+            self._unwrap()
+            original(checkpoint)
+            state = checkpoint["state_dict"]
+            self._saved_masks = {k: state.pop(k) for k in [k for k in state if k.endswith(MASK_BUFFERS)]}
+
+        pl_module.on_load_checkpoint = take_masks
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sparsifier": self.sparsifier.state_dict()} if self.sparsifier is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._saved_state = state_dict.get("sparsifier")
 
     def on_fit_start(self, trainer, pl_module):
         if len(trainer.optimizers) != 1:
             raise ConfigError(f"RegrowCallback works with one optimizer; this module has {len(trainer.optimizers)}")
+        if getattr(self, "_unwrap", None) is not None:  # no checkpoint was read: the module's hook is its own again
+            self._unwrap()
+            self._unwrap = None
         if self.sparsifier is None:
+            resuming = trainer.ckpt_path is not None
+            net = unwrap_model(pl_module)
+            # Building draws start masks and zeroes the weights outside them: the loaded weights are kept aside.
+            weights = {n: p.detach().clone() for n, p in net.named_parameters()} if resuming else None
             self.sparsifier = self.factory.build(pl_module, trainer.optimizers[0],
                                                  trainer.estimated_stepping_batches)
+            if resuming:
+                self._restore(net, weights, trainer.ckpt_path)
         self._global_step = trainer.global_step
+
+    def _restore(self, net, weights: dict[str, torch.Tensor], path) -> None:
+        if not self._saved_masks or self._saved_state is None:
+            raise CheckpointError(f"resuming from {path}, which holds no RegrowCallback state: its masks cannot be "
+                                  "restored (the checkpoint was not written with RegrowCallback); start a new run")
+        modules = dict(net.named_modules())
+        for key, mask in self._saved_masks.items():
+            owner, _, buffer = key.rpartition(".")
+            if owner not in modules or not masking.is_masked(modules[owner]):
+                raise CheckpointError(f"{path} holds a mask for {owner!r}, which the sparsifier does not mask here "
+                                      "(other options than the saved run?)")
+            masking.set_mask(modules[owner], mask.bool(), buffer[: -len("_mask")])
+        with torch.no_grad():
+            for name, p in net.named_parameters():
+                p.copy_(weights[name])
+        self.sparsifier.load_state_dict(self._saved_state)
+        self._saved_masks = self._saved_state = None
+
+    def on_train_start(self, trainer, pl_module):
+        self._global_step = trainer.global_step  # a resumed run's loops are restored after on_fit_start
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step != self._global_step:  # an optimizer step happened in this batch
             self._global_step = trainer.global_step
             self.sparsifier.step()
-
