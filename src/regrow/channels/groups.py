@@ -93,13 +93,17 @@ def channel_groups(model: nn.Module, example_inputs: torch.Tensor, ignored: list
         group = ChannelGroup(root=root_name, size=len(root_idxs), members=members)
         group.excluded = exclusion(group, modules)
         groups.append(group)
-    from .heads import head_groups  # local: heads builds on this module's ChannelGroup
-
-    groups = head_groups(model, groups)
+    for refine in REFINERS:
+        groups = refine(model, groups)
     for group in groups:
-        if group.unit == "head":
+        if group.unit != "channel":
             group.excluded = exclusion(group, modules)
     return groups
+
+
+# Functions ``(model, groups) -> groups`` that replace graph groups by what the graph cannot see (attention heads:
+# :mod:`.heads`, which registers itself when ``regrow.channels`` is imported).
+REFINERS: list = []
 
 
 def exclusion(group: ChannelGroup, modules: dict[str, nn.Module]) -> str | None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .groups import IN, OUT, ChannelGroup
+from .groups import IN, OUT, REFINERS, ChannelGroup
 
 
 @dataclass(frozen=True)
@@ -152,3 +152,6 @@ def head_groups(model: nn.Module, groups: list[ChannelGroup]) -> list[ChannelGro
             result = [g for g in result if g not in covering]
             result.insert(at, heads)
     return result
+
+
+REFINERS.append(head_groups)
