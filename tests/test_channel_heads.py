@@ -96,8 +96,10 @@ def test_without_an_adapter_the_heads_are_left_whole_with_the_reason(monkeypatch
 
 def test_an_adapter_that_refuses_says_why_and_the_heads_stay(monkeypatch):
     monkeypatch.setattr(heads, "ADAPTERS", [PackedAdapter(refuse="a gate couples the heads")])
-    group = attention_group(channel_groups(TinyTransformer(), X))
-    assert group.excluded and "a gate couples the heads" in group.excluded
+    groups = channel_groups(TinyTransformer(), X)
+    group = attention_group(groups)
+    assert group.excluded and "attention heads not pruned: a gate couples the heads" in group.excluded
+    assert [g.excluded for g in groups if g.root == "fc1"] == [None]  # groups outside the attention are untouched
 
 
 def test_a_head_group_owns_each_heads_q_k_v_rows_and_its_output_columns(adapter):

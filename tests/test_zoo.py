@@ -227,3 +227,19 @@ def test_unipts_on_a_trained_hugging_face_bert(tmp_path, monkeypatch):
     assert summary["sparsity_masked"] == pytest.approx(0.6, abs=0.02)
     assert any(name.endswith("attention.self.query") for name in summary["layer_sparsities"])
     assert "search" in summary and summary["training"]["steps"] == 3  # 48 samples in batches of 16, one epoch
+
+
+def test_a_bert_attention_whose_heads_cannot_be_pruned_is_left_whole(monkeypatch):
+    """The graph couples BERT's q/k/v channel by channel (evenly), which no export reproduces: when the adapter
+    refuses the heads, that group is left whole with the reason instead of trained into an unexportable model."""
+    needs("transformers")
+    from regrow.channels import heads
+    from regrow.channels.groups import channel_groups
+    from regrow.zoo import hf_bert_tiny
+
+    monkeypatch.setattr(heads.BertAttention, "layout", lambda self, name, module: "a test refuses")
+    groups = channel_groups(hf_bert_tiny(input_size=12), torch.ones(1, 12, dtype=torch.long))
+    qkv = [g for g in groups if any(n.endswith("attention.self.query") and r == "out" for n, r, _ in g.members)]
+    assert len(qkv) == 2 and all("attention heads not pruned: a test refuses" in g.excluded for g in qkv)
+    assert not any(g.unit == "head" for g in groups)
+    assert [g.excluded for g in groups if g.root.endswith("layer.0.intermediate.dense")] == [None]

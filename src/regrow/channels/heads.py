@@ -140,9 +140,11 @@ def head_groups(model: nn.Module, groups: list[ChannelGroup]) -> list[ChannelGro
             continue
         layout = adapter.layout(name, module)
         if isinstance(layout, str):
+            # Groups that live inside this attention couple its projections through the heads: channel by channel
+            # they could never be exported, and whole heads are refused, so they stay whole with both reasons.
             for g in result:
-                if g.excluded and any(m == f"{name}.{suffix}" for m in g.modules() for suffix in ("qkv", "proj")):
-                    g.excluded += f"; heads not pruned either: {layout}"
+                if all(m.startswith(f"{name}.") for m in g.modules()):
+                    g.excluded = (f"{g.excluded}; " if g.excluded else "") + f"attention heads not pruned: {layout}"
             continue
         heads = layout.group(name)
         wanted = {(n, r) for n, r, _ in heads.members}
