@@ -148,6 +148,10 @@ def main(argv=None) -> int:
     p.add_argument("--held-out", type=int, default=512, help="held-out sentences (default 512)")
     p.add_argument("--quick", action="store_true", help="16 segments, 64 sentences, one setting; nothing written")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="methods to run (default: all)")
+    p.add_argument("--settings", nargs="+", choices=[setting_name(s) for s in SETTINGS],
+                   default=[setting_name(s) for s in SETTINGS], help="sparsities to run (default: all)")
+    p.add_argument("--unipts-epochs", type=int, default=UNIPTS["epochs"],
+                   help=f"UniPTS's passes over the calibration set (default {UNIPTS['epochs']}; the paper: 100)")
     args = p.parse_args(argv)
     if args.quick:
         args.calibration, args.held_out = 16, 64
@@ -165,14 +169,16 @@ def main(argv=None) -> int:
     layers_of = lambda model: {n: m for n, m in masking.prunable_layers(model).items()  # noqa: E731
                                if n.startswith("bert.encoder.")}  # the pooler does not feed the mean pooling
     rows = []
-    settings = SETTINGS[:1] if args.quick else SETTINGS
+    settings = SETTINGS[:1] if args.quick else [s for s in SETTINGS if setting_name(s) in args.settings]
+    machine = environment()["processor"]
     for method in args.methods:
         for structure, sparsity in settings:
             model = copy.deepcopy(dense)
             layers = layers_of(model)
             start = time.perf_counter()
             details = {}
-            options = (UNIPTS_QUICK if args.quick else UNIPTS) if method == "unipts" else {"recalibrate_bn": False}
+            options = (UNIPTS_QUICK if args.quick else {**UNIPTS, "epochs": args.unipts_epochs}) \
+                if method == "unipts" else {"recalibrate_bn": False}
             masks = sparsify_model(model, calibration, method=method, sparsity=sparsity, structure=structure,
                                    layers=layers, options=options, details=details)
             model.eval()
@@ -181,6 +187,7 @@ def main(argv=None) -> int:
             kept = sum(int(m.sum()) for m in masks.values())
             total = sum(m.numel() for m in masks.values())
             row = {"method": method, "structure": structure, "sparsity_target": sparsity, "commit": code,
+                   "processor": machine,
                    "sparsity_masked": 1 - kept / total, "sparsity_all_weights": weights["sparsity"],
                    "masked_layers": len(masks), "seconds": seconds,
                    **fidelity(dense_embeddings, embed(model, test_ids))}
@@ -195,12 +202,29 @@ def main(argv=None) -> int:
     if args.quick:
         return 0
     earlier = RESULTS / "minilm.json"
-    if set(args.methods) != set(METHODS) and earlier.is_file():  # a subset re-measured: keep the other methods' rows
+    if earlier.is_file():  # rows of other methods, settings or UniPTS lengths measured before are kept
         old = json.loads(earlier.read_text())
-        kept = [{"commit": old["commit"], **r} for r in old["rows"] if r["method"] not in args.methods]
-        rows = sorted(kept + rows, key=lambda r: METHODS.index(r["method"]))
+        new = {row_key(r) for r in rows}
+        kept = [{"commit": old["commit"], "processor": old["environment"]["processor"], **r} for r in old["rows"]
+                if row_key(r) not in new]
+        rows = sorted(kept + rows, key=lambda r: (METHODS.index(r["method"]), r.get("options", {}).get("epochs", 0),
+                                                  r["structure"] == "2:4", r["sparsity_target"] or 0))
     write(rows, args, code)
     return 0
+
+
+def setting_name(setting) -> str:
+    structure, sparsity = setting
+    return structure if sparsity is None else f"{sparsity:g}"
+
+
+def row_key(row) -> tuple:
+    return row["method"], row["structure"], row["sparsity_target"], row.get("options", {}).get("epochs")
+
+
+def method_label(row) -> str:
+    epochs = row.get("options", {}).get("epochs") if row["method"] == "unipts" else None
+    return row["method"] if epochs is None else f"unipts ({epochs} passes)"
 
 
 def label(row) -> str:
@@ -217,23 +241,25 @@ def write(rows, args, code: str) -> None:
     write_json(RESULTS / f"{name}.json", {"command": "python bench/minilm.py", "commit": code,  # rows: their own
                                          "environment": environment(), "setup": setup, "rows": rows})
     lines = ["| method | sparsity | sparsity of every weight matrix | cosine to dense (mean) | cosine, 5th percentile "
-             "| same nearest neighbour | top-10 overlap | seconds |", "|---|---|---|---|---|---|---|---|"]
+             "| same nearest neighbour | top-10 overlap | seconds | measured at |", "|---" * 9 + "|"]
     for r in rows:
-        lines.append(f"| {r['method']} | {label(r)} (masked {100 * r['sparsity_masked']:.1f} %) | "
+        lines.append(f"| {method_label(r)} | {label(r)} (masked {100 * r['sparsity_masked']:.1f} %) | "
                      f"{100 * r['sparsity_all_weights']:.1f} % | {r['cosine_mean']:.4f} | {r['cosine_p05']:.4f} | "
-                     f"{100 * r['nn1_agreement']:.1f} % | {100 * r['nn10_overlap']:.1f} % | {r['seconds']:.1f} |")
+                     f"{100 * r['nn1_agreement']:.1f} % | {100 * r['nn10_overlap']:.1f} % | {r['seconds']:.1f} | "
+                     f"{r['commit']}, {r['processor']} |")
     env = environment()
     (RESULTS / f"{name}.md").write_text(
-        f"# all-MiniLM-L6-v2 made sparse after training\n\n`python bench/minilm.py` at {code}; "
-        f"{env['processor']}, {env['threads']} threads, torch {env['torch']}.\n\n" + "\n".join(
+        f"# all-MiniLM-L6-v2 made sparse after training\n\n`python bench/minilm.py` (each row: its commit and "
+        f"machine; seconds are wall time on two cores shared with a training grid); torch {env['torch']}, "
+        f"{env['threads']} threads.\n\n" + "\n".join(
             f"- {k}: {v}" for k, v in setup.items()) + "\n\n" + "\n".join(lines) + "\n")
     with figure(RESULTS / f"{name}.png", ncols=2, figsize=(11, 4)) as (left, right):
-        for method in METHODS:
-            mine = [r for r in rows if r["method"] == method and r["structure"] == "unstructured"]
+        for method in dict.fromkeys(map(method_label, rows)):
+            mine = [r for r in rows if method_label(r) == method and r["structure"] == "unstructured"]
             x = [100 * r["sparsity_target"] for r in mine]
             left.plot(x, [r["cosine_mean"] for r in mine], marker="o", label=method)
             right.plot(x, [r["nn10_overlap"] for r in mine], marker="o", label=method)
-            nm = [r for r in rows if r["method"] == method and r["structure"] == "2:4"]
+            nm = [r for r in rows if method_label(r) == method and r["structure"] == "2:4"]
             for ax, key in ((left, "cosine_mean"), (right, "nn10_overlap")):
                 ax.scatter([50] * len(nm), [r[key] for r in nm], marker="x", s=60)
         style(left, "sparsity of the encoder's Linear layers (%)", "cosine(dense, sparse) embedding",
