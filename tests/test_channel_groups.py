@@ -341,3 +341,26 @@ def test_onnx_falls_back_to_torchscript_only_when_dynamo_cannot_export(tmp_path)
     assert written.max_abs_diff < 1e-5 and (tmp_path / "auto.onnx").stat().st_size > 0
     with pytest.raises(ConfigError, match="unknown ONNX exporter"):
         export_onnx(model, x, tmp_path / "x.onnx", exporter="onnx")
+
+
+def test_export_from_masks_removes_only_channels_that_carry_nothing():
+    """A weight row masked to zero whose bias still lives carries a constant: it stays (removing it would change the
+    function, and the whole export would be refused); a row whose bias is zero too is removed. Exact either way."""
+    from regrow.export import export_masked_model
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    masking.add_mask(model[0])
+    mask = torch.ones(8, 6, dtype=torch.bool)
+    mask[[2, 5]] = False
+    masking.set_mask(model[0], mask)
+    with torch.no_grad():
+        model[0].bias[5] = 0.0
+    x = torch.randn(4, 6)
+    with torch.no_grad():
+        want = model(x)
+    exported, structure = export_masked_model(model, x[:1])
+    assert structure["kept"]["0"] == [0, 1, 2, 3, 4, 6, 7]  # row 2 keeps its bias, row 5 had nothing left
+    assert exported[0].out_features == 7 and exported[2].in_features == 7
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x), want)

@@ -149,24 +149,40 @@ def export_channels(model: nn.Module, masks: ChannelMasks, example_inputs: torch
 def export_masked_model(model: nn.Module, example_inputs: torch.Tensor) -> tuple[nn.Module, dict]:
     """Export a model loaded with its masks (e.g. a run's ``model.safetensors``), without the sparsifier.
 
-    A group's channel is removed when its root layer's mask zeroes that output channel entirely; masks inside
-    channels that stay (unstructured zeros) are baked in as zeros. Changes ``model`` in place.
+    The masks are baked in; then a group's channel (or head) is removed when every layer that produces it produces
+    zeros there: its weight rows, biases and, for a norm, scale and shift all zero. Such a channel carries nothing, so
+    removing it is exact (a channel with a zero weight row but a live bias or a BatchNorm shift still carries a
+    constant, and stays). Zeros inside channels that stay remain as zeros. Changes ``model`` in place.
     """
     from .channels.groups import channel_groups  # local: avoid a cycle at import time
 
-    row_alive = {name: masking.mask_of(m).flatten(1).any(1) for name, m in masking.masked_layers(model).items()
-                 if masking.raw(m).dim() > 1}
     for module in masking.masked_layers(model).values():
         masking.remove_mask(module, bake=True)
+    modules = dict(model.named_modules())
     kept = {}
     for g in channel_groups(model, example_inputs):
-        # the group's first producer says which units live: a channel is its row, a head its rows in that layer
-        name, idxs = next(((n, i) for n, r, i in g.members if r == OUT and n in row_alive), (None, None))
-        if name is not None and not g.excluded:
-            alive = row_alive[name][idxs].reshape(g.size, -1).any(1)
+        if g.excluded:
+            continue
+        alive = torch.zeros(g.size, dtype=torch.bool)
+        for name, role, idxs in g.members:
+            if role == OUT:  # a channel lives if any producer has a non-zero in its rows (for a head: all its rows)
+                alive |= _rows_nonzero(modules[name])[idxs].reshape(g.size, -1).any(1)
+        if not alive.all():
             kept[g.root] = torch.nonzero(alive).flatten().tolist()
     remove_channels(model, example_inputs, kept, OutputCheck(model, example_inputs.cpu()))
     return model, _structure(kept, example_inputs)
+
+
+def _rows_nonzero(module: nn.Module) -> torch.Tensor:
+    """Per output row: does the layer put anything there (a non-zero weight in the row, or a non-zero bias)?"""
+    with torch.no_grad():
+        weight = module.weight
+        if weight is None:  # a norm without scale and shift: its output is a constant wherever the input is zero
+            return torch.ones(module.num_features, dtype=torch.bool)
+        alive = weight.flatten(1).ne(0).any(1) if weight.dim() > 1 else weight.ne(0)
+        if getattr(module, "bias", None) is not None:
+            alive = alive | module.bias.ne(0)
+    return alive.cpu()
 
 
 def _structure(kept: dict[str, list[int]], example_inputs: torch.Tensor) -> dict[str, Any]:
