@@ -197,3 +197,50 @@ def test_removing_every_head_is_refused(adapter):
     masks.set_keep(next(i for i, g in enumerate(groups) if g.unit == "head"), torch.zeros(4, dtype=torch.bool))
     with pytest.raises(ConfigError, match="every head"):
         export_channels(model, masks, X)
+
+
+class SeparateAttention(nn.Module):
+    """q, k and v as separate layers viewed as heads of a fixed size (as Hugging Face's BERT does); v also feeds a
+    gate outside the attention when ``leak``."""
+
+    def __init__(self, dim=16, num_heads=4, leak=False):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.q, self.k, self.v, self.out = (nn.Linear(dim, dim) for _ in range(4))
+        self.gate = nn.Linear(dim, dim) if leak else None
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        v = self.v(x)
+        q, k, vh = (t.view(b, n, -1, self.head_dim).transpose(1, 2) for t in (self.q(x), self.k(x), v))
+        y = self.out(F.scaled_dot_product_attention(q, k, vh).transpose(1, 2).reshape(b, n, -1))
+        return y if self.gate is None else y * torch.sigmoid(self.gate(v))
+
+
+class SeparateAdapter(heads.AttentionAdapter):
+    def matches(self, module):
+        return isinstance(module, SeparateAttention)
+
+    def layout(self, name, module):
+        return heads.HeadLayout(tuple((f"{name}.{p}", (0,)) for p in "qkv"), f"{name}.out", module.num_heads,
+                                module.head_dim)
+
+    def set_heads(self, module, num_heads):
+        module.num_heads = num_heads
+
+
+@pytest.mark.parametrize("leak", [False, True])
+def test_separate_q_k_v_become_heads_unless_tied_to_a_layer_outside(monkeypatch, leak):
+    """The graph couples separate q/k/v with the output projection channel by channel (evenly), which no export can
+    reproduce: with an adapter they become one head group; when v also feeds a layer outside the attention, that
+    group is left whole with the reason instead."""
+    monkeypatch.setattr(heads, "ADAPTERS", [SeparateAdapter()])
+    model = TinyTransformer()
+    model.attn = SeparateAttention(leak=leak)
+    groups = channel_groups(model, X)
+    tied = [g for g in groups if "attn.q" in g.modules(OUT)]
+    assert len(tied) == 1
+    if leak:
+        assert tied[0].unit == "channel" and "couples the heads of attn with layers outside them" in tied[0].excluded
+    else:
+        assert (tied[0].unit, tied[0].size, tied[0].excluded) == ("head", 4, None)

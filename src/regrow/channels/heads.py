@@ -132,7 +132,7 @@ def adapter_for(module: nn.Module) -> AttentionAdapter | None:
 def head_groups(model: nn.Module, groups: list[ChannelGroup]) -> list[ChannelGroup]:
     """``groups`` (from the dependency graph) with each recognised attention module's head group in place of the
     graph's groups that cover exactly its projections' output rows and its output layer's input columns. Where
-    the graph couples anything else to them, its groups stay as they are (left whole, with their reason)."""
+    the graph couples anything else to them, those groups are left whole, with the reason."""
     result = list(groups)
     for name, module in model.named_modules():
         adapter = adapter_for(module)
@@ -153,6 +153,11 @@ def head_groups(model: nn.Module, groups: list[ChannelGroup]) -> list[ChannelGro
             at = result.index(covering[0])
             result = [g for g in result if g not in covering]
             result.insert(at, heads)
+        else:  # the graph ties the heads' rows to other layers: neither heads nor single channels export exactly
+            for g in covering:
+                if not g.excluded:
+                    g.excluded = (f"couples the heads of {name} with layers outside them: not pruned channel by "
+                                  "channel (a head's rows and columns would be cut apart)")
     return result
 
 
