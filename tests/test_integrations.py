@@ -175,6 +175,7 @@ def test_lightning_resume_from_a_checkpoint_equals_the_uninterrupted_run(tmp_pat
         else:
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
     check_sparse(resumed, callback.sparsifier, 0.8)
+    assert "on_load_checkpoint" not in vars(resumed) and "on_load_checkpoint" not in vars(whole)  # hooks put back
 
     lightning_run(lightning, None, epochs=1, checkpoint_dir=tmp_path / "plain")  # a dense run without the callback
     plain = sorted((tmp_path / "plain").glob("*.ckpt"))[0]

@@ -50,7 +50,15 @@ class RegrowCallback(Callback):
         if stage != "fit" or self.sparsifier is not None:
             return
         original = pl_module.on_load_checkpoint
-        self._unwrap = lambda: setattr(pl_module, "on_load_checkpoint", original)
+        own = pl_module.__dict__.get("on_load_checkpoint")  # usually none: the hook is the class's method
+
+        def unwrap():
+            if own is None:
+                pl_module.__dict__.pop("on_load_checkpoint", None)
+            else:
+                pl_module.__dict__["on_load_checkpoint"] = own
+
+        self._unwrap = unwrap
 
         def take_masks(checkpoint):
             self._unwrap()
@@ -69,7 +77,7 @@ class RegrowCallback(Callback):
     def on_fit_start(self, trainer, pl_module):
         if len(trainer.optimizers) != 1:
             raise ConfigError(f"RegrowCallback works with one optimizer; this module has {len(trainer.optimizers)}")
-        if getattr(self, "_unwrap", None) is not None:  # no checkpoint was read: the module's hook is its own again
+        if self._unwrap is not None:  # the module's hook is its own again (it already is if a checkpoint was read)
             self._unwrap()
             self._unwrap = None
         if self.sparsifier is None:
