@@ -430,7 +430,7 @@ class OptimizerGuard:
         self._handles = []
 
 
-def _mask_owner(key: str) -> tuple[str, str] | None:
+def mask_owner(key: str) -> tuple[str, str] | None:
     """``"layer1.conv.weight_mask"`` -> ``("layer1.conv", "weight")``; None for keys that are not masks."""
     for param in MASKABLE_PARAMS:
         suffix = mask_name(param)
@@ -447,7 +447,7 @@ def load_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> No
     Mismatched keys or shapes raise :class:`CheckpointError` naming them, instead of a half-loaded model.
     """
     modules = dict(model.named_modules())
-    owners = {key: owner for key in state_dict if (owner := _mask_owner(key)) is not None}
+    owners = {key: owner for key in state_dict if (owner := mask_owner(key)) is not None}
     for key, (owner, param) in owners.items():
         if owner not in modules or not isinstance(modules[owner], PRUNABLE_TYPES + NORM_TYPES) \
                 or raw(modules[owner], param) is None:

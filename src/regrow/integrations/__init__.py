@@ -5,13 +5,14 @@ starts and calls ``sp.step()`` after every optimizer step; the frameworks are op
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
 from torch import nn
 
-from .. import methods
-from ..errors import ConfigError
+from .. import masking, methods
+from ..errors import CheckpointError, ConfigError
 
 
 def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
@@ -56,3 +57,32 @@ class SparsifierFactory:
         if isinstance(self.method, str):
             return methods.create(self.method, model, optimizer, **options)
         return self.method(model, optimizer, **options)
+
+    def resume(self, model: nn.Module, optimizer: Any, total_steps: int, masks: dict[str, torch.Tensor],
+               state: dict[str, Any], source: Any) -> methods.BaseSparsifier:
+        """Build on a model and optimizer the framework has just loaded from a checkpoint (``source``), then install
+        that checkpoint's ``masks`` (state-dict keys such as ``layer.weight_mask``) and sparsifier ``state``.
+        Building draws start masks, zeroing the weights and optimizer state outside them: both are kept aside and
+        put back."""
+        net, inner = unwrap_model(model), unwrap_optimizer(optimizer)
+        weights = {n: p.detach().clone() for n, p in net.named_parameters()}
+        optimizer_state = copy.deepcopy(inner.state_dict())
+        sparsifier = self.build(model, optimizer, total_steps)
+        modules = dict(net.named_modules())
+        for key, mask in masks.items():
+            owner, param = masking.mask_owner(key)
+            if owner not in modules or not masking.is_masked(modules[owner]):
+                raise CheckpointError(f"{source} holds a mask for {owner!r}, which the sparsifier does not mask here "
+                                      "(other options than the saved run?)")
+            masking.set_mask(modules[owner], mask.bool(), param)
+        sparsifier.load_state_dict(state)
+        with torch.no_grad():
+            for name, p in net.named_parameters():
+                p.copy_(weights[name])
+        inner.load_state_dict(optimizer_state)
+        return sparsifier
+
+
+def mask_entries(state_dict: dict[str, torch.Tensor]) -> list[str]:
+    """The keys of a state dict that are regrow masks (``layer.weight_mask``, ``layer.bias_mask``)."""
+    return [k for k in state_dict if masking.mask_owner(k) is not None]

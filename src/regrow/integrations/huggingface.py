@@ -20,17 +20,14 @@ weights).
 
 from __future__ import annotations
 
-import copy
 import os
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from .. import checkpoint, masking
+from .. import checkpoint
 from ..errors import CheckpointError
 from ..zoo import torchvision_ready
-from . import SparsifierFactory, unwrap_model, unwrap_optimizer
+from . import SparsifierFactory, mask_entries, unwrap_model
 
 torchvision_ready()  # a CUDA torchvision wheel on the CPU torch would otherwise break the framework's import
 from transformers import TrainerCallback  # noqa: E402
@@ -51,18 +48,16 @@ class RegrowCallback(TrainerCallback):
         if state.global_step == 0:
             self.sparsifier = self.factory.build(model, optimizer, state.max_steps)
             return
-        # Resuming from checkpoint-N: the Trainer has loaded its weights and optimizer state. Building the
-        # sparsifier draws start masks (zeroing weights and optimizer state outside them), so both are kept aside
-        # and put back once the saved masks and schedule are installed.
-        net, inner = unwrap_model(model), unwrap_optimizer(optimizer)
-        weights = {n: p.detach().clone() for n, p in net.named_parameters()}
-        optimizer_state = copy.deepcopy(inner.state_dict())
-        self.sparsifier = self.factory.build(model, optimizer, state.max_steps)
-        self._restore(Path(args.output_dir) / f"checkpoint-{state.global_step}", model)
-        with torch.no_grad():
-            for name, p in net.named_parameters():
-                p.copy_(weights[name])
-        inner.load_state_dict(optimizer_state)
+        # Resuming from checkpoint-N: the Trainer has loaded its weights and optimizer state; the masks and the
+        # schedule come from the callback's own file.
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        path = folder / STATE_FILE
+        if not path.is_file():
+            raise CheckpointError(f"resuming from {folder}, which has no {STATE_FILE}: its masks cannot be restored "
+                                  "(the checkpoint was not written with RegrowCallback); start a new run instead")
+        sections, _ = checkpoint.load(path)
+        self.sparsifier = self.factory.resume(model, optimizer, state.max_steps, sections["masks"],
+                                              sections["sparsifier"], path)
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.sparsifier.step()
@@ -71,24 +66,10 @@ class RegrowCallback(TrainerCallback):
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if self.sparsifier is None or not folder.is_dir() or not _is_writer(args):
             return
-        masks = {k: v for k, v in unwrap_model(model).state_dict().items() if k.endswith("_mask")}
+        weights = unwrap_model(model).state_dict()
+        masks = {k: weights[k] for k in mask_entries(weights)}
         checkpoint.save(folder / STATE_FILE, {"masks": masks, "sparsifier": self.sparsifier.state_dict()},
                         {"kind": "regrow-huggingface-callback", "step": state.global_step})
-
-    def _restore(self, folder: Path, model) -> None:
-        path = folder / STATE_FILE
-        if not path.is_file():
-            raise CheckpointError(f"resuming from {folder}, which has no {STATE_FILE}: its masks cannot be restored "
-                                  "(the checkpoint was not written with RegrowCallback); start a new run instead")
-        sections, _ = checkpoint.load(path)
-        modules = dict(unwrap_model(model).named_modules())
-        for key, mask in sections["masks"].items():
-            owner, _, buffer = key.rpartition(".")
-            if owner not in modules or not masking.is_masked(modules[owner]):
-                raise CheckpointError(f"{path} holds a mask for {owner!r}, which the sparsifier does not mask here "
-                                      "(other options than the saved run?)")
-            masking.set_mask(modules[owner], mask.bool(), buffer[: -len("_mask")])
-        self.sparsifier.load_state_dict(sections["sparsifier"])
 
 
 def _is_writer(args) -> bool:

@@ -21,15 +21,12 @@ from typing import Any
 
 import torch
 
-from .. import masking
 from ..errors import CheckpointError, ConfigError
 from ..zoo import torchvision_ready
-from . import SparsifierFactory, unwrap_model
+from . import SparsifierFactory, mask_entries
 
 torchvision_ready()  # a CUDA torchvision wheel on the CPU torch would otherwise break the framework's import
 from lightning.pytorch import Callback  # noqa: E402
-
-MASK_BUFFERS = tuple(f".{masking.mask_name(p)}" for p in masking.MASKABLE_PARAMS)  # ".weight_mask", ".bias_mask"
 
 
 class RegrowCallback(Callback):
@@ -64,7 +61,7 @@ class RegrowCallback(Callback):
             self._unwrap()
             original(checkpoint)
             state = checkpoint["state_dict"]
-            self._saved_masks = {k: state.pop(k) for k in [k for k in state if k.endswith(MASK_BUFFERS)]}
+            self._saved_masks = {k: state.pop(k) for k in mask_entries(state)}
 
         pl_module.on_load_checkpoint = take_masks
 
@@ -81,32 +78,18 @@ class RegrowCallback(Callback):
             self._unwrap()
             self._unwrap = None
         if self.sparsifier is None:
-            resuming = trainer.ckpt_path is not None
-            net = unwrap_model(pl_module)
-            # Building draws start masks and zeroes the weights outside them: the loaded weights are kept aside.
-            weights = {n: p.detach().clone() for n, p in net.named_parameters()} if resuming else None
-            self.sparsifier = self.factory.build(pl_module, trainer.optimizers[0],
-                                                 trainer.estimated_stepping_batches)
-            if resuming:
-                self._restore(net, weights, trainer.ckpt_path)
+            optimizer, total = trainer.optimizers[0], trainer.estimated_stepping_batches
+            if trainer.ckpt_path is None:
+                self.sparsifier = self.factory.build(pl_module, optimizer, total)
+            elif not self._saved_masks or self._saved_state is None:
+                raise CheckpointError(f"resuming from {trainer.ckpt_path}, which holds no RegrowCallback state: its "
+                                      "masks cannot be restored (the checkpoint was not written with RegrowCallback);"
+                                      " start a new run")
+            else:  # Lightning restores the optimizer state after this hook
+                self.sparsifier = self.factory.resume(pl_module, optimizer, total, self._saved_masks,
+                                                      self._saved_state, trainer.ckpt_path)
+                self._saved_masks = self._saved_state = None
         self._global_step = trainer.global_step
-
-    def _restore(self, net, weights: dict[str, torch.Tensor], path) -> None:
-        if not self._saved_masks or self._saved_state is None:
-            raise CheckpointError(f"resuming from {path}, which holds no RegrowCallback state: its masks cannot be "
-                                  "restored (the checkpoint was not written with RegrowCallback); start a new run")
-        modules = dict(net.named_modules())
-        for key, mask in self._saved_masks.items():
-            owner, _, buffer = key.rpartition(".")
-            if owner not in modules or not masking.is_masked(modules[owner]):
-                raise CheckpointError(f"{path} holds a mask for {owner!r}, which the sparsifier does not mask here "
-                                      "(other options than the saved run?)")
-            masking.set_mask(modules[owner], mask.bool(), buffer[: -len("_mask")])
-        with torch.no_grad():
-            for name, p in net.named_parameters():
-                p.copy_(weights[name])
-        self.sparsifier.load_state_dict(self._saved_state)
-        self._saved_masks = self._saved_state = None
 
     def on_train_start(self, trainer, pl_module):
         self._global_step = trainer.global_step  # a resumed run's loops are restored after on_fit_start
