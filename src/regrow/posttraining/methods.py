@@ -33,6 +33,8 @@ class PostTrainingMethod:
     name = "base"
     defaults: dict[str, Any] = {}
     choices: dict[str, tuple[str, ...]] = {}
+    # Runs on a model and unlabelled inputs held in memory (posttraining.sparsify_model), not only in a run folder.
+    in_memory = False
 
     def __init__(self, options: dict[str, Any]):
         self.options = options
@@ -51,6 +53,8 @@ class MaskingMethod(PostTrainingMethod):
     """One pass at the same sparsity in every layer: :meth:`select` gives the masks (and may refit the kept
     weights), they go on the masking core, and with the option ``recalibrate_bn`` the BatchNorm statistics are
     re-estimated on the calibration images. Timed as one stage named after the method."""
+
+    in_memory = True
 
     def select(self, run: Run, model: nn.Module, layers: dict[str, nn.Module],
                sparsities: dict[str, float]) -> dict[str, torch.Tensor]:

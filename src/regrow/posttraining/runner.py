@@ -344,7 +344,7 @@ def sparsify_model(model: nn.Module, inputs: torch.Tensor, method: str = "wanda"
                        seed=seed)
     structure_obj, target, resolved = config.validate()
     cls = resolve_pts(method)
-    if not (issubclass(cls, MaskingMethod) or getattr(cls, "in_memory", False)):
+    if not cls.in_memory:
         raise ConfigError(f"{method} needs a dataset and a run folder: run it with regrow pts / run_pts")
     layers = masking.prunable_layers(model) if layers is None else layers
     run = InMemoryRun(model, inputs, target, structure_obj, seed=seed, progress=progress)

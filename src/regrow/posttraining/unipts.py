@@ -360,15 +360,14 @@ class UniPTS(PostTrainingMethod):
 
     def sparsify(self, run: Run, model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
         o, c = self.options, run.config
-        searching = not (isinstance(run.structure, NM) or o["distribution"] == "uniform" or o["search_from"])
-        if searching and o["fitness"] == "accuracy" and not run.labelled:
-            raise ConfigError("UniPTS's search scores top-1 on labelled calibration data, and these inputs have no "
-                              "labels: pass the option fitness=agreement (a classifier: agreement with the dense "
-                              "model) or fitness=cosine (an encoder: cosine similarity to its outputs)")
         if isinstance(run.structure, NM) or o["distribution"] == "uniform":
             sparsities = run.uniform_sparsities(layers)
         elif o["search_from"]:
             sparsities = self.reuse_search(run, o["search_from"], layers)
+        elif o["fitness"] == "accuracy" and not run.labelled:  # refused before the search, the first work done
+            raise ConfigError("UniPTS's search scores top-1 on labelled calibration data, and these inputs have no "
+                              "labels: pass the option fitness=agreement (a classifier: agreement with the dense "
+                              "model) or fitness=cosine (an encoder: cosine similarity to its outputs)")
         else:
             sparsities = run.timed("search", self.search, run, layers)
         run.extra["layer_sparsities"] = sparsities
