@@ -8,6 +8,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import regrow
+from conftest import CountingMeasure
 from regrow import masking
 from regrow.channels import heads
 from regrow.channels.costs import LatencyTable, layer_shapes
@@ -71,17 +72,6 @@ def adapter(monkeypatch):
 
 
 X = torch.randn(1, 5, 8)
-
-
-class CountingMeasure:
-    """A latency "measurement" that counts its calls (a cell costs its MACs)."""
-
-    def __init__(self):
-        self.calls = 0
-
-    def __call__(self, shape, c_in, c_out, batch_size, device, repeats):
-        self.calls += 1
-        return 1e-3 * c_in * c_out + 0.01
 
 
 def attention_group(groups):

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import regrow
+from conftest import CountingMeasure
 from regrow import masking
 from regrow.channels.costs import LatencyTable, layer_shapes
 from regrow.errors import ConfigError
@@ -41,15 +42,6 @@ def setup(method="iee", seed=0, **options):
         defaults.update(prune_every=5, prune_steps=6)
     sp = regrow.create(method, model, optimizer, structure="channel", seed=seed, **{**defaults, **options})
     return model, optimizer, sp
-
-
-class CountingMeasure:
-    def __init__(self):
-        self.calls = 0
-
-    def __call__(self, shape, c_in, c_out, batch_size, device, repeats):
-        self.calls += 1
-        return 1e-3 * c_in * c_out * (shape.in_size[0] if shape.in_size else 1) + 0.01
 
 
 def test_latency_table_is_reused_from_cache_and_rebuilt_for_another_device_or_shape(tmp_path):
