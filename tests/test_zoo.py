@@ -177,12 +177,8 @@ def test_bert_channel_pruning_prunes_whole_heads_and_exports_exactly():
                      **{layer.format(i) + "intermediate.dense": "channel" for i in range(2)},
                      "model.bert.pooler.dense": "channel"}
     g = torch.Generator().manual_seed(0)
-    for _ in range(8):
-        x, y = torch.randint(1, 1000, (8, 12), generator=g), torch.randint(0, 3, (8,), generator=g)
-        optimizer.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        optimizer.step()
-        sp.step()
+    loop(model, optimizer, sp, [(torch.randint(1, 1000, (8, 12), generator=g), torch.randint(0, 3, (8,), generator=g))
+                                for _ in range(8)])
     kept = {g.root: int(k.sum()) for g, k in zip(sp.groups, sp.channels.keep) if g.unit == "head"}
     assert min(kept.values()) == 1
     x = torch.randint(1, 1000, (4, 12), generator=g)
