@@ -46,6 +46,12 @@ from regrow.schedules import cosine_lr
 from regrow.training import MODEL, SUMMARY, TrainConfig, environment, evaluate, load_model
 
 TARGETS = (0.55, 0.30)
+TRAIN_SIZE = 60_000  # Fashion-MNIST's training set
+# IEE for channels, its open choices (``--investigate``): the exploration's learning rate and the cycle length
+INVESTIGATE = {"lr0.3": {"explore_lr_scale": 0.3}, "lr1": {"explore_lr_scale": 1.0},
+               "hjq25": dict.fromkeys(("estimate_steps", "improve_steps", "explore_steps"), 25),
+               "hjq100": dict.fromkeys(("estimate_steps", "improve_steps", "explore_steps"), 100)}
+MATCH_TOLERANCE = 0.02  # measured latencies within 2 % (relative) count as equal: about the timing noise
 LATENCY = "latency.json"
 
 
@@ -72,7 +78,7 @@ def grids(args) -> tuple[dict[str, TrainConfig], dict[str, TrainConfig]]:
     cost = "macs" if args.quick else "latency"
     hjq = 5 if args.quick else 50
     iee = {**dict.fromkeys(("estimate_steps", "improve_steps", "explore_steps"), hjq), **channel_options(args)}
-    halp = {"prune_every": 1 if args.quick else args.prune_every, "prune_steps": 10 if args.quick else 30,
+    halp = {"prune_every": 1 if args.quick else halp_interval(args), "prune_steps": 10 if args.quick else 30,
             **channel_options(args)}
     main = {}
     for target in args.targets:
@@ -96,7 +102,19 @@ def grids(args) -> tuple[dict[str, TrainConfig], dict[str, TrainConfig]]:
             main[f"halp-matched-{target:g}-seed{s}"].epochs = max(1, args.epochs // 2)
             main[f"iee-ramp-{target:g}-seed{s}"] = recipe(
                 args, method="iee", method_options={**iee, "ramp_cycles": args.ramp_cycles}, **common)
+            if args.investigate and target == min(args.targets):  # IEE's open choices, at the tightest target
+                for label, options in INVESTIGATE.items():
+                    main[f"iee-scratch-{label}-{target:g}-seed{s}"] = recipe(
+                        args, method="iee", method_options={**iee, **options}, **common)
     return pre, main
+
+
+def halp_interval(args) -> int:
+    """HALP's steps between prunings: the paper's 40 (``--prune-every``), shortened where its 30 prunings would
+    take more than half of the shortest HALP run (the cost-matched one, E/2 epochs), so that fine-tuning keeps at
+    least half of every run."""
+    shortest = max(1, args.epochs // 2) * batches_per_epoch(TRAIN_SIZE, 128)
+    return max(1, min(args.prune_every, shortest // (2 * 30)))
 
 
 def prebuild_latency_table(args) -> int:
@@ -183,6 +201,64 @@ def tp_reference(args, seed: int, target_macs: float, out) -> dict:
     return summary
 
 
+def measured_fraction(latency: dict) -> float:
+    return latency["exported"]["measured_ms"] / latency["dense"]["measured_ms"]
+
+
+def latency_matched_runs(args, main_runs: dict[str, TrainConfig], summaries: dict, latencies: dict) -> dict:
+    """HALP and IEE from scratch at the same measured latency. HALP lands under its budget (its prunings only
+    remove channels, and a measured table is a staircase), IEE fills its budget: per target and seed, the one
+    that landed slower is trained again with its budget tightened by the measured gap, its predicted fraction ×
+    (faster measured fraction / its own). One correction step: both price the same table, so the remaining gap
+    is the table's error, which the report shows."""
+    out = {}
+    for target in args.targets:
+        for s in range(args.seeds):
+            ids = {m: f"{m}-{target:g}-seed{s}" for m in ("halp", "iee-scratch")}
+            if any(i not in latencies for i in ids.values()):
+                continue
+            fraction = {m: measured_fraction(latencies[i]) for m, i in ids.items()}
+            slow, fast = sorted(fraction, key=fraction.get, reverse=True)
+            if fraction[slow] <= fraction[fast] * (1 + MATCH_TOLERANCE):
+                continue
+            config = copy.deepcopy(main_runs[ids[slow]])
+            config.latency_target = (summaries[ids[slow]]["channels"]["predicted_fraction"]
+                                     * fraction[fast] / fraction[slow])
+            out[f"{slow}-tightened-{target:g}-seed{s}"] = config
+    return out
+
+
+def equal_latency_pairs(args, summaries: dict, latencies: dict) -> dict[str, dict]:
+    """Per target: HALP against IEE from scratch at the same measured latency (the slower of each seed's pair
+    replaced by its latency-matched run), paired over seeds, with both total training costs."""
+    out = {}
+    for target in args.targets:
+        pairs = []
+        for s in range(args.seeds):
+            pair = {}
+            for m in ("halp", "iee-scratch"):
+                run_id = f"{m}-tightened-{target:g}-seed{s}"
+                run_id = run_id if run_id in summaries else f"{m}-{target:g}-seed{s}"
+                if run_id not in summaries or run_id not in latencies:
+                    break
+                pair[m] = {"run": run_id, "accuracy": summaries[run_id]["test_accuracy"],
+                           "fraction": measured_fraction(latencies[run_id]),
+                           "cost": summaries[run_id].get("total_train_flops", summaries[run_id]["train_flops"])}
+            else:
+                pairs.append(pair)
+        if not pairs:
+            continue
+        diffs = [100 * (p["iee-scratch"]["accuracy"] - p["halp"]["accuracy"]) for p in pairs]
+        out[f"{target:g}"] = {
+            "seeds": len(pairs), "pairs": pairs,
+            "accuracy_difference": (statistics.fmean(diffs),
+                                    statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")),
+            "fraction": {m: statistics.fmean(p[m]["fraction"] for p in pairs) for m in ("halp", "iee-scratch")},
+            "accuracy": {m: mean_std(p[m]["accuracy"] for p in pairs) for m in ("halp", "iee-scratch")},
+            "cost_ratio": statistics.fmean(p["iee-scratch"]["cost"] / p["halp"]["cost"] for p in pairs)}
+    return out
+
+
 def measure(args, run_id: str) -> dict:
     """Export the run's model and time it against the dense model (cached in the run folder)."""
     out = RESULTS / "runs" / args.name / run_id
@@ -207,7 +283,8 @@ def main(argv=None) -> int:
     p.add_argument("--targets", type=float, nargs="+", default=list(TARGETS))
     p.add_argument("--group-size", type=int, default=4)
     p.add_argument("--prune-first", action="store_true", help="let the first conv's channels be pruned")
-    p.add_argument("--prune-every", type=int, default=10, help="HALP: steps between its 30 prunings")
+    p.add_argument("--prune-every", type=int, default=40, help="HALP: steps between its 30 prunings (the paper's "
+                   "40; shortened where 30 of them would take more than half of the shortest HALP run)")
     p.add_argument("--latency-batch", type=int, default=64)
     p.add_argument("--repeats", type=int, default=30, help="timed runs per model (median reported)")
     p.add_argument("--jobs", type=int, default=1)
@@ -216,6 +293,9 @@ def main(argv=None) -> int:
                    "ramps down along HALP's path (default 5)")
     p.add_argument("--deploy", type=int, nargs="*", default=[1, 64, 256],
                    help="batch sizes timed under PyTorch and ONNX Runtime too (none: skip)")
+    p.add_argument("--investigate", action="store_true",
+                   help="IEE's open choices at the tightest target: exploration at 0.3x and 1x the learning rate, "
+                        "H = J = Q = 25 and 100 steps")
     p.add_argument("--name", default=None)
     args = p.parse_args(argv)
     args.name = args.name or ("channels-quick" if args.quick else f"channels-{args.model}-e{args.epochs}")
@@ -232,6 +312,10 @@ def main(argv=None) -> int:
         prebuild_latency_table(args)
     summaries = run_grid(args.name, main_runs, jobs=args.jobs)
     latencies = {run_id: measure(args, run_id) for run_id in summaries}
+    matched = latency_matched_runs(args, main_runs, summaries, latencies)
+    if matched:
+        summaries.update(run_grid(args.name, matched, jobs=args.jobs))
+        latencies.update({run_id: measure(args, run_id) for run_id in matched})
     references = {}
     for target in args.targets:
         halp_macs = [latencies[k]["exported"]["macs"] for k in latencies if k.startswith(f"halp-{target:g}-")]
@@ -240,7 +324,8 @@ def main(argv=None) -> int:
             references[run_id] = tp_reference(args, s, statistics.fmean(halp_macs),
                                               RESULTS / "runs" / args.name / run_id)
     rows = table_rows(args, pre_summaries, summaries, latencies, references)
-    write(args, rows, pre_summaries, summaries, latencies, references, argv)
+    pairs = equal_latency_pairs(args, summaries, latencies)
+    write(args, rows, pairs, pre_summaries, summaries, latencies, references, argv)
     return 0
 
 
@@ -256,8 +341,9 @@ def table_rows(args, pre, summaries, latencies, references) -> dict:
                            "measured_fraction": 1.0, "speedup": 1.0, "macs_reduction": 1.0,
                            "cost": statistics.fmean(s["train_flops"] for s in runs) / dense_epochs_flops,
                            "n": len(runs), "wall": statistics.fmean(s["wall_seconds"] for s in runs)}
+    methods = list(dict.fromkeys(k.rsplit("-seed", 1)[0].rsplit("-", 1)[0] for k in summaries))
     for target in args.targets:
-        for method in ("halp", "halp-matched", "iee-scratch", "iee-scratch-2x", "iee-ramp", "iee-pretrained"):
+        for method in methods:
             keys = [k for k in summaries if k.startswith(f"{method}-{target:g}-seed")]
             if not keys:
                 continue
@@ -303,7 +389,7 @@ def _deploy_means(latencies: list[dict]) -> dict[str, float]:
     return {k: statistics.fmean(v) for k, v in found.items()}
 
 
-def write(args, rows, pre, summaries, latencies, references, argv) -> None:
+def write(args, rows, pairs, pre, summaries, latencies, references, argv) -> None:
     command = " ".join(["python bench/channels.py", *(argv if argv is not None else sys.argv[1:])])
     env = environment()
     lines = [f"# {args.name}", "", f"Command: `{command}`  ", f"Tables written at {commit()}  ",
@@ -315,7 +401,7 @@ def write(args, rows, pre, summaries, latencies, references, argv) -> None:
              + f"SGD Nesterov, lr 0.1 cosine, wd 5e-4, batch 128, G = {args.group_size}, "
              f"first conv {'prunable' if args.prune_first else 'never pruned'}, HALP prunes every "
              + ("1 step 10 times, IEE H = J = Q = 5" if args.quick else
-                f"{args.prune_every} steps 30 times, IEE H = J = Q = 50, IEE-ramp over {args.ramp_cycles} cycles")
+                f"{halp_interval(args)} steps 30 times, IEE H = J = Q = 50, IEE-ramp over {args.ramp_cycles} cycles")
              + f", seeds {args.seeds}", "",
              "| run | last-epoch accuracy | measured latency | measured fraction of dense | predicted fraction | "
              "speed-up (measured) | MACs reduction | speed-up / MACs reduction | total training cost (dense epochs) "
@@ -329,6 +415,24 @@ def write(args, rows, pre, summaries, latencies, references, argv) -> None:
                      f"{r['measured_ms']:.2f} ms | {measured} | {predicted} | {r['speedup']:.2f}× | "
                      f"{r['macs_reduction']:.2f}× | {r['speedup'] / r['macs_reduction']:.2f} | {r['cost']:.2f} | "
                      f"{readmitted} | {r['n']} |")
+    if pairs:
+        lines += ["", "HALP against IEE from scratch at equal measured latency (per seed, the slower of the two "
+                  f"trained again with its budget tightened by the measured gap, `-tightened` runs; within "
+                  f"{100 * MATCH_TOLERANCE:g} % counts as equal). The paper's claim: IEE at least as accurate for at "
+                  "most half of HALP's total training FLOPs:", "",
+                  "| target | measured fraction HALP / IEE | HALP | IEE from scratch | IEE − HALP (paired) | "
+                  "training FLOPs IEE / HALP | claim holds | seeds |", "|---|---|---|---|---|---|---|---|"]
+        for target, p in pairs.items():
+            (hm, hs), (im, is_) = (p["accuracy"][m] for m in ("halp", "iee-scratch"))
+            d, se = p["accuracy_difference"]
+            same = all(max(x["halp"]["fraction"], x["iee-scratch"]["fraction"])
+                       <= min(x["halp"]["fraction"], x["iee-scratch"]["fraction"]) * (1 + MATCH_TOLERANCE)
+                       for x in p["pairs"])
+            holds = "yes" if d >= 0 and p["cost_ratio"] <= 0.5 else "no"
+            lines.append(f"| {target} | {p['fraction']['halp']:.3f} / {p['fraction']['iee-scratch']:.3f}"
+                         f"{'' if same else ' (not matched)'} | {100 * hm:.2f} ± {100 * hs:.2f} | "
+                         f"{100 * im:.2f} ± {100 * is_:.2f} | {d:+.2f} ± {se:.2f} | {p['cost_ratio']:.2f} | {holds} | "
+                         f"{p['seeds']} |")
     deployed = {k: r["deploy"] for k, r in rows.items() if r.get("deploy")}
     if deployed:
         columns = sorted({c for d in deployed.values() for c in d},
@@ -348,7 +452,7 @@ def write(args, rows, pre, summaries, latencies, references, argv) -> None:
         "rows": {k: {**v, "accuracy": list(v["accuracy"])} for k, v in rows.items()},
         "runs": {k: {f: v for f, v in s.items() if f not in ("layers", "config", "environment")}
                  for k, s in {**pre, **summaries}.items()},
-        "latency": latencies, "references": references})
+        "equal_latency": pairs, "latency": latencies, "references": references})
     print(md)
     with figure(RESULTS / f"{args.name}.png", figsize=(6.5, 4)) as ax:
         markers = {"halp-matched": "D", "halp": "s", "iee-scratch-2x": "P", "iee-scratch": "o", "iee-ramp": "v",

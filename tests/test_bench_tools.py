@@ -100,6 +100,47 @@ def test_unstructured_equal_flops_epochs_come_from_the_finished_runs(bench_unstr
     assert "rigl-eqflops-0.9-seed0" not in runs
 
 
+@pytest.fixture
+def bench_channels(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(BENCH))
+    import channels as module
+    return module
+
+
+def test_channels_tightens_the_slower_of_halp_and_iee_to_the_faster_ones_measured_latency(bench_channels):
+    module = bench_channels
+    args = Namespace(targets=[0.3], seeds=2)
+    main = {k: module.TrainConfig(model="resnet20", method=k.split("-0.3")[0].split("-")[0], latency_target=0.3)
+            for k in ("halp-0.3-seed0", "iee-scratch-0.3-seed0", "halp-0.3-seed1", "iee-scratch-0.3-seed1")}
+
+    def landed(predicted, accuracy, cost):
+        return {"channels": {"predicted_fraction": predicted}, "test_accuracy": accuracy, "train_flops": cost,
+                "total_train_flops": cost}
+
+    def timed(fraction):
+        return {"dense": {"measured_ms": 20.0}, "exported": {"measured_ms": 20.0 * fraction}}
+
+    # seed 0: HALP lands well under the budget (0.25 measured against IEE's 0.30); seed 1: within the tolerance
+    summaries = {"halp-0.3-seed0": landed(0.26, 0.90, 4.0), "iee-scratch-0.3-seed0": landed(0.30, 0.89, 1.0),
+                 "halp-0.3-seed1": landed(0.29, 0.91, 4.0), "iee-scratch-0.3-seed1": landed(0.30, 0.90, 1.0)}
+    latencies = {"halp-0.3-seed0": timed(0.25), "iee-scratch-0.3-seed0": timed(0.30),
+                 "halp-0.3-seed1": timed(0.300), "iee-scratch-0.3-seed1": timed(0.303)}
+    planned = module.latency_matched_runs(args, main, summaries, latencies)
+    assert list(planned) == ["iee-scratch-tightened-0.3-seed0"]
+    assert planned["iee-scratch-tightened-0.3-seed0"].latency_target == pytest.approx(0.30 * 0.25 / 0.30)
+    assert main["iee-scratch-0.3-seed0"].latency_target == 0.3  # the original run's recipe is left alone
+
+    summaries["iee-scratch-tightened-0.3-seed0"] = landed(0.25, 0.88, 1.0)
+    latencies["iee-scratch-tightened-0.3-seed0"] = timed(0.251)
+    pairs = module.equal_latency_pairs(args, summaries, latencies)["0.3"]
+    assert [p["iee-scratch"]["run"] for p in pairs["pairs"]] == ["iee-scratch-tightened-0.3-seed0",
+                                                                 "iee-scratch-0.3-seed1"]
+    assert pairs["accuracy_difference"][0] == pytest.approx(((0.88 - 0.90) + (0.90 - 0.91)) / 2 * 100)
+    assert pairs["cost_ratio"] == pytest.approx(0.25)
+    assert module.latency_matched_runs(args, main, summaries, latencies) == planned  # resumable: the same plan
+
+
 WORKER_SCRIPT = """
 import os, sys, time
 sys.path.insert(0, {bench!r})

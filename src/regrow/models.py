@@ -154,19 +154,24 @@ class InvertedResidual(nn.Module):
 
 
 class MobileNetV2(nn.Module):
-    """MobileNetV2 for small images (stride-1 stem, two fewer downsamplings), with a width multiplier."""
+    """MobileNetV2 for small images (stride-1 stem, two fewer downsamplings), with a width multiplier.
+
+    ``stem_stride=2`` halves the resolution at the stem as the ImageNet model does: on 28×28 inputs a quarter of
+    the stride-1 model's MACs; ``mobilenetv2-small`` (that and width 0.5) trains about as fast as ResNet-20 on a
+    CPU core, where the full model is over ten times slower (its 28×28 expansions dominate).
+    """
 
     SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
                 (6, 320, 1, 1))
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 10, width_mult: float = 1.0):
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, width_mult: float = 1.0, stem_stride: int = 1):
         super().__init__()
 
         def w(c: int) -> int:
             return max(8, int(round(c * width_mult / 8)) * 8)
 
         c_in = w(32)
-        layers: list[nn.Module] = [*_conv_bn(in_channels, c_in, 3, 1), nn.ReLU6(inplace=True)]
+        layers: list[nn.Module] = [*_conv_bn(in_channels, c_in, 3, stem_stride), nn.ReLU6(inplace=True)]
         for expand, c, n, s in self.SETTINGS:
             for i in range(n):
                 layers.append(InvertedResidual(c_in, w(c), s if i == 0 else 1, expand))
@@ -206,6 +211,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "wrn22-2": lambda **kw: WideResNet(22, 2, **kw),
     "vgg": lambda **kw: VGG(**kw),
     "mobilenetv2": lambda **kw: MobileNetV2(**kw),
+    "mobilenetv2-small": lambda **kw: MobileNetV2(width_mult=0.5, stem_stride=2, **kw),
     "mlp": lambda input_size=28, **kw: MLP(input_size=input_size, **kw),
 }
 
