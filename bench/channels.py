@@ -11,10 +11,14 @@ Steps (each resumable: finished runs are skipped):
    model and their total training cost includes it. A dense model of E/2 epochs feeds the cost-matched HALP;
 2. the latency table of the model (batch ``--latency-batch``, one thread), measured once on the idle machine;
 3. at every latency target (a fraction of the dense model's latency), ``--epochs`` each: HALP (prunings every
-   ``--prune-every`` steps, 30 of them, then fine-tuning), IEE from scratch, IEE from the pretrained model;
+   ``--prune-every`` steps (40, or fewer where 30 would not leave half a run to fine-tune), 30 of them, then
+   fine-tuning), IEE from scratch, IEE from the pretrained model;
    controls: IEE from scratch for 2E epochs (budget), HALP with its total cost matched to IEE's (dense E/2 +
    pruning and fine-tuning E/2), IEE with its budget ramped over the first ``--ramp-cycles`` cycles (the first
-   cut, an open choice);
+   cut, an open choice); with ``--investigate``, IEE's open choices at the tightest target (exploration
+   learning rate, H = J = Q);
+   then HALP and IEE from scratch at equal measured latency: per seed, the slower of the two is trained again
+   with its budget tightened by the measured gap (``-tightened`` runs), and a paired table compares them;
 4. Torch-Pruning's MagnitudePruner (L1, per layer) on the pretrained model, the ratio searched so that its MACs
    match HALP's exported model at that target, then fine-tuned for ``--epochs`` with the same recipe;
 5. every model is exported (masked channels removed) and timed against the dense model, interleaved, one
@@ -428,7 +432,8 @@ def write(args, rows, pairs, pre, summaries, latencies, references, argv) -> Non
             same = all(max(x["halp"]["fraction"], x["iee-scratch"]["fraction"])
                        <= min(x["halp"]["fraction"], x["iee-scratch"]["fraction"]) * (1 + MATCH_TOLERANCE)
                        for x in p["pairs"])
-            holds = "yes" if d >= 0 and p["cost_ratio"] <= 0.5 else "no"
+            faster_or_same = same or p["fraction"]["iee-scratch"] <= p["fraction"]["halp"]
+            holds = "yes" if d >= 0 and p["cost_ratio"] <= 0.5 and faster_or_same else "no"
             lines.append(f"| {target} | {p['fraction']['halp']:.3f} / {p['fraction']['iee-scratch']:.3f}"
                          f"{'' if same else ' (not matched)'} | {100 * hm:.2f} ± {100 * hs:.2f} | "
                          f"{100 * im:.2f} ± {100 * is_:.2f} | {d:+.2f} ± {se:.2f} | {p['cost_ratio']:.2f} | {holds} | "
