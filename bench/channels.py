@@ -121,6 +121,56 @@ def halp_interval(args) -> int:
     return max(1, min(args.prune_every, shortest // (2 * 30)))
 
 
+def grid_epochs(args, epochs: int) -> float:
+    """Epochs the whole grid trains at E = ``epochs``, per the plan of :func:`grids`, plus what is planned
+    later: Torch-Pruning's fine-tuning (E per target and seed) and, at most, one tightened run per target and
+    seed (E)."""
+    sized = argparse.Namespace(**{**vars(args), "epochs": epochs, "pretrain_epochs": epochs, "quick": False})
+    pre, main = grids(sized)
+    later = 2 * epochs * len(args.targets) * args.seeds
+    return sum(c.epochs for c in {**pre, **main}.values()) + later
+
+
+def step_seconds(args, steps: int = 10) -> float:
+    """Median seconds of one dense training step (batch 128, one thread) of the model: channel masks train the
+    full-width network, so every run of the grid pays about this per step."""
+    from regrow.models import create_model
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    model = create_model(args.model)
+    x, y = torch.randn(128, 1, 28, 28), torch.randint(0, 10, (128,))
+    if args.channels_last:
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    times = []
+    for i in range(steps + 3):
+        start = time.perf_counter()
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if i >= 3:  # warm-up
+            times.append(time.perf_counter() - start)
+    torch.set_num_threads(threads)
+    return statistics.median(times)
+
+
+def plan(args, hours: float) -> int:
+    """Size the grid from the measured step time: the largest E (dense pretraining and every run) that fits."""
+    seconds = step_seconds(args)
+    per_epoch = batches_per_epoch(TRAIN_SIZE, 128) * seconds
+    fits = [e for e in range(1, 201) if grid_epochs(args, e) * per_epoch / args.jobs <= hours * 3600]
+    print(f"{args.model}: {seconds:.3f} s a step (batch 128, one thread; run this on an idle machine), "
+          f"{per_epoch / 60:.1f} min an epoch; the grid trains {grid_epochs(args, 1):.1f}·E epochs "
+          f"({args.seeds} seeds, targets {', '.join(f'{t:g}' for t in args.targets)}"
+          f"{', --investigate' if args.investigate else ''}) on {args.jobs} job(s): "
+          + (f"E = {fits[-1]} fits {hours:g} h ({grid_epochs(args, fits[-1]) * per_epoch / args.jobs / 3600:.1f} h)"
+             if fits else f"not even E = 1 fits {hours:g} h "
+                          f"({grid_epochs(args, 1) * per_epoch / args.jobs / 3600:.1f} h)"))
+    return 0
+
+
 def prebuild_latency_table(args) -> int:
     """Measure every cell HALP/IEE can ask for, once, single-threaded, before runs share the cores."""
     from regrow.models import create_model
@@ -276,7 +326,7 @@ def measure(args, run_id: str) -> dict:
     return result
 
 
-def main(argv=None) -> int:
+def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a few steps per run (MACs cost), separate results")
     p.add_argument("--quick-steps", type=int, default=30)
@@ -292,7 +342,11 @@ def main(argv=None) -> int:
     p.add_argument("--latency-batch", type=int, default=64)
     p.add_argument("--repeats", type=int, default=30, help="timed runs per model (median reported)")
     p.add_argument("--jobs", type=int, default=1)
-    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="channels_last memory format in training (the trainer's default; faster on CPU)")
+    p.add_argument("--plan", type=float, default=None, metavar="HOURS",
+                   help="print the largest E whose whole grid fits HOURS on --jobs cores, from this model's step "
+                        "time measured now (one thread), and train nothing")
     p.add_argument("--ramp-cycles", type=int, default=5, help="IEE-ramp control: cycles over which the budget "
                    "ramps down along HALP's path (default 5)")
     p.add_argument("--deploy", type=int, nargs="*", default=[1, 64, 256],
@@ -305,6 +359,13 @@ def main(argv=None) -> int:
     args.name = args.name or ("channels-quick" if args.quick else f"channels-{args.model}-e{args.epochs}")
     if args.quick and args.deploy == [1, 64, 256]:
         args.deploy = [1, 8]  # a smoke test of the deployment timings, not a measurement
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    if args.plan is not None:
+        return plan(args, args.plan)
     pre, main_runs = grids(args)
     for run_id in pre:  # a grid from before the pretrained weights were kept in git trains them again
         out = RESULTS / "runs" / args.name / run_id
