@@ -132,8 +132,8 @@ def grid_epochs(args, epochs: int) -> float:
 
 
 def step_seconds(args, steps: int = 10) -> float:
-    """Median seconds of one dense training step (batch 128, one thread) of the model: channel masks train the
-    full-width network, so every run of the grid pays about this per step."""
+    """Median seconds of one training step (batch 128, one thread) of the model under HALP's channel masks while
+    it gathers importance: masks train the full-width network, so every run of the grid pays about this."""
     from regrow.models import create_model
 
     threads = torch.get_num_threads()
@@ -143,6 +143,8 @@ def step_seconds(args, steps: int = 10) -> float:
     if args.channels_last:
         model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    sparsifier = HALP(model, optimizer, latency_target=0.5, cost="macs", input_shape=(1, 28, 28),
+                      prune_every=10 * steps, prune_steps=1, **channel_options(args))  # no pruning while timed
     times = []
     for i in range(steps + 3):
         start = time.perf_counter()
@@ -150,6 +152,7 @@ def step_seconds(args, steps: int = 10) -> float:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        sparsifier.step()
         if i >= 3:  # warm-up
             times.append(time.perf_counter() - start)
     torch.set_num_threads(threads)
