@@ -359,6 +359,8 @@ def parse(argv=None) -> argparse.Namespace:
                         "H = J = Q = 25 and 100 steps")
     p.add_argument("--name", default=None)
     args = p.parse_args(argv)
+    if args.plan is not None and not args.plan > 0:
+        p.error(f"--plan takes a positive number of hours, got {args.plan}")
     args.name = args.name or ("channels-quick" if args.quick else f"channels-{args.model}-e{args.epochs}")
     if args.quick and args.deploy == [1, 64, 256]:
         args.deploy = [1, 8]  # a smoke test of the deployment timings, not a measurement
