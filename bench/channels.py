@@ -262,6 +262,16 @@ def measured_fraction(latency: dict) -> float:
     return latency["exported"]["measured_ms"] / latency["dense"]["measured_ms"]
 
 
+def same_latency(a: float, b: float) -> bool:
+    """Two measured fractions of dense latency count as the same within MATCH_TOLERANCE (relative)."""
+    return max(a, b) <= min(a, b) * (1 + MATCH_TOLERANCE)
+
+
+def total_cost(summary: dict) -> float:
+    """A run's training FLOPs, its dense pretraining included where it started from one."""
+    return summary.get("total_train_flops", summary["train_flops"])
+
+
 def latency_matched_runs(args, main_runs: dict[str, TrainConfig], summaries: dict, latencies: dict) -> dict:
     """HALP and IEE from scratch at the same measured latency. HALP lands under its budget (its prunings only
     remove channels, and a measured table is a staircase), IEE fills its budget: per target and seed, the one
@@ -275,9 +285,9 @@ def latency_matched_runs(args, main_runs: dict[str, TrainConfig], summaries: dic
             if any(i not in latencies for i in ids.values()):
                 continue
             fraction = {m: measured_fraction(latencies[i]) for m, i in ids.items()}
-            slow, fast = sorted(fraction, key=fraction.get, reverse=True)
-            if fraction[slow] <= fraction[fast] * (1 + MATCH_TOLERANCE):
+            if same_latency(*fraction.values()):
                 continue
+            slow, fast = sorted(fraction, key=fraction.get, reverse=True)
             config = copy.deepcopy(main_runs[ids[slow]])
             config.latency_target = (summaries[ids[slow]]["channels"]["predicted_fraction"]
                                      * fraction[fast] / fraction[slow])
@@ -300,7 +310,7 @@ def equal_latency_pairs(args, summaries: dict, latencies: dict) -> dict[str, dic
                     break
                 pair[m] = {"run": run_id, "accuracy": summaries[run_id]["test_accuracy"],
                            "fraction": measured_fraction(latencies[run_id]),
-                           "cost": summaries[run_id].get("total_train_flops", summaries[run_id]["train_flops"])}
+                           "cost": total_cost(summaries[run_id])}
             else:
                 pairs.append(pair)
         if not pairs:
@@ -428,8 +438,7 @@ def table_rows(args, pre, summaries, latencies, references) -> dict:
                 "deploy": _deploy_means(lat),
                 "speedup": statistics.fmean(x["measured_speedup"] for x in lat),
                 "macs_reduction": statistics.fmean(x["macs_reduction"] for x in lat),
-                "cost": statistics.fmean(summaries[k].get("total_train_flops", summaries[k]["train_flops"])
-                                         for k in keys) / dense_epochs_flops,
+                "cost": statistics.fmean(total_cost(summaries[k]) for k in keys) / dense_epochs_flops,
                 "n": len(keys), "wall": statistics.fmean(summaries[k]["wall_seconds"] for k in keys)}
         keys = [k for k in references if k.startswith(f"tp-magnitude-{target:g}-")]
         if keys:
@@ -495,9 +504,7 @@ def write(args, rows, pairs, pre, summaries, latencies, references, argv) -> Non
         for target, p in pairs.items():
             (hm, hs), (im, is_) = (p["accuracy"][m] for m in ("halp", "iee-scratch"))
             d, se = p["accuracy_difference"]
-            same = all(max(x["halp"]["fraction"], x["iee-scratch"]["fraction"])
-                       <= min(x["halp"]["fraction"], x["iee-scratch"]["fraction"]) * (1 + MATCH_TOLERANCE)
-                       for x in p["pairs"])
+            same = all(same_latency(x["halp"]["fraction"], x["iee-scratch"]["fraction"]) for x in p["pairs"])
             faster_or_same = same or p["fraction"]["iee-scratch"] <= p["fraction"]["halp"]
             holds = "yes" if d >= 0 and p["cost_ratio"] <= 0.5 and faster_or_same else "no"
             lines.append(f"| {target} | {p['fraction']['halp']:.3f} / {p['fraction']['iee-scratch']:.3f}"
