@@ -153,6 +153,9 @@ def test_channels_grid_size_counts_every_run_the_protocol_trains(bench_channels)
         args, 4) - 3 * (4 + 8 + 2)  # the dense models are per seed, not per target
     assert module.halp_interval(module.parse(["--epochs", "20"])) == 40  # the paper's interval where it fits
     assert module.halp_interval(module.parse(["--epochs", "2"])) == 469 // 60
+    with pytest.raises(SystemExit) as refused:  # a plan for no time at all: one line, exit 2
+        module.parse(["--plan", "0"])
+    assert refused.value.code == 2
 
 
 WORKER_SCRIPT = """
