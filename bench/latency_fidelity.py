@@ -6,7 +6,8 @@
 HALP and IEE choose channels by the latency table: each layer's cost at given channel counts, measured on its own
 and summed. This benchmark builds pruned models of known widths (uniform keep fractions, one stage cut hard while
 the others stay, and random per-group widths), removes their channels for real, and compares, for each, the table's
-sum with the measured forward of the whole model (interleaved with the dense one, median after warm-up, twice). It
+sum with the measured forward of the whole model (interleaved with the dense one, median after warm-up, ``--passes``
+times; the measured speed-up is the median of the within-pass ratios). It
 measures the table twice, fresh each time, to show how much a sum moves between two measurements.
 
 What matters for the methods is the *ratio* of two configurations (the budget is a fraction of dense), so the
@@ -66,6 +67,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--random", type=int, default=6, help="random-width configurations")
     p.add_argument("--repeats", type=int, default=30, help="whole-model timings per configuration")
+    p.add_argument("--passes", type=int, default=3, help="interleaved dense/pruned timings per configuration")
     p.add_argument("--cell-repeats", type=int, default=15, help="timings per table cell (median)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -88,22 +90,26 @@ def main(argv=None) -> int:
                 predicted[c].append(sum(table(n, *w) for n, w in widths[c].items()))
         print(f"table #{attempt}: dense {predicted['dense'][-1]:.2f} ms", flush=True)
     x = torch.randn(args.batch, *INPUT)
-    measured = {c: [] for c in configs}
-    for _ in range(2):  # each pruned model against dense, interleaved; twice, to see the spread
+    # Each pruned model is timed against dense, interleaved, ``--passes`` times; its speed-up is the median over
+    # passes of the ratio within a pass (dense and pruned timed side by side), which cancels the machine's drift
+    # between passes (whole-model times of one configuration moved by up to 30 % from one pass to the next here).
+    pairs: dict[str, list[tuple[float, float]]] = {c: [] for c in configs if c != "dense"}
+    for _ in range(args.passes):
         for c, m in models.items():
             if c != "dense":
                 t = time_models({"dense": models["dense"], c: m}, x, repeats=args.repeats)
-                measured["dense"].append(t["dense"])
-                measured[c].append(t[c])
-    dense_ms = statistics.median(measured["dense"])
+                pairs[c].append((t["dense"], t[c]))
+    dense_ms = statistics.median(d for p in pairs.values() for d, _ in p)
     rows = {}
     for c in configs:
-        m = dense_ms if c == "dense" else statistics.median(measured[c])
-        row = {"measured_ms": m, "measured_speedup": dense_ms / m, "measured_spread": [min(measured[c]),
-                                                                                       max(measured[c])]}
+        times = [dense_ms] if c == "dense" else [t for _, t in pairs[c]]
+        speedup = 1.0 if c == "dense" else statistics.median(d / t for d, t in pairs[c])
+        m = dense_ms if c == "dense" else statistics.median(times)
+        row = {"measured_ms": m, "measured_speedup": speedup, "measured_spread": [min(times), max(times)],
+               "pass_speedups": [] if c == "dense" else [d / t for d, t in pairs[c]]}
         pred, dense_pred = statistics.fmean(predicted[c]), statistics.fmean(predicted["dense"])
         row.update({"predicted_ms": pred, "tables": predicted[c], "predicted_speedup": dense_pred / pred,
-                    "ms_ratio": pred / m, "speedup_error": (dense_pred / pred) / (dense_ms / m) - 1})
+                    "ms_ratio": pred / m, "speedup_error": (dense_pred / pred) / speedup - 1})
         rows[c] = row
 
     summary = {"mean_abs_speedup_error": statistics.fmean(abs(r["speedup_error"]) for c, r in rows.items()
@@ -125,10 +131,11 @@ def main(argv=None) -> int:
     lines = [f"# Latency table against measured latency: {args.model}, batch {args.batch}, 1 thread, "
              f"{allocator} allocator", "", f"Hardware: {env['processor']}, torch {env['torch']}; commit "
              f"{result['commit']}. Command: `{env_prefix}python bench/latency_fidelity.py {' '.join(result['argv'])}`",
-             "", "| configuration | measured | measured speed-up | predicted speed-up | error | table sum / measured |",
-             "|---|---|---|---|---|---|"]
+             "", "| configuration | measured | measured speed-up (range over passes) | predicted speed-up | error | "
+             "table sum / measured |", "|---|---|---|---|---|---|"]
     for c, r in rows.items():
-        lines.append(f"| {c} | {r['measured_ms']:.2f} ms | {r['measured_speedup']:.2f}× | "
+        spread = (f" ({min(r['pass_speedups']):.2f}–{max(r['pass_speedups']):.2f})" if r["pass_speedups"] else "")
+        lines.append(f"| {c} | {r['measured_ms']:.2f} ms | {r['measured_speedup']:.2f}×{spread} | "
                      f"{r['predicted_speedup']:.2f}× | {100 * r['speedup_error']:+.1f} % | {r['ms_ratio']:.2f} |")
     lines += ["", f"Predicted speed-up: mean absolute error {100 * summary['mean_abs_speedup_error']:.1f} %, "
               f"largest {100 * summary['max_abs_speedup_error']:.1f} %. Two fresh tables differ by "
