@@ -4,7 +4,8 @@ HALP charges a layer for its channels by what the layer costs at that width: ``c
 :class:`MacsCost` counts multiply-accumulates; :class:`LatencyTable` times the layer itself (a conv of the same
 kernel, stride, padding, groups and input size, at a fixed batch) on the current device, measuring each
 ``(c_in, c_out)`` the first time it is asked for and caching it on disk. The table's sum leaves out BatchNorms,
-activations and adds, so it is below the measured forward (0.7-0.9 of it for ResNet-20 on a CPU), but those
+activations and adds, so it is below the measured forward (0.7-0.9 of it for ResNet-20 on a CPU, 0.5-0.7 for
+MobileNetV2, whose BatchNorms and ReLU6s on the expanded maps are a fifth of its time), but those
 passes shrink with the same channels and the sum *scales* with the measured latency: the methods only use ratios
 (the budget is a fraction of dense), and ``bench/latency_fidelity.py`` measures how well they are predicted.
 The cache file is keyed by the device (CPU model or CUDA name, thread count, allocator mode), the torch version and
