@@ -108,6 +108,15 @@ def bench_channels(monkeypatch, tmp_path):
     return module
 
 
+def test_channels_reads_a_measured_fraction_from_the_paired_speedup_when_the_passes_are_kept(bench_channels):
+    # passes kept: 1 / the median of within-pass ratios, not the ratio of the two pooled medians (0.4 here)
+    paired = {"dense": {"measured_ms": 20.0}, "exported": {"measured_ms": 8.0}, "measured_speedup": 2.0,
+              "pass_speedups": [1.9, 2.0, 2.6]}
+    assert bench_channels.measured_fraction(paired) == 0.5
+    # a latency.json cached before passes were kept: the ratio of its two medians
+    assert bench_channels.measured_fraction({"dense": {"measured_ms": 20.0}, "exported": {"measured_ms": 8.0}}) == 0.4
+
+
 def test_channels_tightens_the_slower_of_halp_and_iee_to_the_faster_ones_measured_latency(bench_channels):
     module = bench_channels
     args = Namespace(targets=[0.3], seeds=2)

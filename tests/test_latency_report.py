@@ -1,8 +1,14 @@
 """bench-latency's report: dense against exported, with the predicted and the measured speed-up side by side."""
 
+import statistics
+
+import pytest
+
+from regrow import latency_report as latency_module
 from regrow.artifacts import load_model
 from regrow.cli import main
-from regrow.latency_report import format_latency_report, latency_report
+from regrow.errors import ConfigError
+from regrow.latency_report import format_latency_report, latency_report, paired_timing
 
 
 def halp_run(tmp_path, monkeypatch):
@@ -24,7 +30,8 @@ def test_a_channel_pruned_model_reports_fewer_macs_and_both_speedups(tmp_path, m
     assert report["macs_reduction"] == report["dense"]["macs"] / report["exported"]["macs"] > 1.5
     for row in ("dense", "exported"):
         assert report[row]["measured_ms"] > 0 and report[row]["predicted_ms"] > 0
-    assert report["measured_speedup"] == report["dense"]["measured_ms"] / report["exported"]["measured_ms"]
+    assert report["passes"] == 3 and len(report["pass_speedups"]) == 3
+    assert report["measured_speedup"] == statistics.median(report["pass_speedups"])
     text = format_latency_report(report)
     assert "MACs reduction" in text and f"{report['macs_reduction']:.2f}x" in text
 
@@ -47,3 +54,16 @@ def test_deployment_latency_at_several_batch_sizes_under_pytorch_and_onnx_runtim
     assert "pytorch" in text and "onnxruntime" not in text.split("\n", 1)[1]
     assert main(["bench-latency", str(out), "--deploy", "1,x"]) == 2
     assert "--deploy takes batch sizes" in capsys.readouterr().err
+
+
+def test_paired_timing_takes_the_median_of_within_pass_ratios_not_the_ratio_of_pooled_medians(monkeypatch):
+    # Three passes whose machine state differs: the pooled medians (dense 12 ms, pruned 5 ms) would say 2.4x;
+    # within each pass the pruned model is 2x, 2.5x and 3x faster.
+    passes = iter([{"dense": 10.0, "pruned": 5.0}, {"dense": 30.0, "pruned": 12.0}, {"dense": 12.0, "pruned": 4.0}])
+    monkeypatch.setattr(latency_module, "time_models", lambda models, x, repeats: next(passes))
+    timed = paired_timing({"dense": None, "pruned": None}, None, passes=3)
+    assert timed["pruned"]["pass_speedups"] == [2.0, 2.5, 3.0]
+    assert timed["pruned"]["speedup"] == 2.5 and timed["pruned"]["ms"] == 5.0
+    assert timed["dense"]["speedup"] == 1.0 and timed["dense"]["ms"] == 12.0
+    with pytest.raises(ConfigError, match="reference"):
+        paired_timing({"pruned": None}, None)

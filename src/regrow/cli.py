@@ -259,7 +259,8 @@ def cmd_export(args) -> int:
 def cmd_bench_latency(args) -> int:
     from .latency_report import format_latency_report, latency_report
 
-    for flag, value in (("--batch-size", args.batch_size), ("--repeats", args.repeats), ("--threads", args.threads)):
+    for flag, value in (("--batch-size", args.batch_size), ("--repeats", args.repeats), ("--passes", args.passes),
+                        ("--threads", args.threads)):
         if value is not None and value <= 0:
             raise ConfigError(f"{flag} must be a positive integer, got {value}")
     if args.deploy is not None:
@@ -277,7 +278,8 @@ def cmd_bench_latency(args) -> int:
                                     onnx=not args.no_onnx)
         print(json.dumps(result, indent=2) if args.json else format_deployment_latency(result))
         return 0
-    result = latency_report(model, meta, batch_size=args.batch_size, repeats=args.repeats, threads=args.threads)
+    result = latency_report(model, meta, batch_size=args.batch_size, repeats=args.repeats, threads=args.threads,
+                            passes=args.passes)
     print(json.dumps(result, indent=2) if args.json else format_latency_report(result))
     return 0
 
@@ -402,6 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("run", help="a run folder (its model.safetensors) or a model.safetensors")
     b.add_argument("--batch-size", type=int, default=64, help="batch size of every latency figure (default 64)")
     b.add_argument("--repeats", type=int, default=50, help="timed runs per model after warm-up (default 50)")
+    b.add_argument("--passes", type=int, default=3, help="passes of dense/exported timing; the speed-up is the median "
+                   "of the within-pass ratios (default 3)")
     b.add_argument("--threads", type=int, default=None, help="torch threads while timing (default: torch's)")
     b.add_argument("--deploy", default=None, metavar="BATCHES", help="instead: dense against exported at these batch "
                    "sizes (such as 1,64,256) under PyTorch and ONNX Runtime")

@@ -1,5 +1,6 @@
 """Dense against exported, side by side in one run: parameters, MACs, latency predicted by the table, and latency
-measured on the exported model (median of many interleaved runs after warm-up, batch size stated)."""
+measured on the exported model (median of many interleaved runs after warm-up, batch size stated; the speed-up is
+the median of three passes' within-pass ratios)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from torch import nn
 from .artifacts import build_model, example_inputs, input_shape, trace_inputs
 from .channels.costs import LatencyTable, device_key, layer_shapes
 from .env import environment, steady_allocator
+from .errors import ConfigError
 from .export import count_parameters, export_masked_model
 from .flops import layer_macs
 
@@ -45,8 +47,25 @@ def time_models(models: dict[str, nn.Module], x: torch.Tensor, repeats: int = 50
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def paired_timing(models: dict[str, nn.Module], x: torch.Tensor, reference: str = "dense", passes: int = 3,
+                  repeats: int = 50) -> dict[str, dict[str, Any]]:
+    """Every model timed against ``reference`` with :func:`time_models`, in ``passes`` passes. Per model: ``ms``,
+    the median of its per-pass medians, and ``speedup`` over the reference, the median of the *within-pass*
+    ratios (``pass_speedups``): a pass's machine state hits both models alike and cancels in its ratio, while one
+    model's time moved by up to 30 % from one pass to the next on a shared CPU (``bench/latency_fidelity.py``)."""
+    if reference not in models:
+        raise ConfigError(f"reference {reference!r} is not among the models timed")
+    runs = [time_models(models, x, repeats) for _ in range(passes)]
+    out = {}
+    for name in models:
+        ratios = [run[reference] / run[name] for run in runs]
+        out[name] = {"ms": statistics.median(run[name] for run in runs), "speedup": statistics.median(ratios),
+                     "pass_speedups": ratios}
+    return out
+
+
 def latency_report(masked_model: nn.Module, meta: dict[str, Any], batch_size: int = 64, repeats: int = 50,
-                   threads: int | None = None) -> dict[str, Any]:
+                   threads: int | None = None, passes: int = 3) -> dict[str, Any]:
     previous_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -61,16 +80,17 @@ def latency_report(masked_model: nn.Module, meta: dict[str, Any], batch_size: in
         predicted = {name: sum(table(n, *w) for n, w in channel_widths(model).items())
                      for name, model in (("dense", dense), ("exported", exported))}
         table.save()
-        measured = time_models({"dense": dense, "exported": exported}, example_inputs(meta, batch_size, seed=0),
-                               repeats)
+        measured = paired_timing({"dense": dense, "exported": exported}, example_inputs(meta, batch_size, seed=0),
+                                 passes=passes, repeats=repeats)
         rows = {}
         for name, model in (("dense", dense), ("exported", exported)):
             macs = sum(layer_macs(model, shape, None if example.is_floating_point() else example.dtype).values())
             rows[name] = {"params": count_parameters(model), "macs": macs,
-                          "predicted_ms": predicted[name], "measured_ms": measured[name]}
+                          "predicted_ms": predicted[name], "measured_ms": measured[name]["ms"]}
         macs_reduction = rows["dense"]["macs"] / rows["exported"]["macs"]
-        speedup = rows["dense"]["measured_ms"] / rows["exported"]["measured_ms"]
-        return {"model": meta["model"], "batch_size": batch_size, "repeats": repeats,
+        speedup = measured["exported"]["speedup"]
+        return {"model": meta["model"], "batch_size": batch_size, "repeats": repeats, "passes": passes,
+                "pass_speedups": measured["exported"]["pass_speedups"],
                 "threads": torch.get_num_threads(), "device": device_key("cpu", batch_size), **rows,
                 "macs_reduction": macs_reduction, "measured_speedup": speedup,
                 "predicted_speedup": rows["dense"]["predicted_ms"] / rows["exported"]["predicted_ms"],
@@ -149,7 +169,8 @@ def format_deployment_latency(r: dict[str, Any]) -> str:
 
 
 def format_latency_report(r: dict[str, Any]) -> str:
-    lines = [f"{r['model']}: batch {r['batch_size']}, {r['threads']} thread(s), median of {r['repeats']} runs",
+    lines = [f"{r['model']}: batch {r['batch_size']}, {r['threads']} thread(s), median of {r['repeats']} runs"
+             f" in each of {r['passes']} passes",
              f"{'':10}{'params':>12}{'MACs':>14}{'predicted ms':>15}{'measured ms':>14}"]
     for name in ("dense", "exported"):
         row = r[name]
