@@ -76,6 +76,24 @@ def bag(num_classes):
     return Bag(num_classes)
 
 
+class Encoder(nn.Module):
+    """Image rows as tokens through one nn.TransformerEncoderLayer (its attention never calls its projections)."""
+
+    def __init__(self, in_channels, num_classes, input_size):
+        super().__init__()
+        self.embed = nn.Linear(in_channels * input_size, 16)
+        self.encoder = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        return self.head(self.encoder(self.embed(x.permute(0, 2, 1, 3).reshape(b, h, c * w))).mean(1))
+
+
+def encoder(in_channels, num_classes, input_size):
+    return Encoder(in_channels, num_classes, input_size)
+
+
 class KeepSmallest(MaskingMethod):
     """A toy out-of-tree post-training method: keep the smallest |w| (or, with flip=false, the largest)."""
 
@@ -124,6 +142,27 @@ def test_a_users_model_and_dataset_train_export_and_evaluate(user_module, tmp_pa
     masked, _ = artifacts.load_model(out / "model.safetensors")
     x = torch.randn(4, 1, 10, 10)
     assert torch.equal(model.eval()(x), masked.eval()(x))
+
+
+@pytest.mark.parametrize("method", ["rigl", "iee"])
+def test_a_users_transformer_trains_with_its_attention_projections_in_the_flops(user_module, tmp_path, method):
+    # RigL's dense-gradient FLOPs used to look up the attention's out_proj, which never runs as a module: KeyError
+    out = tmp_path / method
+    options = ["--opt", "interval=2"] if method == "rigl" else ["--opt", "estimate_steps=2", "--opt",
+                                                                 "improve_steps=1", "--opt", "explore_steps=2"]
+    assert main(["train", "--model", f"{user_module}:encoder", "--dataset", f"{user_module}:data", "--method",
+                 method, "--sparsity", "0.8", *options, *SMALL, "--out", str(out)]) == 0
+    summary = summary_of(out)
+    # per sample, 10 row tokens: embed 10x16 per token, attention q/k/v and out 16x16 each, feed-forward 16x32
+    # and 32x16, head 16x3 once
+    hand = 10 * (10 * 16 + 4 * 16 * 16 + 2 * 16 * 32) + 16 * 3
+    assert summary["macs_dense"] == hand
+    assert summary["dense_train_flops"] == 3 * 2 * hand * 32 * summary["steps"]
+    out_proj = next(r for r in summary["layers"] if r["name"] == "encoder.self_attn.out_proj")
+    assert out_proj["macs"] == 10 * 16 * 16 and out_proj["density"] < 1
+    assert summary["train_flops"] > 0
+    if method == "rigl":
+        assert summary["train_flops"] < summary["dense_train_flops"]
 
 
 def test_post_training_sparsity_on_a_users_model(user_module, tmp_path):

@@ -7,6 +7,8 @@ activations and pooling are a few percent on these nets and identical for every 
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -15,7 +17,13 @@ from .masking import PRUNABLE_TYPES
 
 def layer_macs(model: nn.Module, input_shape: tuple[int, ...], dtype: torch.dtype | None = None) -> dict[str, int]:
     """MACs per sample of every Linear/Conv layer, for an input of ``input_shape`` (without the batch) and
-    ``dtype`` (default the parameters'; ``torch.long`` for token ids, fed as zeros)."""
+    ``dtype`` (default the parameters'; ``torch.long`` for token ids, fed as zeros).
+
+    ``nn.MultiheadAttention`` never calls its projections as modules (it hands their weights to a functional
+    forward), so its hook counts them: ``<attention>.out_proj`` under the Linear's own name (so that its density
+    applies) and the packed input projection as ``<attention>.in_proj_weight`` (separate ``q/k/v_proj_weight``
+    when the key and value widths differ), which regrow does not mask. Any other Linear/Conv that never ran as a
+    module counts 0 MACs, with a warning naming it: its weight may be used by a forward regrow cannot see."""
     macs: dict[str, int] = {}
     handles = []
 
@@ -26,10 +34,29 @@ def layer_macs(model: nn.Module, input_shape: tuple[int, ...], dtype: torch.dtyp
             macs[name] = macs.get(name, 0) + output[0].numel() * per_output
         return record
 
+    def attention_hook(name):
+        def record(module, args, kwargs, output):
+            query, key, value = (list(args) + [kwargs.get(k) for k in ("query", "key", "value")[len(args):]])[:3]
+            e = module.embed_dim
+            tokens = {"q": query.numel() // e, "k": key.numel() // module.kdim, "v": value.numel() // module.vdim}
+            projections = {"q": tokens["q"] * e * e, "k": tokens["k"] * module.kdim * e,
+                           "v": tokens["v"] * module.vdim * e}
+            if module._qkv_same_embed_dim:
+                macs[f"{name}.in_proj_weight"] = macs.get(f"{name}.in_proj_weight", 0) + sum(projections.values())
+            else:
+                for part, count in projections.items():
+                    macs[f"{name}.{part}_proj_weight"] = macs.get(f"{name}.{part}_proj_weight", 0) + count
+            macs[f"{name}.out_proj"] = macs.get(f"{name}.out_proj", 0) + tokens["q"] * e * e
+        return record
+
     for name, module in model.named_modules():
         if isinstance(module, PRUNABLE_TYPES):
             handles.append(module.register_forward_hook(hook(name)))
+        elif isinstance(module, nn.MultiheadAttention):
+            handles.append(module.register_forward_hook(attention_hook(name), with_kwargs=True))
     was_training = model.training
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)  # fused encoder layers would run no projection as a module
     model.eval()
     try:
         with torch.no_grad():
@@ -37,8 +64,14 @@ def layer_macs(model: nn.Module, input_shape: tuple[int, ...], dtype: torch.dtyp
             model(torch.zeros(1, *input_shape, device=param.device, dtype=dtype or param.dtype))
     finally:
         model.train(was_training)
+        torch.backends.mha.set_fastpath_enabled(fastpath)
         for h in handles:
             h.remove()
+    unseen = [name for name, module in model.named_modules() if isinstance(module, PRUNABLE_TYPES) and name not in macs]
+    if unseen:
+        warnings.warn(f"{len(unseen)} Linear/Conv layer(s) never ran as modules and count 0 MACs in the FLOPs: "
+                      f"{', '.join(unseen[:4])}{' ...' if len(unseen) > 4 else ''}", stacklevel=2)
+        macs.update(dict.fromkeys(unseen, 0))
     return macs
 
 
