@@ -111,6 +111,13 @@ def test_iee_from_the_cli_with_options_and_mask_metrics(tmp_path, capsys):
     assert "iee: " in help_text and "explore_steps=50" in help_text
 
 
+def test_sparsity_defaults_to_what_the_structure_fixes(tmp_path):
+    def sparsity(*args):
+        return _config_from(build_parser().parse_args(["train", *args, "--out", str(tmp_path / "x")])).sparsity
+    assert sparsity("--structure", "2:4") == 0.5 and sparsity("--structure", "1:4") == 0.75
+    assert sparsity() == 0.9 and sparsity("--structure", "2:4", "--sparsity", "0.5") == 0.5
+
+
 def test_cli_resume_matches_an_uninterrupted_run(tmp_path, capsys):
     args = [*SMALL, "--method", "set", "--sparsity", "0.8", "--epochs", "2", "--opt", "interval=3",
             "--checkpoint-every", "5"]

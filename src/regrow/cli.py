@@ -52,7 +52,8 @@ def _train_parser(sub) -> argparse.ArgumentParser:
                    "(default $REGROW_DATA_DIR, else /usr/share/datasets/fashion-mnist)")
     p.add_argument("--method", default="rigl", help="a method of 'regrow methods' (default rigl): one of regrow's, "
                    "one registered with regrow.register or the regrow.methods entry points, or package.module:Class")
-    p.add_argument("--sparsity", type=float, default=None, help="target fraction of zeros in [0, 1) (default 0.9)")
+    p.add_argument("--sparsity", type=float, default=None, help="target fraction of zeros in [0, 1) (default 0.9; "
+                   "with --structure N:M, 1 - N/M)")
     p.add_argument("--distribution", default=None, help=f"one of {', '.join(DISTRIBUTIONS)} (default erk)")
     p.add_argument("--structure", default="unstructured",
                    help="unstructured (default), N:M such as 2:4, or channel (methods halp and iee)")
@@ -127,9 +128,15 @@ def _config_from(args) -> Any:
                  if value is not None]
         if given:
             raise ConfigError(f"{what}; {', '.join(given)} would be recorded without effect")
+    sparsity = args.sparsity
+    if sparsity is None:  # N:M fixes the sparsity (2:4 is 0.5); otherwise 0.9
+        from .structures import NM, get_structure
+
+        structure = get_structure(args.structure) if ":" in (args.structure or "") else None
+        sparsity = 1 - structure.density if isinstance(structure, NM) else 0.9
     return TrainConfig(
         model=args.model, dataset=args.dataset, data_dir=args.data_dir, method=args.method,
-        sparsity=0.9 if args.sparsity is None else args.sparsity,
+        sparsity=sparsity,
         distribution=args.distribution or "erk", structure=args.structure,
         method_options=dict(map(_parse_option, args.opt)),
         dense_first=args.dense_first, dense_last=args.dense_last, epochs=args.epochs, max_steps=args.max_steps,
