@@ -160,6 +160,9 @@ def test_a_users_transformer_trains_with_its_attention_projections_in_the_flops(
     assert summary["dense_train_flops"] == 3 * 2 * hand * 32 * summary["steps"]
     out_proj = next(r for r in summary["layers"] if r["name"] == "encoder.self_attn.out_proj")
     assert out_proj["macs"] == 10 * 16 * 16 and out_proj["density"] < 1
+    # the sparse network's MACs: every layer at its density, and the packed q/k/v projection, not masked, dense
+    in_proj = 10 * 3 * 16 * 16
+    assert summary["macs_sparse"] == pytest.approx(in_proj + sum(r["macs"] * r["density"] for r in summary["layers"]))
     assert summary["train_flops"] > 0
     if method == "rigl":
         assert summary["train_flops"] < summary["dense_train_flops"]

@@ -79,3 +79,9 @@ def forward_flops(macs: dict[str, int], densities: dict[str, float] | None = Non
     """Forward FLOPs per sample with each layer scaled by its density (missing layers count dense)."""
     densities = densities or {}
     return float(sum(2 * m * densities.get(name, 1.0) for name, m in macs.items()))
+
+
+def sparse_macs(macs: dict[str, int], densities: dict[str, float]) -> float:
+    """MACs per sample of the network as it runs: each counted projection at its layer's density (one that is not
+    a masked layer, such as nn.MultiheadAttention's packed input projection, dense)."""
+    return forward_flops(macs, densities) / 2

@@ -40,7 +40,7 @@ from .artifacts import (
 from .data import Dataset, batches_per_epoch, eval_batches, get_batch, load_dataset, subset_indices
 from .env import environment, resolve_device, steady_allocator
 from .errors import CheckpointError, ConfigError, TrainingDivergedError, check_sparsity
-from .flops import forward_flops, layer_macs
+from .flops import forward_flops, layer_macs, sparse_macs
 from .models import create_model
 from .recipe import write_recipe
 from .runfolder import RunFolder
@@ -518,7 +518,7 @@ class Trainer:
             "wall_seconds": s["wall_seconds"], "steps": s["step"], "epochs": c.epochs, "seed": c.seed,
             "params_total": params_total, "params_nonzero": params_total - pruned,
             "macs_dense": sum(self.macs.values()),
-            "macs_sparse": sum(layer["macs"] * layer["density"] for layer in layers),
+            "macs_sparse": sparse_macs(self.macs, {layer["name"]: layer["density"] for layer in layers}),
             "layers": layers, "skipped_layers": self.sparsifier.skipped,
             "mask_updates": len(self.sparsifier.history), "mask_metrics": self.sparsifier.tracker.summary(),
             "config": dataclasses.asdict(c), "environment": {**environment(self.device), "processes": self.world},

@@ -28,7 +28,7 @@ from ..artifacts import MODEL, MODEL_KEYS, SUMMARY, build_model, check_data_fits
 from ..data import Dataset, load_dataset
 from ..env import environment
 from ..errors import CheckpointError, ConfigError, TrainingDivergedError, check_sparsity
-from ..flops import forward_flops, layer_macs
+from ..flops import forward_flops, layer_macs, sparse_macs
 from ..runfolder import RunFolder, check_writable
 from ..structures import NM, Unstructured, get_structure
 from ..training import evaluate, layer_table
@@ -274,7 +274,7 @@ class PostTraining:
             "epochs": self.extra.get("training", {}).get("epochs", 0), "seed": c.seed,
             "params_total": params_total, "params_nonzero": params_total - pruned,
             "macs_dense": sum(self.macs.values()),
-            "macs_sparse": sum(layer["macs"] * layer["density"] for layer in layers),
+            "macs_sparse": sparse_macs(self.macs, {layer["name"]: layer["density"] for layer in layers}),
             "layers": layers, "layer_sparsities": sparsities, "skipped_layers": skipped,
             "mask_updates": 0, "mask_metrics": {},
             "calibration": {"size": len(self.calibration), "seed": c.seed, "balanced": c.balanced,
