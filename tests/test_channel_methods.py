@@ -325,3 +325,61 @@ def test_iee_channel_can_ramp_its_budget_down_like_halp():
     assert straight.budget_at(1) == straight.budget  # the paper's first cut: straight to the budget
     with pytest.raises(ConfigError, match="ramp_cycles=9 is more than the 5 IEE cycles"):
         setup("iee", ramp_cycles=9)
+
+
+class TokenModel(nn.Module):
+    """Tokens through Linear layers, a sequence-first nn.MultiheadAttention (projections used functionally) and a
+    pooler on one token: a Linear's cost scales with the tokens it runs on."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(7, 16)
+        self.attn = nn.MultiheadAttention(16, 2)
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 16)
+        self.pool, self.head = nn.Linear(16, 16), nn.Linear(16, 3)
+
+    def forward(self, x):  # (batch, 5 tokens, 7)
+        h = self.embed(x).transpose(0, 1)  # (tokens, batch, features)
+        h = h + self.attn(h, h, h)[0]
+        h = h + self.fc2(torch.relu(self.fc1(h)))
+        return self.head(torch.tanh(self.pool(h[0])))
+
+
+def test_the_macs_cost_model_prices_every_projection_as_it_runs_tokens_included():
+    from regrow.channels.costs import MacsCost, fixed_widths
+    from regrow.flops import layer_macs
+    from regrow.latency_report import channel_widths
+
+    model = TokenModel()
+    shapes = layer_shapes(model, torch.zeros(1, 5, 7))
+    widths = {**channel_widths(model), **fixed_widths(shapes)}
+    assert shapes["attn.in_proj_weight"].fixed == (16, 48)  # self-attention: the packed q/k/v weight
+    cost, macs = MacsCost(shapes), layer_macs(model, (5, 7))
+    assert set(shapes) == set(macs)
+    for name in shapes:  # 5 tokens through every projection but the pooler and the head, which see one
+        assert cost(name, *widths[name]) * 1e6 == pytest.approx(macs[name]), name
+    assert macs["fc1"] == 5 * 16 * 32 and macs["pool"] == 16 * 16
+
+
+def test_halp_on_a_transformer_predicts_the_exported_models_macs_exactly():
+    from regrow.export import export_masked_model
+    from regrow.flops import layer_macs
+
+    torch.manual_seed(0)
+    model = TokenModel()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    sp = regrow.create("halp", model, optimizer, structure="channel", latency_target=0.6, cost="macs",
+                       input_shape=(5, 7), total_steps=12, prune_every=2, prune_steps=3, group_size=2)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(12):
+        x, y = torch.randn(8, 5, 7, generator=g), torch.randint(0, 3, (8,), generator=g)
+        loss = nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        sp.step()
+    predicted = sp.summary_fields()["channels"]["predicted_fraction"]
+    assert predicted <= 0.6 + 1e-9
+    exported, _ = export_masked_model(model.eval(), torch.zeros(1, 5, 7))
+    dense = sum(layer_macs(TokenModel(), (5, 7)).values())
+    assert sum(layer_macs(exported, (5, 7)).values()) / dense == pytest.approx(predicted)

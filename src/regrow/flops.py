@@ -15,15 +15,31 @@ from torch import nn
 from .masking import PRUNABLE_TYPES
 
 
+def attention_projections(module: nn.MultiheadAttention, args: tuple, kwargs: dict) -> dict[str, tuple[int, int, int]]:
+    """The projections an ``nn.MultiheadAttention`` forward runs functionally, from its inputs (one sample):
+    suffix -> (in width, out width, rows). The q/k/v input projection is one packed ``in_proj_weight`` when its
+    three parts share widths and token counts (self-attention), else ``q_proj_weight``, ``k_proj_weight`` and
+    ``v_proj_weight``; then ``out_proj``."""
+    query, key, value = (list(args) + [kwargs.get(k) for k in ("query", "key", "value")[len(args):]])[:3]
+    e = module.embed_dim
+    parts = {"q": (e, query.numel() // e), "k": (module.kdim, key.numel() // module.kdim),
+             "v": (module.vdim, value.numel() // module.vdim)}
+    if module._qkv_same_embed_dim and len({rows for _, rows in parts.values()}) == 1:
+        out = {"in_proj_weight": (e, 3 * e, parts["q"][1])}
+    else:
+        out = {f"{p}_proj_weight": (width, e, rows) for p, (width, rows) in parts.items()}
+    return {**out, "out_proj": (e, e, parts["q"][1])}
+
+
 def layer_macs(model: nn.Module, input_shape: tuple[int, ...], dtype: torch.dtype | None = None) -> dict[str, int]:
     """MACs per sample of every Linear/Conv layer, for an input of ``input_shape`` (without the batch) and
     ``dtype`` (default the parameters'; ``torch.long`` for token ids, fed as zeros).
 
     ``nn.MultiheadAttention`` never calls its projections as modules (it hands their weights to a functional
-    forward), so its hook counts them: ``<attention>.out_proj`` under the Linear's own name (so that its density
-    applies) and the packed input projection as ``<attention>.in_proj_weight`` (separate ``q/k/v_proj_weight``
-    when the key and value widths differ), which regrow does not mask. Any other Linear/Conv that never ran as a
-    module counts 0 MACs, with a warning naming it: its weight may be used by a forward regrow cannot see."""
+    forward), so its hook counts them (:func:`attention_projections`): ``<attention>.out_proj`` under the Linear's
+    own name (so that its density applies) and the q/k/v input projection, which regrow does not mask. Any other
+    Linear/Conv that never ran as a module counts 0 MACs, with a warning naming it: its weight may be used by a
+    forward regrow cannot see."""
     macs: dict[str, int] = {}
     handles = []
 
@@ -31,22 +47,15 @@ def layer_macs(model: nn.Module, input_shape: tuple[int, ...], dtype: torch.dtyp
         def record(module, inputs, output):
             weight = module.weight
             per_output = weight[0].numel()  # in/groups * kernel for conv, in_features for linear
-            macs[name] = macs.get(name, 0) + output[0].numel() * per_output
+            # one sample went in (batch 1), so the whole output is its: output[0] would be one token of a
+            # sequence-first (tokens, batch, features) layout
+            macs[name] = macs.get(name, 0) + output.numel() * per_output
         return record
 
     def attention_hook(name):
         def record(module, args, kwargs, output):
-            query, key, value = (list(args) + [kwargs.get(k) for k in ("query", "key", "value")[len(args):]])[:3]
-            e = module.embed_dim
-            tokens = {"q": query.numel() // e, "k": key.numel() // module.kdim, "v": value.numel() // module.vdim}
-            projections = {"q": tokens["q"] * e * e, "k": tokens["k"] * module.kdim * e,
-                           "v": tokens["v"] * module.vdim * e}
-            if module._qkv_same_embed_dim:
-                macs[f"{name}.in_proj_weight"] = macs.get(f"{name}.in_proj_weight", 0) + sum(projections.values())
-            else:
-                for part, count in projections.items():
-                    macs[f"{name}.{part}_proj_weight"] = macs.get(f"{name}.{part}_proj_weight", 0) + count
-            macs[f"{name}.out_proj"] = macs.get(f"{name}.out_proj", 0) + tokens["q"] * e * e
+            for suffix, (c_in, c_out, rows) in attention_projections(module, args, kwargs).items():
+                macs[f"{name}.{suffix}"] = macs.get(f"{name}.{suffix}", 0) + rows * c_in * c_out
         return record
 
     for name, module in model.named_modules():

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .artifacts import build_model, example_inputs, input_shape, trace_inputs
-from .channels.costs import LatencyTable, device_key, layer_shapes
+from .channels.costs import LatencyTable, device_key, fixed_widths, layer_shapes
 from .env import environment, steady_allocator
 from .errors import ConfigError
 from .export import count_parameters, export_masked_model
@@ -29,6 +29,13 @@ def channel_widths(model: nn.Module) -> dict[str, tuple[int, int]]:
         elif isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             out[name] = (m.in_channels, m.out_channels)
     return out
+
+
+def predicted_cost(table, model: nn.Module) -> float:
+    """The cost model's sum for ``model``: every layer it prices, at the widths the model has (projections that
+    are not modules, such as nn.MultiheadAttention's packed q/k/v, at their fixed widths)."""
+    widths = {**channel_widths(model), **fixed_widths(table.shapes)}
+    return sum(table(n, *w) for n, w in widths.items() if n in table.shapes)
 
 
 def time_models(models: dict[str, nn.Module], x: torch.Tensor, repeats: int = 50, warmup: int = 10
@@ -77,8 +84,7 @@ def latency_report(masked_model: nn.Module, meta: dict[str, Any], batch_size: in
         exported.eval()
         shapes = layer_shapes(dense, example)
         table = LatencyTable(shapes, batch_size=batch_size)
-        predicted = {name: sum(table(n, *w) for n, w in channel_widths(model).items())
-                     for name, model in (("dense", dense), ("exported", exported))}
+        predicted = {name: predicted_cost(table, model) for name, model in (("dense", dense), ("exported", exported))}
         table.save()
         measured = paired_timing({"dense": dense, "exported": exported}, example_inputs(meta, batch_size, seed=0),
                                  passes=passes, repeats=repeats)

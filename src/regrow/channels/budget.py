@@ -127,6 +127,9 @@ class ChannelBudget:
                     self._in_groups[name].append((i, len(idxs) // group.size))
         self._full = {}
         for name in self._costed:
+            if self.cost_model.shapes[name].fixed is not None:  # not a module (nn.MultiheadAttention's q/k/v)
+                self._full[name] = self.cost_model.shapes[name].fixed
+                continue
             m = modules[name]
             full_in, full_out = (m.in_features, m.out_features) if isinstance(m, nn.Linear) else (m.in_channels,
                                                                                                 m.out_channels)

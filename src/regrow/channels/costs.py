@@ -40,6 +40,7 @@ from torch import nn
 from ..checkpoint import write_json
 from ..env import cpu_name, steady_allocator
 from ..errors import ConfigError
+from ..flops import attention_projections
 
 COSTS = ("latency", "macs")
 
@@ -49,7 +50,9 @@ class LayerShape:
     """What a layer's cost depends on besides its channel counts."""
 
     kind: str  # "conv" or "linear"
-    in_size: tuple[int, ...]  # spatial input size (empty for linear)
+    # conv: the spatial input size; linear: (rows of one sample,), a transformer's tokens (a Linear on (batch,
+    # tokens, features) costs tokens × what it costs on one), empty for a plain (batch, features) input
+    in_size: tuple[int, ...]
     kernel: tuple[int, ...] = ()
     stride: tuple[int, ...] = ()
     padding: tuple[int, ...] = ()
@@ -57,20 +60,29 @@ class LayerShape:
     depthwise: bool = False
     bias: bool = False
     groups: int = 1  # a grouped (not depthwise) conv: its channels are never pruned, its cost is still counted
+    # (c_in, c_out) of a projection that is not a module (nn.MultiheadAttention's packed q/k/v weight, which its
+    # functional forward uses): priced at these widths, never pruned
+    fixed: tuple[int, int] | None = None
 
     def key(self) -> str:
         fields = asdict(self)
+        del fields["fixed"]  # the widths are the cell's, not the shape's
         if fields["groups"] == 1:
             del fields["groups"]  # caches written before grouped convs were costed keep their keys
         return json.dumps(fields, sort_keys=True)
 
     def out_size(self) -> tuple[int, ...]:
+        if self.kind == "linear":
+            return self.in_size
         return tuple((i + 2 * p - d * (k - 1) - 1) // s + 1 for i, k, s, p, d in
                      zip(self.in_size, self.kernel, self.stride, self.padding, self.dilation))
 
 
 def layer_shapes(model: nn.Module, example_inputs: torch.Tensor) -> dict[str, LayerShape]:
-    """The :class:`LayerShape` of every Conv/Linear of ``model`` (one forward pass on ``example_inputs``)."""
+    """The :class:`LayerShape` of every Conv/Linear of ``model`` that runs (one forward pass on
+    ``example_inputs``), and of ``nn.MultiheadAttention``'s projections, which it uses functionally
+    (:func:`regrow.flops.attention_projections`: its ``out_proj`` under the Linear's name, its q/k/v input
+    projection with ``fixed`` widths)."""
     shapes: dict[str, LayerShape] = {}
     hooks = []
 
@@ -78,7 +90,8 @@ def layer_shapes(model: nn.Module, example_inputs: torch.Tensor) -> dict[str, La
         def hook(module, inputs, output):
             x = inputs[0]
             if isinstance(module, nn.Linear):
-                shapes[name] = LayerShape("linear", (), bias=module.bias is not None)
+                rows = x.numel() // x.shape[-1]  # of one sample: its tokens, whatever the layout (batch-first or not)
+                shapes[name] = LayerShape("linear", () if rows == 1 else (rows,), bias=module.bias is not None)
             else:
                 if isinstance(module.padding, str):
                     raise ConfigError(f"{name}: string padding ({module.padding!r}) is not supported by the cost model")
@@ -89,19 +102,38 @@ def layer_shapes(model: nn.Module, example_inputs: torch.Tensor) -> dict[str, La
                     groups=1 if depthwise else module.groups)
         return hook
 
+    def record_attention(name):
+        def hook(module, args, kwargs, output):
+            bias = {"out_proj": module.out_proj.bias is not None}
+            for suffix, (c_in, c_out, rows) in attention_projections(module, args, kwargs).items():
+                shapes[f"{name}.{suffix}"] = LayerShape(
+                    "linear", () if rows == 1 else (rows,), bias=bias.get(suffix, module.in_proj_bias is not None),
+                    fixed=None if suffix == "out_proj" else (c_in, c_out))
+        return hook
+
     for name, module in model.named_modules():
         if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             hooks.append(module.register_forward_hook(record(name)))
+        elif isinstance(module, nn.MultiheadAttention):
+            hooks.append(module.register_forward_hook(record_attention(name), with_kwargs=True))
     was_training = model.training
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)  # fused encoder layers would run no projection as a module
     try:
         model.eval()
         with torch.no_grad():
             model(example_inputs[:1])
     finally:
         model.train(was_training)
+        torch.backends.mha.set_fastpath_enabled(fastpath)
         for h in hooks:
             h.remove()
     return shapes
+
+
+def fixed_widths(shapes: dict[str, LayerShape]) -> dict[str, tuple[int, int]]:
+    """The projections priced at fixed widths (not modules): name -> (c_in, c_out)."""
+    return {name: shape.fixed for name, shape in shapes.items() if shape.fixed is not None}
 
 
 class MacsCost:
@@ -142,7 +174,7 @@ REFERENCE_CHANNELS = 32
 
 def _layer_and_input(shape: LayerShape, c_in: int, c_out: int, batch_size: int) -> tuple[nn.Module, torch.Tensor]:
     if shape.kind == "linear":
-        return nn.Linear(c_in, c_out, bias=shape.bias), torch.randn(batch_size, c_in)
+        return nn.Linear(c_in, c_out, bias=shape.bias), torch.randn(batch_size, *shape.in_size, c_in)
     conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[len(shape.in_size)]
     groups = c_out if shape.depthwise else shape.groups
     c_in = c_out if shape.depthwise else c_in
