@@ -249,3 +249,74 @@ def test_compiled_masked_forward_compiles_once_per_capture_state_and_equals_eage
     for name in eager_masks:
         assert torch.equal(compiled_masks[name], eager_masks[name]), name
         assert torch.equal(counted_masks[name], eager_masks[name]), name
+
+
+class TiedOutput(nn.Module):
+    """A language-model-like net: the output projection's weight is the token embedding's (tied)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 16)
+        self.inp, self.mid = nn.Linear(12, 16), nn.Linear(16, 16)
+        self.out = nn.Linear(16, 10, bias=False)
+        self.out.weight = self.emb.weight
+        self.again = self.mid  # one module under two names: not a tie
+
+    def forward(self, x):
+        h = torch.relu(self.inp(x)) + self.emb(torch.zeros(x.shape[0], dtype=torch.long))
+        return self.out(torch.relu(self.mid(h)))
+
+
+def test_a_tied_weight_is_left_dense_listed_so_that_baking_the_masks_keeps_the_function():
+    torch.manual_seed(0)
+    model = TiedOutput()
+    assert masking.tied_weights(model) == {"out": ["emb.weight"]}
+    assert list(masking.prunable_layers(model)) == ["inp", "mid"]
+    with pytest.raises(regrow.ConfigError, match="out: shared with emb.weight"):
+        masking.prunable_layers(model, include=["out"])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    sp = regrow.create("rigl", model, optimizer, sparsity=0.5, distribution="uniform", total_steps=20, interval=2)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):  # RigL prunes and regrows: a masked tied weight would keep stale values the embedding reads
+        x, y = torch.randn(8, 12, generator=g), torch.randint(0, 10, (8,), generator=g)
+        loss = nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        sp.step()
+    report = masking.weight_sparsity(model, sp.skipped)
+    assert list(report["left_dense"]) == ["emb.weight"] and "tied" in report["left_dense"]["emb.weight"]
+    x = torch.randn(4, 12, generator=g)
+    model.eval()
+    with torch.no_grad():
+        before = model(x)
+        sp.finalize()
+        assert torch.equal(model(x), before)
+
+
+def test_channel_groups_through_a_tied_weight_are_left_whole_with_the_reason():
+    from regrow.channels.groups import channel_groups
+
+    groups = {g.root: g.excluded for g in channel_groups(TiedOutput(), torch.zeros(1, 12))}
+    assert "out, whose weight is shared with emb.weight" in groups["mid"]
+
+
+def test_a_computed_weight_is_left_dense_with_the_reason_and_refused_by_name():
+    from torch.nn.utils.parametrizations import spectral_norm, weight_norm
+
+    from regrow.channels.groups import channel_groups
+
+    torch.manual_seed(0)
+    model = nn.Sequential(weight_norm(nn.Linear(8, 16)), nn.ReLU(), spectral_norm(nn.Linear(16, 16)), nn.ReLU(),
+                          nn.Linear(16, 3))
+    assert list(masking.prunable_layers(model)) == ["4"]
+    with pytest.raises(regrow.ConfigError, match="0: its weight is computed"):
+        masking.prunable_layers(model, include=["0"])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    sp = regrow.create("rigl", model, optimizer, sparsity=0.5, total_steps=10)
+    left = masking.weight_sparsity(model, sp.skipped)["left_dense"]
+    assert set(left) == {"0.parametrizations.weight.original0", "0.parametrizations.weight.original1",
+                         "2.parametrizations.weight.original"}
+    assert all("computed from other parameters" in reason for reason in left.values())
+    groups = {g.root: g.excluded for g in channel_groups(model, torch.zeros(1, 8))}
+    assert "its weight is computed" in groups["0"] and "its weight is computed" in groups["2"]

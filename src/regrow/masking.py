@@ -140,16 +140,65 @@ def is_masked(module: nn.Module) -> bool:
     return isinstance(module, _MaskedMixin)
 
 
+def _holders(model: nn.Module) -> dict[int, dict[tuple[int, str], str]]:
+    """id(parameter) -> {(id(module), attribute): a name} of every module attribute holding it."""
+    holders: dict[int, dict[tuple[int, str], str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for attr, param in module._parameters.items():
+            if param is not None:
+                holders.setdefault(id(param), {}).setdefault((id(module), attr), f"{name}.{attr}" if name else attr)
+    return holders
+
+
+def tied_weights(model: nn.Module) -> dict[str, list[str]]:
+    """Linear/Conv layers whose weight parameter another module (or another attribute) holds too, such as an output
+    projection tied to a token embedding: layer name -> the other holders. A mask lives on one module, and the
+    other reads the raw values, pruned ones included, so a tied weight cannot be masked exactly. (One module
+    registered under two names is not a tie: both names are the same masked module.)"""
+    holders = _holders(model)
+    tied = {}
+    for name, module in model.named_modules():
+        if isinstance(module, PRUNABLE_TYPES) and raw(module) is not None:
+            others = [n for key, n in holders.get(id(raw(module)), {}).items() if key != (id(module), "weight")]
+            if others:
+                tied[name] = sorted(others)
+    return tied
+
+
+COMPUTED_WEIGHT = ("its weight is computed from other parameters (weight_norm, spectral_norm or another "
+                   "parametrization): regrow masks plain weight parameters only")
+
+
+def computed_weight(module: nn.Module) -> bool:
+    """A Linear/Conv whose ``weight`` is not a parameter of its own but computed (torch.nn.utils.parametrize,
+    the older hook-based weight_norm)."""
+    return raw(module) is None
+
+
+def tie_reason(others: list[str]) -> str:
+    return (f"shared with {', '.join(others)} (tied weights): a mask on one holder would leave the other reading "
+            "the pruned values, so a tied weight is left dense")
+
+
 def prunable_layers(model: nn.Module, include: Iterable[str] | None = None,
                     exclude: Iterable[str] = ()) -> dict[str, nn.Module]:
-    """Linear and Conv layers of ``model`` in registration order (embeddings and norms are never included).
+    """Linear and Conv layers of ``model`` in registration order (embeddings and norms are never included, nor
+    layers whose weight is tied to another module's (:func:`tied_weights`) or computed (:func:`computed_weight`)).
 
-    ``include`` restricts to the given module names; ``exclude`` removes names. Unknown names are an error.
+    ``include`` restricts to the given module names; ``exclude`` removes names. Unknown names are an error, and so
+    is a tied layer named in ``include``.
     """
     layers = {name: m for name, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES)}
     for name in list(include or []) + list(exclude):
         if name not in layers:
             raise ConfigError(f"no prunable Linear/Conv layer named {name!r}; prunable: {', '.join(layers)}")
+    tied = tied_weights(model)
+    for name in include or []:
+        if name in tied:
+            raise ConfigError(f"{name}: {tie_reason(tied[name])}; it cannot be included")
+        if computed_weight(layers[name]):
+            raise ConfigError(f"{name}: {COMPUTED_WEIGHT}; it cannot be included")
+    layers = {n: m for n, m in layers.items() if n not in tied and not computed_weight(m)}
     if include is not None:
         wanted = set(include)
         layers = {n: m for n, m in layers.items() if n in wanted}
@@ -205,6 +254,15 @@ def remove_mask(module: nn.Module, bake: bool = True) -> nn.Module:
     return module
 
 
+def computed_owner(modules: dict[str, nn.Module], owner: str) -> str | None:
+    """The Linear/Conv whose computed weight the parameter of module ``owner`` feeds (the module itself, with the
+    hook-based weight_norm; or the layer holding ``parametrizations.weight``), or None."""
+    for name in (owner, owner.rsplit(".parametrizations", 1)[0] if ".parametrizations" in f".{owner}" else None):
+        if name is not None and isinstance(modules.get(name), PRUNABLE_TYPES) and computed_weight(modules[name]):
+            return name
+    return None
+
+
 def weight_sparsity(model: nn.Module, reasons: dict[str, str] | None = None) -> dict:
     """The zero fraction over every weight matrix of ``model`` (every parameter with two or more dimensions:
     Linear and Conv weights, and also attention projections, embeddings, anything else), masked or not.
@@ -214,6 +272,7 @@ def weight_sparsity(model: nn.Module, reasons: dict[str, str] | None = None) -> 
     ``reasons`` gives for its module (by module name), or one from its type.
     """
     modules = dict(model.named_modules())
+    holders = _holders(model)
     total = zeros = masked = 0
     left_dense: dict[str, str] = {}
     for name, param in model.named_parameters():
@@ -230,6 +289,10 @@ def weight_sparsity(model: nn.Module, reasons: dict[str, str] | None = None) -> 
         zeros += int((param == 0).sum())
         if reasons and owner in reasons:
             left_dense[name] = reasons[owner]
+        elif len(holders[id(param)]) > 1:  # named_parameters() names a shared parameter by its first holder
+            left_dense[name] = tie_reason(sorted(n for n in holders[id(param)].values() if n != name))
+        elif computed_owner(modules, owner) is not None:
+            left_dense[name] = f"{computed_owner(modules, owner)}: {COMPUTED_WEIGHT}"
         elif isinstance(module, nn.MultiheadAttention):
             left_dense[name] = ("nn.MultiheadAttention's own projection weight: its out_proj is a Linear and is "
                                 "masked like one, the packed input projection is not masked")

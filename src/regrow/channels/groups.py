@@ -77,6 +77,7 @@ def channel_groups(model: nn.Module, example_inputs: torch.Tensor, ignored: list
         raise ConfigError(f"the dependency graph cannot trace this model ({type(e).__name__}: {e})") from None
     finally:
         model.train(was_training)
+    tied = masking.tied_weights(model)
     groups = []
     for raw in raw_groups:
         members = []
@@ -91,13 +92,13 @@ def channel_groups(model: nn.Module, example_inputs: torch.Tensor, ignored: list
             continue
         root_name, _, root_idxs = members[0]
         group = ChannelGroup(root=root_name, size=len(root_idxs), members=members)
-        group.excluded = exclusion(group, modules)
+        group.excluded = exclusion(group, modules, tied)
         groups.append(group)
     for refine in REFINERS:
         groups = refine(model, groups)
     for group in groups:
         if group.unit != "channel":
-            group.excluded = exclusion(group, modules)
+            group.excluded = exclusion(group, modules, tied)
     return groups
 
 
@@ -106,13 +107,20 @@ def channel_groups(model: nn.Module, example_inputs: torch.Tensor, ignored: list
 REFINERS: list = []
 
 
-def exclusion(group: ChannelGroup, modules: dict[str, nn.Module]) -> str | None:
+def exclusion(group: ChannelGroup, modules: dict[str, nn.Module], tied: dict[str, list[str]] | None = None
+              ) -> str | None:
     """Why ``group`` cannot be pruned channel by channel, or None. A member whose coupled channels do not map evenly
     onto the group's (attention heads: a packed q/k/v projection reshaped into heads) would be cut inconsistently.
     A grouped (not depthwise) conv splits its
     channels into blocks that must keep equal sizes, which removing single channels breaks (its export would
     compute another function); a member that is not a Conv, Linear or BatchNorm (a LayerNorm, a layer of the
-    user's own) cannot carry regrow's channel masks."""
+    user's own) cannot carry regrow's channel masks; nor can a layer whose weight another module holds too
+    (``tied``: :func:`regrow.masking.tied_weights`)."""
+    for name, _, _ in group.members:
+        if tied and name in tied:
+            return f"contains {name}, whose weight is {masking.tie_reason(tied[name])}"
+        if isinstance(modules[name], masking.PRUNABLE_TYPES) and masking.computed_weight(modules[name]):
+            return f"contains {name}: {masking.COMPUTED_WEIGHT}"
     for name, _, idxs in group.members:
         if not idxs or len(idxs) % group.size:
             # e.g. an attention block's packed q/k/v projection, whose output is reshaped into heads: its channels
