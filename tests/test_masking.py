@@ -320,3 +320,12 @@ def test_a_computed_weight_is_left_dense_with_the_reason_and_refused_by_name():
     assert all("computed from other parameters" in reason for reason in left.values())
     groups = {g.root: g.excluded for g in channel_groups(model, torch.zeros(1, 8))}
     assert "its weight is computed" in groups["0"] and "its weight is computed" in groups["2"]
+
+
+def test_a_lazy_layer_not_yet_initialised_is_one_clear_error_and_works_after_a_forward():
+    model = nn.Sequential(nn.LazyLinear(16), nn.ReLU(), nn.Linear(16, 3))
+    with pytest.raises(regrow.ConfigError, match="0: lazy layer.*run one forward pass"):
+        regrow.create("rigl", model, None, sparsity=0.5, total_steps=10)
+    model(torch.zeros(2, 8))
+    sp = regrow.create("rigl", model, None, sparsity=0.5, total_steps=10)
+    assert list(sp.layers) == ["0", "2"]

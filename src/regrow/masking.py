@@ -189,6 +189,10 @@ def prunable_layers(model: nn.Module, include: Iterable[str] | None = None,
     is a tied layer named in ``include``.
     """
     layers = {name: m for name, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES)}
+    lazy = [n for n, m in layers.items() if any(nn.parameter.is_lazy(p) for p in m.parameters(recurse=False))]
+    if lazy:
+        raise ConfigError(f"{', '.join(lazy[:3])}{' ...' if len(lazy) > 3 else ''}: lazy layer(s) not initialised "
+                          "yet; run one forward pass on a batch first, then sparsify")
     for name in list(include or []) + list(exclude):
         if name not in layers:
             raise ConfigError(f"no prunable Linear/Conv layer named {name!r}; prunable: {', '.join(layers)}")
