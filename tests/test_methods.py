@@ -186,3 +186,26 @@ def test_a_schedule_object_replaces_the_named_update_fraction(method):
     assert named.update_fraction == CosineFraction(0.3, 40)
     with pytest.raises(ConfigError, match="schedule must be a name"):
         make(method, sparsity=0.8, t_end=40, schedule=3, **options)
+
+
+@pytest.mark.parametrize("method", ["rigl", "set", "iee"])
+def test_a_method_that_grows_refuses_a_frozen_weight_or_one_outside_the_optimizer(method):
+    # grown units of a weight that cannot train would sit at 0 for good (RigL would have no gradient to rank by)
+    torch.manual_seed(0)
+    model = TinyNet()
+    first = next(n for n, m in model.named_modules() if isinstance(m, nn.Linear | nn.Conv2d))
+    frozen = model.get_submodule(first).weight
+    frozen.requires_grad_(False)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    options = {"sparsity": 0.8, "total_steps": 60}
+    if method == "iee":
+        options.update(estimate_steps=4, improve_steps=3, explore_steps=4)
+    with pytest.raises(ConfigError, match=f"the weight of {first} is frozen"):
+        regrow.create(method, model, optimizer, **options)
+    frozen.requires_grad_(True)  # trainable now, but the optimizer was built without it
+    with pytest.raises(ConfigError, match=f"the weight of {first} is not in the optimizer"):
+        regrow.create(method, model, optimizer, **options)
+    sp = regrow.create(method, model, optimizer, exclude=[first], **options)
+    assert first not in sp.layers
+    static = regrow.create("static", TinyNet(), None, sparsity=0.8)  # a fixed mask trains nothing back: no check
+    assert static.layers

@@ -48,6 +48,7 @@ class BaseSparsifier:
 
     name = "base"
     family = "weight"  # what the registry files it under: weight masks (channel methods: "channel")
+    grows = False  # brings pruned units back to train them (RigL, SET, IEE): every masked weight must be trainable
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
                  total_steps: int | None = None, seed: int = 0):
@@ -62,6 +63,22 @@ class BaseSparsifier:
         self.step_count = 0
         self.history: list[dict[str, Any]] = []
         self.tracker = MaskTracker()  # masks after every update, for IoU and survival metrics
+
+    def check_trainable(self, layers: dict[str, nn.Module]) -> None:
+        """A method that grows units trains what it grows: a masked weight that is frozen or outside the optimizer
+        would get its grown units at 0 (or at stale values) for good, and RigL would find no gradient to rank by."""
+        if not self.grows:
+            return
+        frozen = [n for n, m in layers.items() if not masking.raw(m).requires_grad]
+        optimized = {id(p) for g in self.optimizer.param_groups for p in g["params"]} if self.optimizer else None
+        outside = [n for n, m in layers.items() if optimized is not None and id(masking.raw(m)) not in optimized
+                   and n not in frozen]
+        for label, names in (("frozen (requires_grad=False)", frozen), ("not in the optimizer", outside)):
+            if names:
+                raise ConfigError(f"{self.name} trains the units it grows, but the weight of "
+                                  f"{', '.join(names[:4])}{' ...' if len(names) > 4 else ''} is {label}: unfreeze "
+                                  "it and give it to the optimizer, or leave it out (exclude; for channels, "
+                                  "exclude_groups)")
 
     # ----- schedule helpers -------------------------------------------------------------------------------
     def steps(self, value: int | float, option: str) -> int:
@@ -195,6 +212,7 @@ class Sparsifier(BaseSparsifier):
                 del layers[name]
         if not layers:
             raise ConfigError("no prunable layer left to sparsify")
+        self.check_trainable(layers)
         self.layers = layers
         for module in layers.values():
             masking.add_mask(module)

@@ -107,6 +107,9 @@ class ChannelSparsifier(BaseSparsifier):
         self.cost_model = cost_model or make_cost_model(
             cost, model, example, **({"device": param.device, "batch_size": latency_batch, "cache_dir": cache_dir}
                                      if cost == "latency" else {}))
+        modules = dict(model.named_modules())
+        self.check_trainable({n: modules[n] for g in self.groups for n, _, _ in g.members
+                              if isinstance(modules[n], masking.PRUNABLE_TYPES)})  # before any mask is added
         self.channels = ChannelMasks(model, self.groups)
         self.layers = {n: m for n, m in self.channels.modules.items() if isinstance(m, masking.PRUNABLE_TYPES)}
         self.guard = masking.OptimizerGuard(optimizer, self.channels.modules.values()) if optimizer else None

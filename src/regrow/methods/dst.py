@@ -28,6 +28,8 @@ class DynamicSparsifier(Sparsifier):
     The start mask is random at the allocation's densities.
     """
 
+    grows = True
+
     def __init__(self, model, optimizer=None, *, interval: int = 100, alpha: float = 0.3,
                  t_end: int | float = 0.75, schedule: str = "cosine", **base):
         check_schedule(schedule)

@@ -73,6 +73,8 @@ class IEECycle:
     supply the stages themselves and scale the explored entries' steps by ``explore_lr_scale``
     (:func:`regrow.masking.set_step_scale`)."""
 
+    grows = True
+
     def _setup_cycle(self, optimizer, estimate_steps: int, improve_steps: int, explore_steps: int,
                      t_end: int | float, explore_lr_scale: float) -> None:
         for option, value in (("estimate_steps", estimate_steps), ("explore_steps", explore_steps)):
