@@ -383,3 +383,35 @@ def test_halp_on_a_transformer_predicts_the_exported_models_macs_exactly():
     exported, _ = export_masked_model(model.eval(), torch.zeros(1, 5, 7))
     dense = sum(layer_macs(TokenModel(), (5, 7)).values())
     assert sum(layer_macs(exported, (5, 7)).values()) / dense == pytest.approx(predicted)
+
+
+class SharedBlock(nn.Module):
+    """One block applied three times (weights shared across depth, as ALBERT does): it costs three runs."""
+
+    def __init__(self, sizes=(16, 16, 16)):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.block = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 8, 3, padding=1))
+        self.head = nn.Linear(8, 3)
+        self.sizes = sizes
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        for size in self.sizes:
+            h = torch.relu(self.block(nn.functional.interpolate(h, size=size)))
+        return self.head(h.mean((2, 3)))
+
+
+def test_a_layer_run_several_times_is_priced_for_every_run_and_one_of_varying_size_is_refused():
+    from regrow.channels.costs import MacsCost
+    from regrow.flops import layer_macs
+    from regrow.latency_report import channel_widths
+
+    model = SharedBlock()
+    shapes = layer_shapes(model, torch.zeros(1, 1, 16, 16))
+    assert shapes["block.0"].calls == 3 and shapes["stem"].calls == 1
+    cost, macs, widths = MacsCost(shapes), layer_macs(model, (1, 16, 16)), channel_widths(model)
+    for name in shapes:
+        assert cost(name, *widths[name]) * 1e6 == pytest.approx(macs[name]), name
+    with pytest.raises(ConfigError, match="block.0 runs on inputs of different sizes"):
+        layer_shapes(SharedBlock(sizes=(16, 8)), torch.zeros(1, 1, 16, 16))

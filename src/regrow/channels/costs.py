@@ -30,7 +30,7 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -63,10 +63,11 @@ class LayerShape:
     # (c_in, c_out) of a projection that is not a module (nn.MultiheadAttention's packed q/k/v weight, which its
     # functional forward uses): priced at these widths, never pruned
     fixed: tuple[int, int] | None = None
+    calls: int = 1  # times one forward runs the layer (a block shared across depth, a siamese branch): cost × calls
 
     def key(self) -> str:
         fields = asdict(self)
-        del fields["fixed"]  # the widths are the cell's, not the shape's
+        del fields["fixed"], fields["calls"]  # a cell is one run at these widths
         if fields["groups"] == 1:
             del fields["groups"]  # caches written before grouped convs were costed keep their keys
         return json.dumps(fields, sort_keys=True)
@@ -86,29 +87,39 @@ def layer_shapes(model: nn.Module, example_inputs: torch.Tensor) -> dict[str, La
     shapes: dict[str, LayerShape] = {}
     hooks = []
 
+    def add(name: str, shape: LayerShape) -> None:
+        seen = shapes.get(name)
+        if seen is None:
+            shapes[name] = shape
+        elif replace(seen, calls=1) == shape:
+            shapes[name] = replace(seen, calls=seen.calls + 1)
+        else:
+            raise ConfigError(f"{name} runs on inputs of different sizes in one forward ({seen.in_size} and "
+                              f"{shape.in_size}); the channel cost models price one input size per layer")
+
     def record(name):
         def hook(module, inputs, output):
             x = inputs[0]
             if isinstance(module, nn.Linear):
                 rows = x.numel() // x.shape[-1]  # of one sample: its tokens, whatever the layout (batch-first or not)
-                shapes[name] = LayerShape("linear", () if rows == 1 else (rows,), bias=module.bias is not None)
+                add(name, LayerShape("linear", () if rows == 1 else (rows,), bias=module.bias is not None))
             else:
                 if isinstance(module.padding, str):
                     raise ConfigError(f"{name}: string padding ({module.padding!r}) is not supported by the cost model")
                 depthwise = module.groups > 1 and module.groups == module.in_channels == module.out_channels
-                shapes[name] = LayerShape(
+                add(name, LayerShape(
                     "conv", tuple(x.shape[2:]), tuple(module.kernel_size), tuple(module.stride),
                     tuple(module.padding), tuple(module.dilation), depthwise=depthwise, bias=module.bias is not None,
-                    groups=1 if depthwise else module.groups)
+                    groups=1 if depthwise else module.groups))
         return hook
 
     def record_attention(name):
         def hook(module, args, kwargs, output):
             bias = {"out_proj": module.out_proj.bias is not None}
             for suffix, (c_in, c_out, rows) in attention_projections(module, args, kwargs).items():
-                shapes[f"{name}.{suffix}"] = LayerShape(
+                add(f"{name}.{suffix}", LayerShape(
                     "linear", () if rows == 1 else (rows,), bias=bias.get(suffix, module.in_proj_bias is not None),
-                    fixed=None if suffix == "out_proj" else (c_in, c_out))
+                    fixed=None if suffix == "out_proj" else (c_in, c_out)))
         return hook
 
     for name, module in model.named_modules():
@@ -148,7 +159,7 @@ class MacsCost:
     def __call__(self, layer: str, c_in: int, c_out: int) -> float:
         shape = self.shapes[layer]
         per_output = (1 if shape.depthwise else c_in // shape.groups) * math.prod(shape.kernel)
-        return c_out * per_output * math.prod(shape.out_size()) / 1e6
+        return shape.calls * c_out * per_output * math.prod(shape.out_size()) / 1e6
 
 
 def device_key(device: torch.device | str, batch_size: int) -> str:
@@ -303,7 +314,7 @@ class LatencyTable:
             row[cell] = float(self.measure(shape, c_in, c_out, self.batch_size, self.device, self.repeats))
             self.measurements += 1
             self._dirty = True
-        return row[cell]
+        return shape.calls * row[cell]
 
     def save(self) -> None:
         """Write new measurements to the cache (atomically; called by the methods after each use)."""
