@@ -94,6 +94,27 @@ def encoder(in_channels, num_classes, input_size):
     return Encoder(in_channels, num_classes, input_size)
 
 
+class WithFeatures(nn.Module):
+    """Returns (logits, features), as many models of users' own do."""
+
+    def __init__(self, in_channels, num_classes, input_size):
+        super().__init__()
+        self.body = nn.Linear(in_channels * input_size * input_size, 16)
+        self.head = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        features = torch.relu(self.body(x.flatten(1)))
+        return self.head(features), features
+
+
+def with_features(in_channels, num_classes, input_size):
+    return WithFeatures(in_channels, num_classes, input_size)
+
+
+def too_wide(in_channels, num_classes, input_size):
+    return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * input_size * input_size, num_classes + 1))
+
+
 class KeepSmallest(MaskingMethod):
     """A toy out-of-tree post-training method: keep the smallest |w| (or, with flip=false, the largest)."""
 
@@ -142,6 +163,18 @@ def test_a_users_model_and_dataset_train_export_and_evaluate(user_module, tmp_pa
     masked, _ = artifacts.load_model(out / "model.safetensors")
     x = torch.randn(4, 1, 10, 10)
     assert torch.equal(model.eval()(x), masked.eval()(x))
+
+
+@pytest.mark.parametrize("factory, said", [("with_features", "returns a tuple"),
+                                            ("too_wide", "shape (2, 4) for a batch of 2")])
+def test_a_model_that_does_not_return_class_logits_is_one_line_before_anything_is_written(
+        user_module, tmp_path, capsys, factory, said):
+    out = tmp_path / "run"
+    assert main(["train", "--model", f"{user_module}:{factory}", "--dataset", f"{user_module}:data", *SMALL,
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert said in err and "class logits" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("method", ["rigl", "iee"])

@@ -156,6 +156,24 @@ def evaluate(model: nn.Module, data: Dataset, batch_size: int = 1000) -> tuple[f
     return correct / len(data), loss_sum / len(data)
 
 
+def check_logits(model: nn.Module, sample: torch.Tensor, num_classes: int) -> None:
+    """The trainer evaluates (and by default trains) on ``model(x)`` as class logits: say so before training if the
+    forward returns anything else (a tuple, a dict, another width)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(sample)
+    finally:
+        model.train(was_training)
+    if not torch.is_tensor(out):
+        raise ConfigError(f"the model's forward returns a {type(out).__name__}, and regrow's trainer needs the class "
+                          f"logits as one tensor (batch, {num_classes}): wrap the model so that it returns them")
+    if out.dim() != 2 or out.shape != (sample.shape[0], num_classes):
+        raise ConfigError(f"the model's forward returns a tensor of shape {tuple(out.shape)} for a batch of "
+                          f"{sample.shape[0]}; regrow's trainer needs class logits (batch, {num_classes})")
+
+
 def layer_table(model: nn.Module, macs: dict[str, int]) -> list[dict[str, Any]]:
     """Per prunable layer: name, shape, numel, density, MACs (dense) — the ``layers`` field of a summary."""
     return [{"name": name, "shape": list(m.weight.shape), "numel": m.weight.numel(),
@@ -287,6 +305,7 @@ class Trainer:
         images = self.train_data.images
         tokens = None if images.is_floating_point() else images.dtype  # ids: the MACs are measured on zeros
         self.macs = layer_macs(self.model, tuple(images.shape[1:]), tokens)
+        check_logits(self.model, self.train_data.images[:2].to(self.device), self.train_data.num_classes)
         self.dense_forward = forward_flops(self.macs)
         self.state: dict[str, Any] = {"step": 0, "train_flops": 0.0, "dense_train_flops": 0.0,
                                       "wall_seconds": 0.0, "loss_sum": 0.0, "loss_count": 0,
