@@ -211,6 +211,23 @@ def test_post_training_sparsity_on_a_users_model(user_module, tmp_path):
     assert summary["model"] == f"{user_module}:build" and abs(summary["sparsity_masked"] - 0.5) < 0.01
 
 
+def test_wanda_on_a_users_transformer_leaves_out_the_attention_output_projection_when_told(user_module, tmp_path,
+                                                                                            capsys):
+    dense = tmp_path / "dense"
+    assert main(["train", "--model", f"{user_module}:encoder", "--dataset", f"{user_module}:data", "--method",
+                 "dense", *SMALL, "--out", str(dense)]) == 0
+    pts = ["pts", str(dense), "--method", "wanda", "--sparsity", "0.5", "--calibration-size", "32", "--no-progress"]
+    capsys.readouterr()
+    assert main([*pts, "--out", str(tmp_path / "refused")]) == 2  # its out_proj never runs as a module
+    assert "--exclude" in capsys.readouterr().err and not (tmp_path / "refused" / "summary.json").exists()
+    assert main([*pts, "--exclude", "encoder.self_attn.out_proj", "--out", str(tmp_path / "pts")]) == 0
+    summary = summary_of(tmp_path / "pts")
+    assert summary["left_dense"]["encoder.self_attn.out_proj.weight"] == "excluded (--exclude)"
+    assert summary["config"]["exclude"] == ["encoder.self_attn.out_proj"]
+    assert main([*pts, "--exclude", "no.such.layer", "--out", str(tmp_path / "bad")]) == 2
+    assert "no prunable Linear/Conv layer named 'no.such.layer'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("flag, value, message", [
     ("--model", "{m}:not_a_model", "returned a int, not a torch.nn.Module"),
     ("--model", "{m}:missing", "has no attribute 'missing'"),

@@ -311,7 +311,7 @@ def cmd_pts(args) -> int:
     config = PTSConfig(method=args.method, sparsity=sparsity, structure=args.structure,
                        calibration_size=args.calibration_size, balanced=not args.unbalanced, seed=args.seed,
                        dataset=args.dataset, data_dir=args.data_dir, options=dict(map(_parse_option, args.opt)),
-                       expect_model=args.model, progress=not args.no_progress)
+                       expect_model=args.model, progress=not args.no_progress, exclude=tuple(args.exclude))
     s = run_pts(config, args.checkpoint, args.out, overwrite=args.overwrite)
     searched = s.get("search")
     detail = (f"; searched distribution: calibration {searched['calibration_accuracy']:.4f}, held-out "
@@ -355,6 +355,8 @@ def _pts_parser(sub) -> None:
     p.add_argument("--dataset", default=None, help="default: the dataset the checkpoint was trained on")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="a method option (repeatable)")
+    p.add_argument("--exclude", nargs="+", default=[], metavar="LAYER", help="layers to leave dense (listed in "
+                   "the summary), such as an attention's out_proj, which POT and Wanda cannot calibrate")
     p.add_argument("--out", default="runs/pts", help="output folder (default runs/pts)")
     p.add_argument("--overwrite", action="store_true", help="replace a result already in --out")
     p.add_argument("--no-progress", action="store_true")

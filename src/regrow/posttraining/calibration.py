@@ -90,7 +90,8 @@ def observe_inputs(model: nn.Module, layers: dict[str, nn.Module], images: torch
     if silent:
         raise ConfigError(f"{', '.join(silent)} never ran as a module on the calibration data (another module reads "
                           "its weight directly, as nn.MultiheadAttention does with out_proj), so there are no inputs "
-                          "to score or refit it with: leave it out of the layers to prune")
+                          "to score or refit it with: leave it out (regrow pts --exclude NAME; in Python, out of "
+                          "the layers to prune)")
 
 
 def layer_inputs(model: nn.Module, layers: dict[str, nn.Module], images: torch.Tensor,

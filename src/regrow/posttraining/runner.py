@@ -75,6 +75,7 @@ class PTSConfig:
     options: dict[str, Any] = field(default_factory=dict)
     expect_model: str | None = None  # fail unless the checkpoint is of this architecture
     progress: bool = True
+    exclude: tuple[str, ...] = ()  # layers left dense (listed), e.g. one that never runs as a module
 
     def resolved_options(self) -> dict[str, Any]:
         """The method's options: its defaults, overridden by ``options`` (unknown keys and bad values fail)."""
@@ -203,6 +204,7 @@ class PostTraining:
         # training does not crop or flip them.
         self.tokens = None if self.train_data.images.is_floating_point() else self.train_data.images.dtype
         self.macs = layer_macs(self.dense, self.shape, self.tokens)
+        masking.prunable_layers(self.dense, exclude=config.exclude)  # unknown names fail here, before any work
         self.cost = _Cost(self.macs)
         self.stages: dict[str, float] = {}
         self.extra: dict[str, Any] = {}
@@ -239,7 +241,7 @@ class PostTraining:
             dense_accuracy, _ = evaluate(self.dense, self.test_data)
         start = time.perf_counter()
         model = copy.deepcopy(self.dense)
-        layers = masking.prunable_layers(model)
+        layers = masking.prunable_layers(model, exclude=self.config.exclude)
         masks = self.method.sparsify(self, model, layers)
         wall = time.perf_counter() - start
         accuracy, loss = evaluate(model, self.test_data)
@@ -257,6 +259,7 @@ class PostTraining:
         skipped = {n: f"{self.structure.name} cannot split its input dimension {m.weight.shape[1]}"
                    for n, m in masking.masked_layers(model).items()
                    if isinstance(self.structure, NM) and not self.structure.supports(m.weight.shape)}
+        skipped.update({n: "excluded (--exclude)" for n in c.exclude})
         sparsities = self.extra.pop("layer_sparsities")
         weights = masking.weight_sparsity(model, skipped)
         summary = {
