@@ -261,8 +261,13 @@ def remove_mask(module: nn.Module, bake: bool = True) -> nn.Module:
 def computed_owner(modules: dict[str, nn.Module], owner: str) -> str | None:
     """The Linear/Conv whose computed weight the parameter of module ``owner`` feeds (the module itself, with the
     hook-based weight_norm; or the layer holding ``parametrizations.weight``), or None."""
-    for name in (owner, owner.rsplit(".parametrizations", 1)[0] if ".parametrizations" in f".{owner}" else None):
-        if name is not None and isinstance(modules.get(name), PRUNABLE_TYPES) and computed_weight(modules[name]):
+    parts = owner.split(".") if owner else []
+    candidates = [owner]
+    if "parametrizations" in parts:  # <layer>.parametrizations.weight holds the parametrization's parameters
+        last = len(parts) - 1 - parts[::-1].index("parametrizations")
+        candidates.append(".".join(parts[:last]))
+    for name in candidates:
+        if isinstance(modules.get(name), PRUNABLE_TYPES) and computed_weight(modules[name]):
             return name
     return None
 
@@ -295,8 +300,8 @@ def weight_sparsity(model: nn.Module, reasons: dict[str, str] | None = None) -> 
             left_dense[name] = reasons[owner]
         elif len(holders[id(param)]) > 1:  # named_parameters() names a shared parameter by its first holder
             left_dense[name] = tie_reason(sorted(n for n in holders[id(param)].values() if n != name))
-        elif computed_owner(modules, owner) is not None:
-            left_dense[name] = f"{computed_owner(modules, owner)}: {COMPUTED_WEIGHT}"
+        elif (layer := computed_owner(modules, owner)) is not None:
+            left_dense[name] = f"{layer or 'the model itself'}: {COMPUTED_WEIGHT}"
         elif isinstance(module, nn.MultiheadAttention):
             left_dense[name] = ("nn.MultiheadAttention's own projection weight: its out_proj is a Linear and is "
                                 "masked like one, the packed input projection is not masked")
