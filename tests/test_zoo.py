@@ -239,3 +239,20 @@ def test_a_bert_attention_whose_heads_cannot_be_pruned_is_left_whole(monkeypatch
     assert len(qkv) == 2 and all("attention heads not pruned: a test refuses" in g.excluded for g in qkv)
     assert not any(g.unit == "head" for g in groups)
     assert [g.excluded for g in groups if g.root.endswith("layer.0.intermediate.dense")] == [None]
+
+
+def test_a_masked_language_models_decoder_tied_to_the_word_embeddings_is_left_dense_and_named():
+    needs("transformers")
+    from regrow import masking
+    from regrow.zoo import _import
+
+    transformers = _import("transformers", "huggingface")  # as the zoo imports it (torchvision's shim first)
+    torch.manual_seed(0)
+    model = transformers.BertForMaskedLM(transformers.BertConfig(num_hidden_layers=1, hidden_size=32,
+                                                                 num_attention_heads=2, intermediate_size=64,
+                                                                 vocab_size=100))
+    assert masking.tied_weights(model) == {"cls.predictions.decoder": ["bert.embeddings.word_embeddings.weight"]}
+    sp = regrow.create("rigl", model, torch.optim.SGD(model.parameters(), lr=0.1), sparsity=0.5, total_steps=10)
+    assert "cls.predictions.decoder" not in sp.layers and len(sp.layers) == 7  # q, k, v, out, ffn x2, transform
+    left = masking.weight_sparsity(model, sp.skipped)["left_dense"]
+    assert "tied weights" in left["bert.embeddings.word_embeddings.weight"]
