@@ -30,7 +30,7 @@ from regrow.channels.costs import LatencyTable, device_key, layer_shapes
 from regrow.channels.groups import channel_groups
 from regrow.env import steady_allocator
 from regrow.export import remove_channels
-from regrow.latency_report import channel_widths, time_models
+from regrow.latency_report import predicted_cost, time_models
 from regrow.models import create_model
 from regrow.training import environment
 
@@ -79,7 +79,6 @@ def main(argv=None) -> int:
     groups = channel_groups(dense, example)
     configs = configurations(groups, args.seed, args.random)
     models = {name: pruned_model(args.model, kept) for name, kept in configs.items()}
-    widths = {name: channel_widths(m) for name, m in models.items()}
     shapes = layer_shapes(dense, example)
 
     predicted: dict[str, list[float]] = {c: [] for c in configs}
@@ -87,7 +86,7 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory() as cache:
             table = LatencyTable(shapes, batch_size=args.batch, cache_dir=cache, repeats=args.cell_repeats)
             for c in configs:
-                predicted[c].append(sum(table(n, *w) for n, w in widths[c].items()))
+                predicted[c].append(predicted_cost(table, models[c]))
         print(f"table #{attempt}: dense {predicted['dense'][-1]:.2f} ms", flush=True)
     x = torch.randn(args.batch, *INPUT)
     # Each pruned model is timed against dense, interleaved, ``--passes`` times; its speed-up is the median over

@@ -43,11 +43,19 @@ def train_step(model, optimizer, t):
     optimizer.step()
 
 
-def train_steps(model, optimizer, sparsifier, steps, seed=0):
-    for t in range(steps):
-        train_step(model, optimizer, seed + t)
+def train_on(model, optimizer, sparsifier, batches):
+    """One optimizer step, then one sparsifier step, per ``(x, y)`` of ``batches`` (cross-entropy)."""
+    for x, y in batches:
+        loss = nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
         if sparsifier is not None:
             sparsifier.step()
+
+
+def train_steps(model, optimizer, sparsifier, steps, seed=0):
+    train_on(model, optimizer, sparsifier, (batch(seed + t) for t in range(steps)))
 
 
 class CountingMeasure:

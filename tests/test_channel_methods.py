@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import regrow
-from conftest import CountingMeasure
+from conftest import CountingMeasure, train_on
 from regrow import masking
 from regrow.channels.costs import LatencyTable, layer_shapes
 from regrow.errors import ConfigError
@@ -371,13 +371,8 @@ def test_halp_on_a_transformer_predicts_the_exported_models_macs_exactly():
     sp = regrow.create("halp", model, optimizer, structure="channel", latency_target=0.6, cost="macs",
                        input_shape=(5, 7), total_steps=12, prune_every=2, prune_steps=3, group_size=2)
     g = torch.Generator().manual_seed(0)
-    for _ in range(12):
-        x, y = torch.randn(8, 5, 7, generator=g), torch.randint(0, 3, (8,), generator=g)
-        loss = nn.functional.cross_entropy(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        sp.step()
+    train_on(model, optimizer, sp, ((torch.randn(8, 5, 7, generator=g), torch.randint(0, 3, (8,), generator=g))
+                                    for _ in range(12)))
     predicted = sp.summary_fields()["channels"]["predicted_fraction"]
     assert predicted <= 0.6 + 1e-9
     exported, _ = export_masked_model(model.eval(), torch.zeros(1, 5, 7))

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 import regrow
-from conftest import TinyNet, batch, train_steps
+from conftest import TinyNet, batch, train_on, train_steps
 from regrow import masking
 from regrow.errors import CheckpointError
 
@@ -277,13 +277,9 @@ def test_a_tied_weight_is_left_dense_listed_so_that_baking_the_masks_keeps_the_f
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     sp = regrow.create("rigl", model, optimizer, sparsity=0.5, distribution="uniform", total_steps=20, interval=2)
     g = torch.Generator().manual_seed(0)
-    for _ in range(20):  # RigL prunes and regrows: a masked tied weight would keep stale values the embedding reads
-        x, y = torch.randn(8, 12, generator=g), torch.randint(0, 10, (8,), generator=g)
-        loss = nn.functional.cross_entropy(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        sp.step()
+    # RigL prunes and regrows: a masked tied weight would keep stale values the embedding reads
+    train_on(model, optimizer, sp, ((torch.randn(8, 12, generator=g), torch.randint(0, 10, (8,), generator=g))
+                                    for _ in range(20)))
     report = masking.weight_sparsity(model, sp.skipped)
     assert list(report["left_dense"]) == ["emb.weight"] and "tied" in report["left_dense"]["emb.weight"]
     x = torch.randn(4, 12, generator=g)

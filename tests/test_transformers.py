@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import regrow
+from conftest import train_on
 from regrow import masking
 from regrow import posttraining as pts
 from regrow.errors import ConfigError
@@ -32,13 +33,8 @@ def trained(method, options, steps=12):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     sp = regrow.create(method, model, optimizer, sparsity=0.9, total_steps=20, **options)
     g = torch.Generator().manual_seed(1)
-    for _ in range(steps):
-        x, y = torch.randn(16, 5, 8, generator=g), torch.randint(0, 3, (16,), generator=g)
-        loss = nn.functional.cross_entropy(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        sp.step()
+    train_on(model, optimizer, sp, ((torch.randn(16, 5, 8, generator=g), torch.randint(0, 3, (16,), generator=g))
+                                    for _ in range(steps)))
     return model, sp
 
 
