@@ -293,7 +293,31 @@ def report(rows: dict, summaries: dict, args) -> str:
                              f"{diff_cell(paired(summaries, key, f'rigl-{k}'))} | "
                              f"{diff_cell(paired(summaries, key, f'{rigl100}-{k}'))} | "
                              f"{rows[key]['train_flops_ratio']:.3f} | {pct(m.get('readmitted'))} |")
+    lines += dead_unit_lines(summaries)
     return "\n".join(lines)
+
+
+def dead_unit_lines(summaries: dict) -> list[str]:
+    """Output units with no active weight and input units none reads, at the end (masking.dead_units), per
+    method and sparsity: a very sparse layer can be narrower than its shape. Only runs whose summary has them."""
+    groups: dict[str, list[tuple[int, int, int]]] = {}
+    for run_id, summary in summaries.items():
+        if summary["layers"] and all("dead_outputs" in layer for layer in summary["layers"]):
+            layers = summary["layers"]
+            groups.setdefault(group(run_id, summary), []).append(
+                (sum(x["dead_outputs"] for x in layers), sum(x["dead_inputs"] for x in layers),
+                 sum(x["shape"][0] for x in layers)))
+    if not groups:
+        return []
+    lines = ["", "## Dead units at the end", "",
+             "Output units (rows, output channels) of the masked layers left with no active weight, and input units "
+             "no weight reads, mean over the runs that record them (summaries from before this count lack it).", "",
+             "| run | runs | dead outputs (of all) | dead inputs |", "|---|---|---|---|"]
+    for key in sorted(groups):
+        values = groups[key]
+        lines.append(f"| {key} | {len(values)} | {statistics.fmean(v[0] for v in values):.1f} (of {values[0][2]}) | "
+                     f"{statistics.fmean(v[1] for v in values):.1f} |")
+    return lines
 
 
 def mean_curve(curves: list[list[float | None]]) -> list[float]:

@@ -325,3 +325,21 @@ def test_a_lazy_layer_not_yet_initialised_is_one_clear_error_and_works_after_a_f
     model(torch.zeros(2, 8))
     sp = regrow.create("rigl", model, None, sparsity=0.5, total_steps=10)
     assert list(sp.layers) == ["0", "2"]
+
+
+def test_dead_units_count_outputs_with_no_active_weight_and_inputs_none_reads():
+    linear = masking.add_mask(nn.Linear(5, 4))
+    mask = torch.ones(4, 5, dtype=torch.bool)
+    mask[1] = False            # output 1 computes only its bias
+    mask[:, 3] = False         # input 3 is read by no output
+    mask[2, :3] = False        # output 2 keeps one weight (input 4): alive
+    masking.set_mask(linear, mask)
+    assert masking.dead_units(linear) == (1, 1)
+    # A grouped conv: an input channel belongs to one group and is read only by that group's outputs.
+    conv = masking.add_mask(nn.Conv2d(4, 6, 3, groups=2))
+    mask = torch.ones_like(conv.weight, dtype=torch.bool)
+    mask[0] = False            # output 0 dead
+    mask[3:, 1] = False        # group 1's second input (input channel 3) unread; group 0's second input is read
+    masking.set_mask(conv, mask)
+    assert masking.dead_units(conv) == (1, 1)
+    assert masking.dead_units(nn.Linear(3, 3)) == (0, 0)   # unmasked: dense

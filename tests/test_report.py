@@ -35,3 +35,14 @@ def test_read_summary_refuses_what_is_not_a_summary(tmp_path):
         read_summary(tmp_path)
     (tmp_path / "summary.json").write_text(json.dumps(SUMMARY))
     assert read_summary(tmp_path) == SUMMARY
+
+
+def test_the_report_counts_dead_units_where_the_summary_has_them():
+    summary = json.loads(json.dumps(SUMMARY))
+    summary["layers"][0].update(dead_outputs=7, dead_inputs=20)
+    summary["layers"][1].update(dead_outputs=0, dead_inputs=2)
+    text = format_report(summary)
+    row = next(line for line in text.splitlines() if line.startswith("net.1"))
+    assert row.split()[-2:] == ["7", "20"]
+    assert "7 of 310 output units have no active weight" in text
+    assert "22 input units are read by none" in text

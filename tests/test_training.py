@@ -48,14 +48,14 @@ def test_summary_has_the_contract_fields(tmp_path):
     assert 0.0 <= s["test_accuracy"] <= 1.0
     assert s["sparsity_actual"] == pytest.approx(0.8, abs=1e-4)
     assert 0 < s["train_flops"] < s["dense_train_flops"]
-    assert all({"name", "numel", "density"} <= set(layer) for layer in s["layers"])
+    assert all({"name", "numel", "density", "dead_outputs", "dead_inputs"} <= set(layer) for layer in s["layers"])
 
 
 def test_dense_method_has_no_masks_and_costs_dense_flops(tmp_path):
     s = build_trainer(config(method="dense", epochs=3, method_options={}), tmp_path).run()
     assert s["sparsity_actual"] == 0.0 and s["train_flops"] == s["dense_train_flops"]
     assert s["test_accuracy"] > 0.8  # the synthetic data is learnable: 4 classes, chance is 0.25
-    assert all(layer["density"] == 1.0 for layer in s["layers"])
+    assert all(layer["density"] == 1.0 and layer["dead_outputs"] == layer["dead_inputs"] == 0 for layer in s["layers"])
 
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_path):

@@ -419,6 +419,21 @@ def density(module: nn.Module) -> float:
     return float(module.weight_mask.sum().item()) / module.weight_mask.numel() if is_masked(module) else 1.0
 
 
+def dead_units(module: nn.Module) -> tuple[int, int]:
+    """(outputs, inputs) of a masked layer with no active weight: an output unit (a row of a Linear, an output
+    channel of a conv) that computes only its bias, and an input unit no weight reads. A very sparse layer that
+    has many is narrower than its shape says; a dead output feeding only dead inputs gets zero gradient on both
+    sides, so growth by gradient (RigL) can never revive it. Input channels of a grouped conv count per group."""
+    if not is_masked(module):
+        return 0, 0
+    mask = module.weight_mask.bool()
+    outputs = int((~mask.flatten(1).any(1)).sum())
+    groups = getattr(module, "groups", 1)
+    per_group = mask.reshape(groups, mask.shape[0] // groups, mask.shape[1], -1)  # (groups, out/g, in/g, kernel)
+    inputs = int((~per_group.any(3).any(1)).sum())
+    return outputs, inputs
+
+
 def reset_optimizer_state(optimizer: torch.optim.Optimizer | None, param: torch.Tensor,
                           where: torch.Tensor) -> None:
     """Zero every per-entry optimizer state tensor of ``param`` (momentum, Adam moments) at ``where``."""

@@ -38,11 +38,13 @@ def _si(value: float) -> str:
 
 
 def format_report(summary: dict[str, Any]) -> str:
-    rows = [("layer", "shape", "params", "nonzero", "density", "MACs")]
+    dead = all("dead_outputs" in layer for layer in summary["layers"])  # older summaries lack them
+    rows = [("layer", "shape", "params", "nonzero", "density", "MACs") + (("dead out", "dead in") if dead else ())]
     for layer in summary["layers"]:
         nonzero = int(round(layer["numel"] * layer["density"]))
         rows.append((layer["name"], "×".join(map(str, layer["shape"])), str(layer["numel"]), str(nonzero),
-                     f"{layer['density']:.4f}", _si(layer["macs"] * layer["density"])))
+                     f"{layer['density']:.4f}", _si(layer["macs"] * layer["density"]))
+                    + ((str(layer["dead_outputs"]), str(layer["dead_inputs"])) if dead else ()))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [f"run: {summary['method']} on {summary['model']} / {summary['dataset']} "
              f"(seed {summary['seed']}, {summary['steps']} steps)"]
@@ -82,6 +84,8 @@ def format_report(summary: dict[str, Any]) -> str:
     if summary.get("total_train_flops_ratio") is not None:
         lines.append(f"with pretraining {summary['total_train_flops_ratio']:.3f}× dense training FLOPs in total "
                      f"(the dense model it started from: {summary['pretrain']['path']})")
+    if dead and any(layer["dead_outputs"] or layer["dead_inputs"] for layer in summary["layers"]):
+        lines.append("dead units      " + dead_units_line(summary["layers"]))
     lines += mask_metric_lines(summary.get("mask_metrics") or {})
     if summary.get("calibration"):  # a post-training run (regrow pts)
         c = summary["calibration"]
@@ -97,6 +101,15 @@ def format_report(summary: dict[str, Any]) -> str:
     if left_dense:
         lines.append("left dense      " + ", ".join(f"{k} ({v})" for k, v in left_dense.items()))
     return "\n".join(lines)
+
+
+def dead_units_line(layers: list[dict[str, Any]]) -> str:
+    """The summary of :func:`masking.dead_units` over a run's layers."""
+    outputs = sum(layer["dead_outputs"] for layer in layers)
+    total = sum(layer["shape"][0] for layer in layers)
+    inputs = sum(layer["dead_inputs"] for layer in layers)
+    return (f"{outputs} of {total} output units have no active weight (they compute only their bias), "
+            f"{inputs} input units are read by none")
 
 
 def _pct(value: float | None) -> str:

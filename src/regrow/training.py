@@ -175,10 +175,15 @@ def check_logits(model: nn.Module, sample: torch.Tensor, num_classes: int) -> No
 
 
 def layer_table(model: nn.Module, macs: dict[str, int]) -> list[dict[str, Any]]:
-    """Per prunable layer: name, shape, numel, density, MACs (dense) — the ``layers`` field of a summary."""
-    return [{"name": name, "shape": list(m.weight.shape), "numel": m.weight.numel(),
-             "density": masking.density(m), "macs": macs.get(name, 0)}
-            for name, m in masking.prunable_layers(model).items()]
+    """Per prunable layer: name, shape, numel, density, MACs (dense), and the output and input units left with no
+    active weight (:func:`masking.dead_units`) — the ``layers`` field of a summary."""
+    table = []
+    for name, m in masking.prunable_layers(model).items():
+        dead_outputs, dead_inputs = masking.dead_units(m)
+        table.append({"name": name, "shape": list(m.weight.shape), "numel": m.weight.numel(),
+                      "density": masking.density(m), "macs": macs.get(name, 0),
+                      "dead_outputs": dead_outputs, "dead_inputs": dead_inputs})
+    return table
 
 
 def run_length(config: TrainConfig, samples: int) -> tuple[int, int]:
