@@ -88,6 +88,10 @@ def test_unstructured_grid_is_paired_and_in_the_long_regime(bench_unstructured, 
     assert not any(k.startswith("rigl-eqflops") for k in runs)  # planned only from finished runs
     only = module.grid(unstructured_args(only=["rigl-0.95-*"]))
     assert sorted(only) == [f"rigl-0.95-seed{s}" for s in range(3)]
+    conv = module.grid(unstructured_args(model="resnet8", investigate=True, only=["iee-zero-bn-*"]))
+    assert sorted(conv) == [f"iee-zero-bn-0.95-seed{s}" for s in range(3)]  # BatchNorm: conv nets only
+    assert conv["iee-zero-bn-0.95-seed0"].method_options["freeze_bn"] is False
+    assert not module.grid(unstructured_args(investigate=True, only=["iee-zero-bn-*"]))
 
 
 def test_unstructured_equal_flops_epochs_come_from_the_finished_runs(bench_unstructured, monkeypatch):
