@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 import regrow
-from conftest import TinyNet, train_step, train_steps
+from conftest import TinyNet, batch, train_on, train_step, train_steps
 from regrow import masking
 from regrow.criteria import magnitude
 from regrow.errors import ConfigError
@@ -209,3 +209,31 @@ def test_a_method_that_grows_refuses_a_frozen_weight_or_one_outside_the_optimize
     assert first not in sp.layers
     static = regrow.create("static", TinyNet(), None, sparsity=0.8)  # a fixed mask trains nothing back: no check
     assert static.layers
+
+
+@pytest.mark.parametrize("method", ["rigl", "set"])
+def test_a_channel_cut_off_on_both_sides_gets_no_gradient_so_only_random_growth_revives_it(method):
+    # conv -> BN -> ReLU -> conv: once channel 2 has no incoming and no outgoing active weight, it outputs a
+    # constant (the ReLU of its BatchNorm shift: 0 here, as for such channels of the trained ResNet-8). No active
+    # weight carries gradient back into it, and its constant output gives none to the weights that would read
+    # it, so the dense gradient of every weight into or out of it is exactly 0: RigL (growth by |dense gradient|)
+    # never grows it back, SET's random growth does. Why very sparse narrow conv nets keep dead channels under RigL.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8),
+                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    sp = regrow.create(method, model, optimizer, total_steps=40, sparsity=0.5, distribution="uniform",
+                       interval=2, alpha=0.5, seed=0)
+    first, second = masking.mask_of(model[0]).clone(), masking.mask_of(model[3]).clone()
+    first[2], second[:, 2] = False, False
+    masking.set_mask(model[0], first)
+    masking.set_mask(model[3], second)
+    with torch.no_grad():
+        model[1].bias[2] = -1.0
+    revived = False
+    for t in range(30):
+        train_on(model, optimizer, sp, [batch(t)])
+        revived |= bool(masking.mask_of(model[0])[2].any() or masking.mask_of(model[3])[:, 2].any())
+    assert len(sp.history) == 14  # every 2 steps until t_end = 30
+    assert revived == (method == "set")
+    assert masking.dead_units(model[0])[0] >= (1 if method == "rigl" else 0)
