@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from runner import RESULTS, aggregate, figure, run_grid, style, write_results
+from runner import RESULTS, aggregate, figure, run_grid, script_main, style, write_results
 
 from regrow.training import TrainConfig
 
@@ -71,4 +71,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(script_main(main))

@@ -39,10 +39,11 @@ import time
 
 import torch
 import torch.nn.functional as F
-from runner import RESULTS, commit, figure, mean_std, run_grid, style
+from runner import RESULTS, commit, figure, mean_std, run_grid, script_main, style
 
 from regrow import checkpoint
 from regrow.data import batches_per_epoch, get_batch, load_dataset
+from regrow.env import resolve_device
 from regrow.flops import forward_flops, layer_macs
 from regrow.latency_report import deployment_latency, latency_report, paired_timing
 from regrow.methods.channel import HALP
@@ -60,7 +61,7 @@ LATENCY = "latency.json"
 
 
 def recipe(args, **fields) -> TrainConfig:
-    return TrainConfig(model=args.model, epochs=1 if args.quick else args.epochs,
+    return TrainConfig(model=args.model, epochs=1 if args.quick else args.epochs, device=args.device,
                        max_steps=args.quick_steps if args.quick else None, channels_last=args.channels_last,
                        progress=sys.stderr.isatty() and args.jobs == 1, **fields)
 
@@ -138,8 +139,9 @@ def step_seconds(args, steps: int = 10) -> float:
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    model = create_model(args.model)
-    x, y = torch.randn(128, 1, 28, 28), torch.randint(0, 10, (128,))
+    model = create_model(args.model).to(args.device)
+    x, y = torch.randn(128, 1, 28, 28, device=args.device), torch.randint(0, 10, (128,), device=args.device)
+    sync = torch.cuda.synchronize if torch.device(args.device).type == "cuda" else (lambda: None)
     if args.channels_last:
         model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -147,12 +149,14 @@ def step_seconds(args, steps: int = 10) -> float:
                       prune_every=10 * steps, prune_steps=1, **channel_options(args))  # no pruning while timed
     times = []
     for i in range(steps + 3):
+        sync()
         start = time.perf_counter()
         loss = F.cross_entropy(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         sparsifier.step()
+        sync()
         if i >= 3:  # warm-up
             times.append(time.perf_counter() - start)
     torch.set_num_threads(threads)
@@ -180,7 +184,7 @@ def prebuild_latency_table(args) -> int:
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    model = create_model(args.model)
+    model = create_model(args.model).to(args.device)  # the table is measured on the model's device
     sp = HALP(model, None, latency_target=max(args.targets), cost="latency", latency_batch=args.latency_batch,
               input_shape=(1, 28, 28), **channel_options(args))
     cells = sp.precompute_costs(progress=sys.stderr.isatty())
@@ -200,8 +204,9 @@ def tp_reference(args, seed: int, target_macs: float, out) -> dict:
     torch.manual_seed(seed)
     dense_path = RESULTS / "runs" / args.name / f"dense-seed{seed}" / MODEL
     dense, meta = load_model(dense_path)
+    dense = dense.to(args.device)
     shape = (meta["in_channels"], meta["input_size"], meta["input_size"])
-    example = torch.zeros(1, *shape)
+    example = torch.zeros(1, *shape, device=args.device)
 
     def pruned_at(ratio: float):
         model = copy.deepcopy(dense)
@@ -230,6 +235,7 @@ def tp_reference(args, seed: int, target_macs: float, out) -> dict:
     for step in range(total):
         epoch, index = divmod(step, steps_per_epoch)
         x, y = get_batch(train, 128, seed, epoch, index, train_augment=True)
+        x, y = x.to(args.device), y.to(args.device)
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(step, total, 0.1)
         model.train()
@@ -245,11 +251,12 @@ def tp_reference(args, seed: int, target_macs: float, out) -> dict:
                "target_macs": target_macs, "steps": total, "wall_seconds": wall, "train_flops": step_flops * total,
                "dense_train_flops": dense_step * total,
                "total_train_flops": pre["train_flops"] + step_flops * total}
-    checkpoint.save(out / MODEL, {"model": model.state_dict()}, {"kind": "tp-reference", **meta})
+    checkpoint.save(out / MODEL, {"model": {k: v.cpu() for k, v in model.state_dict().items()}},
+                    {"kind": "tp-reference", **meta})
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # latency figures: one thread, as for every other model here
     measured = paired_timing({"dense": dense.eval(), "pruned": model.eval()},
-                             torch.randn(args.latency_batch, *shape), repeats=args.repeats)
+                             torch.randn(args.latency_batch, *shape, device=args.device), repeats=args.repeats)
     torch.set_num_threads(threads)
     summary["latency"] = {"dense_ms": measured["dense"]["ms"], "measured_ms": measured["pruned"]["ms"],
                           "speedup": measured["pruned"]["speedup"], "batch_size": args.latency_batch, "threads": 1,
@@ -333,12 +340,17 @@ def equal_latency_pairs(args, summaries: dict, latencies: dict) -> dict[str, dic
 def measure(args, run_id: str) -> dict:
     """Export the run's model and time it against the dense model (cached in the run folder)."""
     out = RESULTS / "runs" / args.name / run_id
+    device = torch.device(args.device)
     if (out / LATENCY).exists():
-        return json.loads((out / LATENCY).read_text())
+        cached = json.loads((out / LATENCY).read_text())
+        if cached["device"].split("|", 1)[0] == device.type:  # timed on another kind of device: time it again
+            return cached
     model, meta = load_model(out / MODEL)
-    result = latency_report(model, meta, batch_size=args.latency_batch, repeats=args.repeats, threads=1)
-    if args.deploy:  # where users deploy: other batch sizes, ONNX Runtime
-        result["deploy"] = deployment_latency(model, meta, batch_sizes=args.deploy, repeats=args.repeats, threads=1)
+    result = latency_report(model, meta, batch_size=args.latency_batch, repeats=args.repeats, threads=1,
+                            device=device)
+    if args.deploy:  # where users deploy: other batch sizes, ONNX Runtime (its CPU provider: on the CPU only)
+        result["deploy"] = deployment_latency(model, meta, batch_sizes=args.deploy, repeats=args.repeats, threads=1,
+                                              onnx=device.type == "cpu", device=device)
     checkpoint.write_json(out / LATENCY, result)
     return result
 
@@ -371,8 +383,12 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--investigate", action="store_true",
                    help="IEE's open choices at the tightest target: exploration at 0.3x and 1x the learning rate, "
                         "H = J = Q = 25 and 100 steps")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda: where every run trains, the latency "
+                   "table is measured and the exported models are timed (one device for all, so that a budget and "
+                   "the latency it is judged by are the same device's)")
     p.add_argument("--name", default=None)
     args = p.parse_args(argv)
+    args.device = str(resolve_device(args.device))
     if args.plan is not None and not args.plan > 0:
         p.error(f"--plan takes a positive number of hours, got {args.plan}")
     args.name = args.name or ("channels-quick" if args.quick else f"channels-{args.model}-e{args.epochs}")
@@ -550,4 +566,4 @@ def write(args, rows, pairs, pre, summaries, latencies, references, argv) -> Non
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(script_main(main))

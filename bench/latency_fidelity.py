@@ -1,6 +1,7 @@
 """Does the latency table predict what the exported model measures? Checked on physically pruned models.
 
     python bench/latency_fidelity.py                              # ResNet-20, batch 64, one thread
+    python bench/latency_fidelity.py --device cuda                # the CUDA table against CUDA timings
     REGROW_STEADY_ALLOCATOR=0 python bench/latency_fidelity.py    # the same with glibc's default allocator
 
 HALP and IEE choose channels by the latency table: each layer's cost at given channel counts, measured on its own
@@ -24,11 +25,11 @@ import sys
 import tempfile
 
 import torch
-from runner import RESULTS, commit, figure, style
+from runner import RESULTS, commit, figure, script_main, style
 
 from regrow.channels.costs import LatencyTable, device_key, layer_shapes
 from regrow.channels.groups import channel_groups
-from regrow.env import steady_allocator
+from regrow.env import resolve_device, steady_allocator
 from regrow.export import remove_channels
 from regrow.latency_report import predicted_cost, time_models
 from regrow.models import create_model
@@ -70,7 +71,10 @@ def main(argv=None) -> int:
     p.add_argument("--passes", type=int, default=3, help="interleaved dense/pruned timings per configuration")
     p.add_argument("--cell-repeats", type=int, default=15, help="timings per table cell (median)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu (default, one thread) or cuda: where the table is "
+                   "measured and the models are timed")
     args = p.parse_args(argv)
+    device = resolve_device(args.device)
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
 
@@ -78,17 +82,18 @@ def main(argv=None) -> int:
     example = torch.zeros(1, *INPUT)
     groups = channel_groups(dense, example)
     configs = configurations(groups, args.seed, args.random)
-    models = {name: pruned_model(args.model, kept) for name, kept in configs.items()}
+    models = {name: pruned_model(args.model, kept).to(device) for name, kept in configs.items()}
     shapes = layer_shapes(dense, example)
 
     predicted: dict[str, list[float]] = {c: [] for c in configs}
     for attempt in range(2):  # two fresh tables: how stable is a sum?
         with tempfile.TemporaryDirectory() as cache:
-            table = LatencyTable(shapes, batch_size=args.batch, cache_dir=cache, repeats=args.cell_repeats)
+            table = LatencyTable(shapes, device=device, batch_size=args.batch, cache_dir=cache,
+                                 repeats=args.cell_repeats)
             for c in configs:
                 predicted[c].append(predicted_cost(table, models[c]))
         print(f"table #{attempt}: dense {predicted['dense'][-1]:.2f} ms", flush=True)
-    x = torch.randn(args.batch, *INPUT)
+    x = torch.randn(args.batch, *INPUT, device=device)
     # Each pruned model is timed against dense, interleaved, ``--passes`` times; its speed-up is the median over
     # passes of the ratio within a pass (dense and pruned timed side by side), which cancels the machine's drift
     # between passes (whole-model times of one configuration moved by up to 30 % from one pass to the next here).
@@ -116,10 +121,11 @@ def main(argv=None) -> int:
                "max_abs_speedup_error": max(abs(r["speedup_error"]) for r in rows.values()),
                "table_repeat_difference": statistics.fmean(abs(r["tables"][1] / r["tables"][0] - 1)
                                                            for r in rows.values())}
-    key = device_key("cpu", args.batch)
+    key = device_key(device, args.batch)
     allocator = "steady" if steady_allocator() else "default"
-    name = f"latency-fidelity-{args.model}-b{args.batch}-{allocator}"
-    env = environment()
+    on = f"1 thread, {allocator} allocator" if device.type == "cpu" else torch.cuda.get_device_name(device)
+    name = f"latency-fidelity-{args.model}-b{args.batch}-" + (allocator if device.type == "cpu" else device.type)
+    env = environment(device)
     result = {"model": args.model, "batch": args.batch, "threads": 1, "device": key, "allocator": allocator,
               "commit": commit(), "environment": env,
               "argv": sys.argv[1:] if argv is None else argv, "configurations": configs, "rows": rows,
@@ -127,8 +133,8 @@ def main(argv=None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1))
     env_prefix = "" if allocator == "steady" else "REGROW_STEADY_ALLOCATOR=0 "
-    lines = [f"# Latency table against measured latency: {args.model}, batch {args.batch}, 1 thread, "
-             f"{allocator} allocator", "", f"Hardware: {env['processor']}, torch {env['torch']}; commit "
+    lines = [f"# Latency table against measured latency: {args.model}, batch {args.batch}, {on}", "",
+             f"Hardware: {env['processor']}, torch {env['torch']}; commit "
              f"{result['commit']}. Command: `{env_prefix}python bench/latency_fidelity.py {' '.join(result['argv'])}`",
              "", "| configuration | measured | measured speed-up (range over passes) | predicted speed-up | error | "
              "table sum / measured |", "|---|---|---|---|---|---|"]
@@ -147,9 +153,9 @@ def main(argv=None) -> int:
                    label="pruned configurations")
         ax.plot([1, top], [1, top], "k:", lw=1, label="exact")
         style(ax, "measured speed-up of the pruned model", "speed-up predicted by the table",
-              f"{args.model}, batch {args.batch}, 1 thread, {allocator} allocator")
+              f"{args.model}, batch {args.batch}, {on}")
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(script_main(main))

@@ -31,7 +31,7 @@ import sys
 import time
 
 import torch
-from runner import RESULTS, commit, figure, style
+from runner import RESULTS, commit, figure, script_main, style
 
 from regrow import masking
 from regrow.checkpoint import write_json
@@ -270,4 +270,4 @@ def write(rows, args, code: str) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(script_main(main))

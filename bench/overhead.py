@@ -31,17 +31,18 @@ import sys
 import time
 
 import torch
-from runner import RESULTS, ROOT, commit
+from runner import RESULTS, ROOT, commit, script_main
 
 from regrow import masking, methods
 from regrow.checkpoint import write_json
+from regrow.env import resolve_device
 from regrow.models import create_model
 from regrow.training import environment
 
 
-def make(model_name: str, method: str | None, seed: int = 0, total_steps: int = 1000):
+def make(model_name: str, method: str | None, seed: int = 0, total_steps: int = 1000, device: str = "cpu"):
     torch.manual_seed(seed)
-    model = create_model(model_name)
+    model = create_model(model_name).to(device)  # before the optimizer and the sparsifier: they follow it
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
     sp = None
     if method is not None:
@@ -57,29 +58,41 @@ def step(model, optimizer, sp, x, y) -> float:
     optimizer.step()
     if sp is None:
         return 0.0
+    synchronize(x.device)  # on a GPU: the queued step's kernels are not the update's time
     start = time.perf_counter()
     sp.step()
+    synchronize(x.device)
     return time.perf_counter() - start
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the GPU's queued work (a CUDA step returns before its kernels finish): timings bracket the work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def time_block(model, optimizer, sp, batches) -> list[float]:
+    device = next(model.parameters()).device
     times = []
     for x, y in batches:
+        synchronize(device)
         start = time.perf_counter()
         step(model, optimizer, sp, x, y)
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return times
 
 
 def masking_overhead(args) -> None:
     blocks, per_block, rigl_steps = (3, 5, 120) if args.quick else (8, 20, 600)
+    device = torch.device(args.device)
     g = torch.Generator().manual_seed(0)
-    batches = [(torch.randn(args.batch_size, 1, 28, 28, generator=g), torch.randint(0, 10, (args.batch_size,),
-                                                                                  generator=g))
+    batches = [(torch.randn(args.batch_size, 1, 28, 28, generator=g).to(device),
+                torch.randint(0, 10, (args.batch_size,), generator=g).to(device))
                for _ in range(per_block)]
 
-    dense = make(args.model, None)
-    masked = make(args.model, "static")
+    dense = make(args.model, None, device=args.device)
+    masked = make(args.model, "static", device=args.device)
     for runner in (dense, masked):  # warm-up
         time_block(*runner, batches[:3])
     dense_times, masked_times = [], []
@@ -88,20 +101,24 @@ def masking_overhead(args) -> None:
         masked_times += time_block(*masked, batches)
     dense_ms, masked_ms = 1e3 * statistics.median(dense_times), 1e3 * statistics.median(masked_times)
 
-    model, optimizer, sp = make(args.model, "rigl", total_steps=rigl_steps * 4 // 3)
+    model, optimizer, sp = make(args.model, "rigl", total_steps=rigl_steps * 4 // 3, device=args.device)
+    synchronize(device)
     update_seconds, total_start = 0.0, time.perf_counter()
     update_times = []
     for i in range(rigl_steps):
         x, y = batches[i % per_block]
+        synchronize(device)  # the update's time is its own, not the queued step's
         spent = step(model, optimizer, sp, x, y)
         update_seconds += spent
         if sp.is_update_step(sp.step_count):
             update_times.append(spent)
+    synchronize(device)
     total_seconds = time.perf_counter() - total_start
     assert len(update_times) == len(sp.history) > 0
 
     result = {
-        "model": args.model, "batch_size": args.batch_size, "commit": commit(), "environment": environment(),
+        "model": args.model, "batch_size": args.batch_size, "commit": commit(), "environment": environment(device),
+        "device": str(device),
         "dense_step_ms_median": dense_ms, "masked_step_ms_median": masked_ms,
         "masked_over_dense": masked_ms / dense_ms,
         "steps_timed_each": len(dense_times),
@@ -109,15 +126,17 @@ def masking_overhead(args) -> None:
         "rigl_update_ms_mean": 1e3 * statistics.fmean(update_times),
         "mask_update_share_of_wall_time": update_seconds / total_seconds,
         "masked_layers": len(masking.masked_layers(masked[0])),
-        "command": "python bench/overhead.py" + (" --quick" if args.quick else ""),
+        "command": "python bench/overhead.py" + (" --quick" if args.quick else "")
+                   + (f" --device {args.device}" if device.type != "cpu" else ""),
     }
-    name = "overhead-quick" if args.quick else "overhead"
+    name = ("overhead-quick" if args.quick else "overhead") + ("" if device.type == "cpu" else f"-{device.type}")
     write_json(RESULTS / f"{name}.json", result)
     env = result["environment"]
     md = "\n".join([
         f"# {name}", "",
         f"Command: `{result['command']}`  ",
-        f"Commit: {result['commit']}; {env['processor']}, {env['threads']} threads, torch {env['torch']}  ",
+        f"Commit: {result['commit']}; {env['processor']}, {env['threads']} threads, torch {env['torch']}"
+        + (f"; on {torch.cuda.get_device_name(device)}" if device.type == "cuda" else "") + "  ",
         f"{args.model}, batch {args.batch_size}, 28×28×1 inputs, SGD Nesterov + weight decay.", "",
         "| measure | value |", "|---|---|",
         f"| dense training step (median of {len(dense_times)}) | {dense_ms:.1f} ms |",
@@ -242,8 +261,11 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=300, help="part 3: trainer steps per process")
     p.add_argument("--rounds", type=int, default=3, help="part 3: processes per option set, taken in turn")
     p.add_argument("--compile-every-round", action="store_true")
+    p.add_argument("--device", default="cpu", help="part 1-2: cpu (default) or cuda (part 3's options are the "
+                   "CPU's: allocator, one thread per process)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.device = str(resolve_device(args.device))
     args.argv = list(argv if argv is not None else sys.argv[1:])
     if args.worker:
         print(json.dumps(option_worker(json.loads(args.worker))))
@@ -256,4 +278,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(script_main(main))

@@ -24,7 +24,7 @@ import sys
 import time
 
 import torch
-from runner import RESULTS, commit, figure, mark_commit, mean_std, run_grid, run_in_pool, style
+from runner import RESULTS, commit, figure, mark_commit, mean_std, run_grid, run_in_pool, script_main, style
 
 from regrow.checkpoint import write_json
 from regrow.posttraining import PTSConfig, run_pts
@@ -273,4 +273,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(script_main(main))

@@ -29,6 +29,8 @@ sys.path.insert(0, str(ROOT / "src"))
 import torch  # noqa: E402
 
 from regrow.checkpoint import write_json  # noqa: E402
+from regrow.env import resolve_device  # noqa: E402
+from regrow.errors import RegrowError  # noqa: E402
 from regrow.training import CHECKPOINT, SUMMARY, TrainConfig, build_trainer, environment  # noqa: E402
 
 # Every bench script works from the repository root and names files relative to it, so the paths that runs record
@@ -36,6 +38,16 @@ from regrow.training import CHECKPOINT, SUMMARY, TrainConfig, build_trainer, env
 os.chdir(ROOT)
 RESULTS = Path("bench") / "results"
 COMMIT = "commit.txt"
+
+
+def script_main(main: Callable[[], int]) -> int:
+    """A bench script's entry point: bad input (one of regrow's errors: an unknown model, ``--device cuda`` on a
+    machine without CUDA) is one line and exit 2, as on regrow's command line, not a traceback."""
+    try:
+        return main()
+    except RegrowError as error:
+        print(f"{Path(sys.argv[0]).name}: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
 
 
 def commit() -> str:
@@ -101,6 +113,9 @@ def run_grid(grid: str, runs: dict[str, TrainConfig], log: Callable[[str], None]
     """Train every run not yet finished (``jobs`` at a time, see :func:`run_in_pool`); return ``{run id: summary}``
     for all of them."""
     summaries, todo = {}, {}
+    for config in runs.values():  # bad input (a --device this machine lacks) stops here, before any folder is made
+        config.validate()
+        resolve_device(config.device)
     code_commit = commit()
     for run_id, config in runs.items():
         out = RESULTS / "runs" / grid / run_id

@@ -30,7 +30,7 @@ import math
 import statistics
 import sys
 
-from runner import RESULTS, aggregate, figure, run_grid, style, write_results
+from runner import RESULTS, aggregate, figure, run_grid, script_main, style, write_results
 
 from regrow.methods.iee import DEFAULT_EXPLORE_LR_SCALE, DEFAULT_NEVER_ACTIVE
 from regrow.training import SUMMARY, TrainConfig
@@ -423,4 +423,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(script_main(main))

@@ -228,3 +228,16 @@ def _alive(pid: int) -> bool:
         return False
     status = Path(f"/proc/{pid}/stat").read_text().split()[2] if Path(f"/proc/{pid}/stat").exists() else "X"
     return status != "Z"  # a zombie has stopped; only its parent's wait is missing
+
+
+def test_channels_runs_everything_on_one_device_and_refuses_one_this_machine_lacks(bench_channels, monkeypatch):
+    import torch
+
+    from regrow.errors import ConfigError
+
+    args = bench_channels.parse(["--quick"])
+    assert args.device == "cpu" and bench_channels.recipe(args, method="dense").device == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="no usable CUDA GPU"):
+        bench_channels.parse(["--quick", "--device", "cuda"])
+

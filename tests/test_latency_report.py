@@ -67,3 +67,25 @@ def test_paired_timing_takes_the_median_of_within_pass_ratios_not_the_ratio_of_p
     assert timed["dense"]["speedup"] == 1.0 and timed["dense"]["ms"] == 12.0
     with pytest.raises(ConfigError, match="reference"):
         paired_timing({"pruned": None}, None)
+
+
+def test_bench_latency_device_is_checked_before_any_work(tmp_path, monkeypatch, capsys):
+    import torch
+
+    missing = tmp_path / "no-such-run"  # never read: the device is refused first
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["bench-latency", str(missing), "--device", "cuda"]) == 2
+    assert "no usable CUDA GPU" in capsys.readouterr().err
+    assert main(["bench-latency", str(missing), "--device", "tpu"]) == 2
+    assert "unknown device" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert main(["bench-latency", str(missing), "--device", "cuda", "--deploy", "1,8"]) == 2
+    assert "ONNX Runtime is timed on its CPU provider only" in capsys.readouterr().err
+
+
+def test_models_and_input_on_different_devices_are_not_timed():
+    import torch
+
+    with pytest.raises(ConfigError, match="time them on one device"):
+        latency_module.time_models({"dense": torch.nn.Linear(3, 3)}, torch.zeros(2, 3, device="meta"))

@@ -13,6 +13,7 @@ from typing import Any
 
 from . import __version__
 from .allocation import DISTRIBUTIONS
+from .env import resolve_device
 from .errors import ConfigError, DataError, RegrowError
 from .methods import method_options, names
 from .models import MODELS
@@ -277,16 +278,20 @@ def cmd_bench_latency(args) -> int:
             sizes = []
         if not sizes or min(sizes) <= 0:
             raise ConfigError(f"--deploy takes batch sizes separated by commas, such as 1,64,256; got {args.deploy!r}")
+    device = resolve_device(args.device)
+    if args.deploy is not None and device.type != "cpu" and not args.no_onnx:
+        raise ConfigError(f"--deploy on {device}: ONNX Runtime is timed on its CPU provider only; add --no-onnx to "
+                          "time PyTorch alone there")
     model, meta = _load_run_model(args.run)
     if args.deploy is not None:
         from .latency_report import deployment_latency, format_deployment_latency
 
         result = deployment_latency(model, meta, batch_sizes=sizes, repeats=args.repeats, threads=args.threads,
-                                    onnx=not args.no_onnx)
+                                    onnx=not args.no_onnx, device=device)
         print(json.dumps(result, indent=2) if args.json else format_deployment_latency(result))
         return 0
     result = latency_report(model, meta, batch_size=args.batch_size, repeats=args.repeats, threads=args.threads,
-                            passes=args.passes)
+                            passes=args.passes, device=device)
     print(json.dumps(result, indent=2) if args.json else format_latency_report(result))
     return 0
 
@@ -419,6 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--deploy", default=None, metavar="BATCHES", help="instead: dense against exported at these batch "
                    "sizes (such as 1,64,256) under PyTorch and ONNX Runtime")
     b.add_argument("--no-onnx", action="store_true", help="with --deploy: PyTorch only")
+    b.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N: where the latency table is "
+                   "measured and the two models are timed")
     b.add_argument("--json", action="store_true")
     return parser
 

@@ -41,14 +41,25 @@ def predicted_cost(table, model: nn.Module) -> float:
 def time_models(models: dict[str, nn.Module], x: torch.Tensor, repeats: int = 50, warmup: int = 10
                 ) -> dict[str, float]:
     """Median forward time (ms) of each model on ``x``, the models' runs interleaved so that both see the same
-    machine state (frequency, other load); on a CPU with the steady allocator, as the latency table."""
-    steady_allocator()
+    machine state (frequency, other load); on a CPU with the steady allocator, as the latency table. On a GPU
+    every run is bracketed by synchronisations (kernels are asynchronous: without them the clock would time the
+    launch, not the work); the models must be on ``x``'s device."""
+    for name, model in models.items():
+        param = next(model.parameters(), None)
+        if param is not None and param.device != x.device:
+            raise ConfigError(f"model {name!r} is on {param.device} and its input on {x.device}: time them on one "
+                              "device")
+    if x.device.type == "cpu":
+        steady_allocator()
+    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
     times: dict[str, list[float]] = {name: [] for name in models}
     with torch.inference_mode():
         for i in range(warmup + repeats):
             for name, model in models.items():
+                sync()
                 start = time.perf_counter()
                 model(x)
+                sync()
                 if i >= warmup:
                     times[name].append((time.perf_counter() - start) * 1e3)
     return {name: statistics.median(t) for name, t in times.items()}
@@ -72,7 +83,10 @@ def paired_timing(models: dict[str, nn.Module], x: torch.Tensor, reference: str 
 
 
 def latency_report(masked_model: nn.Module, meta: dict[str, Any], batch_size: int = 64, repeats: int = 50,
-                   threads: int | None = None, passes: int = 3) -> dict[str, Any]:
+                   threads: int | None = None, passes: int = 3, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Dense against exported on ``device``: the latency table (measured there, cached) and the paired timing
+    of the two models there. ``threads`` applies to the CPU's share of the work."""
+    device = torch.device(device)
     previous_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -80,14 +94,15 @@ def latency_report(masked_model: nn.Module, meta: dict[str, Any], batch_size: in
         shape = input_shape(meta)
         example = trace_inputs(meta)
         dense = build_model(meta).eval()
-        exported, structure = export_masked_model(copy.deepcopy(masked_model).eval(), example)
+        exported, structure = export_masked_model(copy.deepcopy(masked_model).cpu().eval(), example)
         exported.eval()
         shapes = layer_shapes(dense, example)
-        table = LatencyTable(shapes, batch_size=batch_size)
+        table = LatencyTable(shapes, device=device, batch_size=batch_size)
         predicted = {name: predicted_cost(table, model) for name, model in (("dense", dense), ("exported", exported))}
         table.save()
-        measured = paired_timing({"dense": dense, "exported": exported}, example_inputs(meta, batch_size, seed=0),
-                                 passes=passes, repeats=repeats)
+        x = example_inputs(meta, batch_size, seed=0).to(device)
+        on_device = {"dense": copy.deepcopy(dense).to(device), "exported": copy.deepcopy(exported).to(device)}
+        measured = paired_timing(on_device, x, passes=passes, repeats=repeats)
         rows = {}
         for name, model in (("dense", dense), ("exported", exported)):
             macs = sum(layer_macs(model, shape, None if example.is_floating_point() else example.dtype).values())
@@ -97,11 +112,11 @@ def latency_report(masked_model: nn.Module, meta: dict[str, Any], batch_size: in
         speedup = measured["exported"]["speedup"]
         return {"model": meta["model"], "batch_size": batch_size, "repeats": repeats, "passes": passes,
                 "pass_speedups": measured["exported"]["pass_speedups"],
-                "threads": torch.get_num_threads(), "device": device_key("cpu", batch_size), **rows,
+                "threads": torch.get_num_threads(), "device": device_key(device, batch_size), **rows,
                 "macs_reduction": macs_reduction, "measured_speedup": speedup,
                 "predicted_speedup": rows["dense"]["predicted_ms"] / rows["exported"]["predicted_ms"],
                 "speedup_over_macs_reduction": speedup / macs_reduction, "kept": structure["kept"],
-                "environment": environment()}
+                "environment": environment(device)}
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -137,19 +152,25 @@ def time_onnx(models: dict[str, nn.Module], x: torch.Tensor, repeats: int = 50, 
 
 
 def deployment_latency(masked_model: nn.Module, meta: dict[str, Any], batch_sizes=(1, 64, 256), repeats: int = 50,
-                       threads: int | None = None, onnx: bool = True) -> dict[str, Any]:
-    """Dense against exported where users deploy: at every batch size, under PyTorch and (with ``onnx``) under
-    ONNX Runtime, each pair timed interleaved on the same seeded inputs. Returns per backend and batch size the
-    two medians and the speed-up."""
+                       threads: int | None = None, onnx: bool = True, device: torch.device | str = "cpu"
+                       ) -> dict[str, Any]:
+    """Dense against exported where users deploy: at every batch size, under PyTorch on ``device`` and (with
+    ``onnx``) under ONNX Runtime's CPU provider, each pair timed interleaved on the same seeded inputs. Returns per
+    backend and batch size the two medians and the speed-up."""
+    device = torch.device(device)
+    if onnx and device.type != "cpu":
+        raise ConfigError(f"ONNX Runtime is timed on its CPU provider only; on {device} time PyTorch alone "
+                          "(onnx=False, --no-onnx)")
     previous_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
         dense = build_model(meta).eval()
-        exported, _ = export_masked_model(copy.deepcopy(masked_model).eval(), trace_inputs(meta))
+        exported, _ = export_masked_model(copy.deepcopy(masked_model).cpu().eval(), trace_inputs(meta))
         models = {"dense": dense, "exported": exported.eval()}
+        on_device = {name: copy.deepcopy(m).to(device) for name, m in models.items()}
         results: dict[str, Any] = {}
-        backends = {"pytorch": lambda x: time_models(models, x, repeats)}
+        backends = {"pytorch": lambda x: time_models(on_device, x.to(device), repeats)}
         if onnx:
             backends["onnxruntime"] = lambda x: time_onnx(models, x, repeats, threads=threads)
         for backend, timer in backends.items():
@@ -158,8 +179,8 @@ def deployment_latency(masked_model: nn.Module, meta: dict[str, Any], batch_size
                 results.setdefault(backend, {})[str(batch)] = {
                     "dense_ms": measured["dense"], "exported_ms": measured["exported"],
                     "speedup": measured["dense"] / measured["exported"]}
-        return {"model": meta["model"], "batch_sizes": list(batch_sizes), "repeats": repeats,
-                "threads": threads or previous_threads, **results, "environment": environment()}
+        return {"model": meta["model"], "batch_sizes": list(batch_sizes), "repeats": repeats, "device": str(device),
+                "threads": threads or previous_threads, **results, "environment": environment(device)}
     finally:
         torch.set_num_threads(previous_threads)
 
