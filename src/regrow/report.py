@@ -84,7 +84,8 @@ def format_report(summary: dict[str, Any]) -> str:
     if summary.get("total_train_flops_ratio") is not None:
         lines.append(f"with pretraining {summary['total_train_flops_ratio']:.3f}× dense training FLOPs in total "
                      f"(the dense model it started from: {summary['pretrain']['path']})")
-    if dead and any(layer["dead_outputs"] or layer["dead_inputs"] for layer in summary["layers"]):
+    # (channel pruning removes whole units on purpose: its kept channels are listed above instead)
+    if dead and not channels and any(layer["dead_outputs"] or layer["dead_inputs"] for layer in summary["layers"]):
         lines.append("dead units      " + dead_units_line(summary["layers"]))
     lines += mask_metric_lines(summary.get("mask_metrics") or {})
     if summary.get("calibration"):  # a post-training run (regrow pts)
