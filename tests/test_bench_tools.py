@@ -241,3 +241,21 @@ def test_channels_runs_everything_on_one_device_and_refuses_one_this_machine_lac
     with pytest.raises(ConfigError, match="no usable CUDA GPU"):
         bench_channels.parse(["--quick", "--device", "cuda"])
 
+
+
+def test_a_bench_scripts_bad_input_is_one_line_and_exit_2_before_any_run_folder(bench_unstructured, monkeypatch,
+                                                                                 capsys, tmp_path):
+    import runner
+    import torch
+
+    from regrow.errors import ConfigError
+
+    def bad():
+        raise ConfigError("first line\n  second line")
+    assert runner.script_main(bad) == 2
+    assert capsys.readouterr().err.strip().endswith("error: first line second line")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(runner, "RESULTS", tmp_path / "results")
+    with pytest.raises(ConfigError, match="no usable CUDA GPU"):
+        runner.run_grid("grid-test", bench_unstructured.grid(unstructured_args(device="cuda", only=["dense-seed0"])))
+    assert not (tmp_path / "results").exists()  # refused before any folder was made
