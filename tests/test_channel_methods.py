@@ -410,3 +410,33 @@ def test_a_layer_run_several_times_is_priced_for_every_run_and_one_of_varying_si
         assert cost(name, *widths[name]) * 1e6 == pytest.approx(macs[name]), name
     with pytest.raises(ConfigError, match="block.0 runs on inputs of different sizes"):
         layer_shapes(SharedBlock(sizes=(16, 8)), torch.zeros(1, 1, 16, 16))
+
+
+def test_epilogues_record_the_batchnorm_and_activation_on_a_layers_output_and_time_them_with_it():
+    from regrow.channels.costs import _layer_and_input
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.bn_a, self.act = nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.ReLU6(inplace=True)
+            self.b, self.bn_b = nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8)
+            self.c = nn.Conv2d(8, 8, 1)  # its output goes to an add first: no epilogue
+            self.relu = nn.ReLU()
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, x):
+            x = self.act(self.bn_a(self.a(x)))
+            y = self.bn_b(self.b(x))
+            z = self.relu(self.c(y) + y)
+            return self.fc(z.mean((2, 3)))
+
+    model = Block()
+    bare = layer_shapes(model, torch.zeros(1, 1, 12, 12))
+    shapes = layer_shapes(model, torch.zeros(1, 1, 12, 12), epilogues=True)
+    assert {n: s.epilogue for n, s in shapes.items()} == {"a": ("BatchNorm", "ReLU6"), "b": ("BatchNorm",),
+                                                         "c": (), "fc": ()}
+    assert all(s.epilogue == () for s in bare.values())
+    assert shapes["c"].key() == bare["c"].key() and shapes["a"].key() != bare["a"].key()  # cached cells stay valid
+    cell, x = _layer_and_input(shapes["a"], 1, 5, batch_size=2)
+    assert [type(m).__name__ for m in cell] == ["Conv2d", "BatchNorm2d", "ReLU6"] and cell(x).shape == (2, 5, 10, 10)
+    assert isinstance(_layer_and_input(bare["a"], 1, 5, batch_size=2)[0], nn.Conv2d)

@@ -8,6 +8,9 @@ activations and adds, so it is below the measured forward (0.7-0.9 of it for Res
 MobileNetV2, whose BatchNorms and ReLU6s on the expanded maps are a fifth of its time), but those
 passes shrink with the same channels and the sum *scales* with the measured latency: the methods only use ratios
 (the budget is a fraction of dense), and ``bench/latency_fidelity.py`` measures how well they are predicted.
+``layer_shapes(..., epilogues=True)`` records the BatchNorm and activation modules that run on each layer's output,
+and a cell then times the layer with them; the fidelity benchmark predicts with both tables side by side (the
+methods use the bare layers until it shows the epilogues predict better).
 The cache file is keyed by the device (CPU model or CUDA name, thread count, allocator mode), the torch version and
 the batch size; inside, entries are keyed by the layer's shape, so another model, input size
 or device measures anew and nothing stale is reused.
@@ -64,12 +67,18 @@ class LayerShape:
     # functional forward uses): priced at these widths, never pruned
     fixed: tuple[int, int] | None = None
     calls: int = 1  # times one forward runs the layer (a block shared across depth, a siamese branch): cost × calls
+    # the elementwise modules that run on the layer's output right after it, timed with it when recorded
+    # (layer_shapes(..., epilogues=True)): "BatchNorm", then an activation such as "ReLU" or "ReLU6"
+    epilogue: tuple[str, ...] = ()
 
     def key(self) -> str:
         fields = asdict(self)
         del fields["fixed"], fields["calls"]  # a cell is one run at these widths
-        if fields["groups"] == 1:
-            del fields["groups"]  # caches written before grouped convs were costed keep their keys
+        for optional, default in (("groups", 1), ("epilogue", ())):
+            if fields[optional] == default:  # caches written before these existed keep their keys
+                del fields[optional]
+            elif optional == "epilogue":
+                fields[optional] = list(fields[optional])
         return json.dumps(fields, sort_keys=True)
 
     def out_size(self) -> tuple[int, ...]:
@@ -79,13 +88,38 @@ class LayerShape:
                      zip(self.in_size, self.kernel, self.stride, self.padding, self.dilation))
 
 
-def layer_shapes(model: nn.Module, example_inputs: torch.Tensor) -> dict[str, LayerShape]:
+# Elementwise modules a layer's epilogue may hold (with whether they take ``inplace``): what a cell rebuilds.
+EPILOGUE_ACTIVATIONS = {"ReLU": True, "ReLU6": True, "Hardswish": True, "SiLU": True, "GELU": False}
+
+
+def layer_shapes(model: nn.Module, example_inputs: torch.Tensor, epilogues: bool = False) -> dict[str, LayerShape]:
     """The :class:`LayerShape` of every Conv/Linear of ``model`` that runs (one forward pass on
     ``example_inputs``), and of ``nn.MultiheadAttention``'s projections, which it uses functionally
     (:func:`regrow.flops.attention_projections`: its ``out_proj`` under the Linear's name, its q/k/v input
-    projection with ``fixed`` widths)."""
+    projection with ``fixed`` widths). With ``epilogues``, a conv (or a Linear on one row a sample) whose output
+    goes straight into a BatchNorm and/or an activation module records them, so that a latency cell times the
+    layer with them: those passes over the output are part of what the layer's width costs."""
     shapes: dict[str, LayerShape] = {}
     hooks = []
+    produced: dict[int, str] = {}  # id of a tensor -> the layer whose output it is, through its epilogue so far
+    alive: list[torch.Tensor] = []  # keeps those tensors alive during the pass, so that no id is reused
+    tails: dict[str, list[str]] = {}
+
+    def follow(name: str, output: torch.Tensor) -> None:
+        produced[id(output)] = name
+        alive.append(output)
+
+    def record_epilogue(module, inputs, output):
+        owner = produced.get(id(inputs[0]))
+        if owner is None:
+            return
+        tail = tails[owner]
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            if not tail and module.num_features == inputs[0].shape[1]:
+                tail.append("BatchNorm")
+                follow(owner, output)
+        elif not tail or tail == ["BatchNorm"]:
+            tail.append(type(module).__name__)
 
     def add(name: str, shape: LayerShape) -> None:
         seen = shapes.get(name)
@@ -100,6 +134,10 @@ def layer_shapes(model: nn.Module, example_inputs: torch.Tensor) -> dict[str, La
     def record(name):
         def hook(module, inputs, output):
             x = inputs[0]
+            if epilogues and name not in tails and (isinstance(module, nn.Conv2d) or (
+                    isinstance(module, nn.Linear) and x.dim() == 2)):  # the first run's epilogue; a cell is 2-D
+                tails[name] = []
+                follow(name, output)
             if isinstance(module, nn.Linear):
                 rows = x.numel() // x.shape[-1]  # of one sample: its tokens, whatever the layout (batch-first or not)
                 add(name, LayerShape("linear", () if rows == 1 else (rows,), bias=module.bias is not None))
@@ -127,6 +165,9 @@ def layer_shapes(model: nn.Module, example_inputs: torch.Tensor) -> dict[str, La
             hooks.append(module.register_forward_hook(record(name)))
         elif isinstance(module, nn.MultiheadAttention):
             hooks.append(module.register_forward_hook(record_attention(name), with_kwargs=True))
+        elif epilogues and (isinstance(module, nn.modules.batchnorm._BatchNorm)
+                            or type(module).__name__ in EPILOGUE_ACTIVATIONS):
+            hooks.append(module.register_forward_hook(record_epilogue))
     was_training = model.training
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)  # fused encoder layers would run no projection as a module
@@ -139,6 +180,9 @@ def layer_shapes(model: nn.Module, example_inputs: torch.Tensor) -> dict[str, La
         torch.backends.mha.set_fastpath_enabled(fastpath)
         for h in hooks:
             h.remove()
+    for name, tail in tails.items():
+        if tail:
+            shapes[name] = replace(shapes[name], epilogue=tuple(tail))
     return shapes
 
 
@@ -183,15 +227,28 @@ REFERENCE_SHAPE = LayerShape("conv", (16, 16), (3, 3), (1, 1), (1, 1), (1, 1))
 REFERENCE_CHANNELS = 32
 
 
+def _epilogue(shape: LayerShape, c_out: int) -> list[nn.Module]:
+    modules = []
+    for kind in shape.epilogue:
+        if kind == "BatchNorm":
+            modules.append(nn.BatchNorm2d(c_out) if shape.kind == "conv" else nn.BatchNorm1d(c_out))
+        else:
+            inplace = EPILOGUE_ACTIVATIONS[kind]
+            modules.append(getattr(nn, kind)(inplace=True) if inplace else getattr(nn, kind)())
+    return modules
+
+
 def _layer_and_input(shape: LayerShape, c_in: int, c_out: int, batch_size: int) -> tuple[nn.Module, torch.Tensor]:
     if shape.kind == "linear":
-        return nn.Linear(c_in, c_out, bias=shape.bias), torch.randn(batch_size, *shape.in_size, c_in)
-    conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[len(shape.in_size)]
-    groups = c_out if shape.depthwise else shape.groups
-    c_in = c_out if shape.depthwise else c_in
-    layer = conv(c_in, c_out, shape.kernel, shape.stride, shape.padding, shape.dilation, groups=groups,
-                 bias=shape.bias)
-    return layer, torch.randn(batch_size, c_in, *shape.in_size)
+        layer, x = nn.Linear(c_in, c_out, bias=shape.bias), torch.randn(batch_size, *shape.in_size, c_in)
+    else:
+        conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[len(shape.in_size)]
+        groups = c_out if shape.depthwise else shape.groups
+        c_in = c_out if shape.depthwise else c_in
+        layer = conv(c_in, c_out, shape.kernel, shape.stride, shape.padding, shape.dilation, groups=groups,
+                     bias=shape.bias)
+        x = torch.randn(batch_size, c_in, *shape.in_size)
+    return (nn.Sequential(layer, *_epilogue(shape, c_out)) if shape.epilogue else layer), x
 
 
 def time_layer(shape: LayerShape, c_in: int, c_out: int, batch_size: int, device: torch.device | str,
@@ -324,8 +381,9 @@ class LatencyTable:
             self._dirty = False
 
 
-def make_cost_model(kind: str, model: nn.Module, example_inputs: torch.Tensor, **options) -> MacsCost | LatencyTable:
-    shapes = layer_shapes(model, example_inputs)
+def make_cost_model(kind: str, model: nn.Module, example_inputs: torch.Tensor, epilogues: bool = False,
+                    **options) -> MacsCost | LatencyTable:
+    shapes = layer_shapes(model, example_inputs, epilogues=epilogues and kind == "latency")
     if kind == "macs":
         return MacsCost(shapes)
     if kind == "latency":
