@@ -440,3 +440,15 @@ def test_epilogues_record_the_batchnorm_and_activation_on_a_layers_output_and_ti
     cell, x = _layer_and_input(shapes["a"], 1, 5, batch_size=2)
     assert [type(m).__name__ for m in cell] == ["Conv2d", "BatchNorm2d", "ReLU6"] and cell(x).shape == (2, 5, 10, 10)
     assert isinstance(_layer_and_input(bare["a"], 1, 5, batch_size=2)[0], nn.Conv2d)
+
+
+def test_channel_methods_budget_with_epilogue_cells_unless_told_otherwise(tmp_path):
+    def shapes(**options):
+        model = create_model("resnet8")
+        sp = regrow.HALP(model, None, latency_target=0.9, cost="latency", latency_batch=2, cache_dir=tmp_path,
+                         input_shape=(1, 28, 28), prune_first=True, **options)
+        return sp.cost_model.shapes
+    assert shapes()["layer1.0.conv1"].epilogue == ("BatchNorm", "ReLU")
+    assert all(s.epilogue == () for s in shapes(latency_epilogues=False).values())
+    with pytest.raises(ConfigError, match="latency_epilogues"):
+        shapes(latency_epilogues="yes")

@@ -96,7 +96,7 @@ def latency_report(masked_model: nn.Module, meta: dict[str, Any], batch_size: in
         dense = build_model(meta).eval()
         exported, structure = export_masked_model(copy.deepcopy(masked_model).cpu().eval(), example)
         exported.eval()
-        shapes = layer_shapes(dense, example)
+        shapes = layer_shapes(dense, example, epilogues=True)  # the cells the channel methods budget with
         table = LatencyTable(shapes, device=device, batch_size=batch_size)
         predicted = {name: predicted_cost(table, model) for name, model in (("dense", dense), ("exported", exported))}
         table.save()

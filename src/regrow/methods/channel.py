@@ -49,6 +49,9 @@ class ChannelSparsifier(BaseSparsifier):
             Groups regrow cannot prune exactly (a grouped conv, a LayerNorm or unknown layer in them) are left
             whole too, with a warning; ``skipped`` lists every group left whole and why.
         latency_batch: batch size the latency table is measured at (stated with every latency figure).
+        latency_epilogues: time each layer's cells with the BatchNorm and activation modules that run on its output
+            (default True: predicted speed-ups closer to the measured ones on ResNet-20 and MobileNetV2,
+            ``bench/latency_fidelity.py``); False times the bare layers.
         cache_dir: where the latency table is cached (default ``$REGROW_CACHE_DIR`` or ``~/.cache/regrow``).
         resolution: grid steps of the knapsack's budget.
         cost_model: a ready cost model (a callable ``(layer, c_in, c_out) -> cost``), e.g. a shared table.
@@ -61,7 +64,8 @@ class ChannelSparsifier(BaseSparsifier):
                  latency_target: float = 0.5, cost: str = "latency", group_size: int = 4,
                  input_shape: tuple[int, ...] | list[int] | None = None, input_dtype: str = "float",
                  prune_first: bool = False,
-                 exclude_groups: list[str] | str = (), latency_batch: int = 64, cache_dir: str | None = None,
+                 exclude_groups: list[str] | str = (), latency_batch: int = 64, latency_epilogues: bool = True,
+                 cache_dir: str | None = None,
                  resolution: int = 2000, total_steps: int | None = None, seed: int = 0, cost_model=None):
         if not isinstance(latency_target, (int, float)) or not 0.0 < latency_target < 1.0:
             raise ConfigError("latency_target is a fraction of the dense model's cost in (0, 1), "
@@ -104,9 +108,12 @@ class ChannelSparsifier(BaseSparsifier):
         if not self.groups:
             raise ConfigError("the model has no prunable channel group"
                               + (f" ({len(every_group)} left whole: see the warning)" if every_group else ""))
+        if not isinstance(latency_epilogues, bool):
+            raise ConfigError(f"latency_epilogues must be true or false, got {latency_epilogues!r}")
         self.cost_model = cost_model or make_cost_model(
-            cost, model, example, **({"device": param.device, "batch_size": latency_batch, "cache_dir": cache_dir}
-                                     if cost == "latency" else {}))
+            cost, model, example, epilogues=latency_epilogues,
+            **({"device": param.device, "batch_size": latency_batch, "cache_dir": cache_dir}
+               if cost == "latency" else {}))
         modules = dict(model.named_modules())
         self.check_trainable({n: modules[n] for g in self.groups for n, _, _ in g.members
                               if isinstance(modules[n], masking.PRUNABLE_TYPES)})  # before any mask is added
