@@ -9,8 +9,9 @@ MobileNetV2, whose BatchNorms and ReLU6s on the expanded maps are a fifth of its
 passes shrink with the same channels and the sum *scales* with the measured latency: the methods only use ratios
 (the budget is a fraction of dense), and ``bench/latency_fidelity.py`` measures how well they are predicted.
 ``layer_shapes(..., epilogues=True)`` records the BatchNorm and activation modules that run on each layer's output,
-and a cell then times the layer with them: the channel methods' default (``latency_epilogues``), since the
-fidelity benchmark, which predicts with both tables side by side, found them closer to the measured speed-ups.
+and a cell then times the layer with them: the channel methods' default (``latency_epilogues``), since in the
+fidelity benchmark, which predicts with both tables side by side, they lowered the largest errors (the mean about
+the same).
 The cache file is keyed by the device (CPU model or CUDA name, thread count, allocator mode), the torch version and
 the batch size; inside, entries are keyed by the layer's shape, so another model, input size
 or device measures anew and nothing stale is reused.

@@ -50,8 +50,8 @@ class ChannelSparsifier(BaseSparsifier):
             whole too, with a warning; ``skipped`` lists every group left whole and why.
         latency_batch: batch size the latency table is measured at (stated with every latency figure).
         latency_epilogues: time each layer's cells with the BatchNorm and activation modules that run on its output
-            (default True: predicted speed-ups closer to the measured ones on ResNet-20 and MobileNetV2,
-            ``bench/latency_fidelity.py``); False times the bare layers.
+            (default True: in ``bench/latency_fidelity.py`` the largest errors of predicted speed-ups fell on
+            ResNet-20 and MobileNetV2, the mean stayed about the same); False times the bare layers.
         cache_dir: where the latency table is cached (default ``$REGROW_CACHE_DIR`` or ``~/.cache/regrow``).
         resolution: grid steps of the knapsack's budget.
         cost_model: a ready cost model (a callable ``(layer, c_in, c_out) -> cost``), e.g. a shared table.
