@@ -308,7 +308,8 @@ def dead_unit_lines(summaries: dict) -> list[str]:
     method and sparsity: a very sparse layer can be narrower than its shape. Only runs whose summary has them."""
     groups: dict[str, list[tuple[int, int, int]]] = {}
     for run_id, summary in summaries.items():
-        if summary["layers"] and all("dead_outputs" in layer for layer in summary["layers"]):
+        if summary["method"] != "dense" and summary["layers"] and all("dead_outputs" in layer
+                                                                       for layer in summary["layers"]):
             layers = summary["layers"]
             groups.setdefault(group(run_id, summary), []).append(
                 (sum(x["dead_outputs"] for x in layers), sum(x["dead_inputs"] for x in layers),

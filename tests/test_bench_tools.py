@@ -106,13 +106,16 @@ def test_unstructured_equal_flops_epochs_come_from_the_finished_runs(bench_unstr
 
 def test_unstructured_report_counts_dead_units_only_from_runs_that_record_them(bench_unstructured):
     def run(dead_outputs, dead_inputs):
-        return {"layers": [{"shape": [16, 8, 3, 3], "dead_outputs": dead_outputs, "dead_inputs": dead_inputs},
+        return {"method": "rigl", "layers": [{"shape": [16, 8, 3, 3], "dead_outputs": dead_outputs,
+                                              "dead_inputs": dead_inputs},
                            {"shape": [10, 16], "dead_outputs": 0, "dead_inputs": 1}]}
     summaries = {"rigl-0.98-seed0": run(4, 2), "rigl-0.98-seed1": run(6, 4),
-                 "set-0.98-seed0": {"layers": [{"shape": [16, 8, 3, 3]}]}}  # an older summary: no count
+                 "set-0.98-seed0": {"method": "set", "layers": [{"shape": [16, 8, 3, 3]}]},  # older: no count
+                 "dense-seed0": {"method": "dense", "layers": [{"shape": [16, 8, 3, 3], "dead_outputs": 0,
+                                                               "dead_inputs": 0}]}}  # no masks: not listed
     lines = bench_unstructured.dead_unit_lines(summaries)
     assert "| rigl-0.98 | 2 | 5.0 (of 26) | 4.0 |" in lines
-    assert not any(line.startswith("| set-0.98") for line in lines)
+    assert not any(line.startswith(("| set-0.98", "| dense")) for line in lines)
     assert bench_unstructured.dead_unit_lines({"set-0.98-seed0": summaries["set-0.98-seed0"]}) == []
 
 
