@@ -452,3 +452,21 @@ def test_channel_methods_budget_with_epilogue_cells_unless_told_otherwise(tmp_pa
     assert all(s.epilogue == () for s in shapes(latency_epilogues=False).values())
     with pytest.raises(ConfigError, match="latency_epilogues"):
         shapes(latency_epilogues="yes")
+
+
+def test_a_run_resumes_only_with_the_latency_cells_it_was_priced_by(tmp_path):
+    from regrow import checkpoint
+    from regrow.errors import CheckpointError
+
+    def halp(**options):
+        return regrow.HALP(create_model("resnet8"), None, latency_target=0.9, cost="latency", latency_batch=2,
+                           cache_dir=tmp_path, input_shape=(1, 28, 28), prune_first=True, **options)
+    checkpoint.save(tmp_path / "sp.safetensors", {"sp": halp(latency_epilogues=False).state_dict()}, {})
+    bare, _ = checkpoint.load(tmp_path / "sp.safetensors")
+    halp(latency_epilogues=False).load_state_dict(bare["sp"])
+    with pytest.raises(CheckpointError, match="latency_epilogues=false"):
+        halp().load_state_dict(bare["sp"])
+    before_the_option = {k: v for k, v in bare["sp"].items() if k != "latency_epilogues"}  # priced by bare layers
+    with pytest.raises(CheckpointError, match="latency_epilogues=false"):
+        halp().load_state_dict(before_the_option)
+    halp().load_state_dict(halp().state_dict())

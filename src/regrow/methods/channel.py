@@ -27,7 +27,7 @@ from ..channels.budget import ChannelBudget
 from ..channels.costs import COSTS, make_cost_model
 from ..channels.groups import ChannelMasks, channel_groups
 from ..criteria import channel_taylor
-from ..errors import ConfigError, unknown
+from ..errors import CheckpointError, ConfigError, unknown
 from ..schedules import check_schedule, exponential_path
 from .base import BaseSparsifier
 from .iee import IEECycle
@@ -110,6 +110,8 @@ class ChannelSparsifier(BaseSparsifier):
                               + (f" ({len(every_group)} left whole: see the warning)" if every_group else ""))
         if not isinstance(latency_epilogues, bool):
             raise ConfigError(f"latency_epilogues must be true or false, got {latency_epilogues!r}")
+        # what prices the budget, for resume: cells with or without epilogues when this sparsifier built its table
+        self.latency_epilogues = latency_epilogues if cost == "latency" and cost_model is None else None
         self.cost_model = cost_model or make_cost_model(
             cost, model, example, epilogues=latency_epilogues,
             **({"device": param.device, "batch_size": latency_batch, "cache_dir": cache_dir}
@@ -209,10 +211,17 @@ class ChannelSparsifier(BaseSparsifier):
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state.update(keep=self.channels.state_dict(), importance=list(self.importance),
-                     importance_steps=self.importance_steps)
+                     importance_steps=self.importance_steps, latency_epilogues=self.latency_epilogues)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        # A run's budget is priced by one kind of latency cell from start to end; state saved before the option
+        # existed was priced by bare layers.
+        saved = state.get("latency_epilogues", False if self.latency_epilogues is not None else None)
+        if self.latency_epilogues is not None and saved is not None and saved != self.latency_epilogues:
+            raise CheckpointError(f"this run's latency cells were {'with' if saved else 'without'} the BatchNorm and "
+                                  "activation of each layer; resume it with latency_epilogues="
+                                  f"{str(saved).lower()} (--opt latency_epilogues={str(saved).lower()})")
         super().load_state_dict(state)
         self.channels.load_state_dict(state["keep"])
         self.importance = [t.clone() for t in state["importance"]]
