@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import regrow
+from conftest import train_on
 from regrow import masking
 from regrow.posttraining import PTSConfig, run_pts
 from regrow.training import TrainConfig, build_trainer
@@ -32,16 +33,6 @@ def train(tmp_path, model, method, options, sparsity=0.8, **kw):
                          method_options=options, **kw)
     trainer = build_trainer(config, tmp_path / method)
     return trainer, trainer.run()
-
-
-def loop(model, optimizer, sp, batches):
-    """Our own training loop over ``(inputs, labels)`` batches, ``sp.step()`` after every optimizer step."""
-    for x, y in batches:
-        loss = nn.functional.cross_entropy(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        sp.step()
 
 
 def images(g, steps, channels, size, classes):
@@ -93,7 +84,7 @@ def test_timm_convnext_trains_sparse():
     model = timm_convnext_atto(in_channels=3, num_classes=4)  # downsamples 32×: 32×32 inputs
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     sp = regrow.RigL(model, optimizer, sparsity=0.8, interval=2, total_steps=8)
-    loop(model, optimizer, sp, images(torch.Generator().manual_seed(0), 8, 3, 32, 4))
+    train_on(model, optimizer, sp, images(torch.Generator().manual_seed(0), 8, 3, 32, 4))
     assert len(sp.history) >= 2 and sp.actual_sparsity() == pytest.approx(0.8, abs=2e-3)
     assert any(m.groups == m.in_channels > 1 for m in sp.layers.values() if isinstance(m, nn.Conv2d))  # depthwise
 
@@ -110,7 +101,7 @@ def test_hugging_face_bert_from_config_trains_sparse(method, options):
                        **options)
     g = torch.Generator().manual_seed(0)
     ids = [torch.randint(1, 60, (16, 12), generator=g) for _ in range(24)]
-    loop(model, optimizer, sp, [(x, x[:, 0] % 3) for x in ids])
+    train_on(model, optimizer, sp, [(x, x[:, 0] % 3) for x in ids])
     assert len(sp.history) >= 2 and sp.actual_sparsity() == pytest.approx(0.8, abs=2e-3)
     assert "model.bert.encoder.layer.0.attention.self.query" in sp.layers
     for name, module in sp.layers.items():
@@ -135,7 +126,7 @@ def test_vit_channel_pruning_prunes_whole_heads_and_exports_exactly(tmp_path):
     assert {g.root for g in sp.groups} == {f"blocks.{i}.{part}" for i in range(12) for part in ("mlp.fc1", "attn")}
     assert all(g.size == 3 and g.unit == "head" for g in sp.groups if g.root.endswith("attn"))
     g = torch.Generator().manual_seed(0)
-    loop(model, optimizer, sp, images(g, 8, 1, 16, 4))
+    train_on(model, optimizer, sp, images(g, 8, 1, 16, 4))
     assert len(sp.history) == 3 and sp.history[-1]["dropped_channels"] > 0
     heads = {g.root: int(k.sum()) for g, k in zip(sp.groups, sp.channels.keep) if g.unit == "head"}
     assert min(heads.values()) < 3
@@ -177,8 +168,8 @@ def test_bert_channel_pruning_prunes_whole_heads_and_exports_exactly():
                      **{layer.format(i) + "intermediate.dense": "channel" for i in range(2)},
                      "model.bert.pooler.dense": "channel"}
     g = torch.Generator().manual_seed(0)
-    loop(model, optimizer, sp, [(torch.randint(1, 1000, (8, 12), generator=g), torch.randint(0, 3, (8,), generator=g))
-                                for _ in range(8)])
+    train_on(model, optimizer, sp, [(torch.randint(1, 1000, (8, 12), generator=g),
+                                     torch.randint(0, 3, (8,), generator=g)) for _ in range(8)])
     kept = {g.root: int(k.sum()) for g, k in zip(sp.groups, sp.channels.keep) if g.unit == "head"}
     assert min(kept.values()) == 1
     x = torch.randint(1, 1000, (4, 12), generator=g)
