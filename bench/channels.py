@@ -43,7 +43,7 @@ from runner import RESULTS, commit, figure, mean_std, run_grid, script_main, sty
 
 from regrow import checkpoint
 from regrow.data import batches_per_epoch, get_batch, load_dataset
-from regrow.env import resolve_device
+from regrow.env import resolve_device, synchronize
 from regrow.flops import forward_flops, layer_macs
 from regrow.latency_report import deployment_latency, latency_report, paired_timing
 from regrow.methods.channel import HALP
@@ -141,7 +141,6 @@ def step_seconds(args, steps: int = 10) -> float:
     torch.set_num_threads(1)
     model = create_model(args.model).to(args.device)
     x, y = torch.randn(128, 1, 28, 28, device=args.device), torch.randint(0, 10, (128,), device=args.device)
-    sync = torch.cuda.synchronize if torch.device(args.device).type == "cuda" else (lambda: None)
     if args.channels_last:
         model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -149,14 +148,14 @@ def step_seconds(args, steps: int = 10) -> float:
                       prune_every=10 * steps, prune_steps=1, **channel_options(args))  # no pruning while timed
     times = []
     for i in range(steps + 3):
-        sync()
+        synchronize(x.device)
         start = time.perf_counter()
         loss = F.cross_entropy(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         sparsifier.step()
-        sync()
+        synchronize(x.device)
         if i >= 3:  # warm-up
             times.append(time.perf_counter() - start)
     torch.set_num_threads(threads)

@@ -35,7 +35,7 @@ from runner import RESULTS, ROOT, commit, script_main
 
 from regrow import masking, methods
 from regrow.checkpoint import write_json
-from regrow.env import resolve_device
+from regrow.env import resolve_device, synchronize
 from regrow.models import create_model
 from regrow.training import environment
 
@@ -63,12 +63,6 @@ def step(model, optimizer, sp, x, y) -> float:
     sp.step()
     synchronize(x.device)
     return time.perf_counter() - start
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for the GPU's queued work (a CUDA step returns before its kernels finish): timings bracket the work."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def time_block(model, optimizer, sp, batches) -> list[float]:

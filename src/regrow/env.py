@@ -19,6 +19,15 @@ from .errors import ConfigError
 DEVICES = ("auto", "cpu", "cuda")
 
 
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the work queued on ``device`` (CUDA kernels run asynchronously: a timing taken without this times
+    their launch, not their work); nothing to wait for on the CPU."""
+    if not isinstance(device, torch.device):  # timing loops pass a torch.device: no conversion inside the clock
+        device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` is CUDA when a GPU is usable, else the CPU; ``cuda`` (or ``cuda:N``) without one is an error."""
     if name == "auto":

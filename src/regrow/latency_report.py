@@ -14,7 +14,7 @@ from torch import nn
 
 from .artifacts import build_model, example_inputs, input_shape, trace_inputs
 from .channels.costs import LatencyTable, device_key, fixed_widths, layer_shapes
-from .env import environment, steady_allocator
+from .env import environment, steady_allocator, synchronize
 from .errors import ConfigError
 from .export import count_parameters, export_masked_model
 from .flops import layer_macs
@@ -51,15 +51,14 @@ def time_models(models: dict[str, nn.Module], x: torch.Tensor, repeats: int = 50
                               "device")
     if x.device.type == "cpu":
         steady_allocator()
-    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
     times: dict[str, list[float]] = {name: [] for name in models}
     with torch.inference_mode():
         for i in range(warmup + repeats):
             for name, model in models.items():
-                sync()
+                synchronize(x.device)
                 start = time.perf_counter()
                 model(x)
-                sync()
+                synchronize(x.device)
                 if i >= warmup:
                     times[name].append((time.perf_counter() - start) * 1e3)
     return {name: statistics.median(t) for name, t in times.items()}
@@ -101,8 +100,8 @@ def latency_report(masked_model: nn.Module, meta: dict[str, Any], batch_size: in
         predicted = {name: predicted_cost(table, model) for name, model in (("dense", dense), ("exported", exported))}
         table.save()
         x = example_inputs(meta, batch_size, seed=0).to(device)
-        on_device = {"dense": copy.deepcopy(dense).to(device), "exported": copy.deepcopy(exported).to(device)}
-        measured = paired_timing(on_device, x, passes=passes, repeats=repeats)
+        measured = paired_timing({"dense": dense.to(device), "exported": exported.to(device)}, x, passes=passes,
+                                 repeats=repeats)
         rows = {}
         for name, model in (("dense", dense), ("exported", exported)):
             macs = sum(layer_macs(model, shape, None if example.is_floating_point() else example.dtype).values())
@@ -167,10 +166,10 @@ def deployment_latency(masked_model: nn.Module, meta: dict[str, Any], batch_size
     try:
         dense = build_model(meta).eval()
         exported, _ = export_masked_model(copy.deepcopy(masked_model).cpu().eval(), trace_inputs(meta))
-        models = {"dense": dense, "exported": exported.eval()}
-        on_device = {name: copy.deepcopy(m).to(device) for name, m in models.items()}
+        # ONNX Runtime is timed only when the device is the CPU, so the models can live on the device
+        models = {"dense": dense.to(device), "exported": exported.eval().to(device)}
         results: dict[str, Any] = {}
-        backends = {"pytorch": lambda x: time_models(on_device, x.to(device), repeats)}
+        backends = {"pytorch": lambda x: time_models(models, x.to(device), repeats)}
         if onnx:
             backends["onnxruntime"] = lambda x: time_onnx(models, x, repeats, threads=threads)
         for backend, timer in backends.items():

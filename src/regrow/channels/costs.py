@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import write_json
-from ..env import cpu_name, steady_allocator
+from ..env import cpu_name, steady_allocator, synchronize
 from ..errors import ConfigError
 from ..flops import attention_projections
 
@@ -78,8 +78,6 @@ class LayerShape:
         for optional, default in (("groups", 1), ("epilogue", ())):
             if fields[optional] == default:  # caches written before these existed keep their keys
                 del fields[optional]
-            elif optional == "epilogue":
-                fields[optional] = list(fields[optional])
         return json.dumps(fields, sort_keys=True)
 
     def out_size(self) -> tuple[int, ...]:
@@ -268,16 +266,15 @@ def time_layer(shape: LayerShape, c_in: int, c_out: int, batch_size: int, device
     if reference_ms is not None:
         runs.append(_layer_and_input(REFERENCE_SHAPE, REFERENCE_CHANNELS, REFERENCE_CHANNELS, batch_size))
     runs = [(layer.to(device).eval(), x.to(device)) for layer, x in runs]
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times: list[list[float]] = [[] for _ in runs]
     with torch.inference_mode():
         for i in range(warmup + repeats):
             for (layer, x), t in zip(runs, times):
                 layer(x)  # untimed: the timed run finds its weights and input in cache, as inside a network
-                sync()
+                synchronize(device)
                 start = time.perf_counter()
                 layer(x)
-                sync()
+                synchronize(device)
                 if i >= warmup:
                     t.append((time.perf_counter() - start) * 1e3)
     if reference_ms is None:
