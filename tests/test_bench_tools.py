@@ -91,6 +91,10 @@ def test_unstructured_grid_is_paired_and_in_the_long_regime(bench_unstructured, 
     conv = module.grid(unstructured_args(model="resnet8", investigate=True, only=["iee-zero-bn-*"]))
     assert sorted(conv) == [f"iee-zero-bn-0.95-seed{s}" for s in range(3)]  # BatchNorm: conv nets only
     assert conv["iee-zero-bn-0.95-seed0"].method_options["freeze_bn"] is False
+    both = module.grid(unstructured_args(model="resnet8", investigate=True, only=["iee-zero-no-freeze-*"]))
+    assert sorted(both) == [f"iee-zero-no-freeze-0.95-seed{s}" for s in range(3)]
+    options = both["iee-zero-no-freeze-0.95-seed0"].method_options
+    assert options["never_active"] == "zero" and options["freeze_active"] is False
     assert not module.grid(unstructured_args(investigate=True, only=["iee-zero-bn-*"]))
 
 
