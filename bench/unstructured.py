@@ -302,8 +302,44 @@ def report(rows: dict, summaries: dict, args) -> str:
                              f"{diff_cell(paired(summaries, key, f'rigl-{k}'))} | "
                              f"{diff_cell(paired(summaries, key, f'{rigl100}-{k}'))} | "
                              f"{rows[key]['train_flops_ratio']:.3f} | {pct(m.get('readmitted'))} |")
+    lines += fit_lines(rows, summaries, args)
     lines += dead_unit_lines(summaries)
     return "\n".join(lines)
+
+
+def last_epoch_train_loss(args, run_id: str) -> float | None:
+    """Mean of the training losses the run logged in its last epoch (the sparse network's; exploration's loss is
+    logged apart), or None where its metrics are missing."""
+    path = RESULTS / "runs" / grid_name(args) / run_id / "metrics.jsonl"
+    if not path.exists():
+        return None
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    losses = [(r["epoch"], r["loss"]) for r in records if r.get("loss") is not None and "epoch" in r]
+    if not losses:
+        return None
+    last = max(epoch for epoch, _ in losses)
+    return statistics.fmean(loss for epoch, loss in losses if epoch == last)
+
+
+def fit_lines(rows: dict, summaries: dict, args) -> list[str]:
+    """Training against test loss at the end, per group: a network that fits its training data no better than
+    its test data is limited by capacity (its mask), not by over-fitting, so accuracy differences there are
+    differences in how well each sparse network can fit."""
+    table = []
+    for key in rows:
+        pairs = [(last_epoch_train_loss(args, run_id), s["test_loss"]) for run_id, s in summaries.items()
+                 if group(run_id, s) == key]
+        pairs = [(train, test) for train, test in pairs if train is not None]
+        if not pairs:
+            continue
+        train, test = statistics.fmean(p[0] for p in pairs), statistics.fmean(p[1] for p in pairs)
+        table.append(f"| {key} | {train:.4f} | {test:.4f} | {test - train:+.4f} | {len(pairs)} |")
+    if not table:
+        return []
+    return ["", "## Fit at the end", "",
+            "Training loss of the last epoch (mean of the logged values, the sparse network's, on the augmented "
+            "batches where the grid augments) against the test loss after it, mean over seeds.", "",
+            "| run | training loss | test loss | test − training | seeds |", "|---|---|---|---|---|", *table]
 
 
 def dead_unit_lines(summaries: dict) -> list[str]:

@@ -1,5 +1,6 @@
 """The benchmark scripts' own machinery: the post-training grid's plan and the worker pool's lifetime."""
 
+import json
 import os
 import signal
 import subprocess
@@ -121,6 +122,28 @@ def test_unstructured_report_counts_dead_units_only_from_runs_that_record_them(b
     assert "| rigl-0.98 | 2 | 5.0 (of 26) | 4.0 |" in lines
     assert not any(line.startswith(("| set-0.98", "| dense")) for line in lines)
     assert bench_unstructured.dead_unit_lines({"set-0.98-seed0": summaries["set-0.98-seed0"]}) == []
+
+
+def test_unstructured_report_sets_training_loss_of_the_last_epoch_against_test_loss(bench_unstructured, monkeypatch,
+                                                                                      tmp_path):
+    monkeypatch.setattr(bench_unstructured, "RESULTS", tmp_path)
+    args = unstructured_args()
+    logs = {"rigl-0.95-seed0": [(0, 0.9), (1, 0.3), (1, 0.5), (1, None)],  # None: an interval all exploration
+            "rigl-0.95-seed1": [(0, 0.8), (1, 0.2)]}
+    for run_id, records in logs.items():
+        folder = tmp_path / "runs" / "unstructured-test" / run_id
+        folder.mkdir(parents=True)
+        lines = [json.dumps({"step": i, "epoch": e, "loss": loss}) for i, (e, loss) in enumerate(records)]
+        lines.append(json.dumps({"step": 99, "epoch": 1, "test_accuracy": 0.9, "test_loss": 0.5}))
+        (folder / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    assert bench_unstructured.last_epoch_train_loss(args, "rigl-0.95-seed0") == pytest.approx(0.4)
+    assert bench_unstructured.last_epoch_train_loss(args, "rigl-0.95-seed9") is None
+    summaries = {"rigl-0.95-seed0": {"seed": 0, "test_loss": 0.45}, "rigl-0.95-seed1": {"seed": 1, "test_loss": 0.35},
+                 "set-0.95-seed0": {"seed": 0, "test_loss": 0.5}}  # no metrics: left out
+    lines = bench_unstructured.fit_lines({"rigl-0.95": {}, "set-0.95": {}}, summaries, args)
+    assert "| rigl-0.95 | 0.3000 | 0.4000 | +0.1000 | 2 |" in lines
+    assert not any(line.startswith("| set-0.95") for line in lines)
+    assert bench_unstructured.fit_lines({"set-0.95": {}}, summaries, args) == []
 
 
 @pytest.fixture
