@@ -34,7 +34,9 @@ from regrow.errors import RegrowError  # noqa: E402
 from regrow.training import CHECKPOINT, SUMMARY, TrainConfig, build_trainer, environment  # noqa: E402
 
 # Every bench script works from the repository root and names files relative to it, so the paths that runs record
-# (a teacher checkpoint, a pretrained model) are the same on every machine.
+# (a teacher checkpoint, a pretrained model) are the same on every machine. A path the user typed is relative to
+# where the script was started: resolve it against INVOKED_FROM.
+INVOKED_FROM = Path.cwd()
 os.chdir(ROOT)
 RESULTS = Path("bench") / "results"
 COMMIT = "commit.txt"

@@ -146,6 +146,37 @@ def test_unstructured_report_sets_training_loss_of_the_last_epoch_against_test_l
     assert bench_unstructured.fit_lines({"set-0.95": {}}, summaries, args) == []
 
 
+def test_explored_share_splits_each_layer_into_what_active_and_explored_units_compute(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import explored_share
+
+    from regrow.cli import main as regrow_main
+    from regrow.errors import RegrowError
+
+    def train(name, *extra):
+        out = tmp_path / name
+        assert regrow_main(["train", "--model", "mlp", "--dataset", "synthetic", "--batch-size", "16", "--max-steps",
+                            "12", "--no-progress", "--device", "cpu", "--out", str(out),
+                            *extra]) == 0
+        return out
+
+    iee = ["--method", "iee", "--sparsity", "0.9",
+           "--opt", "estimate_steps=2", "--opt", "improve_steps=2", "--opt", "explore_steps=2"]
+    init = explored_share.measure(train("init", *iee), batches=2, batch_size=16, data_dir=None)
+    zero = explored_share.measure(train("zero", *iee, "--opt", "never_active=zero"), 2, 16, None)
+    assert init["masked_sparsity"] == pytest.approx(0.9, abs=0.02) and init["samples"] == 32
+    for result in (init, zero):
+        for layer in result["layers"]:
+            if layer["density"] < 1:  # a layer the allocation keeps dense explores nothing
+                assert layer["explored_over_active"] > 0
+    # never-active units at their initial values add far more to the exploring network than units explored from 0
+    first = init["layers"][0]
+    assert first["mean_abs_inactive"] > 5 * zero["layers"][0]["mean_abs_inactive"]
+    assert first["explored_over_active"] > zero["layers"][0]["explored_over_active"]
+    with pytest.raises(RegrowError, match="no masked layer"):
+        explored_share.measure(train("dense", "--method", "dense"), 1, 16, None)
+
+
 @pytest.fixture
 def bench_channels(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
