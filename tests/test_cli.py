@@ -111,6 +111,19 @@ def test_iee_from_the_cli_with_options_and_mask_metrics(tmp_path, capsys):
     assert "iee: " in help_text and "explore_steps=50" in help_text
 
 
+def test_threads_sets_torchs_threads_for_the_run_and_stays_out_of_the_recipe(tmp_path, capsys):
+    before = torch.get_num_threads()
+    try:
+        out = tmp_path / "run"
+        assert main(["train", "--model", "mlp", "--dataset", "synthetic", "--max-steps", "2", "--no-progress",
+                     "--threads", "1", "--out", str(out)]) == 0
+        assert torch.get_num_threads() == 1
+        assert json.loads((out / "summary.json").read_text())["environment"]["threads"] == 1
+        assert "threads" not in (out / "recipe.yaml").read_text()  # how to run it, not what the run is
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_sparsity_defaults_to_what_the_structure_fixes(tmp_path):
     def sparsity(*args):
         return _config_from(build_parser().parse_args(["train", *args, "--out", str(tmp_path / "x")])).sparsity

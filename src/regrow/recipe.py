@@ -18,7 +18,7 @@ from .artifacts import RECIPE  # noqa: F401  (the file name, re-exported)
 from .checkpoint import atomic_write
 from .errors import ConfigError
 
-NOT_IN_RECIPES = {"out", "resume", "overwrite", "recipe", "no_progress", "command"}
+NOT_IN_RECIPES = {"out", "resume", "overwrite", "recipe", "no_progress", "command", "threads"}
 _HEADER = "# regrow train --recipe this-file --out FOLDER repeats the run that wrote it\n"
 
 
