@@ -19,7 +19,8 @@ from .methods import method_options, names
 from .models import MODELS
 
 THREADS_HELP = ("CPU threads for this run (default: torch's, one per core). Use 1 when other jobs share the cores: "
-                "two threads each on two busy cores ran one training 2-40x slower than one thread here")
+                "with both cores of a 2-core machine busy, a training on two threads was measured 2 to 40 times "
+                "slower than on one")
 
 
 def _parse_option(text: str | tuple[str, Any]) -> tuple[str, Any]:
