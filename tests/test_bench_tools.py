@@ -96,6 +96,9 @@ def test_unstructured_grid_is_paired_and_in_the_long_regime(bench_unstructured, 
     assert sorted(both) == [f"iee-zero-no-freeze-0.95-seed{s}" for s in range(3)]
     options = both["iee-zero-no-freeze-0.95-seed0"].method_options
     assert options["never_active"] == "zero" and options["freeze_active"] is False
+    alpha = module.grid(unstructured_args(model="resnet8", investigate=True, only=["iee-zero-alpha0.1-*"]))
+    assert sorted(alpha) == [f"iee-zero-alpha0.1-0.95-seed{s}" for s in range(3)]
+    assert alpha["iee-zero-alpha0.1-0.95-seed2"].method_options["alpha"] == 0.1
     assert not module.grid(unstructured_args(investigate=True, only=["iee-zero-bn-*"]))
 
 
