@@ -221,7 +221,10 @@ def cell(rows: dict, key: str) -> str:
 
 
 def diff_cell(d: dict | None) -> str:
-    return "" if d is None else f"{d['mean']:+.2f} ± {d['se']:.2f} (n={d['n']})"
+    if d is None:
+        return ""
+    spread = f" ± {d['se']:.2f}" if d["n"] > 1 else ""  # one seed has no standard error
+    return f"{d['mean']:+.2f}{spread} (n={d['n']})"
 
 
 def pct(value) -> str:

@@ -149,6 +149,16 @@ def test_unstructured_report_sets_training_loss_of_the_last_epoch_against_test_l
     assert bench_unstructured.fit_lines({"set-0.95": {}}, summaries, args) == []
 
 
+def test_unstructured_paired_differences_show_a_standard_error_only_from_two_seeds(bench_unstructured):
+    summaries = {f"{m}-0.95-seed{s}": {"seed": s, "test_accuracy": acc}
+                 for m, s, acc in (("a", 0, 0.90), ("a", 1, 0.91), ("b", 0, 0.89), ("b", 1, 0.89), ("c", 0, 0.88))}
+    two = bench_unstructured.paired(summaries, "a-0.95", "b-0.95")
+    assert bench_unstructured.diff_cell(two) == "+1.50 ± 0.50 (n=2)"
+    one = bench_unstructured.paired(summaries, "c-0.95", "b-0.95")
+    assert bench_unstructured.diff_cell(one) == "-1.00 (n=1)"
+    assert bench_unstructured.diff_cell(None) == ""
+
+
 def test_explored_share_splits_each_layer_into_what_active_and_explored_units_compute(monkeypatch, tmp_path):
     monkeypatch.syspath_prepend(str(BENCH))
     import explored_share
