@@ -39,9 +39,13 @@ from regrow.training import environment
 
 
 def layer_output(module: torch.nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    if isinstance(module, torch.nn.Conv2d):
-        return F.conv2d(x, weight, None, module.stride, module.padding, module.dilation, module.groups)
-    return F.linear(x, weight)
+    """The layer's output for ``x`` under ``weight``, bias left out; a conv through its own ``_conv_forward``, so
+    every dimension, padding mode, stride and group count is the module's."""
+    if isinstance(module, torch.nn.modules.conv._ConvNd):
+        return module._conv_forward(x, weight, None)
+    if isinstance(module, torch.nn.Linear):
+        return F.linear(x, weight)
+    raise RegrowError(f"cannot split the output of a masked {type(module).__name__}")
 
 
 @torch.no_grad()

@@ -10,6 +10,7 @@ from argparse import Namespace
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
@@ -157,6 +158,21 @@ def test_unstructured_paired_differences_show_a_standard_error_only_from_two_see
     one = bench_unstructured.paired(summaries, "c-0.95", "b-0.95")
     assert bench_unstructured.diff_cell(one) == "-1.00 (n=1)"
     assert bench_unstructured.diff_cell(None) == ""
+
+
+@pytest.mark.parametrize("layer, shape", [
+    (torch.nn.Linear(6, 4), (3, 6)),
+    (torch.nn.Conv1d(4, 6, 3, padding=1, padding_mode="circular"), (2, 4, 9)),
+    (torch.nn.Conv2d(4, 8, 3, stride=2, groups=2), (2, 4, 9, 9)),
+    (torch.nn.Conv3d(2, 3, 3, padding=1, padding_mode="reflect"), (1, 2, 5, 5, 5))])
+def test_explored_share_computes_a_layers_output_as_the_layer_does(monkeypatch, layer, shape):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import explored_share
+
+    x = torch.randn(shape)
+    with torch.no_grad():
+        layer.bias.zero_()  # the split leaves the bias out
+        assert torch.allclose(explored_share.layer_output(layer, x, layer.weight), layer(x), atol=1e-6)
 
 
 def test_explored_share_splits_each_layer_into_what_active_and_explored_units_compute(monkeypatch, tmp_path):
