@@ -35,7 +35,7 @@ from regrow import masking
 from regrow.artifacts import load_model
 from regrow.data import eval_batches, load_dataset
 from regrow.errors import RegrowError
-from regrow.training import environment
+from regrow.training import CHECKPOINT, environment
 
 
 def layer_output(module: torch.nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -48,9 +48,14 @@ def layer_output(module: torch.nn.Module, x: torch.Tensor, weight: torch.Tensor)
     raise RegrowError(f"cannot split the output of a masked {type(module).__name__}")
 
 
+def checkpoint_of(run: Path) -> Path:
+    """A run folder's checkpoint, or the checkpoint file given."""
+    return run / CHECKPOINT if run.is_dir() else run
+
+
 @torch.no_grad()
 def measure(run: Path, batches: int, batch_size: int, data_dir: str | None) -> dict:
-    path = run / "checkpoint.safetensors" if run.is_dir() else run
+    path = checkpoint_of(run)
     model, meta = load_model(path)
     layers = masking.masked_layers(model)
     masks = {name: masking.mask_of(m).bool().clone() for name, m in layers.items()}
@@ -109,7 +114,7 @@ def main(argv=None) -> int:
     p.add_argument("--data-dir", default=None)
     args = p.parse_args(argv)
     typed = {str(r): INVOKED_FROM / r for r in args.runs}  # an absolute path stays as it is
-    missing = [t for t, r in typed.items() if not (r / "checkpoint.safetensors" if r.is_dir() else r).exists()]
+    missing = [t for t, r in typed.items() if not checkpoint_of(r).exists()]
     if missing:
         raise RegrowError(f"no checkpoint in {', '.join(missing)}")
     if args.batches <= 0 or args.batch_size <= 0:

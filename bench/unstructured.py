@@ -33,7 +33,7 @@ import sys
 from runner import RESULTS, aggregate, figure, run_grid, script_main, style, write_results
 
 from regrow.methods.iee import DEFAULT_EXPLORE_LR_SCALE, DEFAULT_NEVER_ACTIVE
-from regrow.training import SUMMARY, TrainConfig
+from regrow.training import METRICS, SUMMARY, TrainConfig
 
 SPARSITIES = (0.9, 0.95, 0.98)
 METHODS = ("static", "set", "rigl", "iee")
@@ -316,7 +316,7 @@ def report(rows: dict, summaries: dict, args) -> str:
 def last_epoch_train_loss(args, run_id: str) -> float | None:
     """Mean of the training losses the run logged in its last epoch (the sparse network's; exploration's loss is
     logged apart), or None where its metrics are missing."""
-    path = RESULTS / "runs" / grid_name(args) / run_id / "metrics.jsonl"
+    path = RESULTS / "runs" / grid_name(args) / run_id / METRICS
     if not path.exists():
         return None
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
