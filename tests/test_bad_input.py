@@ -118,6 +118,7 @@ CASES = [
     (TRAIN + ["--method", "rigl", "--opt", "interval=0"], "interval must be a positive number of steps"),
     (TRAIN + ["--method", "rigl", "--opt", "interval=abc"], "interval must be a positive number of steps"),
     (TRAIN + ["--method", "iee", "--opt", "never_active=random"], "unknown never_active 'random'"),
+    (TRAIN + ["--method", "iee", "--opt", "never_active_scale=2"], "never_active_scale must be in (0, 1], got 2"),
     (TRAIN + ["--method", "iee", "--opt", "explore_lr_scale=0"], "explore_lr_scale must be > 0"),
     (TRAIN + ["--method", "dense", "--sparsity", "1.3"], "--method dense trains without masks"),
     (TRAIN + ["--method", "dense", "--opt", "interval=3"], "--method dense trains without masks"),

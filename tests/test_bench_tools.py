@@ -101,6 +101,11 @@ def test_unstructured_grid_is_paired_and_in_the_long_regime(bench_unstructured, 
     assert sorted(alpha) == [f"iee-zero-alpha0.1-0.95-seed{s}" for s in range(3)]
     assert alpha["iee-zero-alpha0.1-0.95-seed2"].method_options["alpha"] == 0.1
     assert not module.grid(unstructured_args(investigate=True, only=["iee-zero-bn-*"]))
+    for model in ("mlp", "resnet8"):  # the shrunk initial values: every net, at 95 %
+        scaled = module.grid(unstructured_args(model=model, investigate=True, only=["iee-init-scale*"]))
+        assert sorted(scaled) == [f"iee-init-scale{f}-0.95-seed{s}" for f in ("0.1", "0.3") for s in range(3)]
+        options = scaled["iee-init-scale0.3-0.95-seed1"].method_options
+        assert options["never_active"] == "init" and options["never_active_scale"] == 0.3
 
 
 def test_unstructured_equal_flops_epochs_come_from_the_finished_runs(bench_unstructured, monkeypatch):

@@ -163,6 +163,28 @@ def test_iee_never_active_init_keeps_the_initial_values():
         assert torch.equal(masking.raw(m).detach(), initial[f"{name}.weight"])  # masked, not zeroed
 
 
+def test_iee_never_active_scale_shrinks_only_the_never_active_initial_values():
+    torch.manual_seed(0)
+    initial = {n: p.detach().clone() for n, p in TinyNet().named_parameters()}
+    model, optimizer, sp = make("iee", sparsity=0.8, estimate_steps=2, improve_steps=1, explore_steps=2,
+                                never_active="init", never_active_scale=0.25)
+    for name, m in sp.layers.items():
+        mask, weight, start = masking.mask_of(m), masking.raw(m).detach(), initial[f"{name}.weight"]
+        assert not mask.all()
+        assert torch.equal(weight[mask], start[mask])  # the sparse network is the one never_active=init starts
+        assert torch.equal(weight[~mask], start[~mask] * 0.25)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"never_active_scale": 0.0}, r"never_active_scale must be in \(0, 1\]"),
+    ({"never_active_scale": 1.5}, r"never_active_scale must be in \(0, 1\]"),
+    ({"never_active": "zero", "never_active_scale": 0.5}, "with never_active=zero there are none to scale"),
+])
+def test_iee_never_active_scale_refuses_what_it_cannot_mean(options, message):
+    with pytest.raises(ConfigError, match=message):
+        make("iee", sparsity=0.8, estimate_steps=2, improve_steps=1, explore_steps=2, **options)
+
+
 @pytest.mark.parametrize("method", ["rigl", "iee"])
 def test_a_schedule_object_replaces_the_named_update_fraction(method):
     """``schedule`` takes any callable step -> fraction (the named ones are objects too): the method asks it at

@@ -15,11 +15,13 @@ A layer the allocation makes dense (ERK does this to small layers) has no Θ_P: 
 Exploration starts every unit of Θ_P from its most recent value (MRU) with zero optimizer state (pruned entries
 never keep any) and runs the full network forward (counted dense in training FLOPs). A unit that was never active
 holds its initial random value (``never_active="init"``, as in a masked-dense implementation where only the mask
-is applied) or 0 (``"zero"``: the sparse start is W ⊙ M). The explored units move at ``explore_lr_scale`` times the
-current learning rate (a per-entry step scale in the optimizer guard, so the rest of the network, when it trains,
-keeps the full rate). By default everything that is not an explored unit is frozen during exploration, BatchNorm
-affine parameters and running statistics included: they belong to Θ_K. The defaults of ``never_active`` and
-``explore_lr_scale`` were chosen by measurement (README, "IEE").
+is applied) or 0 (``"zero"``: the sparse start is W ⊙ M); between the two, ``never_active_scale`` shrinks the
+initial values of the never-active units by a factor (how far the exploring network departs from the sparse one
+is what separates the two choices; measured: README, "IEE"). The explored units move at ``explore_lr_scale``
+times the current learning rate (a per-entry step scale in the optimizer guard, so the rest of the network, when
+it trains, keeps the full rate). By default everything that is not an explored unit is frozen during
+exploration, BatchNorm affine parameters and running statistics included: they belong to Θ_K. The defaults of
+``never_active`` and ``explore_lr_scale`` were chosen by measurement (README, "IEE").
 
 Ablation switches: ``explore=False`` (the Q steps train Θ_K as usual, growth ranks the stale |w| of Θ_P, which
 with ``never_active="init"`` includes units that were never active), ``freeze_active=False`` (Θ_K, BatchNorm and
@@ -149,6 +151,8 @@ class IEE(IEECycle, Sparsifier):
         ranking: ``layer`` (keeps each layer's density, default) or ``global``.
         start: ``random`` (default) or ``magnitude`` start mask at the allocation's densities.
         never_active: ``init`` (never-active units keep their initial values) or ``zero`` (sparse start W ⊙ M).
+        never_active_scale: with ``init``, the never-active units' initial values times this factor in (0, 1]
+            (1: unchanged). Active units keep their initial values.
         explore_lr_scale: learning-rate factor of the explored units.
         explore, freeze_active, freeze_bn, grow_init: exploration switches and ablations; ``freeze_bn``
             (BatchNorm frozen during exploration) defaults to ``freeze_active``.
@@ -160,7 +164,8 @@ class IEE(IEECycle, Sparsifier):
                  estimate_steps: int = 50, improve_steps: int = 50, explore_steps: int = 50,
                  criterion: str = "magnitude", alpha: float = 0.3, schedule: str = "cosine",
                  t_end: int | float = 0.75, ranking: str = "layer", start: str = "random",
-                 never_active: str = DEFAULT_NEVER_ACTIVE, explore_lr_scale: float = DEFAULT_EXPLORE_LR_SCALE,
+                 never_active: str = DEFAULT_NEVER_ACTIVE, never_active_scale: float = 1.0,
+                 explore_lr_scale: float = DEFAULT_EXPLORE_LR_SCALE,
                  explore: bool = True, freeze_active: bool = True, freeze_bn: bool | None = None,
                  grow_init: str = "mru", **base: Any):
         get_criterion(criterion)
@@ -173,12 +178,17 @@ class IEE(IEECycle, Sparsifier):
             raise unknown("grow_init", grow_init, GROW_INITS)
         if never_active not in NEVER_ACTIVE:
             raise unknown("never_active", never_active, NEVER_ACTIVE)
+        if not 0.0 < never_active_scale <= 1.0:
+            raise ConfigError(f"never_active_scale must be in (0, 1], got {never_active_scale}")
+        if never_active == "zero" and never_active_scale != 1.0:
+            raise ConfigError("never_active_scale scales the initial values of never_active=init; with "
+                              "never_active=zero there are none to scale")
         if not 0.0 < alpha < 1.0:
             raise ConfigError(f"alpha (initial update fraction) must be in (0, 1), got {alpha}")
         if optimizer is None:
             raise ConfigError("IEE needs the optimizer: exploration freezes the active weights through it")
         self.criterion, self.alpha, self.schedule, self.ranking, self.start = criterion, alpha, schedule, ranking, start
-        self.never_active = never_active
+        self.never_active, self.never_active_scale = never_active, never_active_scale
         self.explore, self.freeze_active = explore, freeze_active
         self.freeze_bn = freeze_active if freeze_bn is None else freeze_bn
         self.grow_init = grow_init
@@ -203,6 +213,11 @@ class IEE(IEECycle, Sparsifier):
         else:
             self.select_masks({n: magnitude(masking.raw(m)) for n, m in self.layers.items()}, counts,
                               zero_inactive=zero)
+        if self.never_active_scale != 1.0:
+            with torch.no_grad():
+                for module in self.layers.values():
+                    weight, mask = masking.raw(module), masking.mask_of(module)
+                    weight.copy_(torch.where(mask, weight, weight * self.never_active_scale))
         self._last_masks = self.masks()
 
     # ----- the five stages ---------------------------------------------------------------------------------
