@@ -304,7 +304,7 @@ def report(rows: dict, summaries: dict, args) -> str:
         rigl100 = f"rigl-interval{PAPER_RIGL_INTERVAL}"
         lines += ["", "## Investigation: IEE variants against RigL at both intervals", "",
                   "| sparsity | variant | cycles | accuracy | − RigL ΔT=33 (paired) | − RigL ΔT=100 (paired) | "
-                  "FLOPs (× dense) | re-admitted |", "|---|---|---|---|---|---|---|---|"]
+                  f"− {iee} (paired) | FLOPs (× dense) | re-admitted |", "|---|---|---|---|---|---|---|---|---|"]
         for s in SPARSITIES:
             k = f"{s:g}"
             for label in [iee, *INVESTIGATION, *INVESTIGATION_EVERYWHERE, *INVESTIGATION_CONV,
@@ -317,6 +317,7 @@ def report(rows: dict, summaries: dict, args) -> str:
                 lines.append(f"| {100 * s:g} % | {label} | {m.get('updates', 0):.0f} | {cell(rows, key)} | "
                              f"{diff_cell(paired(summaries, key, f'rigl-{k}'))} | "
                              f"{diff_cell(paired(summaries, key, f'{rigl100}-{k}'))} | "
+                             f"{diff_cell(paired(summaries, key, f'{iee}-{k}')) if label != iee else ''} | "
                              f"{rows[key]['train_flops_ratio']:.3f} | {pct(m.get('readmitted'))} |")
     lines += fit_lines(rows, summaries, args)
     lines += dead_unit_lines(summaries)
