@@ -89,8 +89,26 @@ def iee_id(never_active: str, lr_scale: float) -> str:
     return f"iee-{never_active}-lr{lr_scale:g}"
 
 
+# The IEE the grid was built around: its main rows at every sparsity and the base of its ablations (regrow's defaults
+# when the grids ran). Pinned here, so that a change of regrow's defaults cannot relabel finished runs; where the
+# defaults differ, the grid also runs them at every sparsity and the report's IEE is regrow's default.
+GRID_IEE = ("init", 0.1)
+
+
 def default_iee() -> str:
+    """Run id of IEE at regrow's defaults."""
     return iee_id(DEFAULT_NEVER_ACTIVE, DEFAULT_EXPLORE_LR_SCALE)
+
+
+def grid_iee() -> str:
+    """Run id of the grid's own IEE (:data:`GRID_IEE`)."""
+    return iee_id(*GRID_IEE)
+
+
+def main_iees() -> list[tuple[str, dict]]:
+    """The IEE runs at every sparsity: the grid's own, and regrow's defaults where they differ."""
+    pairs = {grid_iee(): GRID_IEE, default_iee(): (DEFAULT_NEVER_ACTIVE, DEFAULT_EXPLORE_LR_SCALE)}
+    return [(run, {"never_active": n, "explore_lr_scale": lr}) for run, (n, lr) in pairs.items()]
 
 
 def grid(args) -> dict[str, TrainConfig]:
@@ -107,7 +125,7 @@ def grid(args) -> dict[str, TrainConfig]:
                            channels_last=args.model in CONV_MODELS,
                            progress=sys.stderr.isatty() and args.jobs == 1, method_options=options)
 
-    chosen = {"never_active": DEFAULT_NEVER_ACTIVE, "explore_lr_scale": DEFAULT_EXPLORE_LR_SCALE}
+    chosen = dict(main_iees()[0][1])  # the grid's IEE: the ablations and the investigation vary it
     runs, investigation = {}, set()
     for seed in range(args.seeds):
         runs[f"dense-seed{seed}"] = config("dense", 0.0, seed, {})
@@ -115,7 +133,8 @@ def grid(args) -> dict[str, TrainConfig]:
         for sparsity in SPARSITIES:
             for method in METHODS:
                 if method == "iee":
-                    runs[f"{default_iee()}-{sparsity:g}-seed{seed}"] = config("iee", sparsity, seed, dict(chosen))
+                    for run, options in main_iees():
+                        runs[f"{run}-{sparsity:g}-seed{seed}"] = config("iee", sparsity, seed, options)
                 else:
                     runs[f"{method}-{sparsity:g}-seed{seed}"] = config(method, sparsity, seed, {})
         for never_active, scale in CHOICE_GRID:
@@ -147,8 +166,8 @@ def priority(run_id: str) -> tuple[int, int]:
     static, SET, RigL and IEE at every sparsity), then the open choices, the ablations and RigL at ΔT = 100, then
     RigL at equal FLOPs."""
     key, seed = run_id.rsplit("-seed", 1)
-    main = key in ("dense", "dense-2x") or any(key == f"{m}-{s:g}" for m in ("static", "set", "rigl", default_iee())
-                                 for s in SPARSITIES)
+    methods = ("static", "set", "rigl", *(run for run, _ in main_iees()))
+    main = key in ("dense", "dense-2x") or any(key == f"{m}-{s:g}" for m in methods for s in SPARSITIES)
     return (0 if main else 2 if key.startswith("rigl-eqflops") else 1), int(seed)
 
 
@@ -156,9 +175,9 @@ def equal_flops_runs(args, runs: dict[str, TrainConfig], config) -> dict[str, Tr
     """RigL trained for as many epochs as give it IEE's training FLOPs, from the finished seed-0 runs' FLOPs."""
     out = {}
     for sparsity in SPARSITIES:
-        iee, rigl = (read_summary(args, f"{name}-{sparsity:g}-seed0") for name in (default_iee(), "rigl"))
+        iee, rigl = (read_summary(args, f"{name}-{sparsity:g}-seed0") for name in (grid_iee(), "rigl"))
         if iee is None or rigl is None:
-            print(f"equal-FLOPs RigL at {sparsity:g}: waiting for {default_iee()} and rigl at seed 0", flush=True)
+            print(f"equal-FLOPs RigL at {sparsity:g}: waiting for {grid_iee()} and rigl at seed 0", flush=True)
             continue
         epochs = max(args.epochs, round(args.epochs * iee["train_flops"] / rigl["train_flops"]))
         for seed in range(args.seeds):
@@ -244,7 +263,7 @@ def report(rows: dict, summaries: dict, args) -> str:
     iee = default_iee()
     lines = ["## Equal epochs", "",
              f"Last-epoch test accuracy (%), mean ± std over seeds; IEE − RigL is the paired difference (mean ± "
-             f"standard error over seeds). IEE = {iee} (the defaults).", "",
+             f"standard error over seeds). IEE = {iee} (regrow's defaults).", "",
              "| sparsity | dense | static | SET | RigL | IEE | IEE − RigL | RigL ΔT=100 | IEE − RigL ΔT=100 | "
              "FLOPs IEE / RigL (× dense) | IEE re-admitted | RigL re-admitted |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -285,6 +304,8 @@ def report(rows: dict, summaries: dict, args) -> str:
                   "trails RigL at equal epochs, RigL's longer run is only expected to widen the gap (more epochs "
                   "helped RigL at every sparsity of the MLP grid); that expectation is not a measurement."]
     lines += ["", "## IEE at 95 %: open choices and ablations", "",
+              f"The ablations change one switch of {grid_iee()} (never_active={GRID_IEE[0]}, "
+              f"explore_lr_scale={GRID_IEE[1]:g}); (default) marks regrow's defaults.", "",
               "| variant | accuracy | − RigL (paired) | FLOPs (× dense) | cycles | re-admitted | first-time | "
               "survival next cycle | survival to end | IoU with the previous update (mean) | ever active |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -307,8 +328,9 @@ def report(rows: dict, summaries: dict, args) -> str:
                   f"− {iee} (paired) | FLOPs (× dense) | re-admitted |", "|---|---|---|---|---|---|---|---|---|"]
         for s in SPARSITIES:
             k = f"{s:g}"
-            for label in [iee, *INVESTIGATION, *INVESTIGATION_EVERYWHERE, *INVESTIGATION_CONV,
-                          *INVESTIGATION_START]:
+            labels = [iee, *(run for run, _ in main_iees() if run != iee), *INVESTIGATION,
+                      *INVESTIGATION_EVERYWHERE, *INVESTIGATION_CONV, *INVESTIGATION_START]
+            for label in dict.fromkeys(labels):  # each once (regrow's default may be an investigated variant)
                 key = f"{label}-{k}"
                 if key not in rows or (label == iee and not any(
                         f"{v}-{k}" in rows for v in INVESTIGATED_AT if s in INVESTIGATED_AT[v])):
@@ -395,7 +417,9 @@ def mean_curve(curves: list[list[float | None]]) -> list[float]:
 def plot(rows: dict, summaries: dict, prefix: str) -> None:
     iee = default_iee()
     with figure(RESULTS / f"{prefix}-accuracy.png", ncols=2, figsize=(11, 4)) as axes:
-        for label, method in (("static", "static"), ("SET", "set"), ("RigL", "rigl"), ("IEE", iee),
+        iees = [(f"IEE, never_active={o['never_active']}{' (default)' if run == iee else ''}", run)
+                for run, o in main_iees()]
+        for label, method in (("static", "static"), ("SET", "set"), ("RigL", "rigl"), *iees,
                               ("RigL at IEE's FLOPs", "rigl-eqflops")):
             keys = [f"{method}-{s:g}" for s in SPARSITIES if f"{method}-{s:g}" in rows]
             if not keys:
@@ -417,7 +441,8 @@ def plot(rows: dict, summaries: dict, prefix: str) -> None:
               ("readmitted", "pruned units grown back by the same update"),
               ("survival_to_end", "grown units still active at the end"))
     with figure(RESULTS / f"{prefix}-masks.png", ncols=3, figsize=(15, 4)) as axes:
-        for label, key in (("SET", "set-0.95"), ("RigL", "rigl-0.95"), ("IEE", f"{iee}-0.95"),
+        for label, key in (("SET", "set-0.95"), ("RigL", "rigl-0.95"),
+                           ("IEE, never-active at initial values", "iee-init-lr0.1-0.95"),
                            ("IEE, never-active at 0", "iee-zero-lr0.1-0.95"),
                            ("IEE, no exploration", "iee-no-explore-0.95")):
             runs = [s["mask_metrics"] for s in by_seed(summaries, key).values() if s["mask_metrics"].get("updates")]
@@ -469,7 +494,8 @@ def main(argv=None) -> int:
              "optimizer": "SGD Nesterov 0.9, lr 0.1 cosine, wd 5e-4",
              "RigL/SET": f"update every {args.interval} steps, alpha 0.3 cosine, T_end 75 %",
              "IEE": f"H = J = Q = {5 if args.quick else args.hjq}, magnitude, cosine Omega, T_end 75 %; defaults "
-                    f"never_active={DEFAULT_NEVER_ACTIVE}, explore_lr_scale={DEFAULT_EXPLORE_LR_SCALE}"}
+                    f"never_active={DEFAULT_NEVER_ACTIVE}, explore_lr_scale={DEFAULT_EXPLORE_LR_SCALE}; the grid's "
+                    f"IEE (ablations' base) never_active={GRID_IEE[0]}, explore_lr_scale={GRID_IEE[1]:g}"}
     command = " ".join(["python bench/unstructured.py", *(argv if argv is not None else sys.argv[1:])])
     md = write_results(name, rows, summaries, setup, command)
     extra = report(rows, summaries, args)

@@ -108,6 +108,23 @@ def test_unstructured_grid_is_paired_and_in_the_long_regime(bench_unstructured, 
         assert options["never_active"] == "init" and options["never_active_scale"] == 0.3
 
 
+def test_unstructured_grid_keeps_its_own_iee_when_the_defaults_change(bench_unstructured, monkeypatch):
+    """Finished runs keep their meaning: the ablations stay on the grid's IEE, regrow's defaults join at every
+    sparsity, and the report's IEE is regrow's default."""
+    module = bench_unstructured
+    monkeypatch.setattr(module, "read_summary", lambda args, run_id: None)
+    monkeypatch.setattr(module, "DEFAULT_NEVER_ACTIVE", "zero")
+    runs = module.grid(unstructured_args())
+    assert module.default_iee() == "iee-zero-lr0.1" and module.grid_iee() == "iee-init-lr0.1"
+    for sparsity in module.SPARSITIES:
+        for start in ("init", "zero"):
+            assert runs[f"iee-{start}-lr0.1-{sparsity:g}-seed2"].method_options["never_active"] == start
+    assert runs["iee-no-explore-0.95-seed0"].method_options["never_active"] == "init"
+    assert module.priority("iee-zero-lr0.1-0.98-seed1") == (0, 1)  # a main run
+    monkeypatch.setattr(module, "DEFAULT_NEVER_ACTIVE", "init")  # the grid as it is
+    assert not any(k.startswith("iee-zero-lr0.1-0.9-") for k in module.grid(unstructured_args()))
+
+
 def test_unstructured_equal_flops_epochs_come_from_the_finished_runs(bench_unstructured, monkeypatch):
     module = bench_unstructured
     finished = {f"{module.default_iee()}-0.95-seed0": {"train_flops": 6.0},
