@@ -127,7 +127,7 @@ def test_unstructured_grid_keeps_its_own_iee_when_the_defaults_change(bench_unst
 
 def test_unstructured_equal_flops_epochs_come_from_the_finished_runs(bench_unstructured, monkeypatch):
     module = bench_unstructured
-    finished = {f"{module.default_iee()}-0.95-seed0": {"train_flops": 6.0},
+    finished = {f"{module.grid_iee()}-0.95-seed0": {"train_flops": 6.0},
                 "rigl-0.95-seed0": {"train_flops": 1.0}}
     monkeypatch.setattr(module, "read_summary", lambda args, run_id: finished.get(run_id))
     runs = module.grid(unstructured_args())
@@ -213,7 +213,8 @@ def test_explored_share_splits_each_layer_into_what_active_and_explored_units_co
 
     iee = ["--method", "iee", "--sparsity", "0.9",
            "--opt", "estimate_steps=2", "--opt", "improve_steps=2", "--opt", "explore_steps=2"]
-    init = explored_share.measure(train("init", *iee), batches=2, batch_size=16, data_dir=None)
+    init = explored_share.measure(train("init", *iee, "--opt", "never_active=init"), batches=2, batch_size=16,
+                                  data_dir=None)
     zero = explored_share.measure(train("zero", *iee, "--opt", "never_active=zero"), 2, 16, None)
     assert init["masked_sparsity"] == pytest.approx(0.9, abs=0.02) and init["samples"] == 32
     for result in (init, zero):
