@@ -88,6 +88,7 @@ INVESTIGATED_AT = {**dict.fromkeys(INVESTIGATION, (0.95, 0.98)),
                    **dict.fromkeys(INVESTIGATION_CONV, (0.95,)),
                    **dict.fromkeys(INVESTIGATION_ZERO, (0.95,)),
                    "iee-zero-no-freeze": (0.9, 0.95, 0.98),  # the best variant at 95 % on both nets
+                   "iee-zero-no-freeze-alpha0.1": (0.9, 0.95, 0.98),  # and with fewer re-admissions (MLP)
                    **dict.fromkeys(INVESTIGATION_START, (0.95,))}
 
 
