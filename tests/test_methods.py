@@ -178,7 +178,7 @@ def test_iee_never_active_scale_shrinks_only_the_never_active_initial_values():
 @pytest.mark.parametrize("options, message", [
     ({"never_active_scale": 0.0}, r"never_active_scale must be in \(0, 1\]"),
     ({"never_active_scale": 1.5}, r"never_active_scale must be in \(0, 1\]"),
-    ({"never_active": "zero", "never_active_scale": 0.5}, "with never_active=zero there are none to scale"),
+    ({"never_active": "zero", "never_active_scale": 0.5}, "there are none to scale: pass never_active=init too"),
 ])
 def test_iee_never_active_scale_refuses_what_it_cannot_mean(options, message):
     with pytest.raises(ConfigError, match=message):

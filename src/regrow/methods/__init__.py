@@ -54,6 +54,9 @@ def create(method: str, model, optimizer=None, **options: Any) -> BaseSparsifier
         if bad:
             raise ConfigError(f"method {method!r} takes no option {', '.join(map(repr, bad))}; "
                               f"its options: {', '.join(sorted(allowed))}")
+        for option, value in options.items():  # a number where one is due, before any comparison trips on it
+            if isinstance(allowed[option], float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ConfigError(f"{option} must be a number, got {value!r}")
     return cls(model, optimizer, **options)
 
 

@@ -183,7 +183,7 @@ class IEE(IEECycle, Sparsifier):
             raise ConfigError(f"never_active_scale must be in (0, 1], got {never_active_scale}")
         if never_active == "zero" and never_active_scale != 1.0:
             raise ConfigError("never_active_scale scales the initial values of never_active=init; with "
-                              "never_active=zero there are none to scale")
+                              "never_active=zero (the default) there are none to scale: pass never_active=init too")
         if not 0.0 < alpha < 1.0:
             raise ConfigError(f"alpha (initial update fraction) must be in (0, 1), got {alpha}")
         if optimizer is None:
