@@ -6,6 +6,7 @@ import pytest
 import torch
 import yaml
 
+import regrow
 from regrow import checkpoint
 from regrow.cli import main
 
@@ -24,8 +25,15 @@ def test_a_runs_recipe_repeats_it_exactly_and_flags_win(tmp_path, capsys):
                  "--opt", "improve_steps=1", "--opt", "explore_steps=2", "--no-augment", "--synthetic-size", "96",
                  "--epochs", "3", "--out", str(first)]) == 0
     recipe = yaml.safe_load((first / "recipe.yaml").read_text())
-    assert recipe["method"] == "iee" and recipe["opt"] == {"estimate_steps": 2, "improve_steps": 1,
-                                                           "explore_steps": 2}
+    given = {"estimate_steps": 2, "improve_steps": 1, "explore_steps": 2}
+    assert recipe["method"] == "iee" and list(recipe["opt"])[:3] == list(given)
+    # the options not given are written resolved, so the recipe repeats the run after a default changes
+    defaults = regrow.methods.method_options(regrow.IEE)
+    assert recipe["opt"] == {**given, **{k: defaults[k] for k in ("include", "criterion", "alpha", "schedule",
+                                                                  "t_end", "ranking", "start", "never_active",
+                                                                  "never_active_scale", "explore_lr_scale",
+                                                                  "explore", "freeze_active", "freeze_bn",
+                                                                  "grow_init")}}
     assert recipe["no_augment"] is True and recipe["synthetic_size"] == 96 and "out" not in recipe
     again = tmp_path / "again"
     assert main(["train", "--recipe", str(first / "recipe.yaml"), "--out", str(again), "--no-progress"]) == 0

@@ -22,14 +22,17 @@ NOT_IN_RECIPES = {"out", "resume", "overwrite", "recipe", "no_progress", "comman
 _HEADER = "# regrow train --recipe this-file --out FOLDER repeats the run that wrote it\n"
 
 
-def recipe_from_config(config) -> dict[str, Any]:
-    """The ``regrow train`` options that give ``config`` (a :class:`regrow.training.TrainConfig`)."""
+def recipe_from_config(config, method_defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ``regrow train`` options that give ``config`` (a :class:`regrow.training.TrainConfig`); the method
+    options it does not give are written from ``method_defaults`` (resolved, so that the recipe still repeats the
+    run when a default changes, as IEE's ``never_active`` did)."""
     c = config
     recipe: dict[str, Any] = {"model": c.model, "dataset": c.dataset, "method": c.method}
     if c.method != "dense" and c.structure != "channel":  # the CLI refuses what those would ignore
         recipe.update(sparsity=c.sparsity, distribution=c.distribution)
     if c.method != "dense":
-        recipe["opt"] = dict(c.method_options)
+        recipe["opt"] = {**dict(c.method_options),
+                         **{k: v for k, v in (method_defaults or {}).items() if k not in c.method_options}}
     recipe.update(
         structure=c.structure, latency_target=c.latency_target, cost=c.cost, latency_batch=c.latency_batch,
         init_from=c.init_from, dense_first=c.dense_first, dense_last=c.dense_last, epochs=c.epochs,
@@ -41,10 +44,10 @@ def recipe_from_config(config) -> dict[str, Any]:
     return recipe
 
 
-def write_recipe(path: str | os.PathLike, config) -> None:
+def write_recipe(path: str | os.PathLike, config, method_defaults: dict[str, Any] | None = None) -> None:
     import yaml
 
-    text = _HEADER + yaml.safe_dump(recipe_from_config(config), sort_keys=False, allow_unicode=True)
+    text = _HEADER + yaml.safe_dump(recipe_from_config(config, method_defaults), sort_keys=False, allow_unicode=True)
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 

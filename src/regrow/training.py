@@ -55,6 +55,17 @@ TRAINER_OPTIONS = {"sparsity", "distribution", "structure", "total_steps", "seed
 AMP_MODES = ("none", "bf16")
 
 
+def resolved_method_defaults(config: TrainConfig) -> dict[str, Any]:
+    """The method's defaults for the options a run does not give, as its recipe records them. Only plain values
+    (str, number, bool, None): a default such as an empty exclusion tuple means the same in every version that
+    takes the option. Training options (sparsity, latency target, ...) are the recipe's own keys."""
+    if config.method == "dense":
+        return {}
+    cls = methods.resolve(config.method, "channel" if config.structure == "channel" else None)
+    return {k: v for k, v in methods.method_options(cls).items()
+            if k not in TRAINER_OPTIONS and (v is None or isinstance(v, (str, int, float, bool)))}
+
+
 @dataclass
 class TrainConfig:
     model: str = "resnet20"
@@ -471,7 +482,7 @@ class Trainer:
             for name in existing:
                 (self.out / name).unlink()
         if self.teacher is None and self.rank == 0:  # a recipe cannot name a teacher: its caller repeats the run
-            write_recipe(self.out / RECIPE, self.config)
+            write_recipe(self.out / RECIPE, self.config, resolved_method_defaults(self.config))
         distributed.barrier()  # rank 0 has cleared the folder before any rank goes on
         self._last_saved = self.state["step"]
         c = self.config
