@@ -66,13 +66,13 @@ INVESTIGATION_EVERYWHERE = {"iee-zero-lr0.1": {"never_active": "zero"}}
 # statistics follow the dense network that explores) instead of being held with Θ_K; with zeros, the better
 # start on ResNet-8. The MLP has no BatchNorm, so this choice was never measured there.
 INVESTIGATION_CONV = {"iee-zero-bn": {"never_active": "zero", "freeze_bn": False}}
-# With zeros, on every net at 95 % (first run on ResNet-8, then the MLP once zeros became the default): Θ_K training
-# on during exploration (BatchNorm too): not freezing was the better ablation on both the MLP (+0.14) and ResNet-8
-# with initial values (+0.28), and every step then trains the active weights, as RigL's do. And a third of the
-# update fraction: zeros re-admit 73 % of the pruned units on ResNet-8, and on the MLP alpha = 0.1 cut
-# re-admission from 30 to 5 % at the same accuracy.
-# And both together: Θ_K training on was the more accurate, α = 0.1 the one that re-admits less (41 against 73 % on
-# ResNet-8 at the same accuracy).
+# With zeros, on every net (first run on ResNet-8, then the MLP once zeros became the default): Θ_K training on
+# during exploration (BatchNorm too): not freezing was the better ablation on both the MLP (+0.14) and ResNet-8
+# with initial values (+0.28), and every step then trains the active weights, as RigL's do; the best variant at
+# 95 % on both nets, so at every sparsity. A third of the update fraction, at 95 %: zeros re-admit 73 % of the
+# pruned units on ResNet-8, and on the MLP alpha = 0.1 cut re-admission from 30 to 5 % at the same accuracy.
+# And both together, at every sparsity: Θ_K training on was the more accurate, α = 0.1 the one that re-admits less
+# (41 against 73 % on ResNet-8 at the same accuracy).
 INVESTIGATION_ZERO = {"iee-zero-no-freeze": {"never_active": "zero", "freeze_active": False},
                       "iee-zero-alpha0.1": {"never_active": "zero", "alpha": 0.1},
                       "iee-zero-no-freeze-alpha0.1": {"never_active": "zero", "freeze_active": False, "alpha": 0.1}}
@@ -86,36 +86,35 @@ INVESTIGATION_START = {"iee-init-scale0.1": {"never_active_scale": 0.1},
 INVESTIGATED_AT = {**dict.fromkeys(INVESTIGATION, (0.95, 0.98)),
                    **dict.fromkeys(INVESTIGATION_EVERYWHERE, (0.9, 0.95, 0.98)),
                    **dict.fromkeys(INVESTIGATION_CONV, (0.95,)),
-                   **dict.fromkeys(INVESTIGATION_ZERO, (0.95,)),
-                   "iee-zero-no-freeze": (0.9, 0.95, 0.98),  # the best variant at 95 % on both nets
-                   "iee-zero-no-freeze-alpha0.1": (0.9, 0.95, 0.98),  # and with fewer re-admissions (MLP)
+                   **dict.fromkeys(INVESTIGATION_ZERO, (0.9, 0.95, 0.98)),
+                   "iee-zero-alpha0.1": (0.95,),
                    **dict.fromkeys(INVESTIGATION_START, (0.95,))}
 
 
-def iee_id(never_active: str, lr_scale: float) -> str:
-    return f"iee-{never_active}-lr{lr_scale:g}"
+def iee_id(never_active: str, explore_lr_scale: float) -> str:
+    return f"iee-{never_active}-lr{explore_lr_scale:g}"
 
 
 # The IEE the grid was built around: its main rows at every sparsity and the base of its ablations (regrow's defaults
 # when the grids ran). Pinned here, so that a change of regrow's defaults cannot relabel finished runs; where the
 # defaults differ, the grid also runs them at every sparsity and the report's IEE is regrow's default.
-GRID_IEE = ("init", 0.1)
+GRID_IEE = {"never_active": "init", "explore_lr_scale": 0.1}
+DEFAULT_IEE = {"never_active": DEFAULT_NEVER_ACTIVE, "explore_lr_scale": DEFAULT_EXPLORE_LR_SCALE}
 
 
 def default_iee() -> str:
     """Run id of IEE at regrow's defaults."""
-    return iee_id(DEFAULT_NEVER_ACTIVE, DEFAULT_EXPLORE_LR_SCALE)
+    return iee_id(**DEFAULT_IEE)
 
 
 def grid_iee() -> str:
     """Run id of the grid's own IEE (:data:`GRID_IEE`)."""
-    return iee_id(*GRID_IEE)
+    return iee_id(**GRID_IEE)
 
 
 def main_iees() -> list[tuple[str, dict]]:
     """The IEE runs at every sparsity: the grid's own, and regrow's defaults where they differ."""
-    pairs = {grid_iee(): GRID_IEE, default_iee(): (DEFAULT_NEVER_ACTIVE, DEFAULT_EXPLORE_LR_SCALE)}
-    return [(run, {"never_active": n, "explore_lr_scale": lr}) for run, (n, lr) in pairs.items()]
+    return list({grid_iee(): dict(GRID_IEE), default_iee(): dict(DEFAULT_IEE)}.items())
 
 
 def grid(args) -> dict[str, TrainConfig]:
@@ -132,7 +131,7 @@ def grid(args) -> dict[str, TrainConfig]:
                            channels_last=args.model in CONV_MODELS,
                            progress=sys.stderr.isatty() and args.jobs == 1, method_options=options)
 
-    chosen = dict(main_iees()[0][1])  # the grid's IEE: the ablations and the investigation vary it
+    chosen = dict(GRID_IEE)  # the ablations and the investigation vary the grid's IEE
     runs, investigation = {}, set()
     for seed in range(args.seeds):
         runs[f"dense-seed{seed}"] = config("dense", 0.0, seed, {})
@@ -311,8 +310,8 @@ def report(rows: dict, summaries: dict, args) -> str:
                   "trails RigL at equal epochs, RigL's longer run is only expected to widen the gap (more epochs "
                   "helped RigL at every sparsity of the MLP grid); that expectation is not a measurement."]
     lines += ["", "## IEE at 95 %: open choices and ablations", "",
-              f"The ablations change one switch of {grid_iee()} (never_active={GRID_IEE[0]}, "
-              f"explore_lr_scale={GRID_IEE[1]:g}); (default) marks regrow's defaults.", "",
+              f"The ablations change one switch of {grid_iee()} (never_active={GRID_IEE['never_active']}, "
+              f"explore_lr_scale={GRID_IEE['explore_lr_scale']:g}); (default) marks regrow's defaults.", "",
               "| variant | accuracy | − RigL (paired) | FLOPs (× dense) | cycles | re-admitted | first-time | "
               "survival next cycle | survival to end | IoU with the previous update (mean) | ever active |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -501,8 +500,9 @@ def main(argv=None) -> int:
              "optimizer": "SGD Nesterov 0.9, lr 0.1 cosine, wd 5e-4",
              "RigL/SET": f"update every {args.interval} steps, alpha 0.3 cosine, T_end 75 %",
              "IEE": f"H = J = Q = {5 if args.quick else args.hjq}, magnitude, cosine Omega, T_end 75 %; defaults "
-                    f"never_active={DEFAULT_NEVER_ACTIVE}, explore_lr_scale={DEFAULT_EXPLORE_LR_SCALE}; the grid's "
-                    f"IEE (ablations' base) never_active={GRID_IEE[0]}, explore_lr_scale={GRID_IEE[1]:g}"}
+                    f"never_active={DEFAULT_IEE['never_active']}, explore_lr_scale={DEFAULT_IEE['explore_lr_scale']}; "
+                    f"the grid's IEE (ablations' base) never_active={GRID_IEE['never_active']}, "
+                    f"explore_lr_scale={GRID_IEE['explore_lr_scale']:g}"}
     command = " ".join(["python bench/unstructured.py", *(argv if argv is not None else sys.argv[1:])])
     md = write_results(name, rows, summaries, setup, command)
     extra = report(rows, summaries, args)

@@ -119,7 +119,7 @@ def test_unstructured_grid_keeps_its_own_iee_when_the_defaults_change(bench_unst
     sparsity, and the report's IEE is regrow's default."""
     module = bench_unstructured
     monkeypatch.setattr(module, "read_summary", lambda args, run_id: None)
-    monkeypatch.setattr(module, "DEFAULT_NEVER_ACTIVE", "zero")
+    monkeypatch.setitem(module.DEFAULT_IEE, "never_active", "zero")
     runs = module.grid(unstructured_args())
     assert module.default_iee() == "iee-zero-lr0.1" and module.grid_iee() == "iee-init-lr0.1"
     for sparsity in module.SPARSITIES:
@@ -127,7 +127,7 @@ def test_unstructured_grid_keeps_its_own_iee_when_the_defaults_change(bench_unst
             assert runs[f"iee-{start}-lr0.1-{sparsity:g}-seed2"].method_options["never_active"] == start
     assert runs["iee-no-explore-0.95-seed0"].method_options["never_active"] == "init"
     assert module.priority("iee-zero-lr0.1-0.98-seed1") == (0, 1)  # a main run
-    monkeypatch.setattr(module, "DEFAULT_NEVER_ACTIVE", "init")  # the grid as it is
+    monkeypatch.setitem(module.DEFAULT_IEE, "never_active", "init")  # defaults equal to the grid's IEE
     assert not any(k.startswith("iee-zero-lr0.1-0.9-") for k in module.grid(unstructured_args()))
 
 

@@ -59,9 +59,7 @@ def resolved_method_defaults(config: TrainConfig) -> dict[str, Any]:
     """The method's defaults for the options a run does not give, as its recipe records them. Only plain values
     (str, number, bool, None): a default such as an empty exclusion tuple means the same in every version that
     takes the option. Training options (sparsity, latency target, ...) are the recipe's own keys."""
-    if config.method == "dense":
-        return {}
-    cls = methods.resolve(config.method, "channel" if config.structure == "channel" else None)
+    cls = methods.resolve(config.method, config.structure)
     return {k: v for k, v in methods.method_options(cls).items()
             if k not in TRAINER_OPTIONS and (v is None or isinstance(v, (str, int, float, bool)))}
 
