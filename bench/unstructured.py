@@ -84,12 +84,19 @@ INVESTIGATION_ZERO = {"iee-zero-no-freeze": {"never_active": "zero", "freeze_act
 # (83.2 %, 19 %; initial values 80.1 %, 13 %).
 INVESTIGATION_START = {"iee-init-scale0.1": {"never_active_scale": 0.1},
                        "iee-init-scale0.3": {"never_active_scale": 0.3}}
+# The optimizer state a grown unit starts from, at 95 % on every net (MLP first): zero, as RigL's grown weights
+# (the default), or the momentum its Q exploration steps built; with Θ_K frozen (the defaults) and with the
+# candidate defaults (Θ_K training on, α = 0.1).
+INVESTIGATION_STATE = {"iee-momentum-zero": {"never_active": "zero", "grown_state": "explored"},
+                       "iee-momentum-zero-no-freeze-alpha0.1": {"never_active": "zero", "freeze_active": False,
+                                                                      "alpha": 0.1, "grown_state": "explored"}}
 INVESTIGATED_AT = {**dict.fromkeys(INVESTIGATION_MLP, (0.95, 0.98)),
                    **dict.fromkeys(INVESTIGATION_EVERYWHERE, (0.9, 0.95, 0.98)),
                    **dict.fromkeys(INVESTIGATION_CONV, (0.95,)),
                    **dict.fromkeys(INVESTIGATION_ZERO, (0.9, 0.95, 0.98)),
                    "iee-zero-alpha0.1": (0.95,),
-                   **dict.fromkeys(INVESTIGATION_START, (0.95,))}
+                   **dict.fromkeys(INVESTIGATION_START, (0.95,)),
+                   **dict.fromkeys(INVESTIGATION_STATE, (0.95,))}
 
 
 def iee_id(never_active: str, explore_lr_scale: float) -> str:
@@ -155,7 +162,7 @@ def grid(args) -> dict[str, TrainConfig]:
         if args.investigate:
             own = INVESTIGATION_CONV if args.model in CONV_MODELS else INVESTIGATION_MLP
             for label, options in {**own, **INVESTIGATION_EVERYWHERE, **INVESTIGATION_ZERO,
-                                   **INVESTIGATION_START}.items():
+                                   **INVESTIGATION_START, **INVESTIGATION_STATE}.items():
                 for sparsity in INVESTIGATED_AT[label]:
                     run_id = f"{label}-{sparsity:g}-seed{seed}"
                     if run_id not in runs:  # iee-init-lr0.3, -no-improve, -zero-lr0.1 at 95 % are in the grid
@@ -336,7 +343,8 @@ def report(rows: dict, summaries: dict, args) -> str:
         for s in SPARSITIES:
             k = f"{s:g}"
             labels = [iee, *(run for run, _ in main_iees() if run != iee), *INVESTIGATION_MLP,
-                      *INVESTIGATION_EVERYWHERE, *INVESTIGATION_CONV, *INVESTIGATION_ZERO, *INVESTIGATION_START]
+                      *INVESTIGATION_EVERYWHERE, *INVESTIGATION_CONV, *INVESTIGATION_ZERO, *INVESTIGATION_START,
+                      *INVESTIGATION_STATE]
             for label in dict.fromkeys(labels):  # each once (regrow's default may be an investigated variant)
                 key = f"{label}-{k}"
                 if key not in rows or (label == iee and not any(

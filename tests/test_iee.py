@@ -135,6 +135,32 @@ def test_ablation_zero_init_changes_only_the_values_of_grown_weights():
         assert (mru[L]["after"][n][0][grown] != 0).any()
 
 
+def test_grown_state_keeps_or_clears_the_momentum_exploration_built():
+    """Before the grow both runs are identical; after it, grown units hold zero momentum (fresh) or the
+    momentum their exploration built (explored); the units that stay active keep theirs either way."""
+    held = {}
+    for grown_state in ("fresh", "explored"):
+        model, optimizer, sp = make(grown_state=grown_state)
+        for t in range(1, L + 1):
+            train_step(model, optimizer, t)
+            if t == L:
+                active = {n: a.clone() for n, a in sp.active.items()}
+                before = {n: optimizer.state[masking.raw(m)]["momentum_buffer"].clone() for n, m in sp.layers.items()}
+            sp.step()
+        after = {n: optimizer.state[masking.raw(m)]["momentum_buffer"] for n, m in sp.layers.items()}
+        held[grown_state] = before, after, sp.masks(), active
+    (before, fresh, masks, active), (before_x, explored, masks_x, _) = held["fresh"], held["explored"]
+    some_grown = False
+    for n in masks:
+        assert torch.equal(before[n], before_x[n]) and torch.equal(masks[n], masks_x[n])
+        grown = masks[n] & ~active[n]
+        some_grown |= bool(grown.any())
+        assert (fresh[n][grown] == 0).all()
+        assert torch.equal(explored[n][grown], before[n][grown]) and (explored[n][grown] != 0).any() == grown.any()
+        assert torch.equal(fresh[n][active[n]], explored[n][active[n]])
+    assert some_grown
+
+
 def test_ablation_without_improvement_stage_explores_right_after_pruning():
     model, optimizer, sp = make(improve_steps=0)
     assert sp.cycle_length == H + Q
@@ -208,6 +234,7 @@ def test_exploration_counts_dense_flops_and_evaluation_sees_the_sparse_net():
 def test_iee_option_errors():
     for bad, message in ((dict(estimate_steps=0), "estimate_steps"), (dict(criterion="hessian"), "criterion"),
                          (dict(ranking="row"), "ranking"), (dict(grow_init="random"), "grow_init"),
+                         (dict(grown_state="kept"), "grown_state"),
                          (dict(t_end=5), "no IEE cycle"), (dict(structure="2:4", sparsity=0.5, ranking="global"),
                                                            "global ranking")):
         with pytest.raises(ConfigError, match=message):

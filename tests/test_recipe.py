@@ -33,7 +33,7 @@ def test_a_runs_recipe_repeats_it_exactly_and_flags_win(tmp_path, capsys):
                                                                   "t_end", "ranking", "start", "never_active",
                                                                   "never_active_scale", "explore_lr_scale",
                                                                   "explore", "freeze_active", "freeze_bn",
-                                                                  "grow_init")}}
+                                                                  "grow_init", "grown_state")}}
     assert recipe["no_augment"] is True and recipe["synthetic_size"] == 96 and "out" not in recipe
     again = tmp_path / "again"
     assert main(["train", "--recipe", str(first / "recipe.yaml"), "--out", str(again), "--no-progress"]) == 0

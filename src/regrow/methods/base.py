@@ -232,11 +232,14 @@ class Sparsifier(BaseSparsifier):
         return keep_counts(shapes, sparsity, self.distribution, dense_first=self.dense_first,
                            dense_last=self.dense_last, scores=scores)
 
-    def set_layer_mask(self, name: str, new_mask: torch.Tensor, zero_grown: bool = False) -> dict[str, int]:
+    def set_layer_mask(self, name: str, new_mask: torch.Tensor, zero_grown: bool = False,
+                       keep_grown_state: bool = False) -> dict[str, int]:
         """Install ``new_mask`` on layer ``name``; changed entries get fresh optimizer state.
 
         ``zero_grown`` sets newly activated weights to 0 (RigL, SET); otherwise they come back with their
-        most recent value (IEE's MRU). Returns counts of dropped and grown entries.
+        most recent value (IEE's MRU). ``keep_grown_state`` lets grown entries keep the optimizer state they hold
+        (IEE's ``grown_state="explored"``: what their exploration built). Returns counts of dropped and grown
+        entries.
         """
         module = self.layers[name]
         old = masking.mask_of(module)
@@ -245,7 +248,8 @@ class Sparsifier(BaseSparsifier):
             if zero_grown:
                 masking.raw(module).masked_fill_(grown, 0.0)
             masking.set_mask(module, new_mask)
-        masking.reset_optimizer_state(self.optimizer, masking.raw(module), grown | dropped)
+        changed = dropped if keep_grown_state else grown | dropped
+        masking.reset_optimizer_state(self.optimizer, masking.raw(module), changed)
         return {"dropped": int(dropped.sum()), "grown": int(grown.sum())}
 
     def select_masks(self, scores: dict[str, torch.Tensor], counts: dict[str, int],

@@ -47,6 +47,7 @@ from .base import Sparsifier
 
 RANKINGS = ("layer", "global")
 GROW_INITS = ("mru", "zero")
+GROWN_STATES = ("fresh", "explored")  # a grown unit's optimizer state: zero, or what its exploration built
 NEVER_ACTIVE = ("init", "zero")  # what a never-active unit holds: its initial random value, or 0
 # Defaults of the two open choices that decide how much exploration explores (measured: README, "IEE").
 DEFAULT_NEVER_ACTIVE = "zero"  # +0.8 to +1.6 points on ResNet-8 at 90-98 %, -0.1 to -0.3 on the MLP (README)
@@ -157,6 +158,8 @@ class IEE(IEECycle, Sparsifier):
         explore_lr_scale: learning-rate factor of the explored units.
         explore, freeze_active, freeze_bn, grow_init: exploration switches and ablations; ``freeze_bn``
             (BatchNorm frozen during exploration) defaults to ``freeze_active``.
+        grown_state: a grown unit's optimizer state (momentum, Adam's moments): ``fresh`` (zero, default, as
+            RigL's grown weights) or ``explored`` (what its Q exploration steps built).
     """
 
     name = "iee"
@@ -168,7 +171,7 @@ class IEE(IEECycle, Sparsifier):
                  never_active: str = DEFAULT_NEVER_ACTIVE, never_active_scale: float = 1.0,
                  explore_lr_scale: float = DEFAULT_EXPLORE_LR_SCALE,
                  explore: bool = True, freeze_active: bool = True, freeze_bn: bool | None = None,
-                 grow_init: str = "mru", **base: Any):
+                 grow_init: str = "mru", grown_state: str = "fresh", **base: Any):
         get_criterion(criterion)
         check_schedule(schedule)
         if ranking not in RANKINGS:
@@ -177,6 +180,8 @@ class IEE(IEECycle, Sparsifier):
             raise unknown("start mask", start, ["random", "magnitude"])
         if grow_init not in GROW_INITS:
             raise unknown("grow_init", grow_init, GROW_INITS)
+        if grown_state not in GROWN_STATES:
+            raise unknown("grown_state", grown_state, GROWN_STATES)
         if never_active not in NEVER_ACTIVE:
             raise unknown("never_active", never_active, NEVER_ACTIVE)
         if not 0.0 < never_active_scale <= 1.0:
@@ -192,7 +197,7 @@ class IEE(IEECycle, Sparsifier):
         self.never_active, self.never_active_scale = never_active, never_active_scale
         self.explore, self.freeze_active = explore, freeze_active
         self.freeze_bn = freeze_active if freeze_bn is None else freeze_bn
-        self.grow_init = grow_init
+        self.grow_init, self.grown_state = grow_init, grown_state
         self.active: dict[str, torch.Tensor] | None = None  # Θ_K while exploring (the layer masks are all ones)
         self.omega: dict[str, int] = {}  # units pruned this cycle, per layer (grown back at its end)
         self.pruned: dict[str, torch.Tensor] = {}  # which units this cycle's prune took (for the mask metrics)
@@ -295,7 +300,8 @@ class IEE(IEECycle, Sparsifier):
 
     def grow(self, step: int) -> None:
         """Stage 5: the Ω_t best units of Θ_P by the same criterion rejoin Θ_K; the rest are masked again."""
-        if self.exploring:
+        explored = self.exploring
+        if explored:
             scores = self.scores()
             active = self.active
             self._end_exploration(active)
@@ -314,7 +320,8 @@ class IEE(IEECycle, Sparsifier):
             if self.grow_init == "zero":
                 with torch.no_grad():
                     masking.raw(module).masked_fill_(new_mask & ~active[name], 0.0)
-            self.set_layer_mask(name, new_mask)
+            # Only an explored unit has state to keep (the explore=false ablation trains none of Θ_P).
+            self.set_layer_mask(name, new_mask, keep_grown_state=explored and self.grown_state == "explored")
         masks = self.masks()
         record = {**self._cycle_record, "grow_step": step, "grown": sum(counts.values())}
         self.history.append(record)
