@@ -79,6 +79,26 @@ def test_existing_run_is_not_overwritten_and_resume_checks_the_config(tmp_path):
     assert digest(tmp_path / CHECKPOINT) == before
 
 
+def test_resume_refuses_a_method_default_changed_since_the_checkpoint(tmp_path, monkeypatch):
+    """The checkpoint records the method's defaults: a default changed since (as IEE's never_active did) is a clear
+    refusal, not a run that switches method mid-way; giving the saved value back resumes, as does giving a
+    default's value explicitly."""
+    import regrow.training as training
+    build_trainer(config(epochs=2, checkpoint_every=5), tmp_path).run(stop_after=5)
+    real = training.method_defaults
+    monkeypatch.setattr(training, "method_defaults", lambda cls: {**real(cls), "alpha": 0.1})
+    with pytest.raises(CheckpointError, match=r"method's options differ \(alpha: 0.3 -> 0.1\).*--opt key=value"):
+        build_trainer(config(epochs=2, checkpoint_every=5), tmp_path).run(resume=True)
+    given_back = config(epochs=2, checkpoint_every=5, method_options={"interval": 4, "alpha": 0.3})
+    assert build_trainer(given_back, tmp_path).run(resume=True)["steps"] > 5
+    monkeypatch.undo()
+    build_trainer(config(epochs=2, checkpoint_every=5), tmp_path / "b").run(stop_after=5)
+    explicit = config(epochs=2, checkpoint_every=5, method_options={"interval": 4, "t_end": 0.75})
+    assert build_trainer(explicit, tmp_path / "b").run(resume=True)["steps"] > 5
+    with pytest.raises(CheckpointError, match=r"method's options differ \(interval: 4 -> 5\)"):
+        build_trainer(config(epochs=2, method_options={"interval": 5}), tmp_path / "b").run(resume=True)
+
+
 def test_checkpoint_of_another_architecture_is_refused(tmp_path):
     build_trainer(config(epochs=1), tmp_path).run()
     with pytest.raises(CheckpointError, match="resnet8 checkpoint, not resnet20"):

@@ -55,13 +55,17 @@ TRAINER_OPTIONS = {"sparsity", "distribution", "structure", "total_steps", "seed
 AMP_MODES = ("none", "bf16")
 
 
-def resolved_method_defaults(config: TrainConfig) -> dict[str, Any]:
-    """The method's defaults for the options a run does not give, as its recipe records them. Only plain values
-    (str, number, bool, None): a default such as an empty exclusion tuple means the same in every version that
-    takes the option. Training options (sparsity, latency target, ...) are the recipe's own keys."""
-    cls = methods.resolve(config.method, config.structure)
+def method_defaults(cls: type) -> dict[str, Any]:
+    """A sparsifier class's defaults, as a recipe and a checkpoint record them. Only plain values (str, number,
+    bool, None): a default such as an empty exclusion tuple means the same in every version that takes the option.
+    Training options (sparsity, latency target, ...) are the run's own keys."""
     return {k: v for k, v in methods.method_options(cls).items()
             if k not in TRAINER_OPTIONS and (v is None or isinstance(v, (str, int, float, bool)))}
+
+
+def resolved_method_defaults(config: TrainConfig) -> dict[str, Any]:
+    """The defaults of the method ``config`` names, for the options it does not give (what its recipe records)."""
+    return method_defaults(methods.resolve(config.method, config.structure))
 
 
 @dataclass
@@ -329,8 +333,9 @@ class Trainer:
     def _metadata(self) -> dict[str, Any]:
         c = self.config
         return {**model_metadata(c.model, c.dataset, c.method, self.train_data), "kind": "training",
-                "config": self.config.fingerprint(), "step": self.state["step"],
-                "threads": torch.get_num_threads(), "device": self.device.type, "processes": self.world}
+                "config": self.config.fingerprint(), "method_defaults": method_defaults(type(self.sparsifier)),
+                "step": self.state["step"], "threads": torch.get_num_threads(), "device": self.device.type,
+                "processes": self.world}
 
     def save_checkpoint(self) -> None:
         """Write the resumable state (rank 0 only: every rank holds the same model, masks and optimizer)."""
@@ -352,13 +357,25 @@ class Trainer:
         sections, meta = checkpoint.load(path)
         if meta.get("kind") != "training":
             raise CheckpointError(f"{path} is not a training checkpoint")
-        saved, current = meta.get("config", {}), self.config.fingerprint()
+        saved, current = dict(meta.get("config", {})), self.config.fingerprint()
         defaults = TrainConfig().fingerprint()  # options added since the checkpoint was written count as defaults
+        # The method runs with its options as given over its defaults; compare those, so that a default changed since
+        # the checkpoint was written is caught (and can be given back with --opt), while giving a default's value
+        # explicitly is no change. Options a checkpoint does not record (added since, or a checkpoint from before
+        # defaults were recorded) count at today's defaults.
+        today = method_defaults(type(self.sparsifier))
+        ran = {**today, **meta.get("method_defaults", {}), **saved.pop("method_options", {})}
+        runs = {**today, **current.pop("method_options")}
         diff = sorted(k for k in set(saved) | set(current)
                       if saved.get(k, defaults.get(k)) != current.get(k))
         if diff:
             details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in diff[:5])
             raise CheckpointError(f"cannot resume {path}: the configuration differs ({details})")
+        diff = sorted(k for k in set(ran) | set(runs) if ran.get(k) != runs.get(k))
+        if diff:
+            details = ", ".join(f"{k}: {ran.get(k)!r} -> {runs.get(k)!r}" for k in diff[:5])
+            raise CheckpointError(f"cannot resume {path}: the method's options differ ({details}); a default that "
+                                  "changed since it was saved can be given back with --opt key=value")
         for what, then, now in (("threads", meta.get("threads"), torch.get_num_threads()),
                                 ("device", meta.get("device"), self.device.type),
                                 ("processes", meta.get("processes", 1), self.world)):
