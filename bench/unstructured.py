@@ -342,9 +342,7 @@ def report(rows: dict, summaries: dict, args) -> str:
                   f"− {iee} (paired) | FLOPs (× dense) | re-admitted |", "|---|---|---|---|---|---|---|---|---|"]
         for s in SPARSITIES:
             k = f"{s:g}"
-            labels = [iee, *(run for run, _ in main_iees() if run != iee), *INVESTIGATION_MLP,
-                      *INVESTIGATION_EVERYWHERE, *INVESTIGATION_CONV, *INVESTIGATION_ZERO, *INVESTIGATION_START,
-                      *INVESTIGATION_STATE]
+            labels = [iee, *(run for run, _ in main_iees() if run != iee), *INVESTIGATED_AT]
             for label in dict.fromkeys(labels):  # each once (regrow's default may be an investigated variant)
                 key = f"{label}-{k}"
                 if key not in rows or (label == iee and not any(

@@ -63,11 +63,6 @@ def method_defaults(cls: type) -> dict[str, Any]:
             if k not in TRAINER_OPTIONS and (v is None or isinstance(v, (str, int, float, bool)))}
 
 
-def resolved_method_defaults(config: TrainConfig) -> dict[str, Any]:
-    """The defaults of the method ``config`` names, for the options it does not give (what its recipe records)."""
-    return method_defaults(methods.resolve(config.method, config.structure))
-
-
 @dataclass
 class TrainConfig:
     model: str = "resnet20"
@@ -292,6 +287,7 @@ class Trainer:
         self.config = c = config
         self.out = Path(out)
         self.model, self.optimizer, self.sparsifier = model, optimizer, sparsifier
+        self.method_defaults = method_defaults(type(sparsifier))  # what the recipe and every checkpoint record
         self.train_data, self.test_data, self.pretrain = train_data, test_data, pretrain
         if teacher is not None and loss_fn is None:
             raise ConfigError("a teacher needs a loss_fn(logits, labels, teacher_logits, epoch) to distil with")
@@ -333,7 +329,7 @@ class Trainer:
     def _metadata(self) -> dict[str, Any]:
         c = self.config
         return {**model_metadata(c.model, c.dataset, c.method, self.train_data), "kind": "training",
-                "config": self.config.fingerprint(), "method_defaults": method_defaults(type(self.sparsifier)),
+                "config": self.config.fingerprint(), "method_defaults": self.method_defaults,
                 "step": self.state["step"], "threads": torch.get_num_threads(), "device": self.device.type,
                 "processes": self.world}
 
@@ -363,9 +359,8 @@ class Trainer:
         # the checkpoint was written is caught (and can be given back with --opt), while giving a default's value
         # explicitly is no change. Options a checkpoint does not record (added since, or a checkpoint from before
         # defaults were recorded) count at today's defaults.
-        today = method_defaults(type(self.sparsifier))
-        ran = {**today, **meta.get("method_defaults", {}), **saved.pop("method_options", {})}
-        runs = {**today, **current.pop("method_options")}
+        ran = {**self.method_defaults, **meta.get("method_defaults", {}), **saved.pop("method_options", {})}
+        runs = {**self.method_defaults, **current.pop("method_options")}
         diff = sorted(k for k in set(saved) | set(current)
                       if saved.get(k, defaults.get(k)) != current.get(k))
         if diff:
@@ -497,7 +492,7 @@ class Trainer:
             for name in existing:
                 (self.out / name).unlink()
         if self.teacher is None and self.rank == 0:  # a recipe cannot name a teacher: its caller repeats the run
-            write_recipe(self.out / RECIPE, self.config, resolved_method_defaults(self.config))
+            write_recipe(self.out / RECIPE, self.config, self.method_defaults)
         distributed.barrier()  # rank 0 has cleared the folder before any rank goes on
         self._last_saved = self.state["step"]
         c = self.config
