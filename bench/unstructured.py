@@ -32,7 +32,6 @@ import sys
 
 from runner import RESULTS, aggregate, figure, run_grid, script_main, style, write_results
 
-from regrow.methods.iee import DEFAULT_EXPLORE_LR_SCALE, DEFAULT_NEVER_ACTIVE
 from regrow.training import METRICS, SUMMARY, TrainConfig
 
 SPARSITIES = (0.9, 0.95, 0.98)
@@ -103,21 +102,32 @@ def iee_id(never_active: str, explore_lr_scale: float) -> str:
     return f"iee-{never_active}-lr{explore_lr_scale:g}"
 
 
+# The paper's cycle (Θ_K frozen while Θ_P explores, RigL's α), regrow's defaults when the grids were built: the grid's
+# IEE, its open choices, ablations and investigation all run on it unless they name a change.
+PAPER_CYCLE = {"freeze_active": True, "alpha": 0.3}
 # The IEE the grid was built around: its main rows at every sparsity and the base of its ablations (regrow's defaults
 # when the grids ran). Pinned here, so that a change of regrow's defaults cannot relabel finished runs; where the
 # defaults differ, the grid also runs them at every sparsity and the report's IEE is regrow's default.
-GRID_IEE = {"never_active": "init", "explore_lr_scale": 0.1}
-DEFAULT_IEE = {"never_active": DEFAULT_NEVER_ACTIVE, "explore_lr_scale": DEFAULT_EXPLORE_LR_SCALE}
+GRID_IEE = {"never_active": "init", "explore_lr_scale": 0.1, **PAPER_CYCLE}
+# regrow's IEE defaults and the id of their runs, pinned too: a test checks that they are the library's defaults, so
+# that a change of the defaults fails it instead of relabelling runs (the investigation first ran these, so the id
+# is the investigation's).
+DEFAULT_IEE_ID = "iee-zero-no-freeze-alpha0.1"
+DEFAULT_IEE = {"never_active": "zero", "explore_lr_scale": 0.1, "freeze_active": False, "alpha": 0.1}
+
+
+def options_text(options: dict) -> str:
+    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in options.items())
 
 
 def default_iee() -> str:
     """Run id of IEE at regrow's defaults."""
-    return iee_id(**DEFAULT_IEE)
+    return DEFAULT_IEE_ID
 
 
 def grid_iee() -> str:
     """Run id of the grid's own IEE (:data:`GRID_IEE`)."""
-    return iee_id(**GRID_IEE)
+    return iee_id(GRID_IEE["never_active"], GRID_IEE["explore_lr_scale"])
 
 
 def main_iees() -> list[tuple[str, dict]]:
@@ -153,7 +163,7 @@ def grid(args) -> dict[str, TrainConfig]:
                     runs[f"{method}-{sparsity:g}-seed{seed}"] = config(method, sparsity, seed, {})
         for never_active, scale in CHOICE_GRID:
             runs[f"{iee_id(never_active, scale)}-0.95-seed{seed}"] = config(
-                "iee", 0.95, seed, {"never_active": never_active, "explore_lr_scale": scale})
+                "iee", 0.95, seed, {"never_active": never_active, "explore_lr_scale": scale, **PAPER_CYCLE})
         for label, options in ABLATIONS.items():
             runs[f"{label}-0.95-seed{seed}"] = config("iee", 0.95, seed, {**chosen, **options})
         for sparsity in SPARSITIES:
@@ -318,12 +328,12 @@ def report(rows: dict, summaries: dict, args) -> str:
                   "trails RigL at equal epochs, RigL's longer run is only expected to widen the gap (more epochs "
                   "helped RigL at every sparsity of the MLP grid); that expectation is not a measurement."]
     lines += ["", "## IEE at 95 %: open choices and ablations", "",
-              f"The ablations change one switch of {grid_iee()} (never_active={GRID_IEE['never_active']}, "
-              f"explore_lr_scale={GRID_IEE['explore_lr_scale']:g}); (default) marks regrow's defaults.", "",
+              f"The ablations change one switch of {grid_iee()} ({options_text(GRID_IEE)}); (default) marks "
+              f"regrow's defaults ({options_text(DEFAULT_IEE)}).", "",
               "| variant | accuracy | − RigL (paired) | FLOPs (× dense) | cycles | re-admitted | first-time | "
               "survival next cycle | survival to end | IoU with the previous update (mean) | ever active |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
-    variants = [iee_id(n, lr) for n, lr in CHOICE_GRID] + list(ABLATIONS) + ["rigl", "set"]
+    variants = list(dict.fromkeys([*(iee_id(n, lr) for n, lr in CHOICE_GRID), *ABLATIONS, iee, "rigl", "set"]))
     for v in variants:
         key = f"{v}-0.95"
         if key not in rows:
@@ -507,9 +517,8 @@ def main(argv=None) -> int:
              "optimizer": "SGD Nesterov 0.9, lr 0.1 cosine, wd 5e-4",
              "RigL/SET": f"update every {args.interval} steps, alpha 0.3 cosine, T_end 75 %",
              "IEE": f"H = J = Q = {5 if args.quick else args.hjq}, magnitude, cosine Omega, T_end 75 %; defaults "
-                    f"never_active={DEFAULT_IEE['never_active']}, explore_lr_scale={DEFAULT_IEE['explore_lr_scale']}; "
-                    f"the grid's IEE (ablations' base) never_active={GRID_IEE['never_active']}, "
-                    f"explore_lr_scale={GRID_IEE['explore_lr_scale']:g}"}
+                    f"({default_iee()}) {options_text(DEFAULT_IEE)}; the grid's IEE ({grid_iee()}, the ablations' "
+                    f"base) {options_text(GRID_IEE)}"}
     command = " ".join(["python bench/unstructured.py", *(argv if argv is not None else sys.argv[1:])])
     md = write_results(name, rows, summaries, setup, command)
     extra = report(rows, summaries, args)

@@ -111,7 +111,8 @@ def test_unstructured_grid_is_paired_and_in_the_long_regime(bench_unstructured, 
     follow_ups = planned - set(module.grid(unstructured_args(model="resnet8")))
     groups = {run.rsplit("-seed", 1)[0] for run in follow_ups}  # the MLP's own follow-ups are not the conv net's
     assert groups == {"iee-zero-bn-0.95", "iee-zero-alpha0.1-0.95", "iee-init-scale0.1-0.95", "iee-init-scale0.3-0.95",
-                      *(f"iee-zero-no-freeze{a}-{p}" for a in ("", "-alpha0.1") for p in ("0.9", "0.95", "0.98"))}
+                      *(f"iee-zero-{v}-{p}" for v in ("no-freeze", "lr0.1") for p in ("0.9", "0.95", "0.98"))
+                      } - {"iee-zero-lr0.1-0.95"}  # in the grid's open choices; the defaults are main runs
     mlp_plan = set(module.grid(unstructured_args(investigate=True)))
     assert {"iee-hjq100-0.95-seed0", "iee-init-lr0.3-0.98-seed0", "iee-momentum-zero-0.95-seed2"} <= mlp_plan
     for model in ("mlp", "resnet8"):  # the shrunk initial values: every net, at 95 %
@@ -122,20 +123,35 @@ def test_unstructured_grid_is_paired_and_in_the_long_regime(bench_unstructured, 
 
 
 def test_unstructured_grid_keeps_its_own_iee_when_the_defaults_change(bench_unstructured, monkeypatch):
-    """Finished runs keep their meaning: the ablations stay on the grid's IEE, regrow's defaults join at every
-    sparsity, and the report's IEE is regrow's default."""
+    """Finished runs keep their meaning: the grid's IEE, its open choices and ablations stay on the paper's cycle
+    (pinned, whatever regrow's defaults are), regrow's defaults join at every sparsity under their own pinned id,
+    and the report's IEE is regrow's default."""
     module = bench_unstructured
     monkeypatch.setattr(module, "read_summary", lambda args, run_id: None)
-    monkeypatch.setitem(module.DEFAULT_IEE, "never_active", "zero")
     runs = module.grid(unstructured_args())
-    assert module.default_iee() == "iee-zero-lr0.1" and module.grid_iee() == "iee-init-lr0.1"
+    assert module.default_iee() == "iee-zero-no-freeze-alpha0.1" and module.grid_iee() == "iee-init-lr0.1"
     for sparsity in module.SPARSITIES:
-        for start in ("init", "zero"):
-            assert runs[f"iee-{start}-lr0.1-{sparsity:g}-seed2"].method_options["never_active"] == start
-    assert runs["iee-no-explore-0.95-seed0"].method_options["never_active"] == "init"
-    assert module.priority("iee-zero-lr0.1-0.98-seed1") == (0, 1)  # a main run
-    monkeypatch.setitem(module.DEFAULT_IEE, "never_active", "init")  # defaults equal to the grid's IEE
-    assert not any(k.startswith("iee-zero-lr0.1-0.9-") for k in module.grid(unstructured_args()))
+        grid_own = runs[f"iee-init-lr0.1-{sparsity:g}-seed2"].method_options
+        assert grid_own["never_active"] == "init" and grid_own["freeze_active"] is True and grid_own["alpha"] == 0.3
+        default = runs[f"iee-zero-no-freeze-alpha0.1-{sparsity:g}-seed2"].method_options
+        assert {k: default[k] for k in module.DEFAULT_IEE} == module.DEFAULT_IEE
+    for run in ("iee-no-explore-0.95-seed0", "iee-zero-lr0.1-0.95-seed1", "iee-init-lr1-0.95-seed0"):
+        assert runs[run].method_options["freeze_active"] is True and runs[run].method_options["alpha"] == 0.3, run
+    assert runs["iee-no-freeze-0.95-seed0"].method_options["freeze_active"] is False
+    assert module.priority("iee-zero-no-freeze-alpha0.1-0.98-seed1") == (0, 1)  # a main run
+
+
+def test_unstructured_pinned_default_iee_is_regrows_default():
+    """The grid names regrow's IEE defaults by a pinned id; when a default changes, this fails (give the new
+    defaults their own id) instead of the grid relabelling finished runs."""
+    import sys
+    sys.path.insert(0, str(BENCH))
+    import unstructured
+
+    from regrow import methods
+    from regrow.methods.iee import IEE
+    defaults = methods.method_options(IEE)
+    assert {k: defaults[k] for k in unstructured.DEFAULT_IEE} == unstructured.DEFAULT_IEE
 
 
 def test_unstructured_equal_flops_epochs_come_from_the_finished_runs(bench_unstructured, monkeypatch):

@@ -39,7 +39,7 @@ def frozen_state(model, sp):
 
 @pytest.mark.parametrize("criterion", ["magnitude", "taylor"])
 def test_cycle_keeps_density_and_prunes_and_grows_omega(criterion):
-    model, optimizer, sp = make(criterion=criterion)
+    model, optimizer, sp = make(criterion=criterion, alpha=0.3)  # at α = 0.1 the tiny layers' late Ω_t round to 0
     start = counts(sp.masks())
     assert start == sp.target_counts()
     for t in range(1, 65):
@@ -49,7 +49,7 @@ def test_cycle_keeps_density_and_prunes_and_grows_omega(criterion):
         after = counts(sp.masks())
         pos = sp.position(t)
         if pos == H:
-            fraction = cosine_fraction(t, 0.3, 48)
+            fraction = cosine_fraction(t, sp.alpha, 48)
             expected = {n: int(fraction * before[n]) for n in before}
             assert sp.omega == expected
             assert after == {n: before[n] - expected[n] for n in before}
@@ -62,7 +62,7 @@ def test_cycle_keeps_density_and_prunes_and_grows_omega(criterion):
 
 
 def test_exploration_freezes_active_and_bn_and_grown_weights_keep_explored_values():
-    model, optimizer, sp = make()
+    model, optimizer, sp = make(freeze_active=True)  # the paper's exploration
     for t in range(1, H + J + 1):
         train_step(model, optimizer, t)
         sp.step()
@@ -291,7 +291,7 @@ def test_exploration_grows_units_never_active_before(never_active):
 
 
 def test_a_layer_the_allocation_keeps_dense_is_left_alone():
-    model, optimizer, sp = make(dense_first=True)  # as ERK does to small layers
+    model, optimizer, sp = make(dense_first=True, freeze_active=True)  # as ERK does to small layers
     dense = [n for n in sp.layers if n not in sp.cycled]
     assert dense == ["conv1"] and sp.target_counts()["conv1"] == masking.raw(model.conv1).numel()
     momentum = lambda: optimizer.state[masking.raw(model.conv1)]["momentum_buffer"].clone()  # noqa: E731

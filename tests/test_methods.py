@@ -205,7 +205,7 @@ def test_a_schedule_object_replaces_the_named_update_fraction(method):
     assert asked and [h["fraction"] for h in sp.history] == [0.25] * len(sp.history)
     assert sp.update_fraction is constant
     _, _, named = make(method, sparsity=0.8, t_end=40, **options)
-    assert named.update_fraction == CosineFraction(0.3, 40)
+    assert named.update_fraction == CosineFraction(named.alpha, 40)
     with pytest.raises(ConfigError, match="schedule must be a name"):
         make(method, sparsity=0.8, t_end=40, schedule=3, **options)
 

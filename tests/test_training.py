@@ -99,6 +99,27 @@ def test_resume_refuses_a_method_default_changed_since_the_checkpoint(tmp_path, 
         build_trainer(config(epochs=2, method_options={"interval": 5}), tmp_path / "b").run(resume=True)
 
 
+def test_an_iee_checkpoint_older_than_recorded_defaults_resumes_only_as_it_ran(tmp_path):
+    """A checkpoint from before method defaults were recorded ran IEE with Θ_K frozen and α = 0.3 (the defaults
+    then), and with a never_active that changed among such checkpoints: resuming at today's defaults would switch
+    the method mid-way, so it is refused until the old values are given back."""
+    from regrow import checkpoint
+    iee = {"estimate_steps": 2, "improve_steps": 2, "explore_steps": 2}
+    build_trainer(config(method="iee", method_options=iee, checkpoint_every=5), tmp_path).run(stop_after=5)
+    sections, meta = checkpoint.load(tmp_path / CHECKPOINT)
+    del meta["method_defaults"]
+    checkpoint.save(tmp_path / CHECKPOINT, sections, meta)
+
+    def resume(**options):
+        return build_trainer(config(method="iee", method_options={**iee, **options}, checkpoint_every=5),
+                             tmp_path).run(resume=True)
+    with pytest.raises(CheckpointError, match=r"before checkpoints recorded .* never_active has changed.*--opt"):
+        resume()
+    with pytest.raises(CheckpointError, match=r"options differ \(alpha: 0.3 -> 0.1, freeze_active: True -> False\)"):
+        resume(never_active="zero")
+    assert resume(never_active="zero", freeze_active=True, alpha=0.3)["steps"] > 5
+
+
 def test_checkpoint_of_another_architecture_is_refused(tmp_path):
     build_trainer(config(epochs=1), tmp_path).run()
     with pytest.raises(CheckpointError, match="resnet8 checkpoint, not resnet20"):

@@ -53,6 +53,10 @@ _RESUME_FREE = {"data_dir", "checkpoint_every", "eval_every", "progress", "devic
 TRAINER_OPTIONS = {"sparsity", "distribution", "structure", "total_steps", "seed", "dense_first", "dense_last",
                    "latency_target", "cost", "input_shape", "input_dtype", "latency_batch"}
 AMP_MODES = ("none", "bf16")
+# Method defaults that changed before checkpoints recorded them (``method_defaults``): what an older checkpoint ran
+# with, or UNRECORDED where that changed too among such checkpoints (the resume must then give the value).
+UNRECORDED = object()
+UNRECORDED_DEFAULTS = {"iee": {"freeze_active": True, "alpha": 0.3, "never_active": UNRECORDED}}
 
 
 def method_defaults(cls: type) -> dict[str, Any]:
@@ -359,8 +363,18 @@ class Trainer:
         # the checkpoint was written is caught (and can be given back with --opt), while giving a default's value
         # explicitly is no change. Options a checkpoint does not record (added since, or a checkpoint from before
         # defaults were recorded) count at today's defaults.
-        ran = {**self.method_defaults, **meta.get("method_defaults", {}), **saved.pop("method_options", {})}
-        runs = {**self.method_defaults, **current.pop("method_options")}
+        given, asked = saved.pop("method_options", {}), current.pop("method_options")
+        ran = {**self.method_defaults, **meta.get("method_defaults", {}), **given}
+        runs = {**self.method_defaults, **asked}
+        if "method_defaults" not in meta:
+            for key, value in UNRECORDED_DEFAULTS.get(saved.get("method"), {}).items():
+                if key in given:
+                    continue
+                if value is UNRECORDED and key not in asked:
+                    raise CheckpointError(f"cannot resume {path}: it was saved before checkpoints recorded the "
+                                          f"method's defaults, and the default of {key} has changed since; give the "
+                                          f"value it ran with (--opt {key}=...)")
+                ran[key] = runs[key] if value is UNRECORDED else value
         diff = sorted(k for k in set(saved) | set(current)
                       if saved.get(k, defaults.get(k)) != current.get(k))
         if diff:
