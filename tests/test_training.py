@@ -118,6 +118,14 @@ def test_an_iee_checkpoint_older_than_recorded_defaults_resumes_only_as_it_ran(t
     with pytest.raises(CheckpointError, match=r"options differ \(alpha: 0.3 -> 0.1, freeze_active: True -> False\)"):
         resume(never_active="zero")
     assert resume(never_active="zero", freeze_active=True, alpha=0.3)["steps"] > 5
+    # IEE for channels shares the method's name, not these options (its defaults did not change): it resumes
+    channel = config(method="iee", structure="channel", cost="macs", latency_target=0.6, method_options=iee,
+                     checkpoint_every=5)
+    build_trainer(channel, tmp_path / "channel").run(stop_after=5)
+    sections, meta = checkpoint.load(tmp_path / "channel" / CHECKPOINT)
+    del meta["method_defaults"]
+    checkpoint.save(tmp_path / "channel" / CHECKPOINT, sections, meta)
+    assert build_trainer(channel, tmp_path / "channel").run(resume=True)["steps"] > 5
 
 
 def test_checkpoint_of_another_architecture_is_refused(tmp_path):

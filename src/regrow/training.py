@@ -53,10 +53,11 @@ _RESUME_FREE = {"data_dir", "checkpoint_every", "eval_every", "progress", "devic
 TRAINER_OPTIONS = {"sparsity", "distribution", "structure", "total_steps", "seed", "dense_first", "dense_last",
                    "latency_target", "cost", "input_shape", "input_dtype", "latency_batch"}
 AMP_MODES = ("none", "bf16")
-# Method defaults that changed before checkpoints recorded them (``method_defaults``): what an older checkpoint ran
-# with, or UNRECORDED where that changed too among such checkpoints (the resume must then give the value).
+# Method defaults that changed before checkpoints recorded them (``method_defaults``), by sparsifier class (IEE for
+# channels shares the method name, not these options): what an older checkpoint ran with, or UNRECORDED where that
+# changed too among such checkpoints (the resume must then give the value).
 UNRECORDED = object()
-UNRECORDED_DEFAULTS = {"iee": {"freeze_active": True, "alpha": 0.3, "never_active": UNRECORDED}}
+UNRECORDED_DEFAULTS = {"IEE": {"freeze_active": True, "alpha": 0.3, "never_active": UNRECORDED}}
 
 
 def method_defaults(cls: type) -> dict[str, Any]:
@@ -367,7 +368,7 @@ class Trainer:
         ran = {**self.method_defaults, **meta.get("method_defaults", {}), **given}
         runs = {**self.method_defaults, **asked}
         if "method_defaults" not in meta:
-            for key, value in UNRECORDED_DEFAULTS.get(saved.get("method"), {}).items():
+            for key, value in UNRECORDED_DEFAULTS.get(type(self.sparsifier).__name__, {}).items():
                 if key in given:
                     continue
                 if value is UNRECORDED and key not in asked:
