@@ -495,6 +495,7 @@ class Trainer:
 
     def _run(self, resume: bool, stop_after: int | None, overwrite: bool) -> dict[str, Any] | None:
         existing = [name for name in RESULT_FILES if (self.out / name).exists()]
+        distributed.barrier()  # every rank has looked before rank 0 writes the recipe (else it sees a finished run)
         if resume:
             if overwrite:
                 raise ConfigError("--resume continues a run and --overwrite replaces it: choose one")
