@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from regrow import checkpoint  # noqa: E402
 from regrow.artifacts import METRICS, MODEL  # noqa: E402
 from regrow.env import cpu_name  # noqa: E402
+from regrow.methods.iee import PAPER_CYCLE  # noqa: E402
 from regrow.training import TrainConfig, build_trainer  # noqa: E402
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "runs.json"
@@ -35,7 +36,7 @@ IEE_SHORT = {"estimate_steps": 2, "improve_steps": 1, "explore_steps": 2}
 # The IEE runs were recorded at the paper's cycle (Θ_K frozen while Θ_P explores, α = 0.3) when never-active units
 # kept their initial values by default; pinned, so the fingerprints stay those of the same training (zeros have their
 # own run, resnet8-iee-zero, and regrow's defaults theirs, resnet8-iee-defaults).
-IEE_PAPER = {**IEE_SHORT, "freeze_active": True, "alpha": 0.3}
+IEE_PAPER = {**IEE_SHORT, **PAPER_CYCLE}
 IEE_INIT = {**IEE_PAPER, "never_active": "init"}
 RUNS: dict[str, dict] = {
     "resnet8-dense": dict(model="resnet8", method="dense"),

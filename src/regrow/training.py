@@ -41,6 +41,7 @@ from .data import Dataset, batches_per_epoch, eval_batches, get_batch, load_data
 from .env import environment, resolve_device, steady_allocator
 from .errors import CheckpointError, ConfigError, TrainingDivergedError, check_sparsity
 from .flops import forward_flops, layer_macs, sparse_macs
+from .methods.iee import PAPER_CYCLE
 from .models import create_model
 from .recipe import write_recipe
 from .runfolder import RunFolder
@@ -54,10 +55,10 @@ TRAINER_OPTIONS = {"sparsity", "distribution", "structure", "total_steps", "seed
                    "latency_target", "cost", "input_shape", "input_dtype", "latency_batch"}
 AMP_MODES = ("none", "bf16")
 # Method defaults that changed before checkpoints recorded them (``method_defaults``), by sparsifier class (IEE for
-# channels shares the method name, not these options): what an older checkpoint ran with, or UNRECORDED where that
-# changed too among such checkpoints (the resume must then give the value).
+# channels shares the method name, not these options): what an older checkpoint ran with (IEE: the paper's cycle),
+# or UNRECORDED where that changed too among such checkpoints (the resume must then give the value).
 UNRECORDED = object()
-UNRECORDED_DEFAULTS = {"IEE": {"freeze_active": True, "alpha": 0.3, "never_active": UNRECORDED}}
+UNRECORDED_DEFAULTS = {methods.IEE: {**PAPER_CYCLE, "never_active": UNRECORDED}}
 
 
 def method_defaults(cls: type) -> dict[str, Any]:
@@ -368,7 +369,7 @@ class Trainer:
         ran = {**self.method_defaults, **meta.get("method_defaults", {}), **given}
         runs = {**self.method_defaults, **asked}
         if "method_defaults" not in meta:
-            for key, value in UNRECORDED_DEFAULTS.get(type(self.sparsifier).__name__, {}).items():
+            for key, value in UNRECORDED_DEFAULTS.get(type(self.sparsifier), {}).items():
                 if key in given:
                     continue
                 if value is UNRECORDED and key not in asked:
