@@ -311,9 +311,9 @@ def test_channels_tightens_the_slower_of_halp_and_iee_to_the_faster_ones_measure
 def test_channels_grid_size_counts_every_run_the_protocol_trains(bench_channels):
     module = bench_channels
     args = module.parse(["--seeds", "1", "--targets", "0.3", "--model", "resnet8"])
-    # dense E + 2E + E/2; HALP E, IEE E, IEE-pretrained E, IEE 2E, HALP cost-matched E/2, IEE ramped E; later:
-    # Torch-Pruning's fine-tuning E and at most one tightened run E
-    assert module.grid_epochs(args, 4) == (4 + 8 + 2) + (4 + 4 + 4 + 8 + 2 + 4) + (4 + 4)
+    # dense E + 2E + E/2; HALP E, IEE E, IEE-pretrained E, IEE 2E, HALP cost-matched E/2, IEE ramped from scratch
+    # and from the pretrained model E each; later: Torch-Pruning's fine-tuning E and at most one tightened run E
+    assert module.grid_epochs(args, 4) == (4 + 8 + 2) + (4 + 4 + 4 + 8 + 2 + 4 + 4) + (4 + 4)
     investigate = module.parse(["--seeds", "1", "--targets", "0.3", "--model", "resnet8", "--investigate"])
     assert module.grid_epochs(investigate, 4) == module.grid_epochs(args, 4) + 4 * len(module.INVESTIGATE)
     assert module.grid_epochs(module.parse(["--seeds", "3", "--model", "resnet8"]), 4) == 6 * module.grid_epochs(
