@@ -45,11 +45,12 @@ from runner import RESULTS, commit, figure, mean_std, run_grid, script_main, sty
 from regrow import checkpoint
 from regrow.data import batches_per_epoch, get_batch, load_dataset
 from regrow.env import resolve_device, synchronize
+from regrow.errors import ConfigError
 from regrow.flops import forward_flops, layer_macs
 from regrow.latency_report import deployment_latency, latency_report, paired_timing
-from regrow.methods.channel import HALP
+from regrow.methods.channel import HALP, ChannelIEE
 from regrow.schedules import cosine_lr
-from regrow.training import MODEL, SUMMARY, TrainConfig, environment, evaluate, load_model
+from regrow.training import MODEL, SUMMARY, TrainConfig, environment, evaluate, load_model, method_defaults, run_length
 
 TARGETS = (0.55, 0.30)
 TRAIN_SIZE = 60_000  # Fashion-MNIST's training set
@@ -128,6 +129,23 @@ def grids(args) -> tuple[dict[str, TrainConfig], dict[str, TrainConfig]]:
                     main[f"iee-scratch-{label}-{target:g}-seed{s}"] = recipe(
                         args, method="iee", method_options=options, **common)
     return pre, main
+
+
+def check_cycles(runs: dict[str, TrainConfig]) -> None:
+    """Every IEE run fits at least one cycle, and its ramp: checked before anything trains, since a short
+    ``--epochs`` would otherwise stop the grid at its first such run, after the dense pretraining."""
+    t_end = method_defaults(ChannelIEE)["t_end"]
+    for run_id, config in runs.items():
+        if config.method != "iee":
+            continue
+        options = config.method_options
+        length = sum(options.get(k, method_defaults(ChannelIEE)[k]) for k in HJQ)
+        cycles = max(1, round(t_end * run_length(config, TRAIN_SIZE)[1])) // length
+        needed = max(1, options.get("ramp_cycles", 0))
+        if cycles < needed:
+            raise ConfigError(f"{run_id}: {cycles} IEE cycle(s) of H + J + Q = {length} steps fit in its "
+                              f"{config.epochs} epoch(s), it needs {needed}"
+                              + (" for its ramp (--ramp-cycles)" if needed > 1 else "") + "; train longer")
 
 
 def halp_interval(args) -> int:
@@ -375,8 +393,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="a few steps per run (MACs cost), separate results")
     p.add_argument("--quick-steps", type=int, default=30)
     p.add_argument("--model", default="resnet20")
-    p.add_argument("--epochs", type=int, default=2, help="epochs of every HALP / IEE / fine-tuning run")
-    p.add_argument("--pretrain-epochs", type=int, default=2, help="epochs of the dense pretraining")
+    p.add_argument("--epochs", type=int, default=3, help="epochs of every HALP / IEE / fine-tuning run (E)")
+    p.add_argument("--pretrain-epochs", type=int, default=3, help="epochs of the dense pretraining (E)")
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--targets", type=float, nargs="+", default=list(TARGETS))
     p.add_argument("--group-size", type=int, default=4)
@@ -418,6 +436,7 @@ def main(argv=None) -> int:
     if args.plan is not None:
         return plan(args, args.plan)
     pre, main_runs = grids(args)
+    check_cycles(main_runs)
     for run_id in pre:  # a grid from before the pretrained weights were kept in git trains them again
         out = RESULTS / "runs" / args.name / run_id
         if (out / SUMMARY).exists() and not (out / MODEL).exists():

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from regrow.errors import ConfigError
+
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
@@ -318,6 +320,11 @@ def test_channels_grid_size_counts_every_run_the_protocol_trains(bench_channels)
     assert module.grid_epochs(investigate, 4) == module.grid_epochs(args, 4) + 4 * len(module.INVESTIGATE)
     assert module.grid_epochs(module.parse(["--seeds", "3", "--model", "resnet8"]), 4) == 6 * module.grid_epochs(
         args, 4) - 3 * (4 + 8 + 2)  # the dense models are per seed, not per target
+    module.check_cycles(module.grids(investigate)[1])  # E = 3: 1055 steps before t_end, 7 cycles of 150, 35 of 30
+    short = module.parse(["--seeds", "1", "--targets", "0.3", "--model", "resnet8", "--epochs", "1"])
+    with pytest.raises(ConfigError, match=r"iee-ramp-0.3-seed0: 2 IEE cycle\(s\) of H \+ J \+ Q = 150 steps .* "
+                                          r"needs 5 for its ramp"):
+        module.check_cycles(module.grids(short)[1])  # 352 steps before t_end: 2 cycles, the ramp wants 5
     assert module.halp_interval(module.parse(["--epochs", "20"])) == 40  # the paper's interval where it fits
     assert module.halp_interval(module.parse(["--epochs", "2"])) == 469 // 60
     with pytest.raises(SystemExit) as refused:  # a plan for no time at all: one line, exit 2
