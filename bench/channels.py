@@ -134,14 +134,17 @@ def grids(args) -> tuple[dict[str, TrainConfig], dict[str, TrainConfig]]:
 def check_cycles(runs: dict[str, TrainConfig]) -> None:
     """Every IEE run fits at least one cycle, and its ramp: checked before anything trains, since a short
     ``--epochs`` would otherwise stop the grid at its first such run, after the dense pretraining."""
-    t_end = method_defaults(ChannelIEE)["t_end"]
+    defaults = method_defaults(ChannelIEE)
     for run_id, config in runs.items():
         if config.method != "iee":
             continue
-        options = config.method_options
-        length = sum(options.get(k, method_defaults(ChannelIEE)[k]) for k in HJQ)
-        cycles = max(1, round(t_end * run_length(config, TRAIN_SIZE)[1])) // length
-        needed = max(1, options.get("ramp_cycles", 0))
+        options = {**defaults, **config.method_options}
+        length = sum(options[k] for k in HJQ)
+        t_end = options["t_end"]  # a fraction of the run, or steps (as the sparsifier reads it)
+        if isinstance(t_end, float):
+            t_end = max(1, round(t_end * run_length(config, TRAIN_SIZE)[1]))
+        cycles = t_end // length
+        needed = max(1, options["ramp_cycles"])
         if cycles < needed:
             raise ConfigError(f"{run_id}: {cycles} IEE cycle(s) of H + J + Q = {length} steps fit in its "
                               f"{config.epochs} epoch(s), it needs {needed}"
