@@ -398,7 +398,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default="resnet20")
     p.add_argument("--epochs", type=int, default=3, help="epochs of every HALP / IEE / fine-tuning run (E)")
     p.add_argument("--pretrain-epochs", type=int, default=3, help="epochs of the dense pretraining (E)")
-    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--seeds", type=int, default=3, help="paired seeds (the protocol asks for at least 3)")
     p.add_argument("--targets", type=float, nargs="+", default=list(TARGETS))
     p.add_argument("--group-size", type=int, default=4)
     p.add_argument("--prune-first", action="store_true", help="let the first conv's channels be pruned")
