@@ -48,6 +48,7 @@ from regrow.env import resolve_device, synchronize
 from regrow.errors import ConfigError
 from regrow.flops import forward_flops, layer_macs
 from regrow.latency_report import deployment_latency, latency_report, paired_timing
+from regrow.methods.base import option_steps
 from regrow.methods.channel import HALP, ChannelIEE
 from regrow.schedules import cosine_lr
 from regrow.training import MODEL, SUMMARY, TrainConfig, environment, evaluate, load_model, method_defaults, run_length
@@ -140,10 +141,7 @@ def check_cycles(runs: dict[str, TrainConfig]) -> None:
             continue
         options = {**defaults, **config.method_options}
         length = sum(options[k] for k in HJQ)
-        t_end = options["t_end"]  # a fraction of the run, or steps (as the sparsifier reads it)
-        if isinstance(t_end, float):
-            t_end = max(1, round(t_end * run_length(config, TRAIN_SIZE)[1]))
-        cycles = t_end // length
+        cycles = option_steps(options["t_end"], run_length(config, TRAIN_SIZE)[1], "t_end") // length
         needed = max(1, options["ramp_cycles"])
         if cycles < needed:
             raise ConfigError(f"{run_id}: {cycles} IEE cycle(s) of H + J + Q = {length} steps fit in its "

@@ -143,17 +143,13 @@ def test_unstructured_grid_keeps_its_own_iee_when_the_defaults_change(bench_unst
     assert module.priority("iee-zero-no-freeze-alpha0.1-0.98-seed1") == (0, 1)  # a main run
 
 
-def test_unstructured_pinned_default_iee_is_regrows_default():
+def test_unstructured_pinned_default_iee_is_regrows_default(bench_unstructured):
     """The grid names regrow's IEE defaults by a pinned id; when a default changes, this fails (give the new
     defaults their own id) instead of the grid relabelling finished runs."""
-    import sys
-    sys.path.insert(0, str(BENCH))
-    import unstructured
-
     from regrow import methods
     from regrow.methods.iee import IEE
     defaults = methods.method_options(IEE)
-    assert {k: defaults[k] for k in unstructured.DEFAULT_IEE} == unstructured.DEFAULT_IEE
+    assert {k: defaults[k] for k in bench_unstructured.DEFAULT_IEE} == bench_unstructured.DEFAULT_IEE
 
 
 def test_unstructured_equal_flops_epochs_come_from_the_finished_runs(bench_unstructured, monkeypatch):

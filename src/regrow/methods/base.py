@@ -31,6 +31,20 @@ from ..mask_history import MaskTracker
 from ..structures import NM, get_structure
 
 
+def option_steps(value: int | float, total_steps: int | None, option: str) -> int:
+    """An option in steps: a float in (0, 1] is a fraction of ``total_steps``, an int is absolute (what a
+    sparsifier makes of ``t_end``, ``prune_at``, ...; a planner of runs can ask the same without building one)."""
+    if isinstance(value, float):
+        if not 0.0 < value <= 1.0:
+            raise ConfigError(f"{option}={value} as a fraction of training must be in (0, 1]")
+        if total_steps is None:
+            raise ConfigError(f"{option}={value} is a fraction of training: pass total_steps")
+        return max(1, int(round(value * total_steps)))
+    if not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{option} must be a step count (int >= 0) or a fraction (float), got {value!r}")
+    return value
+
+
 class BaseSparsifier:
     """The lifecycle every sparsifier shares, whatever it masks: the model, the optimizer, the optimizer guard, a
     seeded generator, the step counter, the update history and the mask history, and ``state_dict``.
@@ -83,15 +97,7 @@ class BaseSparsifier:
     # ----- schedule helpers -------------------------------------------------------------------------------
     def steps(self, value: int | float, option: str) -> int:
         """An option in steps: a float in (0, 1] is a fraction of ``total_steps``, an int is absolute."""
-        if isinstance(value, float):
-            if not 0.0 < value <= 1.0:
-                raise ConfigError(f"{option}={value} as a fraction of training must be in (0, 1]")
-            if self.total_steps is None:
-                raise ConfigError(f"{option}={value} is a fraction of training: pass total_steps")
-            return max(1, int(round(value * self.total_steps)))
-        if not isinstance(value, int) or value < 0:
-            raise ConfigError(f"{option} must be a step count (int >= 0) or a fraction (float), got {value!r}")
-        return value
+        return option_steps(value, self.total_steps, option)
 
     def masks(self) -> dict[str, torch.Tensor]:
         """The sparse network's mask of every masked layer's weight."""
