@@ -147,9 +147,10 @@ def main(argv=None) -> int:
             rows[f"{allocation}-{start}"] = dict(zip(("mean", "std"), mean_std(accuracies)))
         diffs = [runs[f"one-solve-{start}-seed{s}"]["test_accuracy"] - runs[f"path-{start}-seed{s}"]["test_accuracy"]
                  for s in range(args.seeds)]
-        rows[f"difference-{start}"] = {"mean": statistics.mean(diffs), "per_seed": diffs,
-                                       "stderr": statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else None}
-    setup = {"command": " ".join(["python bench/channel_widths.py", *(sys.argv[1:] if argv is None else argv)]), "commit": commit(),
+        stderr = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else None
+        rows[f"difference-{start}"] = {"mean": statistics.mean(diffs), "per_seed": diffs, "stderr": stderr}
+    command = " ".join(["python bench/channel_widths.py", *(sys.argv[1:] if argv is None else argv)])
+    setup = {"command": command, "commit": commit(),
              "hardware": f"{platform.processor() or platform.machine()}, 1 thread", "torch": torch.__version__,
              "args": vars(args), "allocations": described}
     checkpoint.write_json(RESULTS / f"{name}.json", {"setup": setup, "rows": rows, "runs": runs})

@@ -60,12 +60,15 @@ TRAIN_SIZE = 60_000  # Fashion-MNIST's training set
 # α = 0.1), and growth by the importance a channel had when last active (``explore=false``), alone and with the
 # ramp. A one-epoch pilot (ResNet-20, MACs at 0.3, one seed, H = J = Q = 10) ranked the last two first: straight
 # cut 80.9 %, ramped 82.3 %, without exploration 83.3 %, both 86.0 %, HALP from random weights 86.3 %.
+# ``one-cycle``: IEE stopped after its first cycle (t_end = H + J + Q steps; the mask is fixed from then on), which
+# separates what the later cycles add from the first cut: in that pilot the first cut's widths, trained with a
+# fixed mask, did better than every IEE run (bench/channel_widths.py).
 HJQ = ("estimate_steps", "improve_steps", "explore_steps")
 INVESTIGATE = {"lr0.3": {"explore_lr_scale": 0.3}, "lr1": {"explore_lr_scale": 1.0},
                "hjq10": dict.fromkeys(HJQ, 10), "hjq25": dict.fromkeys(HJQ, 25),
                "no-freeze": {"freeze_active": False}, "no-freeze-alpha0.1": {"freeze_active": False, "alpha": 0.1},
                "no-explore": {"explore": False}, "no-explore-ramp": {"explore": False, "ramp_cycles": "ramp"},
-               "hjq10-ramp": {**dict.fromkeys(HJQ, 10), "ramp_cycles": "ramp"}}
+               "hjq10-ramp": {**dict.fromkeys(HJQ, 10), "ramp_cycles": "ramp"}, "one-cycle": {"t_end": "one cycle"}}
 MATCH_TOLERANCE = 0.02  # measured latencies within 2 % (relative) count as equal: about the timing noise
 LATENCY = "latency.json"
 
@@ -127,6 +130,8 @@ def grids(args) -> tuple[dict[str, TrainConfig], dict[str, TrainConfig]]:
                     options = {**iee, **options}
                     if options.get("ramp_cycles") == "ramp":  # the control's ramp, over the same steps
                         options["ramp_cycles"] = args.ramp_cycles * iee["estimate_steps"] // options["estimate_steps"]
+                    if options.get("t_end") == "one cycle":  # t_end in steps: the first cycle's
+                        options["t_end"] = sum(options[k] for k in HJQ)
                     main[f"iee-scratch-{label}-{target:g}-seed{s}"] = recipe(
                         args, method="iee", method_options=options, **common)
     return pre, main
