@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -27,6 +26,7 @@ from runner import RESULTS, commit, figure, mean_std, script_main, style
 
 from regrow import checkpoint
 from regrow.data import batches_per_epoch, get_batch, load_dataset
+from regrow.env import cpu_name
 from regrow.export import count_parameters, export_channels
 from regrow.flops import forward_flops, layer_macs
 from regrow.methods.channel import HALP
@@ -38,7 +38,7 @@ ALLOCATIONS = ("one-solve", "path")
 STARTS = ("pretrained", "scratch")
 
 
-def allocate(args, model: torch.nn.Module) -> tuple[HALP, dict[str, list[torch.Tensor]], dict]:
+def allocate(args, model: torch.nn.Module) -> tuple[dict[str, list[torch.Tensor]], dict]:
     """The importance of every channel under the pretrained model, and the kept channels of both allocations."""
     shape = (1, 28, 28)
     sparsifier = HALP(model, None, latency_target=args.target, cost="macs", group_size=args.group_size,
@@ -62,7 +62,7 @@ def allocate(args, model: torch.nn.Module) -> tuple[HALP, dict[str, list[torch.T
                         "macs_fraction": allocator.cost_of([int(k.sum()) for k in kept]) / sparsifier.dense_cost,
                         "summed_importance": sum(float(s[k].sum()) for s, k in zip(scores, kept))}
                  for name, kept in keeps.items()}
-    return sparsifier, keeps, described
+    return keeps, described
 
 
 def cut(model: torch.nn.Module, keeps: list[torch.Tensor], args) -> torch.nn.Module:
@@ -120,7 +120,7 @@ def main(argv=None) -> int:
     out = RESULTS / "runs" / name
     out.mkdir(parents=True, exist_ok=True)
     dense, _ = load_model(args.dense, expect_model="resnet20")
-    _, keeps, described = allocate(args, dense)
+    keeps, described = allocate(args, dense)
     runs = {}
     for seed in range(args.seeds):
         for start in STARTS:
@@ -135,7 +135,7 @@ def main(argv=None) -> int:
                 else:
                     torch.manual_seed(seed)
                     source = create_model("resnet20")
-                result = {"allocation": allocation, "start": start, "seed": seed,
+                result = {"allocation": allocation, "start": start, "seed": seed, "commit": commit(),
                           **train_one(cut(source, keeps[allocation], args), seed, args.epochs, args.max_steps)}
                 checkpoint.write_json(path, result)
                 runs[run_id] = result
@@ -150,8 +150,9 @@ def main(argv=None) -> int:
         stderr = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else None
         rows[f"difference-{start}"] = {"mean": statistics.mean(diffs), "per_seed": diffs, "stderr": stderr}
     command = " ".join(["python bench/channel_widths.py", *(sys.argv[1:] if argv is None else argv)])
-    setup = {"command": command, "commit": commit(),
-             "hardware": f"{platform.processor() or platform.machine()}, 1 thread", "torch": torch.__version__,
+    trained_at = sorted({r.get("commit", "unknown") for r in runs.values()})
+    setup = {"command": command, "commit": commit(), "runs_trained_at": trained_at,
+             "hardware": f"{cpu_name()}, 1 thread", "torch": torch.__version__,
              "args": vars(args), "allocations": described}
     checkpoint.write_json(RESULTS / f"{name}.json", {"setup": setup, "rows": rows, "runs": runs})
     write_markdown(name, args, setup, rows, runs, described)
@@ -169,7 +170,8 @@ def main(argv=None) -> int:
 def write_markdown(name, args, setup, rows, runs, described) -> None:
     roots = list(described["path"]["kept_channels"])
     lines = [f"# {name}", "", __doc__.split("\n\n")[1].replace("\n", " ").replace("``", "`"), "",
-             f"Command: `{setup['command']}`; commit {setup['commit']}; {setup['hardware']}; torch "
+             f"Command: `{setup['command']}`; runs trained at {', '.join(setup['runs_trained_at'])}, tables written "
+             f"at {setup['commit']}; {setup['hardware']}; torch "
              f"{setup['torch']}. ResNet-20 on Fashion-MNIST, MACs budget {args.target:g} of dense, G = "
              f"{args.group_size}, first conv prunable, importance from {args.importance_batches} batches of "
              f"`{args.dense.split('bench/results/')[-1]}`; {args.epochs} epoch(s) per run, seeds 0–{args.seeds - 1} "

@@ -61,8 +61,8 @@ TRAIN_SIZE = 60_000  # Fashion-MNIST's training set
 # ramp. A one-epoch pilot (ResNet-20, MACs at 0.3, one seed, H = J = Q = 10) ranked the last two first: straight
 # cut 80.9 %, ramped 82.3 %, without exploration 83.3 %, both 86.0 %, HALP from random weights 86.3 %.
 # ``one-cycle``: IEE stopped after its first cycle (t_end = H + J + Q steps; the mask is fixed from then on), which
-# separates what the later cycles add from the first cut: in that pilot the first cut's widths, trained with a
-# fixed mask, did better than every IEE run (bench/channel_widths.py).
+# separates what the later cycles add from the first cut: a single knapsack solve's widths (on a trained model's
+# scores), trained from random weights with the mask fixed, beat every IEE run of that pilot (bench/channel_widths.py).
 HJQ = ("estimate_steps", "improve_steps", "explore_steps")
 INVESTIGATE = {"lr0.3": {"explore_lr_scale": 0.3}, "lr1": {"explore_lr_scale": 1.0},
                "hjq10": dict.fromkeys(HJQ, 10), "hjq25": dict.fromkeys(HJQ, 25),

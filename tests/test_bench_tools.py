@@ -406,3 +406,28 @@ def test_a_bench_scripts_bad_input_is_one_line_and_exit_2_before_any_run_folder(
     with pytest.raises(ConfigError, match="no usable CUDA GPU"):
         runner.run_grid("grid-test", bench_unstructured.grid(unstructured_args(device="cuda", only=["dense-seed0"])))
     assert not (tmp_path / "results").exists()  # refused before any folder was made
+
+
+def test_channel_widths_cuts_both_allocations_out_at_the_budget_they_were_given(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(BENCH))
+    import channel_widths as module
+
+    from regrow.flops import layer_macs
+    from regrow.training import load_model
+
+    args = module.parse(["--importance-batches", "2"])
+    dense, _ = load_model(args.dense, expect_model="resnet20")
+    dense_macs = sum(layer_macs(dense, (1, 28, 28)).values())
+    keeps, described = module.allocate(args, dense)
+    assert set(keeps) == set(module.ALLOCATIONS)
+    widths = {allocation: described[allocation]["kept_channels"] for allocation in keeps}
+    assert widths["one-solve"] != widths["path"]  # the two ways land on different widths
+    for allocation, kept in keeps.items():
+        assert described[allocation]["macs_fraction"] <= args.target
+        small = module.cut(load_model(args.dense)[0], kept, args)
+        # the exported network has exactly the widths chosen: its MACs are what the allocator priced
+        macs = sum(layer_macs(small, (1, 28, 28)).values())
+        assert macs / dense_macs == pytest.approx(described[allocation]["macs_fraction"], rel=1e-6)
+        modules = dict(small.named_modules())
+        assert all(modules[root].out_channels == count for root, count in widths[allocation].items())
