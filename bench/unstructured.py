@@ -269,7 +269,11 @@ def mask_stats(summaries: dict, key: str) -> dict:
 
 def cell(rows: dict, key: str) -> str:
     r = rows.get(key)
-    return "" if r is None else f"{100 * r['test_accuracy_mean']:.2f} ± {100 * r['test_accuracy_std']:.2f}"
+    if r is None:
+        return ""
+    if r["n"] == 1:  # one seed has no spread: say so instead of "± 0.00"
+        return f"{100 * r['test_accuracy_mean']:.2f} (n=1)"
+    return f"{100 * r['test_accuracy_mean']:.2f} ± {100 * r['test_accuracy_std']:.2f}"
 
 
 def diff_cell(d: dict | None) -> str:
@@ -310,7 +314,7 @@ def report(rows: dict, summaries: dict, args) -> str:
               "RigL trained for as many epochs as give it IEE's training FLOPs (IEE's exploration runs dense).", "",
               "| sparsity | RigL epochs | RigL FLOPs (× dense E epochs) | RigL at equal FLOPs | IEE | IEE − RigL |",
               "|---|---|---|---|---|---|"]
-    not_run = []
+    not_run, trails = [], False
     for s in SPARSITIES:
         k = f"{s:g}"
         r = rows.get(f"rigl-eqflops-{k}")
@@ -318,15 +322,17 @@ def report(rows: dict, summaries: dict, args) -> str:
             at_equal_epochs = paired(summaries, f"{iee}-{k}", f"rigl-{k}")
             if at_equal_epochs is not None:
                 not_run.append(f"{100 * s:g} % (IEE − RigL at equal epochs {diff_cell(at_equal_epochs)})")
+                trails |= at_equal_epochs["mean"] < 0
             continue
         ratio = r["train_flops"] / rows["dense"]["train_flops"] if "dense" in rows else float("nan")
         difference = diff_cell(paired(summaries, f"{iee}-{k}", f"rigl-eqflops-{k}"))
         lines.append(f"| {100 * s:g} % | {r['epochs']} | {ratio:.3f} | {cell(rows, f'rigl-eqflops-{k}')} | "
                      f"{cell(rows, f'{iee}-{k}')} | {difference} |")
     if not_run:
-        lines += ["", "Not run (no equal-FLOPs RigL in this grid) at " + "; ".join(not_run) + ". Where IEE already "
-                  "trails RigL at equal epochs, RigL's longer run is only expected to widen the gap (more epochs "
-                  "helped RigL at every sparsity of the MLP grid); that expectation is not a measurement."]
+        lines += ["", "No equal-FLOPs RigL run has finished (or none is in this grid) at " + "; ".join(not_run) + "."
+                  + (" Where IEE already trails RigL at equal epochs, RigL's longer run is only expected to widen the "
+                     "gap (more epochs helped RigL at every sparsity of the MLP grid); that expectation is not a "
+                     "measurement." if trails else "")]
     lines += ["", "## IEE at 95 %: open choices and ablations", "",
               f"The ablations change one switch of {grid_iee()} ({options_text(GRID_IEE)}); (default) marks "
               f"regrow's defaults ({options_text(DEFAULT_IEE)}).", "",
