@@ -416,7 +416,8 @@ def test_channel_widths_cuts_both_allocations_out_at_the_budget_they_were_given(
     from regrow.flops import layer_macs
     from regrow.training import load_model
 
-    args = module.parse(["--importance-batches", "2"])
+    dense_path = BENCH / "results" / "runs" / "channels-resnet20-e2" / "dense-seed0" / "model.safetensors"
+    args = module.parse(["--importance-batches", "2", "--dense", str(dense_path)])
     dense, _ = load_model(args.dense, expect_model="resnet20")
     dense_macs = sum(layer_macs(dense, (1, 28, 28)).values())
     keeps, described = module.allocate(args, dense)
