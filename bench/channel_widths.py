@@ -110,7 +110,11 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--max-steps", type=int, default=None, help="stop every run after this many steps (smoke test)")
     p.add_argument("--name", default=None, help="results name (default channel-widths-resnet20-eE)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for option in ("importance_batches", "path_steps", "epochs", "seeds"):
+        if getattr(args, option) < 1:
+            p.error(f"--{option.replace('_', '-')} must be at least 1")
+    return args
 
 
 def main(argv=None) -> int:
