@@ -424,6 +424,10 @@ def test_channel_widths_cuts_both_allocations_out_at_the_budget_they_were_given(
     assert set(keeps) == set(module.ALLOCATIONS)
     widths = {allocation: described[allocation]["kept_channels"] for allocation in keeps}
     assert widths["one-solve"] != widths["path"]  # the two ways land on different widths
+    by_size = {}  # one keep fraction for every group: groups of one size keep as many channels
+    for root, count in widths["uniform"].items():
+        by_size.setdefault(dense.get_submodule(root).out_channels, set()).add(count)
+    assert len(by_size) == 3 and all(len(counts) == 1 for counts in by_size.values())
     for allocation, kept in keeps.items():
         assert described[allocation]["macs_fraction"] <= args.target
         small = module.cut(load_model(args.dense)[0], kept, args)
