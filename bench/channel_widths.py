@@ -1,17 +1,17 @@
 """Which channel widths train better at one budget: the knapsack's single solve, HALP's gradual path, or one
 keep fraction for every group?
 
-Under one fixed set of importance scores (HALP's Taylor-BN criterion, averaged over ``--importance-batches``
-batches of the pretrained dense model, or of the model at its random initialisation with ``--dense none``), the
-same MACs budget is met three ways: one knapsack solve from the dense widths (what channel IEE's first cut does);
-HALP's exponential path of ``--path-steps`` solves, each from the widths the previous one left; and the same keep
-fraction in every group (the most important channels of each; the largest fraction that fits, as Torch-Pruning's
-uniform ratio does). In a ResNet the first two land in different places (the single solve narrows the residual
-streams and keeps inner convs wide; the path does the opposite). Each architecture is then cut out of the model
-(masked channels removed) and trained with the same recipe, paired seeds: from the pretrained weights
-(fine-tuning, when there are any) and from random weights (the same initialisation rule as every regrow model,
-then cut). The methods' own dynamics (cycles, exploration, HALP's interleaved pruning) are left out: only the
-widths differ.
+Under one fixed set of importance scores (HALP's Taylor-BN criterion, averaged over ``--importance-batches`` batches
+of the pretrained dense model, or of the model at its random initialisation with ``--dense none``), the same MACs
+budget is met three ways: one knapsack solve from the dense widths (what channel IEE's first cut does); HALP's
+exponential path of ``--path-steps`` solves, each from the widths the previous one left; and the same keep fraction
+in every group (the most important channels of each; the largest fraction that fits, as Torch-Pruning's uniform
+ratio does); and the single solve with a floor on every group's width (``--min-width`` of its channels, channel
+methods' ``min_width`` option). In a ResNet the first two land in different places (the single solve narrows the
+residual streams and keeps inner convs wide; the path does the opposite). Each architecture is then cut out of the
+model (masked channels removed) and trained with the same recipe, paired seeds: from the pretrained weights (fine-
+tuning, when there are any) and from random weights (the same initialisation rule as every regrow model, then cut).
+The methods' own dynamics (cycles, exploration, HALP's interleaved pruning) are left out: only the widths differ.
 
     python bench/channel_widths.py --epochs 1 --seeds 3
     python bench/channel_widths.py --model mobilenetv2-small --dense none --epochs 1 --seeds 3
@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from runner import RESULTS, commit, figure, mean_std, script_main, style
 
 from regrow import checkpoint
+from regrow.channels.budget import ChannelBudget
 from regrow.data import batches_per_epoch, get_batch, load_dataset
 from regrow.env import cpu_name
 from regrow.export import count_parameters, export_channels
@@ -39,7 +40,7 @@ from regrow.models import create_model
 from regrow.schedules import cosine_lr, exponential_path
 from regrow.training import MODEL, evaluate, load_model
 
-ALLOCATIONS = ("one-solve", "path", "uniform")
+ALLOCATIONS = ("one-solve", "path", "uniform", "floor")
 DENSE = {"resnet20": RESULTS / "runs" / "channels-resnet20-e2" / "dense-seed0" / MODEL}
 SHAPE = (1, 28, 28)  # Fashion-MNIST
 
@@ -94,6 +95,8 @@ def allocate(args, model: torch.nn.Module) -> tuple[dict[str, list[torch.Tensor]
                                 allowed=path)
     keeps["path"] = path
     keeps["uniform"] = uniform(sparsifier, scores)
+    floored = ChannelBudget(model, sparsifier.groups, sparsifier.cost_model, args.group_size, min_width=args.min_width)
+    keeps["floor"] = floored.select(scores, sparsifier.budget, allowed=everything)
     described = {name: {"kept_channels": dict(zip([g.root for g in sparsifier.groups], [int(k.sum()) for k in kept])),
                         "macs_fraction": allocator.cost_of([int(k.sum()) for k in kept]) / sparsifier.dense_cost,
                         "summed_importance": sum(float(s[k].sum()) for s, k in zip(scores, kept))}
@@ -142,6 +145,8 @@ def parse(argv=None) -> argparse.Namespace:
                         "runs from random weights only")
     p.add_argument("--target", type=float, default=0.30, help="MACs budget, a fraction of dense")
     p.add_argument("--group-size", type=int, default=4)
+    p.add_argument("--min-width", type=float, default=0.25, help="the floor allocation's fewest channels per group, "
+                                                                  "a fraction of each")
     p.add_argument("--importance-batches", type=int, default=20)
     p.add_argument("--path-steps", type=int, default=30, help="HALP's prunings (its default)")
     p.add_argument("--epochs", type=int, default=1)

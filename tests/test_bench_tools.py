@@ -417,7 +417,7 @@ def test_channel_widths_cuts_both_allocations_out_at_the_budget_they_were_given(
     from regrow.training import load_model
 
     dense_path = BENCH / "results" / "runs" / "channels-resnet20-e2" / "dense-seed0" / "model.safetensors"
-    args = module.parse(["--importance-batches", "2", "--dense", str(dense_path)])
+    args = module.parse(["--importance-batches", "2", "--dense", str(dense_path), "--min-width", "0.5"])
     dense, _ = load_model(args.dense, expect_model="resnet20")
     dense_macs = sum(layer_macs(dense, (1, 28, 28)).values())
     keeps, described = module.allocate(args, dense)
@@ -428,6 +428,9 @@ def test_channel_widths_cuts_both_allocations_out_at_the_budget_they_were_given(
     for root, count in widths["uniform"].items():
         by_size.setdefault(dense.get_submodule(root).out_channels, set()).add(count)
     assert len(by_size) == 3 and all(len(counts) == 1 for counts in by_size.values())
+    sizes = {root: dense.get_submodule(root).out_channels for root in widths["floor"]}
+    assert all(count >= args.min_width * sizes[root] for root, count in widths["floor"].items())
+    assert any(count < args.min_width * sizes[root] for root, count in widths["one-solve"].items())
     for allocation, kept in keeps.items():
         assert described[allocation]["macs_fraction"] <= args.target
         small = module.cut(load_model(args.dense)[0], kept, args)

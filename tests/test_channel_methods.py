@@ -327,6 +327,26 @@ def test_iee_channel_can_ramp_its_budget_down_like_halp():
         setup("iee", ramp_cycles=9)
 
 
+@pytest.mark.parametrize("method", ["iee", "halp"])
+def test_min_width_keeps_a_floor_of_every_group_through_every_cut(method):
+    model, optimizer, sp = setup(method, latency_target=0.45, min_width=0.5)
+    fewest = [sp.allocator.fewest(i) for i in range(len(sp.groups))]
+    assert fewest == [max(2, -(-g.size // 2 // 2) * 2) for g in sp.groups]  # half, in whole chunks of G = 2
+    seen = []
+    train(model, optimizer, sp, 60, each=lambda step: seen.append(sp.kept_counts()))
+    assert len(sp.history) >= 5
+    assert all(k >= f for counts in seen for k, f in zip(counts, fewest))
+    assert sp.predicted_cost() <= sp.budget * (1 + 1e-9)
+    plain_model, plain_optimizer, plain = setup(method, latency_target=0.45)
+    train(plain_model, plain_optimizer, plain, 60)
+    assert min(k / g.size for k, g in zip(plain.kept_counts(), plain.groups)) < 0.5  # the floor made a difference
+    with pytest.raises(ConfigError, match="below what this model reaches with 0.9 of every group's channels"):
+        setup(method, latency_target=0.45, min_width=0.9)
+    for bad in (1.0, -0.1, "half"):
+        with pytest.raises(ConfigError, match="min_width"):
+            setup(method, min_width=bad)
+
+
 class TokenModel(nn.Module):
     """Tokens through Linear layers, a sequence-first nn.MultiheadAttention (projections used functionally) and a
     pooler on one token: a Linear's cost scales with the tokens it runs on."""

@@ -103,13 +103,23 @@ class ChannelBudget:
         group_size: G, channels per knapsack item (a group with its own ``chunk``, an attention head group, uses
             that instead: one head per item).
         resolution: grid steps of the knapsack's budget.
+        min_width: the fraction of every group's channels that every answer keeps at least (rounded up to whole
+            chunks; default 0: one chunk). On noisy importance (a model near its random initialisation) the
+            knapsack alone can cut a layer to one chunk, e.g. MobileNetV2's last 1×1 conv to 4 of its 1280 channels.
     """
 
     def __init__(self, model: nn.Module, groups: Sequence[ChannelGroup], cost_model, group_size: int,
-                 resolution: int | None = 2000):
+                 resolution: int | None = 2000, min_width: float = 0.0):
+        if not isinstance(min_width, (int, float)) or isinstance(min_width, bool) or not 0.0 <= min_width < 1.0:
+            raise ConfigError(f"min_width is a fraction of every group's channels in [0, 1), got {min_width!r}")
         self.groups, self.cost_model = list(groups), cost_model
-        self.group_size, self.resolution = group_size, resolution
+        self.group_size, self.resolution, self.min_width = group_size, resolution, float(min_width)
         self._wire_layers(model)
+
+    def fewest(self, i: int) -> int:
+        """The fewest channels group ``i`` may keep: one chunk, or ``min_width`` of it in whole chunks."""
+        chunk, size = self.chunk(i), self.groups[i].size
+        return min(size, max(chunk, math.ceil(self.min_width * size / chunk - 1e-9) * chunk))
 
     def _wire_layers(self, model: nn.Module) -> None:
         """For every costed layer: which group sets its output width and which groups its input width."""
@@ -212,7 +222,8 @@ class ChannelBudget:
         budget as closely as it can, and the reference is moved to that answer for another round. The best answer
         within the budget wins; if none is found (a noisy table that is not monotone), chunks are dropped greedily.
         ``best_effort``: a budget below the fewest allowed channels gives those (IEE's prune to (1 − Ω)·budget
-        can ask for less than the model can reach) instead of an error.
+        can ask for less than the model can reach) instead of an error. Every group keeps at least
+        :meth:`fewest` channels (its most important allowed ones), or every allowed one where fewer are allowed.
         """
         forced = forced or [torch.zeros_like(a) for a in allowed]
         orders, values, min_groups = [], [], []
@@ -224,7 +235,8 @@ class ChannelBudget:
                                rest[torch.argsort(score[rest], descending=True, stable=True)]])
             orders.append(order)
             values.append([float(score[order[j * G:(j + 1) * G]].sum()) for j in range(math.ceil(len(order) / G))])
-            min_groups.append(max(1, math.ceil(len(first) / G)))
+            floor = min(len(order), self.fewest(i))
+            min_groups.append(max(1, math.ceil(len(first) / G), math.ceil(floor / G)))
         best, best_value = None, -math.inf
 
         def consider(groups: list[int]) -> bool:

@@ -54,6 +54,8 @@ class ChannelSparsifier(BaseSparsifier):
             ResNet-20 and MobileNetV2, the mean stayed about the same); False times the bare layers.
         cache_dir: where the latency table is cached (default ``$REGROW_CACHE_DIR`` or ``~/.cache/regrow``).
         resolution: grid steps of the knapsack's budget.
+        min_width: every group keeps at least this fraction of its channels (in whole chunks of G; default 0: one
+            chunk), whatever the importance says; see :class:`regrow.channels.budget.ChannelBudget`.
         cost_model: a ready cost model (a callable ``(layer, c_in, c_out) -> cost``), e.g. a shared table.
     """
 
@@ -66,7 +68,8 @@ class ChannelSparsifier(BaseSparsifier):
                  prune_first: bool = False,
                  exclude_groups: list[str] | str = (), latency_batch: int = 64, latency_epilogues: bool = True,
                  cache_dir: str | None = None,
-                 resolution: int = 2000, total_steps: int | None = None, seed: int = 0, cost_model=None):
+                 resolution: int = 2000, min_width: float = 0.0, total_steps: int | None = None, seed: int = 0,
+                 cost_model=None):
         if not isinstance(latency_target, (int, float)) or not 0.0 < latency_target < 1.0:
             raise ConfigError("latency_target is a fraction of the dense model's cost in (0, 1), "
                               f"got {latency_target!r}")
@@ -122,15 +125,17 @@ class ChannelSparsifier(BaseSparsifier):
         self.channels = ChannelMasks(model, self.groups)
         self.layers = {n: m for n, m in self.channels.modules.items() if isinstance(m, masking.PRUNABLE_TYPES)}
         self.guard = masking.OptimizerGuard(optimizer, self.channels.modules.values()) if optimizer else None
-        self.allocator = ChannelBudget(model, self.groups, self.cost_model, group_size, resolution)
+        self.allocator = ChannelBudget(model, self.groups, self.cost_model, group_size, resolution, min_width)
         self.importance = [torch.zeros(g.size) for g in self.groups]
         self.importance_steps = 0
         self.dense_cost = self.allocator.cost_of([g.size for g in self.groups])
         self.budget = self.latency_target * self.dense_cost
-        floor = self.allocator.cost_of([min(self.allocator.chunk(i), g.size) for i, g in enumerate(self.groups)])
+        floor = self.allocator.cost_of([self.allocator.fewest(i) for i in range(len(self.groups))])
         if self.budget < floor:
+            fewest = (f"{min_width:g} of every group's channels" if min_width else
+                      f"one group of {group_size} channels per layer")
             raise ConfigError(f"latency_target={latency_target:g} ({self.budget:.4g} {self.cost_model.unit}) is below "
-                              f"what this model reaches with one group of {group_size} channels per layer "
+                              f"what this model reaches with {fewest} "
                               f"({floor:.4g} {self.cost_model.unit} = {floor / self.dense_cost:.3f} of dense)"
                               + ("; the first conv's channels are kept (prune_first=false), which in a CIFAR-style "
                                  "ResNet keeps the whole first stage: try prune_first=true" if ignored else ""))
