@@ -3,15 +3,15 @@ keep fraction for every group?
 
 Under one fixed set of importance scores (HALP's Taylor-BN criterion, averaged over ``--importance-batches`` batches
 of the pretrained dense model, or of the model at its random initialisation with ``--dense none``), the same MACs
-budget is met three ways: one knapsack solve from the dense widths (what channel IEE's first cut does); HALP's
-exponential path of ``--path-steps`` solves, each from the widths the previous one left; and the same keep fraction
-in every group (the most important channels of each; the largest fraction that fits, as Torch-Pruning's uniform
-ratio does); and the single solve with a floor on every group's width (``--min-width`` of its channels, channel
-methods' ``min_width`` option). In a ResNet the first two land in different places (the single solve narrows the
-residual streams and keeps inner convs wide; the path does the opposite). Each architecture is then cut out of the
-model (masked channels removed) and trained with the same recipe, paired seeds: from the pretrained weights (fine-
-tuning, when there are any) and from random weights (the same initialisation rule as every regrow model, then cut).
-The methods' own dynamics (cycles, exploration, HALP's interleaved pruning) are left out: only the widths differ.
+budget is met four ways: one knapsack solve from the dense widths (what channel IEE's first cut does); HALP's
+exponential path of ``--path-steps`` solves, each from the widths the previous one left; the same keep fraction in
+every group (the most important channels of each; the largest fraction that fits, as Torch-Pruning's uniform ratio
+does); and the single solve with a floor on every group's width (``--min-width`` of its channels, channel methods'
+``min_width`` option). In a ResNet the first two land in different places (the single solve narrows the residual
+streams and keeps inner convs wide; the path does the opposite). Each architecture is then cut out of the model
+(masked channels removed) and trained with the same recipe, paired seeds: from the pretrained weights (fine-tuning,
+when there are any) and from random weights (the same initialisation rule as every regrow model, then cut). The
+methods' own dynamics (cycles, exploration, HALP's interleaved pruning) are left out: only the widths differ.
 
     python bench/channel_widths.py --epochs 1 --seeds 3
     python bench/channel_widths.py --model mobilenetv2-small --dense none --epochs 1 --seeds 3
