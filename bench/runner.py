@@ -177,6 +177,20 @@ def markdown_table(rows: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def hardware_of(summaries: dict[str, dict], env: dict[str, Any]) -> str:
+    """Where the runs trained (a grid that spans sessions can span machines): processor, threads and torch of
+    each run's own environment, with how many runs each; the machine of the report when none says."""
+    seen: dict[str, int] = {}
+    for s in summaries.values():
+        e = s.get("environment") or {}
+        if e.get("processor"):
+            key = f"{e['processor']}, {e.get('threads', '?')} thread(s), torch {e.get('torch', '?')}"
+            seen[key] = seen.get(key, 0) + 1
+    if not seen:
+        return f"{env['processor']}, {env['threads']} threads, torch {env['torch']}"
+    return "; ".join(f"{key} ({n} run{'s' if n > 1 else ''})" for key, n in sorted(seen.items(), key=lambda kv: -kv[1]))
+
+
 def write_results(grid: str, rows: dict[str, dict], summaries: dict[str, dict], setup: dict[str, Any],
                   command: str) -> str:
     """Write ``bench/results/<grid>.json`` and ``.md``; return the markdown."""
@@ -195,7 +209,7 @@ def write_results(grid: str, rows: dict[str, dict], summaries: dict[str, dict], 
         f"# {grid}", "",
         f"Command: `{command}`  ",
         f"Runs trained at commit {', '.join(trained_at)}; tables written at {written_at}  ",
-        f"Hardware: {env['processor']}, {env['threads']} threads, torch {env['torch']}  ",
+        f"Hardware: {hardware_of(summaries, env)}  ",
         "Setup: " + ", ".join(f"{k} {v}" for k, v in setup.items()) + "  ",
         f"Total wall time of the grid: {total_wall / 60:.1f} min (sum over runs)", "",
         markdown_table(rows), "",
