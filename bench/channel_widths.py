@@ -95,7 +95,8 @@ def allocate(args, model: torch.nn.Module) -> tuple[dict[str, list[torch.Tensor]
                                 allowed=path)
     keeps["path"] = path
     keeps["uniform"] = uniform(sparsifier, scores)
-    floored = ChannelBudget(model, sparsifier.groups, sparsifier.cost_model, args.group_size, min_width=args.min_width)
+    floored = ChannelBudget(model, sparsifier.groups, sparsifier.cost_model, args.group_size, allocator.resolution,
+                            min_width=args.min_width)  # the same allocator, with the floor
     keeps["floor"] = floored.select(scores, sparsifier.budget, allowed=everything)
     described = {name: {"kept_channels": dict(zip([g.root for g in sparsifier.groups], [int(k.sum()) for k in kept])),
                         "macs_fraction": allocator.cost_of([int(k.sum()) for k in kept]) / sparsifier.dense_cost,
@@ -158,6 +159,8 @@ def parse(argv=None) -> argparse.Namespace:
         if args.model not in DENSE:
             p.error(f"--dense: no pretrained {args.model} is kept in the repository; give one, or --dense none")
         args.dense = str(DENSE[args.model])
+    if not 0.0 <= args.min_width < 1.0:  # before any scoring or training starts
+        p.error(f"--min-width is a fraction of every group's channels in [0, 1), got {args.min_width:g}")
     for option in ("importance_batches", "path_steps", "epochs", "seeds"):
         if getattr(args, option) < 1:
             p.error(f"--{option.replace('_', '-')} must be at least 1")

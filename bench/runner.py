@@ -17,6 +17,7 @@ import signal
 import statistics
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
@@ -180,15 +181,11 @@ def markdown_table(rows: dict[str, dict[str, Any]]) -> str:
 def hardware_of(summaries: dict[str, dict], env: dict[str, Any]) -> str:
     """Where the runs trained (a grid that spans sessions can span machines): processor, threads and torch of
     each run's own environment, with how many runs each; the machine of the report when none says."""
-    seen: dict[str, int] = {}
-    for s in summaries.values():
-        e = s.get("environment") or {}
-        if e.get("processor"):
-            key = f"{e['processor']}, {e.get('threads', '?')} thread(s), torch {e.get('torch', '?')}"
-            seen[key] = seen.get(key, 0) + 1
+    seen = Counter(f"{e['processor']}, {e.get('threads', '?')} thread(s), torch {e.get('torch', '?')}"
+                   for e in (s.get("environment") or {} for s in summaries.values()) if e.get("processor"))
     if not seen:
         return f"{env['processor']}, {env['threads']} threads, torch {env['torch']}"
-    return "; ".join(f"{key} ({n} run{'s' if n > 1 else ''})" for key, n in sorted(seen.items(), key=lambda kv: -kv[1]))
+    return "; ".join(f"{key} ({n} run{'s' if n > 1 else ''})" for key, n in seen.most_common())
 
 
 def write_results(grid: str, rows: dict[str, dict], summaries: dict[str, dict], setup: dict[str, Any],

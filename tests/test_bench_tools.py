@@ -417,6 +417,10 @@ def test_channel_widths_cuts_both_allocations_out_at_the_budget_they_were_given(
     from regrow.training import load_model
 
     dense_path = BENCH / "results" / "runs" / "channels-resnet20-e2" / "dense-seed0" / "model.safetensors"
+    for bad in ("1", "-0.1"):  # refused before any scoring: one line, exit 2
+        with pytest.raises(SystemExit) as refused:
+            module.parse(["--dense", str(dense_path), "--min-width", bad])
+        assert refused.value.code == 2
     args = module.parse(["--importance-batches", "2", "--dense", str(dense_path), "--min-width", "0.5"])
     dense, _ = load_model(args.dense, expect_model="resnet20")
     dense_macs = sum(layer_macs(dense, (1, 28, 28)).values())
