@@ -68,13 +68,17 @@ TRAIN_SIZE = 60_000  # Fashion-MNIST's training set
 # ``alpha0.1``: a third of the update fraction; in a one-epoch MobileNetV2-small pilot (seed 0) every cycle after the
 # first cost accuracy, and the variants that changed the mask least did best among full runs (α = 0.1: 72.1 %
 # against 69.5 %).
+# ``within-groups``: every cycle gives each group back the channels it pruned from it (``regrow=within_groups``: the
+# widths of the first cut kept, channels swapped inside groups); in the same pilot (seed 0) 70.1 % against 69.5 %
+# for the knapsack's re-allocation, so the widths' drift is not what the cycles cost there.
 HJQ = ("estimate_steps", "improve_steps", "explore_steps")
 INVESTIGATE = {"lr0.3": {"explore_lr_scale": 0.3}, "lr1": {"explore_lr_scale": 1.0},
                "hjq10": dict.fromkeys(HJQ, 10), "hjq25": dict.fromkeys(HJQ, 25),
                "no-freeze": {"freeze_active": False}, "no-freeze-alpha0.1": {"freeze_active": False, "alpha": 0.1},
                "no-explore": {"explore": False}, "no-explore-ramp": {"explore": False, "ramp_cycles": "ramp"},
                "hjq10-ramp": {**dict.fromkeys(HJQ, 10), "ramp_cycles": "ramp"}, "one-cycle": {"t_end": "one cycle"},
-               "min-width0.25": {"min_width": 0.25}, "alpha0.1": {"alpha": 0.1}}
+               "min-width0.25": {"min_width": 0.25}, "alpha0.1": {"alpha": 0.1},
+               "within-groups": {"regrow": "within_groups"}}
 MATCH_TOLERANCE = 0.02  # measured latencies within 2 % (relative) count as equal: about the timing noise
 LATENCY = "latency.json"
 
@@ -86,7 +90,8 @@ def recipe(args, **fields) -> TrainConfig:
 
 
 def channel_options(args) -> dict:
-    return {"group_size": args.group_size, "prune_first": args.prune_first}
+    floor = {"min_width": args.min_width} if args.min_width else {}  # HALP's and IEE's; Torch-Pruning has none
+    return {"group_size": args.group_size, "prune_first": args.prune_first, **floor}
 
 
 def grids(args) -> tuple[dict[str, TrainConfig], dict[str, TrainConfig]]:
@@ -131,9 +136,11 @@ def grids(args) -> tuple[dict[str, TrainConfig], dict[str, TrainConfig]]:
             main[f"iee-pretrained-ramp-{target:g}-seed{s}"] = recipe(
                 args, method="iee", init_from=dense, method_options={**iee, "ramp_cycles": args.ramp_cycles},
                 **common)
-            if args.investigate and target == min(args.targets):  # IEE's open choices, at the tightest target
+            if args.investigate is not None and target == min(args.targets):  # IEE's open choices, tightest
                 for label, options in INVESTIGATE.items():
                     options = {**iee, **options}
+                    if args.investigate and label not in args.investigate or options == iee:
+                        continue  # not asked for, or the grid's own IEE already (min-width0.25 at --min-width 0.25)
                     if options.get("ramp_cycles") == "ramp":  # the control's ramp, over the same steps
                         options["ramp_cycles"] = args.ramp_cycles * iee["estimate_steps"] // options["estimate_steps"]
                     if options.get("t_end") == "one cycle":  # t_end in steps: the first cycle's
@@ -216,11 +223,17 @@ def plan(args, hours: float) -> int:
     print(f"{args.model}: {seconds:.3f} s a step (batch 128, one thread; run this on an idle machine), "
           f"{per_epoch / 60:.1f} min an epoch; the grid trains {grid_epochs(args, 1):.1f}·E epochs "
           f"({args.seeds} seeds, targets {', '.join(f'{t:g}' for t in args.targets)}"
-          f"{', --investigate' if args.investigate else ''}) on {args.jobs} job(s): "
+          f"{investigated(args)}) on {args.jobs} job(s): "
           + (f"E = {fits[-1]} fits {hours:g} h ({grid_epochs(args, fits[-1]) * per_epoch / args.jobs / 3600:.1f} h)"
              if fits else f"not even E = 1 fits {hours:g} h "
                           f"({grid_epochs(args, 1) * per_epoch / args.jobs / 3600:.1f} h)"))
     return 0
+
+
+def investigated(args) -> str:
+    if args.investigate is None:
+        return ""
+    return ", --investigate " + (" ".join(args.investigate) if args.investigate else "(all)")
 
 
 def prebuild_latency_table(args) -> int:
@@ -425,10 +438,11 @@ def parse(argv=None) -> argparse.Namespace:
                    "ramps down along HALP's path (default 5)")
     p.add_argument("--deploy", type=int, nargs="*", default=[1, 64, 256],
                    help="batch sizes timed under PyTorch and ONNX Runtime too (none: skip)")
-    p.add_argument("--investigate", action="store_true",
-                   help="IEE's open choices at the tightest target: exploration at 0.3x and 1x the learning rate, "
-                        "H = J = Q = 10 and 25 steps (with the ramp at 10), Θ_K training on during exploration (with "
-                        "α = 0.3 and 0.1), growth without exploration (with the ramp)")
+    p.add_argument("--investigate", nargs="*", default=None, metavar="LABEL",
+                   help="IEE's open choices at the tightest target, all of them or the LABELs given: "
+                        + ", ".join(INVESTIGATE))
+    p.add_argument("--min-width", type=float, default=0.0, help="HALP's and IEE's floor: every channel group "
+                   "keeps at least this fraction of its channels (min_width; default 0: one chunk of G)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda: where every run trains, the latency "
                    "table is measured and the exported models are timed (one device for all, so that a budget and "
                    "the latency it is judged by are the same device's)")
@@ -437,7 +451,13 @@ def parse(argv=None) -> argparse.Namespace:
     args.device = str(resolve_device(args.device))
     if args.plan is not None and not args.plan > 0:
         p.error(f"--plan takes a positive number of hours, got {args.plan}")
-    args.name = args.name or ("channels-quick" if args.quick else f"channels-{args.model}-e{args.epochs}")
+    unknown_labels = sorted(set(args.investigate or ()) - set(INVESTIGATE))
+    if unknown_labels:
+        p.error(f"--investigate: no open choice {', '.join(unknown_labels)}; choose from {', '.join(INVESTIGATE)}")
+    if not 0.0 <= args.min_width < 1.0:
+        p.error(f"--min-width is a fraction of every group's channels in [0, 1), got {args.min_width:g}")
+    floor = f"-w{args.min_width:g}" if args.min_width else ""  # another floor is another grid, not a resume
+    args.name = args.name or ("channels-quick" if args.quick else f"channels-{args.model}-e{args.epochs}{floor}")
     if args.quick and args.deploy == [1, 64, 256]:
         args.deploy = [1, 8]  # a smoke test of the deployment timings, not a measurement
     return args

@@ -330,6 +330,27 @@ def test_channels_grid_size_counts_every_run_the_protocol_trains(bench_channels)
     assert refused.value.code == 2
 
 
+def test_channels_grid_investigates_the_open_choices_asked_for_under_the_floor_asked_for(bench_channels):
+    module = bench_channels
+    base = ["--seeds", "1", "--targets", "0.3", "--model", "resnet8"]
+    every = {k for k in module.grids(module.parse(base + ["--investigate"]))[1] if "-scratch-" in k}
+    two = module.grids(module.parse(base + ["--investigate", "one-cycle", "alpha0.1"]))[1]
+    assert {k for k in two if k.startswith("iee-scratch-") and k not in module.grids(module.parse(base))[1]} == {
+        "iee-scratch-one-cycle-0.3-seed0", "iee-scratch-alpha0.1-0.3-seed0"}
+    assert len(every) > len(module.INVESTIGATE)
+    floored = module.parse(base + ["--min-width", "0.25", "--investigate", "min-width0.25", "alpha0.1"])
+    assert floored.name == "channels-resnet8-e3-w0.25"  # another floor is another grid
+    runs = module.grids(floored)[1]
+    assert runs["halp-0.3-seed0"].method_options["min_width"] == 0.25
+    assert runs["iee-scratch-alpha0.1-0.3-seed0"].method_options["min_width"] == 0.25
+    assert "iee-scratch-min-width0.25-0.3-seed0" not in runs  # the grid's own IEE already
+    assert "min_width" not in module.grids(module.parse(base))[1]["halp-0.3-seed0"].method_options
+    for bad in (["--investigate", "one-cycle", "lr7"], ["--min-width", "1"], ["--min-width", "-0.1"]):
+        with pytest.raises(SystemExit) as refused:  # before anything trains: one line, exit 2
+            module.parse(base + bad)
+        assert refused.value.code == 2
+
+
 WORKER_SCRIPT = """
 import os, sys, time
 sys.path.insert(0, {bench!r})

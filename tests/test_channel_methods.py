@@ -327,6 +327,26 @@ def test_iee_channel_can_ramp_its_budget_down_like_halp():
         setup("iee", ramp_cycles=9)
 
 
+def test_iee_channel_regrow_within_groups_keeps_the_widths_of_its_first_cut_and_swaps_channels():
+    model, optimizer, sp = setup("iee", regrow="within_groups")
+    keeps = []
+    train(model, optimizer, sp, 60, each=lambda step: keeps.append(
+        sp.active_keep() if sp.position(step) == sp.cycle_length else None))
+    widths = [h["kept_channels"] for h in sp.history]
+    assert len(widths) == sp.cycles >= 4 and sp.history[0]["cutting"] and not sp.history[1]["cutting"]
+    assert all(w == widths[0] for w in widths)  # every cycle after the first cut gives each group back its count
+    assert sp.history[0]["kept_channels"] == sp.budget_report()["widths_history"][0]["kept_channels"]
+    ends = [k for k in keeps if k is not None]
+    assert any(not torch.equal(a, b) for x, y in zip(ends, ends[1:]) for a, b in zip(x, y))  # channels do move
+    assert sp.predicted_cost() <= sp.budget * (1 + 1e-9)
+    knapsack_model, knapsack_optimizer, knapsack = setup("iee")
+    train(knapsack_model, knapsack_optimizer, knapsack, 60)
+    moved = [h["kept_channels"] for h in knapsack.history]
+    assert any(w != moved[1] for w in moved[2:])  # the default re-solves the allocation: widths move
+    with pytest.raises(ConfigError, match="regrow"):
+        setup("iee", regrow="per-layer")
+
+
 @pytest.mark.parametrize("method", ["iee", "halp"])
 def test_min_width_keeps_a_floor_of_every_group_through_every_cut(method):
     model, optimizer, sp = setup(method, latency_target=0.45, min_width=0.5)

@@ -211,6 +211,9 @@ class ChannelSparsifier(BaseSparsifier):
                 "kept_channels": dict(zip([g.root for g in self.groups], self.kept_counts())),
                 "group_channels": {g.root: g.size for g in self.groups},
                 "head_groups": [g.root for g in self.groups if g.unit == "head"],  # their counts are whole heads
+                # every mask update's kept channels per group (the order of group_channels): how the widths moved
+                "widths_history": [{"step": h.get("grow_step", h["step"]), "kept_channels": h["kept_channels"]}
+                                   for h in self.history if "kept_channels" in h],
                 "cost_table": self.cost_model.fingerprint() if hasattr(self.cost_model, "fingerprint") else None}
 
     def state_dict(self) -> dict[str, Any]:
@@ -278,11 +281,15 @@ class HALP(ChannelSparsifier):
             keeps = self.allocator.select(self.take_importance(), target, allowed=self.active_keep())
             counts = self.install(keeps)
             cost = self.predicted_cost()
-            self.history.append({"step": step, "pruning": k, "target": target, "predicted_cost": cost, **counts})
+            self.history.append({"step": step, "pruning": k, "target": target, "predicted_cost": cost, **counts,
+                                 "kept_channels": self.kept_counts()})
             masks = self.masks()
             self.tracker.record(step, getattr(self, "_last_masks", masks), masks)
             self._last_masks = masks
             self.save_cost_cache()
+
+
+REGROW_MODES = ("knapsack", "within_groups")  # channel IEE's growth: re-allocate the budget, or keep every width
 
 
 class ChannelIEE(IEECycle, ChannelSparsifier):
@@ -299,6 +306,11 @@ class ChannelIEE(IEECycle, ChannelSparsifier):
     ``ramp_cycles=R`` (default 0: none) ramps the budget down instead of cutting straight to it: cycle c works
     under HALP's exponential path from the dense cost to the budget, reached at cycle R (the paper's first cut is
     straight to the budget; the ramp is an open choice measured in ``bench/channels.py``).
+    ``regrow`` (where the budget goes back, the project's design choice): ``knapsack`` (default) re-solves the
+    allocation every cycle, so widths can move between groups; ``within_groups`` gives each group back exactly the
+    channels this cycle pruned from it (its most important explored ones), so the widths stay those of the cut
+    that reached the budget and the cycles only exchange channels inside each group. Cycles that cut towards the
+    budget (the first, or a ramp's) always grow by the knapsack.
     """
 
     name = "iee-channel"
@@ -306,8 +318,12 @@ class ChannelIEE(IEECycle, ChannelSparsifier):
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
                  estimate_steps: int = 50, improve_steps: int = 50, explore_steps: int = 50, alpha: float = 0.3,
                  schedule: str = "cosine", t_end: int | float = 0.75, explore: bool = True,
-                 freeze_active: bool = True, explore_lr_scale: float = 0.1, ramp_cycles: int = 0, **base: Any):
+                 freeze_active: bool = True, explore_lr_scale: float = 0.1, ramp_cycles: int = 0,
+                 regrow: str = "knapsack", **base: Any):
         check_schedule(schedule)
+        if regrow not in REGROW_MODES:
+            raise unknown("regrow", regrow, REGROW_MODES)
+        self.regrow = regrow
         if not isinstance(ramp_cycles, int) or isinstance(ramp_cycles, bool) or ramp_cycles < 0:
             raise ConfigError(f"ramp_cycles must be a number of cycles >= 0, got {ramp_cycles!r}")
         self.ramp_cycles = ramp_cycles
@@ -348,12 +364,14 @@ class ChannelIEE(IEECycle, ChannelSparsifier):
         for i, keep in enumerate(active):
             self.last_importance[i][keep] = scores[i][keep]
         before = self.masks()
+        cutting = self.predicted_cost() > budget * (1 + 1e-9)  # the first cut (or a ramp's): over the budget
         keeps = self.allocator.select(scores, (1 - fraction) * budget, allowed=active, best_effort=True)
         counts = self.install(keeps)
         after = self.masks()
         self.pruned = {n: before[n] & ~after[n] for n in before}
         self._cycle_record = {"step": step, "fraction": fraction, "pruned_channels": counts["dropped_channels"],
-                              "cost_after_prune": self.predicted_cost()}
+                              "cost_after_prune": self.predicted_cost(), "cutting": cutting,
+                              "pruned_per_group": [int((a & ~k).sum()) for a, k in zip(active, keeps)]}
         if self.ramp_cycles:
             self._cycle_record["budget"] = budget
 
@@ -400,17 +418,31 @@ class ChannelIEE(IEECycle, ChannelSparsifier):
             self.take_importance()
             active = self.active_keep()
             scores = [s.clone() for s in self.last_importance]
-        everything = [torch.ones(g.size, dtype=torch.bool) for g in self.groups]
-        keeps = self.allocator.select(scores, self._cycle_record.get("budget", self.budget), allowed=everything,
-                                      forced=active)
+        if self.regrow == "within_groups" and not self._cycle_record.get("cutting", True):
+            keeps = [self._grow_within(score, keep, count) for score, keep, count
+                     in zip(scores, active, self._cycle_record["pruned_per_group"])]
+        else:
+            everything = [torch.ones(g.size, dtype=torch.bool) for g in self.groups]
+            keeps = self.allocator.select(scores, self._cycle_record.get("budget", self.budget), allowed=everything,
+                                          forced=active)
         counts = self.install(keeps)
         masks = self.masks()
-        self.history.append({**self._cycle_record, "grow_step": step, "grown_channels": counts["grown_channels"],
-                             "cost_after_grow": self.predicted_cost()})
+        record = {k: v for k, v in self._cycle_record.items() if k != "pruned_per_group"}
+        self.history.append({**record, "grow_step": step, "grown_channels": counts["grown_channels"],
+                             "cost_after_grow": self.predicted_cost(), "kept_channels": self.kept_counts()})
         self.tracker.record(step, self._last_masks, masks, pruned=self.pruned or None)
         self._last_masks = masks
         self.pruned = {}
         self.save_cost_cache()
+
+    @staticmethod
+    def _grow_within(score: torch.Tensor, active: torch.Tensor, count: int) -> torch.Tensor:
+        """``active`` plus the ``count`` most important channels outside it (ties: the lower index)."""
+        candidates = torch.nonzero(~active).flatten()
+        best = candidates[torch.argsort(score[candidates], descending=True, stable=True)[:count]]
+        keep = active.clone()
+        keep[best] = True
+        return keep
 
     def _end_exploration(self) -> None:
         for i, keep in enumerate(self.active):
