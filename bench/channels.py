@@ -70,7 +70,8 @@ TRAIN_SIZE = 60_000  # Fashion-MNIST's training set
 # against 69.5 %).
 # ``within-groups``: every cycle gives each group back the channels it pruned from it (``regrow=within_groups``: the
 # widths of the first cut kept, channels swapped inside groups); in the same pilot (seed 0) 70.1 % against 69.5 %
-# for the knapsack's re-allocation, so the widths' drift is not what the cycles cost there.
+# for the knapsack's re-allocation, so the widths' drift is not what the cycles cost there. ``t-end0.25``: fewer cuts,
+# the cycles stopped at a quarter of training (there 3 cycles: 76.7 % against 69.5 % for 11, 77.1 % for one).
 HJQ = ("estimate_steps", "improve_steps", "explore_steps")
 INVESTIGATE = {"lr0.3": {"explore_lr_scale": 0.3}, "lr1": {"explore_lr_scale": 1.0},
                "hjq10": dict.fromkeys(HJQ, 10), "hjq25": dict.fromkeys(HJQ, 25),
@@ -78,7 +79,7 @@ INVESTIGATE = {"lr0.3": {"explore_lr_scale": 0.3}, "lr1": {"explore_lr_scale": 1
                "no-explore": {"explore": False}, "no-explore-ramp": {"explore": False, "ramp_cycles": "ramp"},
                "hjq10-ramp": {**dict.fromkeys(HJQ, 10), "ramp_cycles": "ramp"}, "one-cycle": {"t_end": "one cycle"},
                "min-width0.25": {"min_width": 0.25}, "alpha0.1": {"alpha": 0.1},
-               "within-groups": {"regrow": "within_groups"}}
+               "within-groups": {"regrow": "within_groups"}, "t-end0.25": {"t_end": 0.25}}
 MATCH_TOLERANCE = 0.02  # measured latencies within 2 % (relative) count as equal: about the timing noise
 LATENCY = "latency.json"
 
