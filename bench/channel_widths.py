@@ -24,6 +24,7 @@ import json
 import statistics
 import sys
 import time
+from collections import Counter
 
 import torch
 import torch.nn.functional as F
@@ -194,6 +195,7 @@ def main(argv=None) -> int:
                     torch.manual_seed(seed)
                     source = create_model(args.model)
                 result = {"allocation": allocation, "start": start, "seed": seed, "commit": commit(),
+                          "hardware": f"{cpu_name()}, 1 thread",
                           **train_one(cut(source, keeps[allocation], args), seed, args.epochs, args.max_steps)}
                 checkpoint.write_json(path, result)
                 runs[run_id] = result
@@ -212,8 +214,11 @@ def main(argv=None) -> int:
                                                         "stderr": stderr}
     command = " ".join(["python bench/channel_widths.py", *(sys.argv[1:] if argv is None else argv)])
     trained_at = sorted({r.get("commit", "unknown") for r in runs.values()})
+    # a grid that spans sessions can span machines: each run's own hardware (runs from before it was kept say so)
+    machines = Counter(r.get("hardware", "not recorded") for r in runs.values())
     setup = {"command": command, "commit": commit(), "runs_trained_at": trained_at,
-             "hardware": f"{cpu_name()}, 1 thread", "torch": torch.__version__,
+             "hardware": "; ".join(f"{h} ({n} runs)" for h, n in machines.most_common())
+             + f"; tables written on {cpu_name()}", "torch": torch.__version__,
              "args": vars(args), "allocations": described}
     checkpoint.write_json(RESULTS / f"{name}.json", {"setup": setup, "rows": rows, "runs": runs})
     write_markdown(name, args, setup, rows, runs, described)
