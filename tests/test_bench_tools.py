@@ -317,8 +317,9 @@ def test_channels_grid_size_counts_every_run_the_protocol_trains(bench_channels)
     assert module.grid_epochs(module.parse(["--seeds", "3", "--model", "resnet8"]), 4) == 6 * module.grid_epochs(
         args, 4) - 3 * (4 + 8 + 2)  # the dense models are per seed, not per target
     module.check_cycles(module.grids(investigate)[1])  # E = 3: 1055 steps before t_end, 7 cycles of 150, 35 of 30
-    # the one-cycle control stops IEE after its first cycle: t_end in steps, H + J + Q
-    assert module.grids(investigate)[1]["iee-scratch-one-cycle-0.3-seed0"].method_options["t_end"] == 3 * 50
+    # the one-cycle control stops IEE after its first cycle, Ω_t on the full run's schedule (t_end untouched)
+    one_cycle = module.grids(investigate)[1]["iee-scratch-one-cycle-0.3-seed0"].method_options
+    assert one_cycle["max_cycles"] == 1 and "t_end" not in one_cycle
     short = module.parse(["--seeds", "1", "--targets", "0.3", "--model", "resnet8", "--epochs", "1"])
     with pytest.raises(ConfigError, match=r"iee-ramp-0.3-seed0: 2 IEE cycle\(s\) of H \+ J \+ Q = 150 steps .* "
                                           r"needs 5 for its ramp"):

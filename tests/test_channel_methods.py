@@ -347,6 +347,22 @@ def test_iee_channel_regrow_within_groups_keeps_the_widths_of_its_first_cut_and_
         setup("iee", regrow="per-layer")
 
 
+def test_iee_channel_max_cycles_stops_after_the_same_first_cuts_as_the_full_run():
+    full_model, full_optimizer, full = setup("iee", seed=2)
+    train(full_model, full_optimizer, full, 60)
+    model, optimizer, sp = setup("iee", seed=2, max_cycles=2)
+    masks = []
+    train(model, optimizer, sp, 60, each=lambda step: masks.append(sp.masks()) if step > 2 * sp.cycle_length else None)
+    assert sp.cycles == 2 and len(sp.history) == 2 < len(full.history)
+    assert sp.history == full.history[:2]  # Ω_t on the full run's schedule: the same two cycles, cut for cut
+    assert all(torch.equal(m[n], masks[0][n]) for m in masks for n in m)  # then the mask stays fixed
+    _, _, shorter = setup("iee", seed=2, t_end=2 * sp.cycle_length)  # what t_end would do instead: a smaller cut
+    assert shorter.update_fraction(sp.H) < sp.update_fraction(sp.H)
+    for bad in (0, 1.5, True):
+        with pytest.raises(ConfigError, match="max_cycles"):
+            setup("iee", max_cycles=bad)
+
+
 @pytest.mark.parametrize("method", ["iee", "halp"])
 def test_min_width_keeps_a_floor_of_every_group_through_every_cut(method):
     model, optimizer, sp = setup(method, latency_target=0.45, min_width=0.5)

@@ -311,6 +311,9 @@ class ChannelIEE(IEECycle, ChannelSparsifier):
     channels this cycle pruned from it (its most important explored ones), so the widths stay those of the cut
     that reached the budget and the cycles only exchange channels inside each group. Cycles that cut towards the
     budget (the first, or a ramp's) always grow by the knapsack.
+    ``max_cycles=N`` stops after N cycles (default: every cycle that fits before ``t_end``), the mask fixed from then
+    on; Ω_t keeps its schedule to ``t_end``, so the N cycles cut exactly as the first N of the full run do (a
+    shorter ``t_end`` would shrink the first cut too).
     """
 
     name = "iee-channel"
@@ -319,7 +322,7 @@ class ChannelIEE(IEECycle, ChannelSparsifier):
                  estimate_steps: int = 50, improve_steps: int = 50, explore_steps: int = 50, alpha: float = 0.3,
                  schedule: str = "cosine", t_end: int | float = 0.75, explore: bool = True,
                  freeze_active: bool = True, explore_lr_scale: float = 0.1, ramp_cycles: int = 0,
-                 regrow: str = "knapsack", **base: Any):
+                 regrow: str = "knapsack", max_cycles: int | None = None, **base: Any):
         check_schedule(schedule)
         if regrow not in REGROW_MODES:
             raise unknown("regrow", regrow, REGROW_MODES)
@@ -335,7 +338,8 @@ class ChannelIEE(IEECycle, ChannelSparsifier):
         self.pruned: dict[str, torch.Tensor] = {}  # weights this cycle's prune took (for the mask metrics)
         super().__init__(model, optimizer, **base)
         self.last_importance = [torch.zeros(g.size) for g in self.groups]  # stale scores for explore=False
-        self._setup_cycle(optimizer, estimate_steps, improve_steps, explore_steps, t_end, explore_lr_scale)
+        self._setup_cycle(optimizer, estimate_steps, improve_steps, explore_steps, t_end, explore_lr_scale,
+                          max_cycles)
         if ramp_cycles > self.cycles:
             raise ConfigError(f"ramp_cycles={ramp_cycles} is more than the {self.cycles} IEE cycles that fit before "
                               "t_end")

@@ -87,7 +87,7 @@ class IEECycle:
     grows = True
 
     def _setup_cycle(self, optimizer, estimate_steps: int, improve_steps: int, explore_steps: int,
-                     t_end: int | float, explore_lr_scale: float) -> None:
+                     t_end: int | float, explore_lr_scale: float, max_cycles: int | None = None) -> None:
         for option, value in (("estimate_steps", estimate_steps), ("explore_steps", explore_steps)):
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{option} must be a positive number of steps, got {value!r}")
@@ -101,7 +101,11 @@ class IEECycle:
         self.explore_lr_scale = explore_lr_scale
         self.t_end = self.steps(t_end, "t_end")
         self.update_fraction = update_fraction(self.schedule, self.alpha, self.t_end)
-        self.cycles = self.t_end // self.cycle_length
+        if max_cycles is not None and (not isinstance(max_cycles, int) or isinstance(max_cycles, bool)
+                                       or max_cycles < 1):
+            raise ConfigError(f"max_cycles must be a number of cycles >= 1, got {max_cycles!r}")
+        # Ω_t keeps its schedule to t_end either way: a run stopped early cuts as the full run does until it stops
+        self.cycles = min(self.t_end // self.cycle_length, max_cycles or self.t_end)
         if self.cycles == 0:
             raise ConfigError(f"no IEE cycle of {self.cycle_length} steps (H + J + Q) fits before t_end = "
                               f"{self.t_end} steps; shorten H, J, Q or train longer")
