@@ -15,9 +15,10 @@ Steps (each resumable: finished runs are skipped):
    fine-tuning), IEE from scratch, IEE from the pretrained model;
    controls: IEE from scratch for 2E epochs (budget), HALP with its total cost matched to IEE's (dense E/2 +
    pruning and fine-tuning E/2), IEE from scratch and from the pretrained model with its budget ramped over the
-   first ``--ramp-cycles`` cycles (the first cut, an open choice); with ``--investigate``, IEE's open choices at
-   the tightest target (exploration learning rate, H = J = Q, Θ_K training on during exploration, α, growth
-   without exploration);
+   first ``--ramp-cycles`` cycles (the first cut, an open choice); with ``--investigate [LABEL ...]``, IEE's open
+   choices at the tightest target (:data:`INVESTIGATE`: exploration learning rate, H = J = Q, Θ_K training on
+   during exploration, α, growth without exploration or within groups, the floor, IEE stopped after one or three
+   cycles), all of them or the ones named; ``--min-width`` gives HALP and IEE a floor in every run;
    then HALP and IEE from scratch at equal measured latency: per seed, the slower of the two is trained again
    with its budget tightened by the measured gap (``-tightened`` runs), and a paired table compares them;
 4. Torch-Pruning's MagnitudePruner (L1, per layer) on the pretrained model, the ratio searched so that its MACs
