@@ -74,7 +74,7 @@ TRAIN_SIZE = 60_000  # Fashion-MNIST's training set
 # for the knapsack's re-allocation, so the widths' drift is not what the cycles cost there. ``three-cycles``: IEE
 # stopped after three cycles. Both stop with ``max_cycles``, which keeps Ω_t's schedule to t_end: stopping by a
 # shorter t_end shrinks the first cut too (Ω = 0.225 of the budget instead of 0.30 at one cycle), and on
-# MobileNetV2-small that alone moved a one-epoch run from 72.6 to 77.1 % (seed 0).
+# MobileNetV2-small that alone moved one-epoch runs from 74.00 to 78.12 % (+4.12 ± 0.34, 3 seeds).
 HJQ = ("estimate_steps", "improve_steps", "explore_steps")
 INVESTIGATE = {"lr0.3": {"explore_lr_scale": 0.3}, "lr1": {"explore_lr_scale": 1.0},
                "hjq10": dict.fromkeys(HJQ, 10), "hjq25": dict.fromkeys(HJQ, 25),
