@@ -24,11 +24,10 @@ import json
 import statistics
 import sys
 import time
-from collections import Counter
 
 import torch
 import torch.nn.functional as F
-from runner import RESULTS, commit, figure, mean_std, script_main, style
+from runner import RESULTS, commit, figure, hardware_of, mean_std, script_main, style, width_fraction
 
 from regrow import checkpoint
 from regrow.channels.budget import ChannelBudget
@@ -147,8 +146,8 @@ def parse(argv=None) -> argparse.Namespace:
                         "runs from random weights only")
     p.add_argument("--target", type=float, default=0.30, help="MACs budget, a fraction of dense")
     p.add_argument("--group-size", type=int, default=4)
-    p.add_argument("--min-width", type=float, default=0.25, help="the floor allocation's fewest channels per group, "
-                                                                  "a fraction of each")
+    p.add_argument("--min-width", type=width_fraction, default=0.25,
+                   help="the floor allocation's fewest channels per group, a fraction of each")
     p.add_argument("--importance-batches", type=int, default=20)
     p.add_argument("--path-steps", type=int, default=30, help="HALP's prunings (its default)")
     p.add_argument("--epochs", type=int, default=1)
@@ -160,8 +159,6 @@ def parse(argv=None) -> argparse.Namespace:
         if args.model not in DENSE:
             p.error(f"--dense: no pretrained {args.model} is kept in the repository; give one, or --dense none")
         args.dense = str(DENSE[args.model])
-    if not 0.0 <= args.min_width < 1.0:  # before any scoring or training starts
-        p.error(f"--min-width is a fraction of every group's channels in [0, 1), got {args.min_width:g}")
     for option in ("importance_batches", "path_steps", "epochs", "seeds"):
         if getattr(args, option) < 1:
             p.error(f"--{option.replace('_', '-')} must be at least 1")
@@ -195,7 +192,7 @@ def main(argv=None) -> int:
                     torch.manual_seed(seed)
                     source = create_model(args.model)
                 result = {"allocation": allocation, "start": start, "seed": seed, "commit": commit(),
-                          "hardware": f"{cpu_name()}, 1 thread",
+                          "environment": machine(),
                           **train_one(cut(source, keeps[allocation], args), seed, args.epochs, args.max_steps)}
                 checkpoint.write_json(path, result)
                 runs[run_id] = result
@@ -214,11 +211,8 @@ def main(argv=None) -> int:
                                                         "stderr": stderr}
     command = " ".join(["python bench/channel_widths.py", *(sys.argv[1:] if argv is None else argv)])
     trained_at = sorted({r.get("commit", "unknown") for r in runs.values()})
-    # a grid that spans sessions can span machines: each run's own hardware (runs from before it was kept say so)
-    machines = Counter(r.get("hardware", "not recorded") for r in runs.values())
     setup = {"command": command, "commit": commit(), "runs_trained_at": trained_at,
-             "hardware": "; ".join(f"{h} ({n} runs)" for h, n in machines.most_common())
-             + f"; tables written on {cpu_name()}", "torch": torch.__version__,
+             "hardware": hardware_of(runs, machine()), "torch": torch.__version__,
              "args": vars(args), "allocations": described}
     checkpoint.write_json(RESULTS / f"{name}.json", {"setup": setup, "rows": rows, "runs": runs})
     write_markdown(name, args, setup, rows, runs, described)
@@ -235,13 +229,18 @@ def main(argv=None) -> int:
     return 0
 
 
+def machine() -> dict:
+    """What a run trained on, in the fields :func:`runner.hardware_of` reads (every run here takes one thread)."""
+    return {"processor": cpu_name(), "threads": 1, "torch": torch.__version__}
+
+
 def write_markdown(name, args, setup, rows, runs, described) -> None:
     roots = list(described["path"]["kept_channels"])
     scores = ("the model at its random initialisation (seed 0)" if args.dense == "none"
               else f"`{args.dense.split('bench/results/')[-1]}`")
     lines = [f"# {name}", "", " ".join(__doc__.split("\n\n")[1].split()).replace("``", "`"), "",
              f"Command: `{setup['command']}`; runs trained at {', '.join(setup['runs_trained_at'])}, tables written "
-             f"at {setup['commit']}; {setup['hardware']}; torch {setup['torch']}. {args.model} on Fashion-MNIST, "
+             f"at {setup['commit']}; trained on {setup['hardware']}. {args.model} on Fashion-MNIST, "
              f"MACs budget {args.target:g} of dense, G = {args.group_size}, first conv prunable, importance from "
              f"{args.importance_batches} batches of {scores}; {args.epochs} epoch(s) per run, seeds "
              f"0–{args.seeds - 1} (last epoch's test accuracy).", "",

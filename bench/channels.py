@@ -41,7 +41,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from runner import RESULTS, commit, figure, mean_std, run_grid, script_main, style
+from runner import RESULTS, commit, figure, mean_std, run_grid, script_main, style, width_fraction
 
 from regrow import checkpoint
 from regrow.data import batches_per_epoch, get_batch, load_dataset
@@ -443,7 +443,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--investigate", nargs="*", default=None, metavar="LABEL",
                    help="IEE's open choices at the tightest target, all of them or the LABELs given: "
                         + ", ".join(INVESTIGATE))
-    p.add_argument("--min-width", type=float, default=0.0, help="HALP's and IEE's floor: every channel group "
+    p.add_argument("--min-width", type=width_fraction, default=0.0, help="HALP's and IEE's floor: every channel group "
                    "keeps at least this fraction of its channels (min_width; default 0: one chunk of G)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda: where every run trains, the latency "
                    "table is measured and the exported models are timed (one device for all, so that a budget and "
@@ -456,8 +456,6 @@ def parse(argv=None) -> argparse.Namespace:
     unknown_labels = sorted(set(args.investigate or ()) - set(INVESTIGATE))
     if unknown_labels:
         p.error(f"--investigate: no open choice {', '.join(unknown_labels)}; choose from {', '.join(INVESTIGATE)}")
-    if not 0.0 <= args.min_width < 1.0:
-        p.error(f"--min-width is a fraction of every group's channels in [0, 1), got {args.min_width:g}")
     floor = f"-w{args.min_width:g}" if args.min_width else ""  # another floor is another grid, not a resume
     args.name = args.name or ("channels-quick" if args.quick else f"channels-{args.model}-e{args.epochs}{floor}")
     if args.quick and args.deploy == [1, 64, 256]:

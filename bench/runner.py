@@ -9,6 +9,7 @@ the grid's own script) under ``bench/results/``, with hardware, commit, training
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import json
 import multiprocessing
@@ -180,12 +181,26 @@ def markdown_table(rows: dict[str, dict[str, Any]]) -> str:
 
 def hardware_of(summaries: dict[str, dict], env: dict[str, Any]) -> str:
     """Where the runs trained (a grid that spans sessions can span machines): processor, threads and torch of
-    each run's own environment, with how many runs each; the machine of the report when none says."""
+    each run's own environment, with how many runs each; runs that kept none are counted as such, beside the
+    machine writing the report (``env``)."""
     seen = Counter(f"{e['processor']}, {e.get('threads', '?')} thread(s), torch {e.get('torch', '?')}"
-                   for e in (s.get("environment") or {} for s in summaries.values()) if e.get("processor"))
-    if not seen:
-        return f"{env['processor']}, {env['threads']} threads, torch {env['torch']}"
-    return "; ".join(f"{key} ({n} run{'s' if n > 1 else ''})" for key, n in seen.most_common())
+                   if e.get("processor") else None
+                   for e in (s.get("environment") or {} for s in summaries.values()))
+    unrecorded = seen.pop(None, 0)
+    parts = [f"{key} ({n} run{'s' if n > 1 else ''})" for key, n in seen.most_common()]
+    if unrecorded:
+        parts.append(f"not recorded ({unrecorded} run{'s' if unrecorded > 1 else ''}; this report written on "
+                     f"{env['processor']}, {env['threads']} threads, torch {env['torch']})")
+    return "; ".join(parts)
+
+
+def width_fraction(text: str) -> float:
+    """argparse type of a width floor (``--min-width``): a fraction of every group's channels in [0, 1), refused in
+    parsing, before any scoring or training starts."""
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"a fraction of every group's channels in [0, 1), got {value:g}")
+    return value
 
 
 def write_results(grid: str, rows: dict[str, dict], summaries: dict[str, dict], setup: dict[str, Any],

@@ -1,5 +1,6 @@
 """The benchmark scripts' own machinery: the post-training grid's plan and the worker pool's lifetime."""
 
+import argparse
 import json
 import os
 import signal
@@ -410,6 +411,23 @@ def test_channels_runs_everything_on_one_device_and_refuses_one_this_machine_lac
     with pytest.raises(ConfigError, match="no usable CUDA GPU"):
         bench_channels.parse(["--quick", "--device", "cuda"])
 
+
+
+def test_reports_name_the_hardware_each_run_trained_on_and_count_the_runs_that_kept_none(bench_unstructured):
+    import runner
+
+    here = {"processor": "CPU A", "threads": 2, "torch": "2.13"}
+    runs = {"a": {"environment": {"processor": "CPU A", "threads": 1, "torch": "2.13"}},
+            "b": {"environment": {"processor": "CPU B", "threads": 1, "torch": "2.13"}},
+            "c": {"environment": {"processor": "CPU A", "threads": 1, "torch": "2.13"}}, "d": {}}
+    assert runner.hardware_of(runs, here) == ("CPU A, 1 thread(s), torch 2.13 (2 runs); CPU B, 1 thread(s), "
+                                              "torch 2.13 (1 run); not recorded (1 run; this report written on "
+                                              "CPU A, 2 threads, torch 2.13)")
+    assert runner.hardware_of({"d": {}, "e": {"environment": None}}, here).startswith("not recorded (2 runs;")
+    assert runner.width_fraction("0.25") == 0.25
+    for bad in ("1", "-0.1"):
+        with pytest.raises(argparse.ArgumentTypeError, match=r"\[0, 1\)"):
+            runner.width_fraction(bad)
 
 
 def test_a_bench_scripts_bad_input_is_one_line_and_exit_2_before_any_run_folder(bench_unstructured, monkeypatch,
