@@ -158,6 +158,9 @@ def test_halp_prunes_along_the_exponential_path_to_the_budget_and_never_regrows(
     for before, after in zip(kept, kept[1:]):
         assert all(a <= b for a, b in zip(after, before))  # channels only leave
     assert kept[-1] == kept[30]  # fixed after the last pruning
+    widths = sp.budget_report()["widths_history"]  # the summary's record of every pruning's widths
+    assert [w["step"] for w in widths] == [5 * k for k in range(1, 7)]
+    assert [w["kept_channels"] for w in widths] == [kept[w["step"] - 1] for w in widths]
 
 
 @pytest.mark.parametrize("method", ["halp", "iee"])
