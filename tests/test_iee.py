@@ -241,6 +241,25 @@ def test_iee_option_errors():
             make(**bad)
 
 
+def test_max_cycles_stops_after_the_full_runs_first_cycles_and_fixes_the_mask():
+    full_model, full_optimizer, full = make(alpha=0.3)
+    model, optimizer, sp = make(alpha=0.3, max_cycles=2)
+    masks = []
+    for t in range(1, 65):
+        train_step(full_model, full_optimizer, t)
+        full.step()
+        train_step(model, optimizer, t)
+        sp.step()
+        if t > 2 * L:
+            masks.append(sp.masks())
+    assert sp.cycles == 2 and len(sp.history) == 2 < len(full.history) == 6
+    assert [r["fraction"] for r in sp.history] == [r["fraction"] for r in full.history[:2]]  # Ω_t to t_end
+    assert all(torch.equal(m[n], masks[0][n]) for m in masks for n in m) and not sp.exploring
+    for bad in (0, 2.5, True):
+        with pytest.raises(ConfigError, match="max_cycles"):
+            make(max_cycles=bad)
+
+
 def test_exponential_omega_schedule():
     from regrow.schedules import exponential_fraction
 

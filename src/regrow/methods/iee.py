@@ -173,6 +173,9 @@ class IEE(IEECycle, Sparsifier):
             exploration) defaults to ``freeze_active``.
         grown_state: a grown unit's optimizer state (momentum, Adam's moments): ``fresh`` (zero, default, as
             RigL's grown weights) or ``explored`` (what its Q exploration steps built).
+        max_cycles: stop after this many cycles, the mask fixed from then on (default: every cycle that fits
+            before ``t_end``); Ω_t keeps its schedule to ``t_end``, so the cycles run cut as the full run's first
+            ones do (a shorter ``t_end`` would shrink every cut).
     """
 
     name = "iee"
@@ -184,7 +187,7 @@ class IEE(IEECycle, Sparsifier):
                  never_active: str = DEFAULT_NEVER_ACTIVE, never_active_scale: float = 1.0,
                  explore_lr_scale: float = DEFAULT_EXPLORE_LR_SCALE,
                  explore: bool = True, freeze_active: bool = DEFAULT_FREEZE_ACTIVE, freeze_bn: bool | None = None,
-                 grow_init: str = "mru", grown_state: str = "fresh", **base: Any):
+                 grow_init: str = "mru", grown_state: str = "fresh", max_cycles: int | None = None, **base: Any):
         get_criterion(criterion)
         check_schedule(schedule)
         if ranking not in RANKINGS:
@@ -219,7 +222,8 @@ class IEE(IEECycle, Sparsifier):
         super().__init__(model, optimizer, **base)
         if ranking == "global" and isinstance(self.structure, NM):
             raise ConfigError("global ranking cannot keep N:M groups full; use ranking=layer")
-        self._setup_cycle(optimizer, estimate_steps, improve_steps, explore_steps, t_end, explore_lr_scale)
+        self._setup_cycle(optimizer, estimate_steps, improve_steps, explore_steps, t_end, explore_lr_scale,
+                          max_cycles)
         self.prepare()
 
     def initialize(self) -> None:
