@@ -214,14 +214,15 @@ def test_iee_channel_keeps_the_budget_and_explores_with_the_active_channels_froz
     assert sp.predicted_cost() <= sp.budget
 
 
-def test_iee_channel_resume_mid_exploration_is_bit_identical(tmp_path):
+@pytest.mark.parametrize("explore_from", ["remembered", "zero"])
+def test_iee_channel_resume_mid_exploration_is_bit_identical(tmp_path, explore_from):
     def run(split):
-        model, optimizer, sp = setup("iee", seed=3)
+        model, optimizer, sp = setup("iee", seed=3, explore_from=explore_from)
         train(model, optimizer, sp, split)
         if split < 30:
             assert sp.exploring
             state = {"model": model.state_dict(), "opt": optimizer.state_dict(), "sp": sp.state_dict()}
-            model, optimizer, sp = setup("iee", seed=3)
+            model, optimizer, sp = setup("iee", seed=3, explore_from=explore_from)
             masking.load_state_dict(model, state["model"])
             optimizer.load_state_dict(state["opt"])
             sp.load_state_dict(state["sp"])
@@ -251,6 +252,37 @@ def test_precomputed_width_grid_covers_every_cost_the_methods_ask_for(tmp_path):
     before = measure.calls
     train(model, optimizer, sp, 40)
     assert len(sp.history) >= 3 and measure.calls == before  # every later ask was a cache hit
+
+
+def test_iee_channel_explore_from_zero_starts_exploring_from_the_pruned_network():
+    x = batch(999)[0]
+    outputs = {}
+    for explore_from in ("remembered", "zero"):
+        model, optimizer, sp = setup("iee", seed=1, explore_from=explore_from)
+        train(model, optimizer, sp, sp.H + sp.J)  # the exploration opens at the end of this step
+        assert sp.exploring
+        model.eval()
+        with torch.no_grad():
+            exploring = model(x)
+            with sp.sparse_view():
+                pruned = model(x)
+        outputs[explore_from] = (exploring, pruned)
+        if explore_from == "zero":
+            modules = dict(model.named_modules())
+            columns = [(modules[name], torch.tensor(idxs)[~keep]) for group, keep in zip(sp.groups, sp.active)
+                       for name, role, idxs in group.members
+                       if role == "in" and isinstance(modules[name], nn.Conv2d) and modules[name].groups == 1]
+            assert columns and all(not masking.raw(conv)[:, i].any() for conv, i in columns)
+            model.train()
+            train(model, optimizer, sp, sp.Q, start=sp.H + sp.J)  # the exploration trains them from zero
+            assert all(masking.raw(conv)[:, i].any() for conv, i in columns if len(i))
+            assert sp.history[0]["grown_channels"] > 0
+    exploring, pruned = outputs["zero"]
+    assert torch.allclose(exploring, pruned, atol=1e-6)  # every explored channel outputs zero at first
+    exploring, pruned = outputs["remembered"]
+    assert not torch.allclose(exploring, pruned, atol=1e-3)  # the paper's: pruned channels back with their values
+    with pytest.raises(ConfigError, match="explore_from"):
+        setup("iee", explore_from="random")
 
 
 @pytest.mark.parametrize("switch", ["explore", "freeze_active"])

@@ -25,7 +25,7 @@ from torch import nn
 from .. import masking
 from ..channels.budget import ChannelBudget
 from ..channels.costs import COSTS, make_cost_model
-from ..channels.groups import ChannelMasks, channel_groups
+from ..channels.groups import OUT, ChannelMasks, channel_groups
 from ..criteria import channel_taylor
 from ..errors import CheckpointError, ConfigError, unknown
 from ..schedules import check_schedule, exponential_path
@@ -290,6 +290,7 @@ class HALP(ChannelSparsifier):
 
 
 REGROW_MODES = ("knapsack", "within_groups")  # channel IEE's growth: re-allocate the budget, or keep every width
+EXPLORE_FROM = ("remembered", "zero")  # what an explored channel starts its exploration from
 
 
 class ChannelIEE(IEECycle, ChannelSparsifier):
@@ -314,6 +315,11 @@ class ChannelIEE(IEECycle, ChannelSparsifier):
     ``max_cycles=N`` stops after N cycles (default: every cycle that fits before ``t_end``), the mask fixed from then
     on; Ω_t keeps its schedule to ``t_end``, so the N cycles cut exactly as the first N of the full run do (a
     shorter ``t_end`` would shrink the first cut too).
+    ``explore_from`` (the project's option): ``remembered`` (default, the paper's MRU) explores each pruned channel
+    from the values it last had; ``zero`` zeroes the weights that carry every explored channel onward (its
+    consumers' input columns), so the network that explores is at first exactly the pruned one and moves only by
+    what the exploration learns: the channel counterpart of the weight IEE's zeros, and what lets
+    ``freeze_active=False`` train Θ_K on (nearly) its own network.
     """
 
     name = "iee-channel"
@@ -322,11 +328,14 @@ class ChannelIEE(IEECycle, ChannelSparsifier):
                  estimate_steps: int = 50, improve_steps: int = 50, explore_steps: int = 50, alpha: float = 0.3,
                  schedule: str = "cosine", t_end: int | float = 0.75, explore: bool = True,
                  freeze_active: bool = True, explore_lr_scale: float = 0.1, ramp_cycles: int = 0,
-                 regrow: str = "knapsack", max_cycles: int | None = None, **base: Any):
+                 regrow: str = "knapsack", max_cycles: int | None = None, explore_from: str = "remembered",
+                 **base: Any):
         check_schedule(schedule)
         if regrow not in REGROW_MODES:
             raise unknown("regrow", regrow, REGROW_MODES)
-        self.regrow = regrow
+        if explore_from not in EXPLORE_FROM:
+            raise unknown("explore_from", explore_from, EXPLORE_FROM)
+        self.regrow, self.explore_from = regrow, explore_from
         if not isinstance(ramp_cycles, int) or isinstance(ramp_cycles, bool) or ramp_cycles < 0:
             raise ConfigError(f"ramp_cycles must be a number of cycles >= 0, got {ramp_cycles!r}")
         self.ramp_cycles = ramp_cycles
@@ -389,6 +398,8 @@ class ChannelIEE(IEECycle, ChannelSparsifier):
         self.active = self.active_keep()
         self._active_masks = {(n, p): masking.mask_of(m, p) for n, m in self.channels.modules.items()
                               for p in masking.masked_params(m)}
+        if reset_state and self.explore_from == "zero":
+            self._silence_explored()
         for i, group in enumerate(self.groups):
             self.channels.set_keep(i, torch.ones(group.size, dtype=torch.bool))
         for (name, param), active in self._active_masks.items():
@@ -407,6 +418,22 @@ class ChannelIEE(IEECycle, ChannelSparsifier):
                 if isinstance(module, masking.NORM_TYPES) and module not in self.channels.modules.values():
                     frozen += [b for b in module.buffers(recurse=False) if b is not None]
             self.guard.freeze(frozen)
+
+    def _silence_explored(self) -> None:
+        """``explore_from=zero``: every channel about to be explored starts with zero weight in its consumers (their
+        input columns), so it reaches nothing until the exploration trains those columns; its own rows and
+        BatchNorm keep their values, so its activations are there to learn from (zero γ and β would leave a ReLU
+        after them with no gradient)."""
+        with torch.no_grad():
+            for group, keep in zip(self.groups, self.active):
+                if keep.all():
+                    continue
+                for name, role, idxs in group.members:
+                    module = self.channels.modules[name]
+                    weight = masking.raw(module)
+                    if role == OUT or weight.dim() < 2 or getattr(module, "groups", 1) != 1:
+                        continue  # only a dense consumer's input columns carry the channel onward
+                    weight[:, torch.tensor(idxs)[(~keep).repeat_interleave(len(idxs) // group.size)]] = 0
 
     def accumulate_exploration(self) -> None:
         """Stage 4 (each of the Q steps): importance of the explored channels."""
