@@ -16,9 +16,9 @@ Steps (each resumable: finished runs are skipped):
    controls: IEE from scratch for 2E epochs (budget), HALP with its total cost matched to IEE's (dense E/2 +
    pruning and fine-tuning E/2), IEE from scratch and from the pretrained model with its budget ramped over the
    first ``--ramp-cycles`` cycles (the first cut, an open choice); with ``--investigate [LABEL ...]``, IEE's open
-   choices at the tightest target (:data:`INVESTIGATE`: exploration learning rate, H = J = Q, Θ_K training on
-   during exploration, α, growth without exploration or within groups, the floor, IEE stopped after one or three
-   cycles), all of them or the ones named; ``--min-width`` gives HALP and IEE a floor in every run;
+   choices at the tightest target (:data:`INVESTIGATE`: the paper's exploration and each half of it, exploration
+   learning rate, H = J = Q, α, growth without exploration or within groups, the floor, IEE stopped after one or
+   three cycles), all of them or the ones named; ``--min-width`` gives HALP and IEE a floor in every run;
    then HALP and IEE from scratch at equal measured latency: per seed, the slower of the two is trained again
    with its budget tightened by the measured gap (``-tightened`` runs), and a paired table compares them;
 4. Torch-Pruning's MagnitudePruner (L1, per layer) on the pretrained model, the ratio searched so that its MACs
@@ -50,35 +50,36 @@ from regrow.errors import ConfigError
 from regrow.flops import forward_flops, layer_macs
 from regrow.latency_report import deployment_latency, latency_report, paired_timing
 from regrow.methods.base import option_steps
-from regrow.methods.channel import HALP, ChannelIEE
+from regrow.methods.channel import CHANNEL_PAPER_CYCLE, HALP, ChannelIEE
 from regrow.schedules import cosine_lr
 from regrow.training import MODEL, SUMMARY, TrainConfig, environment, evaluate, load_model, method_defaults, run_length
 
 TARGETS = (0.55, 0.30)
 TRAIN_SIZE = 60_000  # Fashion-MNIST's training set
-# IEE for channels, its open choices (``--investigate``, from scratch at the tightest target): the exploration's
-# learning rate, the cycle length, the two choices that won for weights (Θ_K training on during exploration,
-# α = 0.1), and growth by the importance a channel had when last active (``explore=false``), alone and with the
-# ramp. A one-epoch pilot (ResNet-20, MACs at 0.3, one seed, H = J = Q = 10) ranked the last two first: straight
-# cut 80.9 %, ramped 82.3 %, without exploration 83.3 %, both 86.0 %, HALP from random weights 86.3 %.
+# IEE for channels, its open choices (``--investigate``, from scratch at the tightest target), against the grid's IEE
+# at regrow's defaults (explored channels from zero consumer weights, Θ_K training on during exploration, α = 0.3):
+# ``paper-cycle`` is the paper's exploration (remembered values, Θ_K frozen: the default before one-epoch pilots,
+# 3 seeds, H = J = Q = 10, found the defaults 3.73 ± 0.46 points better on ResNet-20 and 3.05 ± 0.46 on
+# MobileNetV2-small), ``remembered`` and ``frozen`` each half of it. Then the exploration's learning rate, the cycle
+# length, α = 0.1 (the weights' default), and growth by the importance a channel had when last active
+# (``explore=false``), alone and with the ramp; a pilot (ResNet-20, MACs at 0.3, one seed, the paper's cycle) ranked
+# the last two first: straight cut 80.9 %, ramped 82.3 %, without exploration 83.3 %, both 86.0 %, HALP from random
+# weights 86.3 %.
 # ``one-cycle``: IEE stopped after its first cycle (``max_cycles=1``; the mask is fixed from then on), which
 # separates what the later cycles add from the first cut: a single knapsack solve's widths (on a trained model's
 # scores), trained from random weights with the mask fixed, beat every IEE run of that pilot (bench/channel_widths.py).
 # ``min-width0.25``: every group kept at a quarter of its channels or more; with widths fixed from random-init scores
 # it gained 5.30 ± 1.26 points on MobileNetV2-small and lost 1.29 ± 0.62 on ResNet-20 (bench/channel_widths.py).
-# ``alpha0.1``: a third of the update fraction; in a one-epoch MobileNetV2-small pilot (seed 0) every cycle after the
-# first cost accuracy, and the variants that changed the mask least did best among full runs (α = 0.1: 72.1 %
-# against 69.5 %).
 # ``within-groups``: every cycle gives each group back the channels it pruned from it (``regrow=within_groups``: the
-# widths of the first cut kept, channels swapped inside groups); in the same pilot (seed 0) 70.1 % against 69.5 %
-# for the knapsack's re-allocation, so the widths' drift is not what the cycles cost there. ``three-cycles``: IEE
-# stopped after three cycles. Both stop with ``max_cycles``, which keeps Ω_t's schedule to t_end: stopping by a
-# shorter t_end shrinks the first cut too (Ω = 0.225 of the budget instead of 0.30 at one cycle), and on
-# MobileNetV2-small that alone moved one-epoch runs from 74.00 to 78.12 % (+4.12 ± 0.34, 3 seeds).
+# widths of the first cut kept, channels swapped inside groups); in a MobileNetV2-small pilot (seed 0, the paper's
+# cycle) 70.1 % against 69.5 % for the knapsack's re-allocation. ``three-cycles``: IEE stopped after three cycles.
+# Both stop with ``max_cycles``, which keeps Ω_t's schedule to t_end: stopping by a shorter t_end shrinks the first
+# cut too (Ω = 0.225 of the budget instead of 0.30 at one cycle), and on MobileNetV2-small that alone moved one-epoch
+# runs from 74.00 to 78.12 % (+4.12 ± 0.34, 3 seeds).
 HJQ = ("estimate_steps", "improve_steps", "explore_steps")
-INVESTIGATE = {"lr0.3": {"explore_lr_scale": 0.3}, "lr1": {"explore_lr_scale": 1.0},
+INVESTIGATE = {"paper-cycle": dict(CHANNEL_PAPER_CYCLE), "remembered": {"explore_from": "remembered"},
+               "frozen": {"freeze_active": True}, "lr0.3": {"explore_lr_scale": 0.3}, "lr1": {"explore_lr_scale": 1.0},
                "hjq10": dict.fromkeys(HJQ, 10), "hjq25": dict.fromkeys(HJQ, 25),
-               "no-freeze": {"freeze_active": False}, "no-freeze-alpha0.1": {"freeze_active": False, "alpha": 0.1},
                "no-explore": {"explore": False}, "no-explore-ramp": {"explore": False, "ramp_cycles": "ramp"},
                "hjq10-ramp": {**dict.fromkeys(HJQ, 10), "ramp_cycles": "ramp"}, "one-cycle": {"max_cycles": 1},
                "min-width0.25": {"min_width": 0.25}, "alpha0.1": {"alpha": 0.1},
@@ -141,9 +142,11 @@ def grids(args) -> tuple[dict[str, TrainConfig], dict[str, TrainConfig]]:
                 args, method="iee", init_from=dense, method_options={**iee, "ramp_cycles": args.ramp_cycles},
                 **common)
             if args.investigate is not None and target == min(args.targets):  # IEE's open choices, tightest
+                defaults = method_defaults(ChannelIEE)
                 for label, options in INVESTIGATE.items():
                     options = {**iee, **options}
-                    if args.investigate and label not in args.investigate or options == iee:
+                    if args.investigate and label not in args.investigate or {**defaults, **options} == {**defaults,
+                                                                                                        **iee}:
                         continue  # not asked for, or the grid's own IEE already (min-width0.25 at --min-width 0.25)
                     if options.get("ramp_cycles") == "ramp":  # the control's ramp, over the same steps
                         options["ramp_cycles"] = args.ramp_cycles * iee["estimate_steps"] // options["estimate_steps"]

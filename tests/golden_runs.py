@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from regrow import checkpoint  # noqa: E402
 from regrow.artifacts import METRICS, MODEL  # noqa: E402
 from regrow.env import cpu_name  # noqa: E402
+from regrow.methods.channel import CHANNEL_PAPER_CYCLE  # noqa: E402
 from regrow.methods.iee import PAPER_CYCLE  # noqa: E402
 from regrow.training import TrainConfig, build_trainer  # noqa: E402
 
@@ -37,6 +38,8 @@ IEE_SHORT = {"estimate_steps": 2, "improve_steps": 1, "explore_steps": 2}
 # kept their initial values by default; pinned, so the fingerprints stay those of the same training (zeros have their
 # own run, resnet8-iee-zero, and regrow's defaults theirs, resnet8-iee-defaults).
 IEE_PAPER = {**IEE_SHORT, **PAPER_CYCLE}
+# IEE for channels likewise: recorded at the paper's channel cycle (remembered values, Θ_K frozen), then its defaults
+IEE_CHANNEL_PAPER = {**IEE_SHORT, **CHANNEL_PAPER_CYCLE}
 IEE_INIT = {**IEE_PAPER, "never_active": "init"}
 RUNS: dict[str, dict] = {
     "resnet8-dense": dict(model="resnet8", method="dense"),
@@ -52,7 +55,9 @@ RUNS: dict[str, dict] = {
     "resnet8-halp": dict(model="resnet8", method="halp", structure="channel", cost="macs", latency_target=0.6,
                          method_options={"prune_every": 2, "prune_steps": 3}),
     "resnet8-iee-channel": dict(model="resnet8", method="iee", structure="channel", cost="macs", latency_target=0.6,
-                                method_options=IEE_SHORT),
+                                method_options=IEE_CHANNEL_PAPER),
+    "resnet8-iee-channel-defaults": dict(model="resnet8", method="iee", structure="channel", cost="macs",
+                                         latency_target=0.6, method_options=IEE_SHORT),
     "mlp-rigl": dict(model="mlp", method="rigl", method_options={"interval": 2}),
     "mlp-iee": dict(model="mlp", method="iee", method_options=IEE_INIT),
     "mlp-set": dict(model="mlp", method="set", method_options={"interval": 2}),

@@ -347,6 +347,17 @@ def test_channels_grid_investigates_the_open_choices_asked_for_under_the_floor_a
     assert runs["iee-scratch-alpha0.1-0.3-seed0"].method_options["min_width"] == 0.25
     assert "iee-scratch-min-width0.25-0.3-seed0" not in runs  # the grid's own IEE already
     assert "min_width" not in module.grids(module.parse(base))[1]["halp-0.3-seed0"].method_options
+    # the paper's exploration against the grid's IEE at regrow's defaults; a label that resolves to the defaults
+    # (Θ_K frozen where it is already) is not trained twice
+    paper = module.grids(module.parse(base + ["--investigate", "paper-cycle", "frozen"]))[1]
+    assert paper["iee-scratch-paper-cycle-0.3-seed0"].method_options["explore_from"] == "remembered"
+    assert paper["iee-scratch-frozen-0.3-seed0"].method_options["freeze_active"] is True
+    assert "explore_from" not in paper["iee-scratch-0.3-seed0"].method_options
+    module.INVESTIGATE["thawed"] = {"freeze_active": False}
+    try:
+        assert "iee-scratch-thawed-0.3-seed0" not in module.grids(module.parse(base + ["--investigate"]))[1]
+    finally:
+        del module.INVESTIGATE["thawed"]
     for bad in (["--investigate", "one-cycle", "lr7"], ["--min-width", "1"], ["--min-width", "-0.1"]):
         with pytest.raises(SystemExit) as refused:  # before anything trains: one line, exit 2
             module.parse(base + bad)

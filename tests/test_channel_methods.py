@@ -11,6 +11,7 @@ from conftest import CountingMeasure, train_on
 from regrow import masking
 from regrow.channels.costs import LatencyTable, layer_shapes
 from regrow.errors import ConfigError
+from regrow.methods.channel import CHANNEL_PAPER_CYCLE
 from regrow.models import create_model
 
 
@@ -181,7 +182,7 @@ def test_finalize_leaves_a_plain_model_with_the_same_outputs(method):
 
 
 def test_iee_channel_keeps_the_budget_and_explores_with_the_active_channels_frozen():
-    model, optimizer, sp = setup("iee")
+    model, optimizer, sp = setup("iee", **CHANNEL_PAPER_CYCLE)  # the paper's exploration: Θ_K frozen
     snapshots = {}
 
     def watch(step):
@@ -374,7 +375,7 @@ def test_iee_channel_regrow_within_groups_keeps_the_widths_of_its_first_cut_and_
     ends = [k for k in keeps if k is not None]
     assert any(not torch.equal(a, b) for x, y in zip(ends, ends[1:]) for a, b in zip(x, y))  # channels do move
     assert sp.predicted_cost() <= sp.budget * (1 + 1e-9)
-    knapsack_model, knapsack_optimizer, knapsack = setup("iee")
+    knapsack_model, knapsack_optimizer, knapsack = setup("iee", **CHANNEL_PAPER_CYCLE)
     train(knapsack_model, knapsack_optimizer, knapsack, 60)
     moved = [h["kept_channels"] for h in knapsack.history]
     assert any(w != moved[1] for w in moved[2:])  # the default re-solves the allocation: widths move

@@ -33,7 +33,7 @@ def test_a_runs_recipe_repeats_it_exactly_and_flags_win(tmp_path, capsys):
                                                                   "t_end", "ranking", "start", "never_active",
                                                                   "never_active_scale", "explore_lr_scale",
                                                                   "explore", "freeze_active", "freeze_bn",
-                                                                  "grow_init", "grown_state")}}
+                                                                  "grow_init", "grown_state", "max_cycles")}}
     assert recipe["no_augment"] is True and recipe["synthetic_size"] == 96 and "out" not in recipe
     again = tmp_path / "again"
     assert main(["train", "--recipe", str(first / "recipe.yaml"), "--out", str(again), "--no-progress"]) == 0
@@ -48,6 +48,27 @@ def test_a_runs_recipe_repeats_it_exactly_and_flags_win(tmp_path, capsys):
     config = json.loads((other / "summary.json").read_text())["config"]
     assert config["seed"] == 1 and config["method_options"]["alpha"] == 0.2
     assert config["method_options"]["explore_steps"] == 2 and config["augment"] is False
+
+
+def test_a_recipe_written_before_an_option_existed_repeats_the_run_without_it(tmp_path):
+    """A channel IEE recipe from before ``explore_from`` existed ran from the remembered values; the default is zero
+    now. A recipe regrow wrote (its header) gets the old value; a hand-written one today's default."""
+    first = tmp_path / "first"
+    assert main(["train", *SMALL, "--model", "resnet8", "--method", "iee", "--structure", "channel", "--cost", "macs",
+                 "--latency-target", "0.6", "--opt", "estimate_steps=2", "--opt", "improve_steps=1",
+                 "--opt", "explore_steps=2", "--out", str(first)]) == 0
+    text = (first / "recipe.yaml").read_text()
+    assert "explore_from: zero" in text
+    old = tmp_path / "old.yaml"
+    old.write_text(text.replace("  explore_from: zero\n", ""))  # as regrow wrote it before the option existed
+    hand = tmp_path / "hand.yaml"
+    hand.write_text(old.read_text().split("\n", 1)[1])  # the same options without regrow's header
+    for recipe, expected in ((old, "remembered"), (hand, "zero")):
+        out = tmp_path / recipe.stem
+        assert main(["train", "--recipe", str(recipe), "--max-steps", "8", "--out", str(out), "--no-progress"]) == 0
+        options = json.loads((out / "summary.json").read_text())["config"]["method_options"]
+        assert options.get("explore_from", "zero") == expected
+        assert yaml.safe_load((out / "recipe.yaml").read_text())["opt"]["explore_from"] == expected
 
 
 def test_a_dense_runs_recipe_is_accepted_back(tmp_path):

@@ -1,3 +1,4 @@
+import dataclasses
 import hashlib
 import json
 
@@ -5,6 +6,7 @@ import pytest
 import torch
 
 from regrow.errors import CheckpointError, ConfigError, TrainingDivergedError
+from regrow.methods.channel import CHANNEL_PAPER_CYCLE
 from regrow.training import CHECKPOINT, METRICS, MODEL, SUMMARY, TrainConfig, build_trainer, load_model
 
 
@@ -118,14 +120,36 @@ def test_an_iee_checkpoint_older_than_recorded_defaults_resumes_only_as_it_ran(t
     with pytest.raises(CheckpointError, match=r"options differ \(alpha: 0.3 -> 0.1, freeze_active: True -> False\)"):
         resume(never_active="zero")
     assert resume(never_active="zero", freeze_active=True, alpha=0.3)["steps"] > 5
-    # IEE for channels shares the method's name, not these options (its defaults did not change): it resumes
-    channel = config(method="iee", structure="channel", cost="macs", latency_target=0.6, method_options=iee,
-                     checkpoint_every=5)
-    build_trainer(channel, tmp_path / "channel").run(stop_after=5)
+    # IEE for channels shares the method's name, not these options: it ran the paper's channel cycle then
+    def channel(**options):
+        return config(method="iee", structure="channel", cost="macs", latency_target=0.6,
+                      method_options={**iee, **options}, checkpoint_every=5)
+    build_trainer(channel(), tmp_path / "channel").run(stop_after=5)
     sections, meta = checkpoint.load(tmp_path / "channel" / CHECKPOINT)
     del meta["method_defaults"]
     checkpoint.save(tmp_path / "channel" / CHECKPOINT, sections, meta)
-    assert build_trainer(channel, tmp_path / "channel").run(resume=True)["steps"] > 5
+    with pytest.raises(CheckpointError, match=r"options differ \(explore_from: 'remembered' -> 'zero', "
+                                              r"freeze_active: True -> False\)"):
+        build_trainer(channel(), tmp_path / "channel").run(resume=True)
+    assert build_trainer(channel(**CHANNEL_PAPER_CYCLE), tmp_path / "channel").run(resume=True)["steps"] > 5
+
+
+def test_a_checkpoint_from_before_an_option_existed_resumes_only_as_it_ran(tmp_path):
+    """IEE for channels explored from the remembered values before ``explore_from`` existed; a checkpoint that
+    records its defaults but not that option ran so, and is refused at today's default (zero) until it is given."""
+    from regrow import checkpoint
+    options = {"estimate_steps": 2, "improve_steps": 2, "explore_steps": 2, "freeze_active": True}
+    channel = config(method="iee", structure="channel", cost="macs", latency_target=0.6, method_options=options,
+                     checkpoint_every=5)
+    build_trainer(channel, tmp_path).run(stop_after=5)
+    sections, meta = checkpoint.load(tmp_path / CHECKPOINT)
+    assert meta["method_defaults"]["explore_from"] == "zero"
+    del meta["method_defaults"]["explore_from"]
+    checkpoint.save(tmp_path / CHECKPOINT, sections, meta)
+    with pytest.raises(CheckpointError, match=r"options differ \(explore_from: 'remembered' -> 'zero'\)"):
+        build_trainer(channel, tmp_path).run(resume=True)
+    given = dataclasses.replace(channel, method_options={**options, "explore_from": "remembered"})
+    assert build_trainer(given, tmp_path).run(resume=True)["steps"] > 5
 
 
 def test_checkpoint_of_another_architecture_is_refused(tmp_path):

@@ -5,6 +5,9 @@ and ``--opt`` flags add to (or override) the recipe's ``opt`` mapping. Every run
 resolved, as ``recipe.yaml`` in its folder, so ``regrow train --recipe RUN/recipe.yaml --out AGAIN`` repeats it
 exactly. Keys are the long option names of ``regrow train`` (``batch-size`` or ``batch_size``); ``opt`` is a
 mapping of method options. Output-folder options (``out``, ``resume``, ``overwrite``) are not part of a recipe.
+A recipe regrow wrote (its first line is the header below) lists every method option the run had; one it lacks
+was added to regrow later, and the recipe gets the value runs had before it (``training.ADDED_OPTIONS``), so that
+it still repeats its run after such an option arrives with another default.
 """
 
 from __future__ import annotations
@@ -58,7 +61,8 @@ def read_recipe(path: str | os.PathLike, parser: argparse.ArgumentParser) -> dic
 
     try:
         with open(path) as f:
-            data = yaml.safe_load(f)
+            text = f.read()
+        data = yaml.safe_load(text)
     except OSError as e:
         raise ConfigError(f"cannot read recipe {path}: {e.strerror or e}") from None
     except yaml.YAMLError as e:
@@ -76,6 +80,13 @@ def read_recipe(path: str | os.PathLike, parser: argparse.ArgumentParser) -> dic
         if key not in actions:
             raise ConfigError(f"recipe {path}: unknown option {raw_key!r}; known: {', '.join(sorted(actions))}")
         defaults[key] = _check_value(path, key, value, actions[key])
+    if text.startswith(_HEADER) and defaults.get("opt"):
+        # written by regrow, every method option resolved: an option it lacks did not exist yet, the run ran without it
+        from .training import added_options
+
+        given = dict(defaults["opt"])
+        defaults["opt"] += [(k, v) for k, v in added_options(data.get("method"), data.get("structure")).items()
+                            if k not in given]
     return defaults
 
 

@@ -41,6 +41,7 @@ from .data import Dataset, batches_per_epoch, eval_batches, get_batch, load_data
 from .env import environment, resolve_device, steady_allocator
 from .errors import CheckpointError, ConfigError, TrainingDivergedError, check_sparsity
 from .flops import forward_flops, layer_macs, sparse_macs
+from .methods.channel import CHANNEL_PAPER_CYCLE
 from .methods.iee import PAPER_CYCLE
 from .models import create_model
 from .recipe import write_recipe
@@ -58,7 +59,20 @@ AMP_MODES = ("none", "bf16")
 # channels shares the method name, not these options): what an older checkpoint ran with (IEE: the paper's cycle),
 # or UNRECORDED where that changed too among such checkpoints (the resume must then give the value).
 UNRECORDED = object()
-UNRECORDED_DEFAULTS = {methods.IEE: {**PAPER_CYCLE, "never_active": UNRECORDED}}
+UNRECORDED_DEFAULTS = {methods.IEE: {**PAPER_CYCLE, "never_active": UNRECORDED},
+                       methods.ChannelIEE: CHANNEL_PAPER_CYCLE}
+# Options added with a default other than what every run before them did, by sparsifier class: a checkpoint, or a
+# recipe written by regrow, that does not record one ran with this value (IEE for channels explored from the
+# remembered values before ``explore_from`` existed).
+ADDED_OPTIONS = {methods.ChannelIEE: {"explore_from": "remembered"}}
+
+
+def added_options(method: Any, structure: Any) -> dict[str, Any]:
+    """What a run of ``method`` written before its later-added options ran with (:data:`ADDED_OPTIONS`)."""
+    if not isinstance(method, str):
+        return {}
+    cls = methods.lookup(method, "channel" if structure == "channel" else "weight")
+    return dict(ADDED_OPTIONS.get(cls, {}))
 
 
 def method_defaults(cls: type) -> dict[str, Any]:
@@ -368,6 +382,9 @@ class Trainer:
         given, asked = saved.pop("method_options", {}), current.pop("method_options")
         ran = {**self.method_defaults, **meta.get("method_defaults", {}), **given}
         runs = {**self.method_defaults, **asked}
+        for key, value in ADDED_OPTIONS.get(type(self.sparsifier), {}).items():
+            if key not in {**meta.get("method_defaults", {}), **given}:
+                ran[key] = value
         if "method_defaults" not in meta:
             for key, value in UNRECORDED_DEFAULTS.get(type(self.sparsifier), {}).items():
                 if key in given:
