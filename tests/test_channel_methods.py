@@ -32,9 +32,9 @@ def train(model, optimizer, sp, steps, start=0, each=None):
             each(sp.step_count)
 
 
-def setup(method="iee", seed=0, **options):
+def setup(method="iee", seed=0, model_name="resnet8", **options):
     torch.manual_seed(seed)
-    model = create_model("resnet8")
+    model = create_model(model_name)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     defaults = {"latency_target": 0.5, "cost": "macs", "group_size": 2, "total_steps": 60, "input_shape": (1, 28, 28)}
     if method == "iee":
@@ -255,11 +255,12 @@ def test_precomputed_width_grid_covers_every_cost_the_methods_ask_for(tmp_path):
     assert len(sp.history) >= 3 and measure.calls == before  # every later ask was a cache hit
 
 
-def test_iee_channel_explore_from_zero_starts_exploring_from_the_pruned_network():
+@pytest.mark.parametrize("model_name", ["resnet8", "mobilenetv2-small"])  # residual streams; depthwise convs
+def test_iee_channel_explore_from_zero_starts_exploring_from_the_pruned_network(model_name):
     x = batch(999)[0]
     outputs = {}
     for explore_from in ("remembered", "zero"):
-        model, optimizer, sp = setup("iee", seed=1, explore_from=explore_from)
+        model, optimizer, sp = setup("iee", seed=1, model_name=model_name, explore_from=explore_from)
         train(model, optimizer, sp, sp.H + sp.J)  # the exploration opens at the end of this step
         assert sp.exploring
         model.eval()
@@ -283,7 +284,7 @@ def test_iee_channel_explore_from_zero_starts_exploring_from_the_pruned_network(
     exploring, pruned = outputs["remembered"]
     assert not torch.allclose(exploring, pruned, atol=1e-3)  # the paper's: pruned channels back with their values
     with pytest.raises(ConfigError, match="explore_from"):
-        setup("iee", explore_from="random")
+        setup("iee", model_name=model_name, explore_from="random")
 
 
 @pytest.mark.parametrize("switch", ["explore", "freeze_active"])
