@@ -55,9 +55,9 @@ _RESUME_FREE = {"data_dir", "checkpoint_every", "eval_every", "progress", "devic
 TRAINER_OPTIONS = {"sparsity", "distribution", "structure", "total_steps", "seed", "dense_first", "dense_last",
                    "latency_target", "cost", "input_shape", "input_dtype", "latency_batch"}
 AMP_MODES = ("none", "bf16")
-# Method defaults that changed before checkpoints recorded them (``method_defaults``), by sparsifier class (IEE for
-# channels shares the method name, not these options): what an older checkpoint ran with (IEE: the paper's cycle),
-# or UNRECORDED where that changed too among such checkpoints (the resume must then give the value).
+# Method defaults that changed since checkpoints without a record of them (``method_defaults``) were written, by
+# sparsifier class (IEE for weights and for channels share a name, not their options): what such a checkpoint ran
+# with (both IEEs: the paper's cycle), or UNRECORDED where that changed too among them (the resume must give it).
 UNRECORDED = object()
 UNRECORDED_DEFAULTS = {methods.IEE: {**PAPER_CYCLE, "never_active": UNRECORDED},
                        methods.ChannelIEE: CHANNEL_PAPER_CYCLE}
