@@ -6,7 +6,7 @@ resolved, as ``recipe.yaml`` in its folder, so ``regrow train --recipe RUN/recip
 exactly. Keys are the long option names of ``regrow train`` (``batch-size`` or ``batch_size``); ``opt`` is a
 mapping of method options. Output-folder options (``out``, ``resume``, ``overwrite``) are not part of a recipe.
 A recipe regrow wrote (its first line is the header below) lists every method option the run had; one it lacks
-was added to regrow later, and the recipe gets the value runs had before it (``training.ADDED_OPTIONS``), so that
+was added to regrow later, and the recipe gets the value runs had before it (the method's ``added_options``), so that
 it still repeats its run after such an option arrives with another default.
 """
 
@@ -82,12 +82,18 @@ def read_recipe(path: str | os.PathLike, parser: argparse.ArgumentParser) -> dic
         defaults[key] = _check_value(path, key, value, actions[key])
     if text.startswith(_HEADER) and defaults.get("opt"):
         # written by regrow, every method option resolved: an option it lacks did not exist yet, the run ran without it
-        from .training import added_options
-
         given = dict(defaults["opt"])
-        defaults["opt"] += [(k, v) for k, v in added_options(data.get("method"), data.get("structure")).items()
+        defaults["opt"] += [(k, v) for k, v in _added_options(data.get("method"), data.get("structure")).items()
                             if k not in given]
     return defaults
+
+
+def _added_options(method: Any, structure: Any) -> dict[str, Any]:
+    """The options ``method`` gained later with a new default, and what runs before them did (its ``added_options``)."""
+    from .methods import lookup
+
+    cls = lookup(method, "channel" if structure == "channel" else "weight") if isinstance(method, str) else None
+    return dict(cls.added_options) if cls is not None else {}
 
 
 def _check_value(path, key: str, value: Any, action: argparse.Action) -> Any:

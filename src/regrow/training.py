@@ -61,18 +61,6 @@ AMP_MODES = ("none", "bf16")
 UNRECORDED = object()
 UNRECORDED_DEFAULTS = {methods.IEE: {**PAPER_CYCLE, "never_active": UNRECORDED},
                        methods.ChannelIEE: CHANNEL_PAPER_CYCLE}
-# Options added with a default other than what every run before them did, by sparsifier class: a checkpoint, or a
-# recipe written by regrow, that does not record one ran with this value (IEE for channels explored from the
-# remembered values before ``explore_from`` existed).
-ADDED_OPTIONS = {methods.ChannelIEE: {"explore_from": "remembered"}}
-
-
-def added_options(method: Any, structure: Any) -> dict[str, Any]:
-    """What a run of ``method`` written before its later-added options ran with (:data:`ADDED_OPTIONS`)."""
-    if not isinstance(method, str):
-        return {}
-    cls = methods.lookup(method, "channel" if structure == "channel" else "weight")
-    return dict(ADDED_OPTIONS.get(cls, {}))
 
 
 def method_defaults(cls: type) -> dict[str, Any]:
@@ -382,7 +370,7 @@ class Trainer:
         given, asked = saved.pop("method_options", {}), current.pop("method_options")
         ran = {**self.method_defaults, **meta.get("method_defaults", {}), **given}
         runs = {**self.method_defaults, **asked}
-        for key, value in ADDED_OPTIONS.get(type(self.sparsifier), {}).items():
+        for key, value in type(self.sparsifier).added_options.items():  # options the checkpoint predates
             if key not in {**meta.get("method_defaults", {}), **given}:
                 ran[key] = value
         if "method_defaults" not in meta:

@@ -63,6 +63,9 @@ class BaseSparsifier:
     name = "base"
     family = "weight"  # what the registry files it under: weight masks (channel methods: "channel")
     grows = False  # brings pruned units back to train them (RigL, SET, IEE): every masked weight must be trainable
+    # Options added with a default other than what runs before them did: a checkpoint or a regrow-written recipe
+    # that does not record one ran with the value given here (resumes and repeats are checked against it).
+    added_options: dict[str, Any] = {}
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
                  total_steps: int | None = None, seed: int = 0):

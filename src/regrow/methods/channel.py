@@ -332,6 +332,7 @@ class ChannelIEE(IEECycle, ChannelSparsifier):
     """
 
     name = "iee-channel"
+    added_options = {"explore_from": "remembered"}  # what every run did before the option came, with zero as default
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
                  estimate_steps: int = 50, improve_steps: int = 50, explore_steps: int = 50, alpha: float = 0.3,
