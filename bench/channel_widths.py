@@ -32,7 +32,7 @@ from runner import RESULTS, commit, figure, hardware_of, mean_std, script_main, 
 from regrow import checkpoint
 from regrow.channels.budget import ChannelBudget
 from regrow.data import batches_per_epoch, get_batch, load_dataset
-from regrow.env import cpu_name
+from regrow.env import environment
 from regrow.export import count_parameters, export_channels
 from regrow.flops import forward_flops, layer_macs
 from regrow.methods.channel import HALP
@@ -192,7 +192,7 @@ def main(argv=None) -> int:
                     torch.manual_seed(seed)
                     source = create_model(args.model)
                 result = {"allocation": allocation, "start": start, "seed": seed, "commit": commit(),
-                          "environment": machine(),
+                          "environment": environment(),  # threads: 1, set above
                           **train_one(cut(source, keeps[allocation], args), seed, args.epochs, args.max_steps)}
                 checkpoint.write_json(path, result)
                 runs[run_id] = result
@@ -212,7 +212,7 @@ def main(argv=None) -> int:
     command = " ".join(["python bench/channel_widths.py", *(sys.argv[1:] if argv is None else argv)])
     trained_at = sorted({r.get("commit", "unknown") for r in runs.values()})
     setup = {"command": command, "commit": commit(), "runs_trained_at": trained_at,
-             "hardware": hardware_of(runs, machine()), "torch": torch.__version__,
+             "hardware": hardware_of(runs, environment()), "torch": torch.__version__,
              "args": vars(args), "allocations": described}
     checkpoint.write_json(RESULTS / f"{name}.json", {"setup": setup, "rows": rows, "runs": runs})
     write_markdown(name, args, setup, rows, runs, described)
@@ -227,11 +227,6 @@ def main(argv=None) -> int:
         style(ax, "start", "test accuracy (%)",
               f"{args.model} at {args.target:g} of dense MACs, {args.epochs} epoch(s)")
     return 0
-
-
-def machine() -> dict:
-    """What a run trained on, in the fields :func:`runner.hardware_of` reads (every run here takes one thread)."""
-    return {"processor": cpu_name(), "threads": 1, "torch": torch.__version__}
 
 
 def write_markdown(name, args, setup, rows, runs, described) -> None:
