@@ -199,6 +199,15 @@ class ChannelMasks:
         if masking.raw(module, "bias") is not None:
             masking.set_mask(module, out, "bias")
 
+    def zero_masked_inputs(self) -> None:
+        """Zero the stored weights of every input column masked now: the consumers' side of the channels that are
+        off, so that those channels, switched back on, reach nothing until their consumers learn to use them (a
+        grouped conv's input follows its producer and has no column mask)."""
+        with torch.no_grad():
+            for name, columns in self._in.items():
+                if not columns.all():
+                    masking.raw(self.modules[name])[:, ~columns] = 0
+
     def active_out(self, name: str) -> int:
         return int(self._out[name].sum())
 

@@ -25,7 +25,7 @@ from torch import nn
 from .. import masking
 from ..channels.budget import ChannelBudget
 from ..channels.costs import COSTS, make_cost_model
-from ..channels.groups import OUT, ChannelMasks, channel_groups
+from ..channels.groups import ChannelMasks, channel_groups
 from ..criteria import channel_taylor
 from ..errors import CheckpointError, ConfigError, unknown
 from ..schedules import check_schedule, exponential_path
@@ -409,8 +409,10 @@ class ChannelIEE(IEECycle, ChannelSparsifier):
         self.active = self.active_keep()
         self._active_masks = {(n, p): masking.mask_of(m, p) for n, m in self.channels.modules.items()
                               for p in masking.masked_params(m)}
+        # explore_from=zero: the masks are still Θ_K's, so what is off now is what explores. Its consumers' columns go
+        # to zero; its own rows and BatchNorm keep their values (zero γ and β, with a ReLU after, pass no gradient).
         if reset_state and self.explore_from == "zero":
-            self._silence_explored()
+            self.channels.zero_masked_inputs()
         for i, group in enumerate(self.groups):
             self.channels.set_keep(i, torch.ones(group.size, dtype=torch.bool))
         for (name, param), active in self._active_masks.items():
@@ -429,22 +431,6 @@ class ChannelIEE(IEECycle, ChannelSparsifier):
                 if isinstance(module, masking.NORM_TYPES) and module not in self.channels.modules.values():
                     frozen += [b for b in module.buffers(recurse=False) if b is not None]
             self.guard.freeze(frozen)
-
-    def _silence_explored(self) -> None:
-        """``explore_from=zero``: every channel about to be explored starts with zero weight in its consumers (their
-        input columns), so it reaches nothing until the exploration trains those columns; its own rows and
-        BatchNorm keep their values, so its activations are there to learn from (zero γ and β would leave a ReLU
-        after them with no gradient)."""
-        with torch.no_grad():
-            for group, keep in zip(self.groups, self.active):
-                if keep.all():
-                    continue
-                for name, role, idxs in group.members:
-                    module = self.channels.modules[name]
-                    weight = masking.raw(module)
-                    if role == OUT or weight.dim() < 2 or getattr(module, "groups", 1) != 1:
-                        continue  # only a dense consumer's input columns carry the channel onward
-                    weight[:, torch.tensor(idxs)[(~keep).repeat_interleave(len(idxs) // group.size)]] = 0
 
     def accumulate_exploration(self) -> None:
         """Stage 4 (each of the Q steps): importance of the explored channels."""
