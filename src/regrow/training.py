@@ -368,11 +368,10 @@ class Trainer:
         # explicitly is no change. Options a checkpoint does not record (added since, or a checkpoint from before
         # defaults were recorded) count at today's defaults.
         given, asked = saved.pop("method_options", {}), current.pop("method_options")
-        ran = {**self.method_defaults, **meta.get("method_defaults", {}), **given}
+        # an option added since (with a new default) ran as runs did before it, unless the checkpoint records it
+        ran = {**self.method_defaults, **type(self.sparsifier).added_options, **meta.get("method_defaults", {}),
+               **given}
         runs = {**self.method_defaults, **asked}
-        for key, value in type(self.sparsifier).added_options.items():  # options the checkpoint predates
-            if key not in {**meta.get("method_defaults", {}), **given}:
-                ran[key] = value
         if "method_defaults" not in meta:
             for key, value in UNRECORDED_DEFAULTS.get(type(self.sparsifier), {}).items():
                 if key in given:
