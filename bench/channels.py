@@ -9,7 +9,8 @@ Steps (each resumable: finished runs are skipped):
 1. dense training, one model per seed, for E (``--pretrain-epochs``) and for 2E epochs: the plateau check (the
    two within 0.3 points says E is long enough); HALP, IEE-pretrained and Torch-Pruning start from the E-epoch
    model and their total training cost includes it. A dense model of E/2 epochs feeds the cost-matched HALP;
-2. the latency table of the model (batch ``--latency-batch``, one thread), measured once on the idle machine;
+2. the latency table of the model (batch ``--latency-batch``, one thread), measured once, before step 1 trains
+   anything, on the idle machine (it times the architecture, not its weights);
 3. at every latency target (a fraction of the dense model's latency), ``--epochs`` each: HALP (prunings every
    ``--prune-every`` steps (40, or fewer where 30 would not leave half a run to fine-tune), 30 of them, then
    fine-tuning), IEE from scratch, IEE from the pretrained model;
@@ -477,9 +478,9 @@ def main(argv=None) -> int:
         if (out / SUMMARY).exists() and not (out / MODEL).exists():
             print(f"{run_id}: finished, but its model file is missing; training it again", flush=True)
             shutil.rmtree(out)
-    pre_summaries = run_grid(args.name, pre, jobs=args.jobs)
-    if not args.quick:
+    if not args.quick:  # first, while the machine is idle: the table times the architecture, not its weights
         prebuild_latency_table(args)
+    pre_summaries = run_grid(args.name, pre, jobs=args.jobs)
     summaries = run_grid(args.name, main_runs, jobs=args.jobs)
     latencies = {run_id: measure(args, run_id) for run_id in summaries}
     matched = latency_matched_runs(args, main_runs, summaries, latencies)
