@@ -453,6 +453,8 @@ def parse(argv=None) -> argparse.Namespace:
                    "table is measured and the exported models are timed (one device for all, so that a budget and "
                    "the latency it is judged by are the same device's)")
     p.add_argument("--name", default=None)
+    p.add_argument("--report-only", action="store_true", help="write the tables from the finished runs and the "
+                   "latencies already measured; train and time nothing")
     args = p.parse_args(argv)
     args.device = str(resolve_device(args.device))
     if args.plan is not None and not args.plan > 0:
@@ -472,6 +474,8 @@ def main(argv=None) -> int:
     if args.plan is not None:
         return plan(args, args.plan)
     pre, main_runs = grids(args)
+    if args.report_only:
+        return report_only(args, pre, main_runs, argv)
     check_cycles(main_runs)
     for run_id in pre:  # a grid from before the pretrained weights were kept in git trains them again
         out = RESULTS / "runs" / args.name / run_id
@@ -500,10 +504,65 @@ def main(argv=None) -> int:
     return 0
 
 
+def report_only(args, pre: dict, main_runs: dict, argv) -> int:
+    """The tables from what has finished: every run with a summary, the latencies already measured (the grid
+    times its models only once every run has trained, on the idle machine), the Torch-Pruning references done.
+    Trains and times nothing, so that a grid running across sessions can be reported as its runs land."""
+    folder = RESULTS / "runs" / args.name
+
+    def finished(run_ids) -> dict:
+        return {r: json.loads((folder / r / SUMMARY).read_text()) for r in run_ids if (folder / r / SUMMARY).exists()}
+
+    tightened = sorted(p.name for p in folder.glob("*-tightened-*")) if folder.exists() else []
+    pre_summaries = finished(pre)
+    summaries = finished([*main_runs, *tightened])
+    if not pre_summaries:
+        raise ConfigError(f"{args.name}: no finished dense run to report on yet")
+    latencies = {r: json.loads((folder / r / LATENCY).read_text()) for r in summaries
+                 if (folder / r / LATENCY).exists()}
+    references = {r: s for r, s in finished(f"tp-magnitude-{t:g}-seed{i}" for t in args.targets
+                                            for i in range(args.seeds)).items()}
+    rows = table_rows(args, pre_summaries, summaries, latencies, references)
+    pairs = equal_latency_pairs(args, summaries, latencies)
+    print(f"{args.name}: {len(pre_summaries)} of {len(pre)} dense runs, {len(summaries)} of {len(main_runs)} runs "
+          f"(+ {len(tightened)} tightened), {len(latencies)} timed, {len(references)} Torch-Pruning references",
+          file=sys.stderr)
+    write(args, rows, pairs, pre_summaries, summaries, latencies, references, argv)
+    return 0
+
+
+def paired_difference(summaries: dict, a: str, b: str, points: float = 100.0) -> dict | None:
+    """accuracy(a) − accuracy(b) over the seeds both groups have (run ids ``<group>-seed<s>``): mean and
+    standard error, in points."""
+    seeds = [k.rsplit("-seed", 1)[1] for k in summaries if k.rsplit("-seed", 1)[0] == a]
+    diffs = [points * (summaries[f"{a}-seed{s}"]["test_accuracy"] - summaries[f"{b}-seed{s}"]["test_accuracy"])
+             for s in seeds if f"{b}-seed{s}" in summaries]
+    if not diffs:
+        return None
+    se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
+    return {"mean": statistics.fmean(diffs), "se": se, "n": len(diffs)}
+
+
+def diff_text(d: dict | None) -> str:
+    return "-" if d is None else f"{d['mean']:+.2f} ± {d['se']:.2f} (n={d['n']})"
+
+
+def fidelity(summaries: dict, latencies: dict) -> dict | None:
+    """How well the latency table predicted the trained models' measured speed-ups: |predicted / measured − 1|
+    over every HALP/IEE run timed (the target: within 10 %)."""
+    errors = {k: abs((1 / summaries[k]["channels"]["predicted_fraction"]) / latencies[k]["measured_speedup"] - 1)
+              for k in latencies if summaries.get(k, {}).get("channels", {}).get("predicted_fraction")}
+    if not errors:
+        return None
+    worst = max(errors, key=errors.get)
+    return {"runs": len(errors), "mean": statistics.fmean(errors.values()), "max": errors[worst], "worst": worst,
+            "within_10": sum(e <= 0.10 for e in errors.values())}
+
+
 def table_rows(args, pre, summaries, latencies, references) -> dict:
     dense_epochs_flops = statistics.fmean(s["train_flops"] / s["epochs"] for s in pre.values())
     rows = {}
-    dense_ms = statistics.fmean(lat["dense"]["measured_ms"] for lat in latencies.values())
+    dense_ms = _mean_of(lat["dense"]["measured_ms"] for lat in latencies.values())  # None: nothing timed yet
     for kind, label in (("dense", "dense (pretrained, E)"), ("dense-2x", "dense 2E (plateau check)"),
                         ("dense-half", "dense E/2 (HALP-matched start)")):
         runs = [v for k, v in pre.items() if k.startswith(f"{kind}-seed")]
@@ -518,16 +577,17 @@ def table_rows(args, pre, summaries, latencies, references) -> dict:
             keys = [k for k in summaries if k.startswith(f"{method}-{target:g}-seed")]
             if not keys:
                 continue
-            lat = [latencies[k] for k in keys]
+            lat = [latencies[k] for k in keys if k in latencies]  # every one, once the grid has timed them
             rows[f"{method} @ {target:g}"] = {
                 "accuracy": mean_std(summaries[k]["test_accuracy"] for k in keys),
-                "measured_ms": statistics.fmean(x["exported"]["measured_ms"] for x in lat),
-                "measured_fraction": statistics.fmean(measured_fraction(x) for x in lat),
+                "measured_ms": _mean_of(x["exported"]["measured_ms"] for x in lat),
+                "measured_fraction": _mean_of(measured_fraction(x) for x in lat),
                 "predicted_fraction": statistics.fmean(summaries[k]["channels"]["predicted_fraction"] for k in keys),
                 "readmitted": _mean_of(summaries[k]["mask_metrics"].get("readmitted_share") for k in keys),
                 "deploy": _deploy_means(lat),
-                "speedup": statistics.fmean(x["measured_speedup"] for x in lat),
-                "macs_reduction": statistics.fmean(x["macs_reduction"] for x in lat),
+                "speedup": _mean_of(x["measured_speedup"] for x in lat),
+                "macs_reduction": _mean_of(x["macs_reduction"] for x in lat),
+                "timed": len(lat),
                 "cost": statistics.fmean(total_cost(summaries[k]) for k in keys) / dense_epochs_flops,
                 "n": len(keys), "wall": statistics.fmean(summaries[k]["wall_seconds"] for k in keys)}
         keys = [k for k in references if k.startswith(f"tp-magnitude-{target:g}-")]
@@ -547,6 +607,32 @@ def table_rows(args, pre, summaries, latencies, references) -> dict:
 def _mean_of(values) -> float | None:
     values = [v for v in values if v is not None]
     return statistics.fmean(values) if values else None
+
+
+def investigate_lines(args, pre: dict, summaries: dict, latencies: dict) -> list[str]:
+    """One table row per investigated open choice, paired against the grid's IEE from scratch at that target."""
+    target = f"{min(args.targets):g}"
+    base = f"iee-scratch-{target}"
+    dense_flops = statistics.fmean(s["train_flops"] / s["epochs"] for s in pre.values())  # the cost unit
+    out = []
+    for label, options in INVESTIGATE.items():
+        group = f"iee-scratch-{label}-{target}"
+        keys = [k for k in summaries if k.rsplit("-seed", 1)[0] == group]
+        if not keys:
+            continue
+        lat = [latencies[k] for k in keys if k in latencies]
+        readmitted = _mean_of(summaries[k]["mask_metrics"].get("readmitted_share") for k in keys)
+        measured = _mean_of(measured_fraction(x) for x in lat)
+        text = ", ".join(f"{k}={v}" for k, v in options.items())
+        accuracy = mean_std(summaries[k]["test_accuracy"] for k in keys)
+        cost = statistics.fmean(total_cost(summaries[k]) for k in keys) / dense_flops
+        out.append(f"| {label} | {text} | {100 * accuracy[0]:.2f} ± {100 * accuracy[1]:.2f} % | "
+                   f"{diff_text(paired_difference(summaries, group, base))} | "
+                   f"{'-' if measured is None else f'{measured:.3f}'} | "
+                   f"{statistics.fmean(summaries[k]['channels']['predicted_fraction'] for k in keys):.3f} | "
+                   f"{'-' if readmitted is None else f'{100 * readmitted:.0f} %'} | "
+                   f"{cost:.2f} | {len(keys)} |")
+    return out
 
 
 def _deploy_means(latencies: list[dict]) -> dict[str, float]:
@@ -577,14 +663,37 @@ def write(args, rows, pairs, pre, summaries, latencies, references, argv) -> Non
              "speed-up (measured) | MACs reduction | speed-up / MACs reduction | total training cost (dense epochs) "
              "| re-admitted | seeds |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    def number(value, fmt: str) -> str:
+        return "-" if value is None else format(value, fmt)
+
     for key, r in rows.items():
         predicted = f"{r['predicted_fraction']:.3f}" if "predicted_fraction" in r else "-"
-        measured = f"{r['measured_fraction']:.3f}" if r.get("measured_fraction") is not None else "-"
         readmitted = f"{100 * r['readmitted']:.0f} %" if r.get("readmitted") is not None else "-"
+        ratio = r["speedup"] / r["macs_reduction"] if r.get("speedup") and r.get("macs_reduction") else None
+        timed = "" if r.get("timed", r["n"]) == r["n"] or r.get("measured_ms") is None else f" ({r['timed']} timed)"
         lines.append(f"| {key} | {100 * r['accuracy'][0]:.2f} ± {100 * r['accuracy'][1]:.2f} % | "
-                     f"{r['measured_ms']:.2f} ms | {measured} | {predicted} | {r['speedup']:.2f}× | "
-                     f"{r['macs_reduction']:.2f}× | {r['speedup'] / r['macs_reduction']:.2f} | {r['cost']:.2f} | "
-                     f"{readmitted} | {r['n']} |")
+                     f"{number(r.get('measured_ms'), '.2f')}{' ms' if r.get('measured_ms') else ''}{timed} | "
+                     f"{number(r.get('measured_fraction'), '.3f')} | {predicted} | "
+                     f"{number(r.get('speedup'), '.2f')}{'×' if r.get('speedup') else ''} | "
+                     f"{number(r.get('macs_reduction'), '.2f')}{'×' if r.get('macs_reduction') else ''} | "
+                     f"{number(ratio, '.2f')} | {r['cost']:.2f} | {readmitted} | {r['n']} |")
+    plateau = paired_difference(pre, "dense-2x", "dense")
+    if plateau:
+        lines += ["", f"Dense plateau check: dense at {2 * args.pretrain_epochs} epochs − dense at "
+                  f"{args.pretrain_epochs} = {diff_text(plateau)} points (within 0.3: plateaued)."]
+    investigated_rows = investigate_lines(args, pre, summaries, latencies)
+    if investigated_rows:
+        lines += ["", f"IEE's open choices at {min(args.targets):g} of dense latency, from scratch, paired against "
+                  "the grid's IEE (regrow's defaults); measured fractions once the grid has timed its models:", "",
+                  "| variant | options | accuracy | − the grid's IEE | measured fraction | predicted fraction | "
+                  "re-admitted | training cost (dense epochs) | seeds |", "|---|---|---|---|---|---|---|---|---|",
+                  *investigated_rows]
+    fit = fidelity(summaries, latencies)
+    if fit:
+        lines += ["", f"The latency table against the exported models: predicted speed-up (1 / predicted fraction) "
+                  f"against measured, over the {fit['runs']} HALP/IEE models timed: mean error "
+                  f"{100 * fit['mean']:.1f} %, largest {100 * fit['max']:.1f} % ({fit['worst']}); "
+                  f"{fit['within_10']} of {fit['runs']} within 10 %."]
     if pairs:
         lines += ["", "HALP against IEE from scratch at equal measured latency (per seed, the slower of the two "
                   f"trained again with its budget tightened by the measured gap, `-tightened` runs; within "
@@ -627,6 +736,8 @@ def write(args, rows, pairs, pre, summaries, latencies, references, argv) -> Non
         markers = {"halp-matched": "D", "halp": "s", "iee-scratch-2x": "P", "iee-scratch": "o", "iee-ramp": "v",
                    "iee-pretrained-ramp": "<", "iee-pretrained": "^", "torch-pruning": "x", "dense": "*"}
         for key, r in rows.items():
+            if r.get("measured_ms") is None:  # not timed yet (a report of a grid still training)
+                continue
             marker = next((m for prefix, m in markers.items() if key.startswith(prefix)), "o")
             ax.errorbar(r["measured_ms"], 100 * r["accuracy"][0], yerr=100 * r["accuracy"][1], fmt=marker,
                         capsize=3, label=key)

@@ -307,6 +307,48 @@ def test_channels_tightens_the_slower_of_halp_and_iee_to_the_faster_ones_measure
     assert module.latency_matched_runs(args, main, summaries, latencies) == planned  # resumable: the same plan
 
 
+def test_channels_report_only_tabulates_what_has_landed_and_trains_nothing(bench_channels):
+    module = bench_channels
+    argv = ["--model", "resnet8", "--seeds", "2", "--targets", "0.3", "--investigate", "one-cycle", "--report-only"]
+    with pytest.raises(ConfigError, match="no finished dense run"):
+        module.main(argv)
+    folder = module.RESULTS / "runs" / "channels-resnet8-e3"
+
+    def land(run_id, accuracy, epochs=3, predicted=None, readmitted=None, timed=None):
+        (folder / run_id).mkdir(parents=True)
+        summary = {"test_accuracy": accuracy, "train_flops": 10.0 * epochs, "epochs": epochs, "wall_seconds": 1.0,
+                   "mask_metrics": {"readmitted_share": readmitted}}
+        if predicted is not None:
+            summary["channels"] = {"predicted_fraction": predicted}
+        (folder / run_id / module.SUMMARY).write_text(json.dumps(summary))
+        if timed is not None:  # measured speed-up 1 / fraction, MACs cut 5x
+            (folder / run_id / module.LATENCY).write_text(json.dumps(
+                {"dense": {"measured_ms": 20.0}, "exported": {"measured_ms": 20.0 * timed},
+                 "measured_speedup": 1 / timed, "pass_speedups": [1 / timed], "macs_reduction": 5.0}))
+
+    land("dense-seed0", 0.90), land("dense-seed1", 0.92)
+    land("dense-2x-seed0", 0.91, epochs=6), land("dense-2x-seed1", 0.935, epochs=6)
+    land("iee-scratch-0.3-seed0", 0.85, predicted=0.30, readmitted=0.2, timed=0.33)
+    land("iee-scratch-0.3-seed1", 0.86, predicted=0.30, readmitted=0.4, timed=0.30)
+    land("iee-scratch-one-cycle-0.3-seed0", 0.87, predicted=0.30)  # landed, not timed yet
+    land("iee-scratch-one-cycle-0.3-seed1", 0.89, predicted=0.30)
+    land("halp-0.3-seed0", 0.88, predicted=0.26)  # seed 1 still training
+    assert module.main(argv) == 0
+    md = (module.RESULTS / "channels-resnet8-e3.md").read_text()
+    assert not (folder / "halp-0.3-seed1").exists() and not (folder / "tp-magnitude-0.3-seed0").exists()
+    # the plateau check, paired: (0.91 − 0.90, 0.935 − 0.92) → +1.25 ± 0.25
+    assert "dense at 6 epochs − dense at 3 = +1.25 ± 0.25 (n=2)" in md
+    # the open choice paired against the grid's IEE: (0.87 − 0.85, 0.89 − 0.86) → +2.50 ± 0.50; not timed yet
+    row = next(line for line in md.splitlines() if line.startswith("| one-cycle |"))
+    assert "| 88.00 ± 1.41 % | +2.50 ± 0.50 (n=2) | - | 0.300 |" in row and row.endswith("| 2 |")
+    halp = next(line for line in md.splitlines() if line.startswith("| halp @ 0.3 |"))
+    assert "| 88.00 ± 0.00 % | - | - | 0.260 | - | - | - |" in halp  # trained, not timed: no latency invented
+    iee = next(line for line in md.splitlines() if line.startswith("| iee-scratch @ 0.3 |"))
+    assert "| 0.315 | 0.300 |" in iee and "| 30 % |" in iee  # mean measured fraction, mean re-admission
+    # the table's fidelity over the timed models: |0.33/0.30 − 1| = 10 % and 0
+    assert "over the 2 HALP/IEE models timed: mean error 5.0 %, largest 10.0 % (iee-scratch-0.3-seed0)" in md
+
+
 def test_channels_grid_size_counts_every_run_the_protocol_trains(bench_channels):
     module = bench_channels
     args = module.parse(["--seeds", "1", "--targets", "0.3", "--model", "resnet8"])
