@@ -27,7 +27,12 @@ Steps (each resumable: finished runs are skipped):
 5. every model is exported (masked channels removed) and timed against the dense model, interleaved, one
    thread, batch ``--latency-batch``, median of ``--repeats`` runs after warm-up; and at batch 1, 64 and 256
    under PyTorch and ONNX Runtime (``--deploy``). The table gives each run's measured latency as a fraction of
-   dense, so that methods are compared at the latency they reached, not the one they were asked for.
+   dense, so that methods are compared at the latency they reached, not the one they were asked for;
+6. Torch-Pruning's pruner taken to every method's mean exported MACs and timed the same way (speed only,
+   untrained): each method's speed-up over Torch-Pruning's at equal MACs.
+
+``--report-only`` writes the tables from the runs finished so far and the latencies already measured, training
+and timing nothing (a grid running across sessions reports as its runs land).
 """
 
 from __future__ import annotations
@@ -87,6 +92,7 @@ INVESTIGATE = {"paper-cycle": dict(CHANNEL_PAPER_CYCLE), "remembered": {"explore
                "within-groups": {"regrow": "within_groups"}, "three-cycles": {"max_cycles": 3}}
 MATCH_TOLERANCE = 0.02  # measured latencies within 2 % (relative) count as equal: about the timing noise
 LATENCY = "latency.json"
+TP_SPEED = "tp-speed.json"  # Torch-Pruning's pruner timed at each method's MACs (tp_speed_at_macs)
 
 
 def recipe(args, **fields) -> TrainConfig:
@@ -259,18 +265,12 @@ def prebuild_latency_table(args) -> int:
     return cells
 
 
-def tp_reference(args, seed: int, target_macs: float, out) -> dict:
-    """Torch-Pruning's magnitude pruner on the pretrained model at ``target_macs``, fine-tuned like the others."""
+def tp_pruned(args, dense: torch.nn.Module, shape: tuple, target_macs: float) -> tuple[torch.nn.Module, float]:
+    """Torch-Pruning's MagnitudePruner (L1, one ratio for every layer) on a copy of ``dense``, the ratio bisected
+    so that the pruned model's MACs come down to ``target_macs``; returns the model and its MACs."""
     import torch_pruning as tp
 
-    if (out / SUMMARY).exists():
-        return json.loads((out / SUMMARY).read_text())
-    torch.manual_seed(seed)
-    dense_path = RESULTS / "runs" / args.name / f"dense-seed{seed}" / MODEL
-    dense, meta = load_model(dense_path)
-    dense = dense.to(args.device)
-    shape = (meta["in_channels"], meta["input_size"], meta["input_size"])
-    example = torch.zeros(1, *shape, device=args.device)
+    example = torch.zeros(1, *shape, device=next(dense.parameters()).device)
 
     def pruned_at(ratio: float):
         model = copy.deepcopy(dense)
@@ -287,7 +287,55 @@ def tp_reference(args, seed: int, target_macs: float, out) -> dict:
         mid = (lo + hi) / 2
         _, macs = pruned_at(mid)
         lo, hi = (mid, hi) if macs > target_macs else (lo, mid)
-    model, macs = pruned_at(hi)
+    return pruned_at(hi)
+
+
+def tp_speed_at_macs(args, latencies: dict, time_missing: bool = True) -> dict[str, dict]:
+    """Per method and target: Torch-Pruning's magnitude pruner taken to that method's mean exported MACs, and timed
+    against the dense model like every export (paired, one thread, batch ``--latency-batch``), so that "at least
+    as fast as Torch-Pruning at equal MACs" is checked for every method, not only HALP, whose MACs the fine-tuned
+    reference matches. Speed only: widths do not change in fine-tuning, so the pruned model is timed untrained (from
+    seed 0's dense model). Cached in the grid's folder (TP_SPEED), keyed by method, target and MACs; with
+    ``time_missing`` false only what the cache holds."""
+    path = RESULTS / "runs" / args.name / TP_SPEED
+    cache = json.loads(path.read_text()) if path.exists() else {}
+    dense_path = RESULTS / "runs" / args.name / "dense-seed0" / MODEL
+    groups: dict[str, list[float]] = {}
+    for run_id, latency in latencies.items():
+        groups.setdefault(run_id.rsplit("-seed", 1)[0], []).append(latency["exported"]["macs"])
+    out = {}
+    for group, macs in groups.items():
+        key = f"{group}@{statistics.fmean(macs):.0f}"
+        if key not in cache and not time_missing:
+            continue
+        if key not in cache:
+            dense, meta = load_model(dense_path)
+            dense = dense.to(args.device).eval()
+            shape = (meta["in_channels"], meta["input_size"], meta["input_size"])
+            torch.manual_seed(0)
+            model, reached = tp_pruned(args, dense, shape, statistics.fmean(macs))
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            timed = paired_timing({"dense": dense, "pruned": model.eval()},
+                                  torch.randn(args.latency_batch, *shape, device=args.device), repeats=args.repeats)
+            torch.set_num_threads(threads)
+            cache[key] = {"group": group, "target_macs": statistics.fmean(macs), "macs": reached,
+                          "speedup": timed["pruned"]["speedup"], "pass_speedups": timed["pruned"]["pass_speedups"]}
+            checkpoint.write_json(path, cache)
+        out[group] = cache[key]
+    return out
+
+
+def tp_reference(args, seed: int, target_macs: float, out) -> dict:
+    """Torch-Pruning's magnitude pruner on the pretrained model at ``target_macs``, fine-tuned like the others."""
+    if (out / SUMMARY).exists():
+        return json.loads((out / SUMMARY).read_text())
+    torch.manual_seed(seed)
+    dense_path = RESULTS / "runs" / args.name / f"dense-seed{seed}" / MODEL
+    dense, meta = load_model(dense_path)
+    dense = dense.to(args.device)
+    shape = (meta["in_channels"], meta["input_size"], meta["input_size"])
+    model, macs = tp_pruned(args, dense, shape, target_macs)
     train = load_dataset("fashion-mnist", "train")
     test = load_dataset("fashion-mnist", "test")
     epochs = 1 if args.quick else args.epochs
@@ -498,7 +546,8 @@ def main(argv=None) -> int:
             run_id = f"tp-magnitude-{target:g}-seed{s}"
             references[run_id] = tp_reference(args, s, statistics.fmean(halp_macs),
                                               RESULTS / "runs" / args.name / run_id)
-    rows = table_rows(args, pre_summaries, summaries, latencies, references)
+    tp_speed = {} if args.quick else tp_speed_at_macs(args, latencies)
+    rows = table_rows(args, pre_summaries, summaries, latencies, references, tp_speed)
     pairs = equal_latency_pairs(args, summaries, latencies)
     write(args, rows, pairs, pre_summaries, summaries, latencies, references, argv)
     return 0
@@ -522,7 +571,8 @@ def report_only(args, pre: dict, main_runs: dict, argv) -> int:
                  if (folder / r / LATENCY).exists()}
     references = {r: s for r, s in finished(f"tp-magnitude-{t:g}-seed{i}" for t in args.targets
                                             for i in range(args.seeds)).items()}
-    rows = table_rows(args, pre_summaries, summaries, latencies, references)
+    rows = table_rows(args, pre_summaries, summaries, latencies, references,
+                      tp_speed_at_macs(args, latencies, time_missing=False))
     pairs = equal_latency_pairs(args, summaries, latencies)
     print(f"{args.name}: {len(pre_summaries)} of {len(pre)} dense runs, {len(summaries)} of {len(main_runs)} runs "
           f"(+ {len(tightened)} tightened), {len(latencies)} timed, {len(references)} Torch-Pruning references",
@@ -559,7 +609,7 @@ def fidelity(summaries: dict, latencies: dict) -> dict | None:
             "within_10": sum(e <= 0.10 for e in errors.values())}
 
 
-def table_rows(args, pre, summaries, latencies, references) -> dict:
+def table_rows(args, pre, summaries, latencies, references, tp_speed: dict) -> dict:
     dense_epochs_flops = statistics.fmean(s["train_flops"] / s["epochs"] for s in pre.values())
     rows = {}
     dense_ms = _mean_of(lat["dense"]["measured_ms"] for lat in latencies.values())  # None: nothing timed yet
@@ -588,6 +638,7 @@ def table_rows(args, pre, summaries, latencies, references) -> dict:
                 "speedup": _mean_of(x["measured_speedup"] for x in lat),
                 "macs_reduction": _mean_of(x["macs_reduction"] for x in lat),
                 "timed": len(lat),
+                "tp_speedup_same_macs": tp_speed.get(f"{method}-{target:g}", {}).get("speedup"),
                 "cost": statistics.fmean(total_cost(summaries[k]) for k in keys) / dense_epochs_flops,
                 "n": len(keys), "wall": statistics.fmean(summaries[k]["wall_seconds"] for k in keys)}
         keys = [k for k in references if k.startswith(f"tp-magnitude-{target:g}-")]
@@ -660,11 +711,14 @@ def write(args, rows, pairs, pre, summaries, latencies, references, argv) -> Non
                 f"{halp_interval(args)} steps 30 times, IEE H = J = Q = 50, IEE-ramp over {args.ramp_cycles} cycles")
              + f", seeds {args.seeds}", "",
              "| run | last-epoch accuracy | measured latency | measured fraction of dense | predicted fraction | "
-             "speed-up (measured) | MACs reduction | speed-up / MACs reduction | total training cost (dense epochs) "
-             "| re-admitted | seeds |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "speed-up (measured) | MACs reduction | speed-up / MACs reduction | speed-up / Torch-Pruning's at the "
+             "same MACs | total training cost (dense epochs) | re-admitted | seeds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     def number(value, fmt: str) -> str:
         return "-" if value is None else format(value, fmt)
+
+    def over_tp(r: dict) -> float | None:
+        return r["speedup"] / r["tp_speedup_same_macs"] if r.get("speedup") and r.get("tp_speedup_same_macs") else None
 
     for key, r in rows.items():
         predicted = f"{r['predicted_fraction']:.3f}" if "predicted_fraction" in r else "-"
@@ -676,7 +730,15 @@ def write(args, rows, pairs, pre, summaries, latencies, references, argv) -> Non
                      f"{number(r.get('measured_fraction'), '.3f')} | {predicted} | "
                      f"{number(r.get('speedup'), '.2f')}{'×' if r.get('speedup') else ''} | "
                      f"{number(r.get('macs_reduction'), '.2f')}{'×' if r.get('macs_reduction') else ''} | "
-                     f"{number(ratio, '.2f')} | {r['cost']:.2f} | {readmitted} | {r['n']} |")
+                     f"{number(ratio, '.2f')} | {number(over_tp(r), '.2f')} | {r['cost']:.2f} | {readmitted} | "
+                     f"{r['n']} |")
+    compared = {k: over_tp(r) for k, r in rows.items() if over_tp(r) is not None}
+    if compared:
+        slower = {k: v for k, v in compared.items() if v < 1}
+        lines += ["", "Every method's exported model at least as fast as Torch-Pruning's magnitude pruner at the same "
+                  "MACs (its model at each row's mean MACs, timed the same way): "
+                  + ("yes, " if not slower else "no: " + ", ".join(f"{k} {v:.2f}" for k, v in slower.items()) + "; ")
+                  + f"{len(compared) - len(slower)} of {len(compared)} rows at 1.00 or above."]
     plateau = paired_difference(pre, "dense-2x", "dense")
     if plateau:
         lines += ["", f"Dense plateau check: dense at {2 * args.pretrain_epochs} epochs − dense at "

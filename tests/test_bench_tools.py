@@ -323,7 +323,7 @@ def test_channels_report_only_tabulates_what_has_landed_and_trains_nothing(bench
         (folder / run_id / module.SUMMARY).write_text(json.dumps(summary))
         if timed is not None:  # measured speed-up 1 / fraction, MACs cut 5x
             (folder / run_id / module.LATENCY).write_text(json.dumps(
-                {"dense": {"measured_ms": 20.0}, "exported": {"measured_ms": 20.0 * timed},
+                {"dense": {"measured_ms": 20.0}, "exported": {"measured_ms": 20.0 * timed, "macs": 1000.0},
                  "measured_speedup": 1 / timed, "pass_speedups": [1 / timed], "macs_reduction": 5.0}))
 
     land("dense-seed0", 0.90), land("dense-seed1", 0.92)
@@ -333,6 +333,8 @@ def test_channels_report_only_tabulates_what_has_landed_and_trains_nothing(bench
     land("iee-scratch-one-cycle-0.3-seed0", 0.87, predicted=0.30)  # landed, not timed yet
     land("iee-scratch-one-cycle-0.3-seed1", 0.89, predicted=0.30)
     land("halp-0.3-seed0", 0.88, predicted=0.26)  # seed 1 still training
+    # Torch-Pruning timed at IEE's MACs earlier: 4x against IEE's 3.18x (the mean of 1/0.33 and 1/0.30)
+    (folder / module.TP_SPEED).write_text(json.dumps({"iee-scratch-0.3@1000": {"speedup": 4.0}}))
     assert module.main(argv) == 0
     md = (module.RESULTS / "channels-resnet8-e3.md").read_text()
     assert not (folder / "halp-0.3-seed1").exists() and not (folder / "tp-magnitude-0.3-seed0").exists()
@@ -345,8 +347,36 @@ def test_channels_report_only_tabulates_what_has_landed_and_trains_nothing(bench
     assert "| 88.00 ± 0.00 % | - | - | 0.260 | - | - | - |" in halp  # trained, not timed: no latency invented
     iee = next(line for line in md.splitlines() if line.startswith("| iee-scratch @ 0.3 |"))
     assert "| 0.315 | 0.300 |" in iee and "| 30 % |" in iee  # mean measured fraction, mean re-admission
+    assert "| 3.18× | 5.00× | 0.64 | 0.80 |" in iee  # over the 5x MACs cut, and over Torch-Pruning's at its MACs
+    assert "Torch-Pruning's magnitude pruner at the same MACs" in md and "no: iee-scratch @ 0.3 0.80; 0 of 1" in md
     # the table's fidelity over the timed models: |0.33/0.30 − 1| = 10 % and 0
     assert "over the 2 HALP/IEE models timed: mean error 5.0 %, largest 10.0 % (iee-scratch-0.3-seed0)" in md
+
+
+def test_channels_times_torch_pruning_at_each_methods_macs_once(bench_channels, monkeypatch):
+    module = bench_channels
+    from regrow import checkpoint
+    from regrow.models import create_model
+
+    args = module.parse(["--model", "resnet8", "--seeds", "1", "--targets", "0.3", "--repeats", "2",
+                         "--latency-batch", "2", "--prune-first"])
+    folder = module.RESULTS / "runs" / args.name
+    torch.manual_seed(0)
+    dense = create_model("resnet8")
+    meta = {"kind": "model", "model": "resnet8", "dataset": "fashion-mnist", "in_channels": 1, "num_classes": 10,
+            "input_size": 28, "input_shape": [1, 28, 28], "method": "dense"}
+    checkpoint.save(folder / "dense-seed0" / module.MODEL, {"model": dense.state_dict()}, meta)
+    dense_macs = sum(module.layer_macs(dense, (1, 28, 28)).values())
+    latencies = {f"iee-scratch-0.3-seed{s}": {"exported": {"macs": dense_macs * f}} for s, f in ((0, 0.3), (1, 0.4))}
+    timed = module.tp_speed_at_macs(args, latencies)
+    entry = timed["iee-scratch-0.3"]
+    assert entry["target_macs"] == pytest.approx(0.35 * dense_macs)  # the mean over the group's seeds
+    assert 0.9 * entry["target_macs"] <= entry["macs"] <= entry["target_macs"]  # pruned to it, not past it by much
+    assert entry["speedup"] > 0 and len(entry["pass_speedups"]) == 3
+    monkeypatch.setattr(module, "paired_timing", lambda *a, **k: pytest.fail("timed again"))
+    assert module.tp_speed_at_macs(args, latencies) == timed  # cached in the grid's folder
+    assert module.tp_speed_at_macs(args, {"halp-0.3-seed0": {"exported": {"macs": dense_macs / 2}}},
+                                   time_missing=False) == {}  # a report times nothing
 
 
 def test_channels_grid_size_counts_every_run_the_protocol_trains(bench_channels):
