@@ -56,6 +56,14 @@ def test_train_report_eval_round_trip(tmp_path, capsys):
     (["train", "--method", "rigl", "--structure", "channel"], "no channel version; channel methods: halp, iee"),
     (["train", "--method", "iee", "--structure", "channel", "--cost", "macs", "--latency-target", "0.001",
       "--model", "resnet8"], "below what this model reaches with one group"),
+    (["train", "--method", "halp", "--structure", "channel", "--latency-target", "12parsecs"],
+     "'12parsecs' is neither a fraction such as 0.3 nor a time such as 12ms"),
+    (["train", "--method", "halp", "--structure", "channel", "--latency-target", "12ms", "--cost", "macs"],
+     "a budget in milliseconds is a measured latency: it takes --structure channel and --cost latency"),
+    (["train", "--method", "halp", "--structure", "channel", "--latency-target", "0ms"],
+     "latency_target_ms must be a positive number of milliseconds, got 0.0"),
+    (["train", "--method", "halp", "--structure", "channel", "--latency-target", "100000ms", "--latency-batch", "2",
+      "--model", "resnet8"], "ms at batch 2 on this device, within the 100000 ms asked for: nothing to prune"),
     (["train", "--method", "halp", "--structure", "channel", "--init-from", "/nonexistent/model.safetensors"],
      "no checkpoint at"),
     (["export", "/nonexistent"], "no checkpoint at"),
@@ -174,3 +182,29 @@ def test_channel_training_export_and_latency_from_the_cli(tmp_path, capsys, monk
     assert result["exported"]["params"] == params and result["batch_size"] == 4
     assert result["exported"]["macs"] < result["dense"]["macs"]
     assert result["exported"]["measured_ms"] > 0 and result["dense"]["predicted_ms"] > 0
+
+
+def test_a_budget_in_milliseconds_is_converted_once_and_the_recipe_keeps_the_fraction(tmp_path, capsys, monkeypatch):
+    import yaml
+
+    from regrow import latency_report
+    from regrow.channels import costs
+
+    monkeypatch.setattr(latency_report, "paired_timing",
+                        lambda models, x, **kw: {"dense": {"ms": 40.0, "speedup": 1.0, "pass_speedups": [1.0]}})
+    monkeypatch.setattr(costs, "time_layer", lambda shape, c_in, c_out, *args, **kw: 1e-3 * (c_in * c_out + 1))
+    monkeypatch.setenv("REGROW_CACHE_DIR", str(tmp_path / "cache"))
+    run = ["train", *SMALL, "--max-steps", "2", "--method", "halp", "--structure", "channel", "--latency-batch", "2",
+           "--opt", "prune_first=true", "--opt", "prune_every=1", "--opt", "prune_steps=1"]
+    assert main([*run, "--latency-target", "12ms", "--out", str(tmp_path / "run")]) == 0
+    assert "12 ms at batch 2 is 0.3000 of the dense model's 40 ms measured now" in capsys.readouterr().err
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["config"]["latency_target"] == pytest.approx(0.3)
+    assert summary["config"]["latency_target_ms"] == 12.0 and summary["config"]["latency_dense_ms"] == 40.0
+    recipe = yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())
+    assert recipe["latency_target"] == pytest.approx(0.3)  # the fraction: repeating the run times nothing
+    monkeypatch.setattr(latency_report, "paired_timing", lambda *a, **k: pytest.fail("timed again"))
+    assert main(["train", "--recipe", str(tmp_path / "run" / "recipe.yaml"), "--out", str(tmp_path / "again")]) == 0
+    again = json.loads((tmp_path / "again" / "summary.json").read_text())
+    assert again["config"]["latency_target"] == summary["config"]["latency_target"]
+    assert again["test_accuracy"] == summary["test_accuracy"]

@@ -7,7 +7,16 @@ import torch
 
 from regrow.errors import CheckpointError, ConfigError, TrainingDivergedError
 from regrow.methods.channel import CHANNEL_PAPER_CYCLE
-from regrow.training import CHECKPOINT, METRICS, MODEL, SUMMARY, TrainConfig, build_trainer, load_model
+from regrow.training import (
+    CHECKPOINT,
+    METRICS,
+    MODEL,
+    SUMMARY,
+    TrainConfig,
+    build_trainer,
+    load_model,
+    resolve_latency_ms,
+)
 
 
 def config(**kw):
@@ -99,6 +108,43 @@ def test_resume_refuses_a_method_default_changed_since_the_checkpoint(tmp_path, 
     assert build_trainer(explicit, tmp_path / "b").run(resume=True)["steps"] > 5
     with pytest.raises(CheckpointError, match=r"method's options differ \(interval: 4 -> 5\)"):
         build_trainer(config(epochs=2, method_options={"interval": 5}), tmp_path / "b").run(resume=True)
+
+
+def test_a_budget_in_milliseconds_is_that_share_of_the_dense_forward_measured_once(tmp_path, monkeypatch):
+    from regrow import latency_report
+
+    batches = []
+
+    def dense_in(ms):
+        def timing(models, x, passes=3, repeats=50, reference="dense"):
+            batches.append(x.shape[0])
+            return {"dense": {"ms": ms, "speedup": 1.0, "pass_speedups": [1.0] * passes}}
+        return timing
+
+    monkeypatch.setattr(latency_report, "paired_timing", dense_in(40.0))
+    monkeypatch.setenv("REGROW_CACHE_DIR", str(tmp_path / "cache"))
+    from regrow.channels import costs  # a table that prices channels, not this machine: the floor is fixed
+    monkeypatch.setattr(costs, "time_layer", lambda shape, c_in, c_out, *args, **kw: 1e-3 * (c_in * c_out + 1))
+    halp = config(method="halp", structure="channel", latency_target_ms=12.0, latency_batch=2, checkpoint_every=3,
+                  method_options={"prune_every": 2, "prune_steps": 2, "prune_first": True})
+    resolved, info = resolve_latency_ms(halp, tmp_path / "run")
+    assert resolved.latency_target == pytest.approx(0.3) and resolved.latency_dense_ms == 40.0 and info["measured"]
+    assert batches == [2] and halp.latency_dense_ms is None  # timed at the table's batch; the config left alone
+    trainer = build_trainer(halp, tmp_path / "run")  # the Python API: the trainer converts a budget in ms itself
+    assert trainer.sparsifier.latency_target == pytest.approx(0.3) and len(batches) == 2
+    trainer.run(stop_after=3)
+    # a resume keeps the dense latency the run started with: timing it again would move the budget mid-run
+    monkeypatch.setattr(latency_report, "paired_timing", lambda *a, **k: pytest.fail("timed again"))
+    summary = build_trainer(halp, tmp_path / "run").run(resume=True)
+    assert summary["config"]["latency_target"] == pytest.approx(0.3) and summary["config"]["latency_dense_ms"] == 40.0
+    assert summary["steps"] > 3
+    # another time is another budget: measured anew, and a resume refuses the change
+    monkeypatch.setattr(latency_report, "paired_timing", dense_in(40.0))
+    with pytest.raises(CheckpointError, match=r"configuration differs \(latency_target: 0.3 -> 0.275"):
+        build_trainer(dataclasses.replace(halp, latency_target_ms=11.0), tmp_path / "run").run(resume=True)
+    with pytest.raises(ConfigError, match="nothing to prune"):
+        resolve_latency_ms(dataclasses.replace(halp, latency_target_ms=40.0), tmp_path / "other")
+    assert resolve_latency_ms(config(), tmp_path / "rigl") == (config(), None)  # a sparsity, not a time
 
 
 def test_an_iee_checkpoint_older_than_recorded_defaults_resumes_only_as_it_ran(tmp_path):

@@ -23,6 +23,24 @@ THREADS_HELP = ("CPU threads for this run (default: torch's, one per core). Use 
                 "slower than on one")
 
 
+class Milliseconds(float):
+    """A latency budget given as a time (``--latency-target 12ms``)."""
+
+
+def latency_budget(value: str | float) -> float:
+    """``--latency-target``: a fraction of the dense model's cost (``0.3``) or a time in milliseconds (``12ms``,
+    returned as :class:`Milliseconds`); the range is checked with the rest of the configuration."""
+    text = str(value).strip().lower()
+    try:
+        return Milliseconds(text[:-2]) if text.endswith("ms") else float(text)
+    except ValueError:  # argparse shows this text; a recipe's check names the option
+        raise argparse.ArgumentTypeError(f"{value!r} is neither a fraction such as 0.3 nor a time such as 12ms"
+                                         ) from None
+
+
+latency_budget.description = "a fraction such as 0.3 or a time such as 12ms"  # what a recipe's error says
+
+
 def _parse_option(text: str | tuple[str, Any]) -> tuple[str, Any]:
     if isinstance(text, tuple):  # from a recipe: already typed
         return text
@@ -62,8 +80,10 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--distribution", default=None, help=f"one of {', '.join(DISTRIBUTIONS)} (default erk)")
     p.add_argument("--structure", default="unstructured",
                    help="unstructured (default), N:M such as 2:4, or channel (methods halp and iee)")
-    p.add_argument("--latency-target", type=float, default=0.5,
-                   help="channel structure: the budget as a fraction of the dense model's cost (default 0.5)")
+    p.add_argument("--latency-target", type=latency_budget, default=0.5,
+                   help="channel structure: the budget as a fraction of the dense model's cost (default 0.5), or "
+                        "as a time such as 12ms at --latency-batch on this device (the dense model's forward is "
+                        "timed once, at the start, to turn it into that fraction)")
     p.add_argument("--cost", default="latency", choices=["latency", "macs"],
                    help="channel structure: latency measured on this device (default) or MACs")
     p.add_argument("--latency-batch", type=int, default=64, help="batch size of the latency table (default 64)")
@@ -151,7 +171,9 @@ def _config_from(args) -> Any:
         augment=not args.no_augment, channels_last=args.channels_last, device=args.device, amp=args.amp,
         compile=args.compile,
         train_subset=args.train_subset, synthetic_size=args.synthetic_size,
-        latency_target=args.latency_target, cost=args.cost, latency_batch=args.latency_batch,
+        latency_target=0.5 if isinstance(args.latency_target, Milliseconds) else args.latency_target,
+        latency_target_ms=float(args.latency_target) if isinstance(args.latency_target, Milliseconds) else None,
+        cost=args.cost, latency_batch=args.latency_batch,
         init_from=args.init_from,
         seed=args.seed, log_every=args.log_every, eval_every=args.eval_every,
         checkpoint_every=args.checkpoint_every, progress=not args.no_progress)
@@ -170,12 +192,16 @@ def _set_threads(args) -> None:
 
 def cmd_train(args) -> int:
     from . import distributed
-    from .training import build_trainer, train_parallel
+    from .training import build_trainer, resolve_latency_ms, train_parallel
 
     _set_threads(args)
     if not isinstance(args.nproc, int) or args.nproc < 1:
         raise ConfigError(f"--nproc must be a positive integer, got {args.nproc}")
-    config = _config_from(args)
+    config, converted = resolve_latency_ms(_config_from(args), args.out)  # once, before any process starts
+    if converted is not None:
+        print(f"regrow: {config.latency_target_ms:g} ms at batch {config.latency_batch} is {converted['fraction']:.4f} "
+              f"of the dense model's {converted['dense_ms']:.3g} ms "
+              + ("measured now" if converted["measured"] else "measured when this run started"), file=sys.stderr)
     if distributed.init_from_environment(config.device):  # started by torchrun: this process is one rank
         if args.nproc != 1:
             raise ConfigError("--nproc starts its own processes; under torchrun leave it out")

@@ -119,8 +119,9 @@ def _check_value(path, key: str, value: Any, action: argparse.Action) -> Any:
         raise ConfigError(f"{what} must be {'an integer' if kind is int else kind.__name__}, got {value!r}")
     try:
         value = kind(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{what} must be {'an integer' if kind is int else kind.__name__}, got {value!r}") from None
+    except (TypeError, ValueError, argparse.ArgumentTypeError):
+        expected = "an integer" if kind is int else getattr(kind, "description", kind.__name__)
+        raise ConfigError(f"{what} must be {expected}, got {value!r}") from None
     if action.choices is not None and value not in action.choices:
         raise ConfigError(f"{what} must be one of {', '.join(map(str, action.choices))}, got {value!r}")
     return value

@@ -34,6 +34,7 @@ from .artifacts import (
     RESULT_FILES,
     SUMMARY,
     build_model,
+    example_inputs,
     load_model,
     model_metadata,
 )
@@ -100,6 +101,10 @@ class TrainConfig:
     compile: bool = False  # torch.compile the training forward (measured in bench/overhead.py; opt-in, see README)
     # Channel structure (structure="channel", methods halp / iee): the budget is a cost, not a sparsity.
     latency_target: float = 0.5  # fraction of the dense model's cost
+    # the budget given as a time (ms, at latency_batch on the run's device): latency_target is then that time over
+    # the dense model's forward (latency_dense_ms), measured once when the run starts (resolve_latency_ms)
+    latency_target_ms: float | None = None
+    latency_dense_ms: float | None = None
     cost: str = "latency"  # "latency" (table measured on this device) or "macs"
     latency_batch: int = 64  # batch size the latency table is measured at
     init_from: str | None = None  # a dense model.safetensors to start from (HALP's pretrained model)
@@ -119,6 +124,18 @@ class TrainConfig:
                                   f"got {self.latency_target!r}")
         elif cls is not methods.Dense:
             check_sparsity(self.sparsity)
+        if self.latency_target_ms is not None:
+            if self.structure != "channel" or self.cost != "latency":
+                raise ConfigError("a budget in milliseconds is a measured latency: it takes --structure channel and "
+                                  "--cost latency")
+        for name in ("latency_target_ms", "latency_dense_ms"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not (math.isfinite(value) and value > 0)):
+                raise ConfigError(f"{name} must be a positive number of milliseconds, got {value!r}")
+        if self.latency_dense_ms is not None and self.latency_target_ms is None:
+            raise ConfigError("latency_dense_ms is the dense latency a budget in milliseconds was converted with; "
+                              "it needs latency_target_ms")
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "log_every": self.log_every,
                     "eval_every": self.eval_every}
         for name, value in positive.items():
@@ -221,6 +238,7 @@ def build_trainer(config: TrainConfig, out: str | os.PathLike) -> Trainer:
     """The trainer a :class:`TrainConfig` describes: its data, its model (on its device), SGD with Nesterov
     momentum, its sparsifier. The command line, the benchmarks and the tests all start runs here."""
     config.validate()
+    config, _ = resolve_latency_ms(config, out)  # a budget in ms: the fraction of the dense model it is, once
     c = config
     device = distributed.local_device(resolve_device(c.device))  # the Trainer sets it up (allocator, kernels)
     torch.manual_seed(c.seed)
@@ -252,6 +270,45 @@ def build_trainer(config: TrainConfig, out: str | os.PathLike) -> Trainer:
     sparsifier = methods.create(c.method, model, optimizer, total_steps=total_steps, seed=c.seed, **options)
     return Trainer(model, optimizer, sparsifier, train_data, test_data, out, config=c, pretrain=pretrain,
                    _checked=True)
+
+
+def resolve_latency_ms(config: TrainConfig, out: str | os.PathLike, passes: int = 3,
+                       repeats: int = 30) -> tuple[TrainConfig, dict[str, Any] | None]:
+    """A budget given as a time (``latency_target_ms``) turned into what the channel methods take, a fraction of
+    the dense model's cost: that time over the dense model's forward (``latency_dense_ms``) at ``latency_batch`` on
+    the run's device, with the threads set now (as the latency table is measured), the median of ``passes`` medians
+    of ``repeats`` runs. The table's cells and the real forward differ in scale but agree in ratios
+    (``bench/latency_fidelity.py``), so a fraction, not a time, is what the table can price. Measured once: a config
+    that has ``latency_dense_ms`` already, or a run folder whose checkpoint was converted from the same time, keeps
+    that measurement, so a resume repeats the run (the run's recipe records the fraction). Returns the config with
+    ``latency_target`` and ``latency_dense_ms`` set (a copy) and ``{"dense_ms", "fraction", "measured"}``, or
+    ``(config, None)`` for a budget given as a fraction."""
+    if config.latency_target_ms is None:
+        return config, None
+    config.validate()
+    dense_ms, measured = config.latency_dense_ms, False
+    path = Path(out) / CHECKPOINT
+    if dense_ms is None and path.is_file():
+        saved = checkpoint.read_metadata(path).get("config", {})
+        if saved.get("latency_target_ms") == config.latency_target_ms:
+            dense_ms = saved.get("latency_dense_ms")
+    if dense_ms is None:
+        from .latency_report import paired_timing
+
+        device = resolve_device(config.device)
+        data = load_dataset(config.dataset, "test", config.data_dir, synthetic_size=config.synthetic_size,
+                            seed=config.seed)
+        torch.manual_seed(config.seed)
+        meta = model_metadata(config.model, config.dataset, "dense", data)
+        dense = build_model(meta).to(device).eval()  # timed as regrow bench-latency times the dense model
+        x = example_inputs(meta, samples=config.latency_batch, seed=config.seed).to(device)
+        dense_ms, measured = paired_timing({"dense": dense}, x, passes=passes, repeats=repeats)["dense"]["ms"], True
+    fraction = config.latency_target_ms / dense_ms
+    if not fraction < 1:
+        raise ConfigError(f"the dense {config.model} runs in {dense_ms:.3g} ms at batch {config.latency_batch} on "
+                          f"this device, within the {config.latency_target_ms:g} ms asked for: nothing to prune")
+    resolved = dataclasses.replace(config, latency_target=fraction, latency_dense_ms=dense_ms)
+    return resolved, {"dense_ms": dense_ms, "fraction": fraction, "measured": measured}
 
 
 def _load_pretrained(model: nn.Module, path: str, name: str) -> dict[str, Any]:
