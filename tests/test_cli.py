@@ -201,6 +201,8 @@ def test_a_budget_in_milliseconds_is_converted_once_and_the_recipe_keeps_the_fra
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["config"]["latency_target"] == pytest.approx(0.3)
     assert summary["config"]["latency_target_ms"] == 12.0 and summary["config"]["latency_dense_ms"] == 40.0
+    assert main(["report", str(tmp_path / "run")]) == 0
+    assert "asked for 12 ms at batch 2: 30.00% of the dense forward, 40 ms measured" in capsys.readouterr().out
     recipe = yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())
     assert recipe["latency_target"] == pytest.approx(0.3)  # the fraction: repeating the run times nothing
     monkeypatch.setattr(latency_report, "paired_timing", lambda *a, **k: pytest.fail("timed again"))

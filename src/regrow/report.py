@@ -63,6 +63,12 @@ def format_report(summary: dict[str, Any]) -> str:
         kept = ", ".join(f"{root} {n}/{channels['group_channels'][root]}{' heads' if root in heads else ''}"
                          for root, n in channels["kept_channels"].items())
         budget_lines = [budget_line, f"kept channels   {kept}"]
+        config = summary.get("config", {})
+        if config.get("latency_target_ms") is not None:  # asked for as a time: what it was converted with
+            budget_lines.insert(1, f"                asked for {config['latency_target_ms']:g} ms at batch "
+                                   f"{config.get('latency_batch')}: {config['latency_target']:.2%} of the dense "
+                                   f"forward, {config['latency_dense_ms']:.3g} ms measured when the run started "
+                                   "(regrow bench-latency times the export)")
     else:
         budget_lines = [f"sparsity        target {summary['sparsity_target']:.4f}   achieved "
                         f"{summary['sparsity_actual']:.4f}   ({summary['distribution']}, {summary['structure']})"]
