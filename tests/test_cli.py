@@ -203,6 +203,12 @@ def test_a_budget_in_milliseconds_is_converted_once_and_the_recipe_keeps_the_fra
     assert summary["config"]["latency_target_ms"] == 12.0 and summary["config"]["latency_dense_ms"] == 40.0
     assert main(["report", str(tmp_path / "run")]) == 0
     assert "asked for 12 ms at batch 2: 30.00% of the dense forward, 40 ms measured" in capsys.readouterr().out
+    timings = iter([{"dense": {"ms": 40.0}, "exported": {"ms": 13.0, "speedup": 40 / 13, "pass_speedups": [3.1]}}] * 2)
+    monkeypatch.setattr(latency_report, "paired_timing", lambda *a, **k: next(timings))
+    assert main(["bench-latency", str(tmp_path / "run"), "--batch-size", "2", "--repeats", "1"]) == 0
+    assert "budget: 12 ms asked for at batch 2, exported 13 ms (over by 8.3 %)" in capsys.readouterr().out
+    assert main(["bench-latency", str(tmp_path / "run"), "--batch-size", "4", "--repeats", "1"]) == 0
+    assert "budget:" not in capsys.readouterr().out  # another batch than the budget's: nothing to compare
     recipe = yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())
     assert recipe["latency_target"] == pytest.approx(0.3)  # the fraction: repeating the run times nothing
     monkeypatch.setattr(latency_report, "paired_timing", lambda *a, **k: pytest.fail("timed again"))

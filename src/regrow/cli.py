@@ -335,8 +335,32 @@ def cmd_bench_latency(args) -> int:
         return 0
     result = latency_report(model, meta, batch_size=args.batch_size, repeats=args.repeats, threads=args.threads,
                             passes=args.passes, device=device)
+    asked = _time_budget(args.run)
+    if asked is not None and asked["latency_batch"] == args.batch_size:
+        measured = result["exported"]["measured_ms"]
+        result["budget"] = {"asked_ms": asked["latency_target_ms"], "measured_ms": measured,
+                            "met": measured <= asked["latency_target_ms"]}
     print(json.dumps(result, indent=2) if args.json else format_latency_report(result))
+    if "budget" in result and not args.json:
+        b = result["budget"]
+        print(f"budget: {b['asked_ms']:g} ms asked for at batch {args.batch_size}, exported {b['measured_ms']:.3g} ms "
+              + ("(met)" if b["met"] else f"(over by {100 * (b['measured_ms'] / b['asked_ms'] - 1):.1f} %)"))
     return 0
+
+
+def _time_budget(run: str) -> dict | None:
+    """The budget a run was asked for as a time (``--latency-target 12ms``), from its summary; None otherwise."""
+    from .artifacts import SUMMARY
+
+    path = Path(run)
+    summary = (path if path.is_dir() else path.parent) / SUMMARY
+    if not summary.is_file():
+        return None
+    try:
+        config = json.loads(summary.read_text()).get("config", {})
+    except (OSError, ValueError):
+        return None
+    return config if config.get("latency_target_ms") is not None else None
 
 
 def cmd_demo(args) -> int:
