@@ -60,6 +60,9 @@ def test_summary_has_the_contract_fields(tmp_path):
     assert s["sparsity_actual"] == pytest.approx(0.8, abs=1e-4)
     assert 0 < s["train_flops"] < s["dense_train_flops"]
     assert all({"name", "numel", "density", "dead_outputs", "dead_inputs"} <= set(layer) for layer in s["layers"])
+    # what the method ran with, defaults resolved: the config records only the options given
+    assert on_disk["config"]["method_options"] == {"interval": 4}
+    assert on_disk["method_options"]["interval"] == 4 and on_disk["method_options"]["alpha"] == 0.3
 
 
 def test_dense_method_has_no_masks_and_costs_dense_flops(tmp_path):

@@ -645,6 +645,8 @@ class Trainer:
             "layers": layers, "skipped_layers": self.sparsifier.skipped,
             "mask_updates": len(self.sparsifier.history), "mask_metrics": self.sparsifier.tracker.summary(),
             "config": dataclasses.asdict(c), "environment": {**environment(self.device), "processes": self.world},
+            # what the method ran with: the options given over its defaults (config holds only the given ones)
+            "method_options": {**self.method_defaults, **c.method_options},
         }
         summary.update(self.sparsifier.summary_fields())
         if self.pretrain is not None:
