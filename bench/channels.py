@@ -47,7 +47,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from runner import RESULTS, commit, figure, mean_std, run_grid, script_main, style, width_fraction
+from runner import RESULTS, commit, figure, mean_std, run_grid, run_in_pool, script_main, style, width_fraction
 
 from regrow import checkpoint
 from regrow.data import batches_per_epoch, get_batch, load_dataset
@@ -326,10 +326,13 @@ def tp_speed_at_macs(args, latencies: dict, time_missing: bool = True) -> dict[s
     return out
 
 
-def tp_reference(args, seed: int, target_macs: float, out) -> dict:
-    """Torch-Pruning's magnitude pruner on the pretrained model at ``target_macs``, fine-tuned like the others."""
+def tp_finetune(args, seed: int, target_macs: float, out, threads: int | None = None) -> dict:
+    """Torch-Pruning's magnitude pruner on the pretrained model at ``target_macs``, fine-tuned like the others; its
+    summary without the timing, which :func:`tp_timing` adds once nothing trains (fine-tunings run side by side)."""
     if (out / SUMMARY).exists():
         return json.loads((out / SUMMARY).read_text())
+    if threads:
+        torch.set_num_threads(threads)
     torch.manual_seed(seed)
     dense_path = RESULTS / "runs" / args.name / f"dense-seed{seed}" / MODEL
     dense, meta = load_model(dense_path)
@@ -365,9 +368,26 @@ def tp_reference(args, seed: int, target_macs: float, out) -> dict:
                "total_train_flops": pre["train_flops"] + step_flops * total}
     checkpoint.save(out / MODEL, {"model": {k: v.cpu() for k, v in model.state_dict().items()}},
                     {"kind": "tp-reference", **meta})
+    checkpoint.write_json(out / SUMMARY, summary)
+    return summary
+
+
+def tp_timing(args, seed: int, out) -> dict:
+    """Time a fine-tuned Torch-Pruning reference against the dense model (one thread, paired, as every model here)
+    and add it to its summary. Its architecture is rebuilt by pruning the same dense model to the same MACs (the
+    pruner and the bisection are deterministic), then its weights are loaded."""
+    summary = json.loads((out / SUMMARY).read_text())
+    if "latency" in summary:
+        return summary
+    dense, meta = load_model(RESULTS / "runs" / args.name / f"dense-seed{seed}" / MODEL)
+    dense = dense.to(args.device).eval()
+    shape = (meta["in_channels"], meta["input_size"], meta["input_size"])
+    model, _ = tp_pruned(args, dense, shape, summary["target_macs"])
+    sections, _ = checkpoint.load(out / MODEL)
+    model.load_state_dict(sections["model"])  # the shapes must match: the same pruning, or this refuses
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # latency figures: one thread, as for every other model here
-    measured = paired_timing({"dense": dense.eval(), "pruned": model.eval()},
+    measured = paired_timing({"dense": dense, "pruned": model.eval()},
                              torch.randn(args.latency_batch, *shape, device=args.device), repeats=args.repeats)
     torch.set_num_threads(threads)
     summary["latency"] = {"dense_ms": measured["dense"]["ms"], "measured_ms": measured["pruned"]["ms"],
@@ -535,17 +555,24 @@ def main(argv=None) -> int:
     pre_summaries = run_grid(args.name, pre, jobs=args.jobs)
     summaries = run_grid(args.name, main_runs, jobs=args.jobs)
     latencies = {run_id: measure(args, run_id) for run_id in summaries}
-    matched = latency_matched_runs(args, main_runs, summaries, latencies)
-    if matched:
-        summaries.update(run_grid(args.name, matched, jobs=args.jobs))
-        latencies.update({run_id: measure(args, run_id) for run_id in matched})
+    # what trains after the first timing, side by side: Torch-Pruning's fine-tunings at HALP's MACs, then the
+    # latency-matched runs; then both are timed, once nothing trains
     references = {}
+    tp_runs = {}
     for target in args.targets:
         halp_macs = [latencies[k]["exported"]["macs"] for k in latencies if k.startswith(f"halp-{target:g}-")]
         for s in range(args.seeds):
             run_id = f"tp-magnitude-{target:g}-seed{s}"
-            references[run_id] = tp_reference(args, s, statistics.fmean(halp_macs),
-                                              RESULTS / "runs" / args.name / run_id)
+            out = RESULTS / "runs" / args.name / run_id
+            tp_runs[run_id] = (tp_finetune, (args, s, statistics.fmean(halp_macs), out))
+    run_in_pool(tp_runs, args.jobs, lambda run_id, s: print(f"{run_id}: accuracy {s['test_accuracy']:.4f}",
+                                                            flush=True))
+    matched = latency_matched_runs(args, main_runs, summaries, latencies)
+    if matched:
+        summaries.update(run_grid(args.name, matched, jobs=args.jobs))
+        latencies.update({run_id: measure(args, run_id) for run_id in matched})
+    for run_id, (_, (_, seed, _, out)) in tp_runs.items():
+        references[run_id] = tp_timing(args, seed, out)
     tp_speed = {} if args.quick else tp_speed_at_macs(args, latencies)
     rows = table_rows(args, pre_summaries, summaries, latencies, references, tp_speed)
     pairs = equal_latency_pairs(args, summaries, latencies)
@@ -644,14 +671,14 @@ def table_rows(args, pre, summaries, latencies, references, tp_speed: dict) -> d
         keys = [k for k in references if k.startswith(f"tp-magnitude-{target:g}-")]
         if keys:
             refs = [references[k] for k in keys]
+            timed = [r["latency"] for r in refs if "latency" in r]  # every one, once the grid has timed them
             rows[f"torch-pruning magnitude @ MACs of halp {target:g}"] = {
                 "accuracy": mean_std(r["test_accuracy"] for r in refs),
-                "measured_ms": statistics.fmean(r["latency"]["measured_ms"] for r in refs),
-                "speedup": statistics.fmean(r["latency"].get("speedup", r["latency"]["dense_ms"]
-                                                             / r["latency"]["measured_ms"]) for r in refs),
-                "macs_reduction": statistics.fmean(r["latency"]["macs_dense"] / r["macs"] for r in refs),
+                "measured_ms": _mean_of(t["measured_ms"] for t in timed),
+                "speedup": _mean_of(t.get("speedup", t["dense_ms"] / t["measured_ms"]) for t in timed),
+                "macs_reduction": _mean_of(t["macs_dense"] / r["macs"] for r in refs if (t := r.get("latency"))),
                 "cost": statistics.fmean(r["total_train_flops"] for r in refs) / dense_epochs_flops,
-                "n": len(refs), "wall": statistics.fmean(r["wall_seconds"] for r in refs)}
+                "n": len(refs), "timed": len(timed), "wall": statistics.fmean(r["wall_seconds"] for r in refs)}
     return rows
 
 
@@ -750,7 +777,7 @@ def write(args, rows, pairs, pre, summaries, latencies, references, argv) -> Non
                   "| variant | options | accuracy | − the grid's IEE | measured fraction | predicted fraction | "
                   "re-admitted | training cost (dense epochs) | seeds |", "|---|---|---|---|---|---|---|---|---|",
                   *investigated_rows]
-    fit = fidelity(summaries, latencies)
+    fit = None if args.quick else fidelity(summaries, latencies)  # a quick grid budgets MACs: no table to judge
     if fit:
         lines += ["", f"The latency table against the exported models: predicted speed-up (1 / predicted fraction) "
                   f"against measured, over the {fit['runs']} HALP/IEE models timed: mean error "
