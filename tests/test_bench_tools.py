@@ -262,6 +262,10 @@ def bench_channels(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(BENCH))
     import channels as module
+    import runner
+    # results under the test's folder, whichever test imported runner first (its import moves to the repository)
+    for holder in (module, runner):
+        monkeypatch.setattr(holder, "RESULTS", tmp_path / "bench" / "results")
     return module
 
 
