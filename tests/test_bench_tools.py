@@ -383,6 +383,16 @@ def test_channels_times_torch_pruning_at_each_methods_macs_once(bench_channels, 
                                    time_missing=False) == {}  # a report times nothing
 
 
+def test_channels_times_the_methods_where_users_deploy_and_not_every_control(bench_channels):
+    module = bench_channels
+    run_ids = [*module.grids(module.parse(["--seeds", "1", "--model", "resnet8", "--investigate"]))[1],
+               "halp-tightened-0.3-seed0", "iee-scratch-tightened-0.55-seed0"]
+    timed = sorted(r for r in run_ids if module.deployed(r))
+    assert timed == sorted(["halp-0.55-seed0", "halp-0.3-seed0", "iee-scratch-0.55-seed0", "iee-scratch-0.3-seed0",
+                            "iee-pretrained-0.55-seed0", "iee-pretrained-0.3-seed0", "halp-tightened-0.3-seed0",
+                            "iee-scratch-tightened-0.55-seed0"])
+
+
 def test_channels_grid_size_counts_every_run_the_protocol_trains(bench_channels):
     module = bench_channels
     args = module.parse(["--seeds", "1", "--targets", "0.3", "--model", "resnet8"])
