@@ -632,7 +632,9 @@ def paired_difference(summaries: dict, a: str, b: str, points: float = 100.0) ->
 
 
 def diff_text(d: dict | None) -> str:
-    return "-" if d is None else f"{d['mean']:+.2f} ± {d['se']:.2f} (n={d['n']})"
+    if d is None:
+        return "-"
+    return f"{d['mean']:+.2f}" + (f" ± {d['se']:.2f}" if d["n"] > 1 else "") + f" (n={d['n']})"
 
 
 def fidelity(summaries: dict, latencies: dict) -> dict | None:
@@ -696,6 +698,41 @@ def table_rows(args, pre, summaries, latencies, references, tp_speed: dict) -> d
 def _mean_of(values) -> float | None:
     values = [v for v in values if v is not None]
     return statistics.fmean(values) if values else None
+
+
+# The controls' comparisons (a, b): a − b paired, per target; what each one separates
+CONTROLS = (("iee-scratch", "halp", "the claim's comparison (before latency matching)"),
+            ("iee-scratch", "halp-matched", "HALP at IEE's total cost (dense E/2 + E/2)"),
+            ("iee-scratch-2x", "halp", "IEE given twice the epochs"),
+            ("iee-scratch-2x", "iee-scratch", "what twice the epochs give IEE"),
+            ("iee-pretrained", "halp", "the same start and budget as HALP"),
+            ("iee-pretrained", "iee-scratch", "what the pretrained start gives IEE"),
+            ("iee-ramp", "iee-scratch", "the ramped first cut, from scratch"),
+            ("iee-pretrained-ramp", "iee-pretrained", "the ramped first cut, from the pretrained model"))
+
+
+def control_lines(args, pre: dict, summaries: dict, latencies: dict) -> list[str]:
+    """One row per target and control comparison that has runs on both sides."""
+    dense_flops = statistics.fmean(s["train_flops"] / s["epochs"] for s in pre.values())
+    out = []
+    for target in args.targets:
+        for a, b, what in CONTROLS:
+            ga, gb = f"{a}-{target:g}", f"{b}-{target:g}"
+            d = paired_difference(summaries, ga, gb)
+            if d is None:
+                continue
+
+            def side(group: str, fmt) -> str:
+                keys = [k for k in summaries if k.rsplit("-seed", 1)[0] == group]
+                values = [fmt(k) for k in keys]
+                values = [v for v in values if v is not None]
+                return f"{statistics.fmean(values):.3f}" if values else "-"
+
+            fraction = " / ".join(side(g, lambda k: measured_fraction(latencies[k]) if k in latencies else None)
+                                  for g in (ga, gb))
+            cost = " / ".join(side(g, lambda k: total_cost(summaries[k]) / dense_flops) for g in (ga, gb))
+            out.append(f"| {target:g} | {a} − {b}: {what} | {diff_text(d)} | {fraction} | {cost} |")
+    return out
 
 
 def investigate_lines(args, pre: dict, summaries: dict, latencies: dict) -> list[str]:
@@ -782,6 +819,13 @@ def write(args, rows, pairs, pre, summaries, latencies, references, argv) -> Non
         verdict = "plateaued" if abs(plateau["mean"]) <= 0.3 else "not plateaued: the criterion is within 0.3"
         lines += ["", f"Dense plateau check: dense at {2 * args.pretrain_epochs} epochs − dense at "
                   f"{args.pretrain_epochs} = {diff_text(plateau)} points ({verdict})."]
+    control_rows = control_lines(args, pre, summaries, latencies)
+    if control_rows:
+        lines += ["", "What separates budget from method, paired over seeds (accuracy difference in points; each "
+                  "side's measured fraction of dense latency where timed, and its total training cost in dense "
+                  "epochs):", "",
+                  "| target | comparison | difference | measured fraction | cost |", "|---|---|---|---|---|",
+                  *control_rows]
     investigated_rows = investigate_lines(args, pre, summaries, latencies)
     if investigated_rows:
         lines += ["", f"IEE's open choices at {min(args.targets):g} of dense latency, from scratch, paired against "

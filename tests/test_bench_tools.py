@@ -337,6 +337,7 @@ def test_channels_report_only_tabulates_what_has_landed_and_trains_nothing(bench
     land("iee-scratch-one-cycle-0.3-seed0", 0.87, predicted=0.30)  # landed, not timed yet
     land("iee-scratch-one-cycle-0.3-seed1", 0.89, predicted=0.30)
     land("halp-0.3-seed0", 0.88, predicted=0.26)  # seed 1 still training
+    land("halp-matched-0.3-seed0", 0.80, predicted=0.27)
     # Torch-Pruning timed at IEE's MACs earlier: 4x against IEE's 3.18x (the mean of 1/0.33 and 1/0.30)
     (folder / module.TP_SPEED).write_text(json.dumps({"iee-scratch-0.3@1000": {"speedup": 4.0}}))
     assert module.main(argv) == 0
@@ -353,6 +354,9 @@ def test_channels_report_only_tabulates_what_has_landed_and_trains_nothing(bench
     assert "| 0.315 | 0.300 |" in iee and "| 30 % |" in iee  # mean measured fraction, mean re-admission
     assert "| 3.18× | 5.00× | 0.64 | 0.80 |" in iee  # over the 5x MACs cut, and over Torch-Pruning's at its MACs
     assert "Torch-Pruning's magnitude pruner at the same MACs" in md and "no: iee-scratch @ 0.3 0.80; 0 of 1" in md
+    # the controls, paired where both sides have the seed: IEE from scratch against HALP at its cost, seed 0 only
+    assert ("| 0.3 | iee-scratch − halp-matched: HALP at IEE's total cost (dense E/2 + E/2) | +5.00 (n=1) | "
+            "0.315 / - | 3.000 / 3.000 |") in md
     # the table's fidelity over the timed models: |0.33/0.30 − 1| = 10 % and 0
     assert "over the 2 HALP/IEE models timed: mean error 5.0 %, largest 10.0 % (iee-scratch-0.3-seed0)" in md
 
