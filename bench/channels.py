@@ -47,7 +47,19 @@ import time
 
 import torch
 import torch.nn.functional as F
-from runner import RESULTS, commit, figure, mean_std, run_grid, run_in_pool, script_main, style, width_fraction
+from runner import (
+    RESULTS,
+    commit,
+    difference_text,
+    figure,
+    mean_std,
+    paired_difference,
+    run_grid,
+    run_in_pool,
+    script_main,
+    style,
+    width_fraction,
+)
 
 from regrow import checkpoint
 from regrow.data import batches_per_epoch, get_batch, load_dataset
@@ -290,6 +302,19 @@ def tp_pruned(args, dense: torch.nn.Module, shape: tuple, target_macs: float) ->
     return pruned_at(hi)
 
 
+def timed_against_dense(args, dense: torch.nn.Module, model: torch.nn.Module, shape: tuple) -> dict:
+    """:func:`paired_timing` of ``model`` (as ``pruned``) against ``dense`` on one thread, as every model here is
+    timed, at batch ``--latency-batch`` on a seeded random input."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        x = torch.randn(args.latency_batch, *shape, device=args.device)
+        return paired_timing({"dense": dense.eval(), "pruned": model.eval()}, x, repeats=args.repeats)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def tp_speed_at_macs(args, latencies: dict, time_missing: bool = True) -> dict[str, dict]:
     """Per method and target: Torch-Pruning's magnitude pruner taken to that method's mean exported MACs, and timed
     against the dense model like every export (paired, one thread, batch ``--latency-batch``), so that "at least
@@ -312,13 +337,8 @@ def tp_speed_at_macs(args, latencies: dict, time_missing: bool = True) -> dict[s
             dense, meta = load_model(dense_path)
             dense = dense.to(args.device).eval()
             shape = (meta["in_channels"], meta["input_size"], meta["input_size"])
-            torch.manual_seed(0)
             model, reached = tp_pruned(args, dense, shape, statistics.fmean(macs))
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-            timed = paired_timing({"dense": dense, "pruned": model.eval()},
-                                  torch.randn(args.latency_batch, *shape, device=args.device), repeats=args.repeats)
-            torch.set_num_threads(threads)
+            timed = timed_against_dense(args, dense, model, shape)
             cache[key] = {"group": group, "target_macs": statistics.fmean(macs), "macs": reached,
                           "speedup": timed["pruned"]["speedup"], "pass_speedups": timed["pruned"]["pass_speedups"]}
             checkpoint.write_json(path, cache)
@@ -385,11 +405,7 @@ def tp_timing(args, seed: int, out) -> dict:
     model, _ = tp_pruned(args, dense, shape, summary["target_macs"])
     sections, _ = checkpoint.load(out / MODEL)
     model.load_state_dict(sections["model"])  # the shapes must match: the same pruning, or this refuses
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # latency figures: one thread, as for every other model here
-    measured = paired_timing({"dense": dense, "pruned": model.eval()},
-                             torch.randn(args.latency_batch, *shape, device=args.device), repeats=args.repeats)
-    torch.set_num_threads(threads)
+    measured = timed_against_dense(args, dense, model, shape)
     summary["latency"] = {"dense_ms": measured["dense"]["ms"], "measured_ms": measured["pruned"]["ms"],
                           "speedup": measured["pruned"]["speedup"], "batch_size": args.latency_batch, "threads": 1,
                           "macs_dense": sum(layer_macs(dense, shape).values())}
@@ -619,22 +635,8 @@ def report_only(args, pre: dict, main_runs: dict, argv) -> int:
     return 0
 
 
-def paired_difference(summaries: dict, a: str, b: str, points: float = 100.0) -> dict | None:
-    """accuracy(a) − accuracy(b) over the seeds both groups have (run ids ``<group>-seed<s>``): mean and
-    standard error, in points."""
-    seeds = [k.rsplit("-seed", 1)[1] for k in summaries if k.rsplit("-seed", 1)[0] == a]
-    diffs = [points * (summaries[f"{a}-seed{s}"]["test_accuracy"] - summaries[f"{b}-seed{s}"]["test_accuracy"])
-             for s in seeds if f"{b}-seed{s}" in summaries]
-    if not diffs:
-        return None
-    se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
-    return {"mean": statistics.fmean(diffs), "se": se, "n": len(diffs)}
-
-
 def diff_text(d: dict | None) -> str:
-    if d is None:
-        return "-"
-    return f"{d['mean']:+.2f}" + (f" ± {d['se']:.2f}" if d["n"] > 1 else "") + f" (n={d['n']})"
+    return difference_text(d, missing="-")
 
 
 def fidelity(summaries: dict, latencies: dict) -> dict | None:
@@ -722,11 +724,9 @@ def control_lines(args, pre: dict, summaries: dict, latencies: dict) -> list[str
             if d is None:
                 continue
 
-            def side(group: str, fmt) -> str:
-                keys = [k for k in summaries if k.rsplit("-seed", 1)[0] == group]
-                values = [fmt(k) for k in keys]
-                values = [v for v in values if v is not None]
-                return f"{statistics.fmean(values):.3f}" if values else "-"
+            def side(group: str, value) -> str:
+                mean = _mean_of(value(k) for k in summaries if k.rsplit("-seed", 1)[0] == group)
+                return "-" if mean is None else f"{mean:.3f}"
 
             fraction = " / ".join(side(g, lambda k: measured_fraction(latencies[k]) if k in latencies else None)
                                   for g in (ga, gb))

@@ -146,6 +146,29 @@ def mean_std(values: Iterable[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def paired_difference(summaries: dict[str, dict], a: str, b: str) -> dict[str, Any] | None:
+    """accuracy(a) − accuracy(b) in points over the seeds both groups have (run ids ``<group>-seed<s>``): mean,
+    standard error (NaN from one seed), n and the differences; None where no seed is shared."""
+    def by_seed(group: str) -> dict[str, dict]:
+        return {seed: s for run_id, s in summaries.items() for g, seed in [run_id.rsplit("-seed", 1)] if g == group}
+
+    x, y = by_seed(a), by_seed(b)
+    seeds = sorted(set(x) & set(y), key=int)
+    if not seeds:
+        return None
+    diffs = [100 * (x[s]["test_accuracy"] - y[s]["test_accuracy"]) for s in seeds]
+    se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
+    return {"mean": statistics.fmean(diffs), "se": se, "n": len(diffs), "diffs": diffs}
+
+
+def difference_text(d: dict[str, Any] | None, missing: str = "") -> str:
+    """A paired difference as ``+1.50 ± 0.50 (n=2)``; one seed has no standard error."""
+    if d is None:
+        return missing
+    spread = f" ± {d['se']:.2f}" if d["n"] > 1 else ""
+    return f"{d['mean']:+.2f}{spread} (n={d['n']})"
+
+
 def aggregate(summaries: dict[str, dict], group_of: Callable[[str, dict], str]) -> dict[str, dict[str, Any]]:
     """Group runs (e.g. by method and sparsity, over seeds) into mean ± std rows."""
     groups: dict[str, list[dict]] = {}

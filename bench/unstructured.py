@@ -26,11 +26,20 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
-import math
 import statistics
 import sys
 
-from runner import RESULTS, aggregate, figure, run_grid, script_main, style, write_results
+from runner import (
+    RESULTS,
+    aggregate,
+    difference_text,
+    figure,
+    paired_difference,
+    run_grid,
+    script_main,
+    style,
+    write_results,
+)
 
 from regrow.methods.iee import PAPER_CYCLE
 from regrow.training import METRICS, SUMMARY, TrainConfig
@@ -239,17 +248,6 @@ def by_seed(summaries: dict, key: str) -> dict[int, dict]:
     return {s["seed"]: s for run_id, s in summaries.items() if group(run_id, s) == key}
 
 
-def paired(summaries: dict, a: str, b: str) -> dict | None:
-    """Mean and standard error over the seeds both have of accuracy(a) − accuracy(b), in points."""
-    x, y = by_seed(summaries, a), by_seed(summaries, b)
-    seeds = sorted(set(x) & set(y))
-    if not seeds:
-        return None
-    diffs = [100 * (x[s]["test_accuracy"] - y[s]["test_accuracy"]) for s in seeds]
-    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
-    return {"mean": statistics.fmean(diffs), "se": se, "n": len(diffs), "diffs": diffs}
-
-
 def mask_stats(summaries: dict, key: str) -> dict:
     """Pooled mask metrics of a group, averaged over its seeds."""
     runs = [s["mask_metrics"] for s in by_seed(summaries, key).values() if s["mask_metrics"].get("updates")]
@@ -277,10 +275,7 @@ def cell(rows: dict, key: str) -> str:
 
 
 def diff_cell(d: dict | None) -> str:
-    if d is None:
-        return ""
-    spread = f" ± {d['se']:.2f}" if d["n"] > 1 else ""  # one seed has no standard error
-    return f"{d['mean']:+.2f}{spread} (n={d['n']})"
+    return difference_text(d, missing="")
 
 
 def pct(value) -> str:
@@ -302,11 +297,13 @@ def report(rows: dict, summaries: dict, args) -> str:
                  if f"{iee}-{k}" in rows and f"rigl-{k}" in rows else "")
         lines.append(f"| {100 * s:g} % | {cell(rows, 'dense') if s == SPARSITIES[0] else ''} | "
                      f"{cell(rows, f'static-{k}')} | {cell(rows, f'set-{k}')} | {cell(rows, f'rigl-{k}')} | "
-                     f"{cell(rows, f'{iee}-{k}')} | {diff_cell(paired(summaries, f'{iee}-{k}', f'rigl-{k}'))} | "
-                     f"{cell(rows, rigl100)} | {diff_cell(paired(summaries, f'{iee}-{k}', rigl100))} | {flops} | "
+                     f"{cell(rows, f'{iee}-{k}')} | "
+                     f"{diff_cell(paired_difference(summaries, f'{iee}-{k}', f'rigl-{k}'))} | "
+                     f"{cell(rows, rigl100)} | {diff_cell(paired_difference(summaries, f'{iee}-{k}', rigl100))} | "
+                     f"{flops} | "
                      f"{pct(mask_stats(summaries, f'{iee}-{k}').get('readmitted'))} | "
                      f"{pct(mask_stats(summaries, f'rigl-{k}').get('readmitted'))} |")
-    plateau = paired(summaries, "dense-2x", "dense")
+    plateau = paired_difference(summaries, "dense-2x", "dense")
     if plateau:
         lines += ["", f"Dense plateau: dense at {2 * args.epochs} epochs − dense at {args.epochs} epochs = "
                       f"{diff_cell(plateau)} points ({cell(rows, 'dense-2x')} vs {cell(rows, 'dense')})."]
@@ -319,13 +316,13 @@ def report(rows: dict, summaries: dict, args) -> str:
         k = f"{s:g}"
         r = rows.get(f"rigl-eqflops-{k}")
         if r is None:
-            at_equal_epochs = paired(summaries, f"{iee}-{k}", f"rigl-{k}")
+            at_equal_epochs = paired_difference(summaries, f"{iee}-{k}", f"rigl-{k}")
             if at_equal_epochs is not None:
                 not_run.append(f"{100 * s:g} % (IEE − RigL at equal epochs {diff_cell(at_equal_epochs)})")
                 trails |= at_equal_epochs["mean"] < 0
             continue
         ratio = r["train_flops"] / rows["dense"]["train_flops"] if "dense" in rows else float("nan")
-        difference = diff_cell(paired(summaries, f"{iee}-{k}", f"rigl-eqflops-{k}"))
+        difference = diff_cell(paired_difference(summaries, f"{iee}-{k}", f"rigl-eqflops-{k}"))
         lines.append(f"| {100 * s:g} % | {r['epochs']} | {ratio:.3f} | {cell(rows, f'rigl-eqflops-{k}')} | "
                      f"{cell(rows, f'{iee}-{k}')} | {difference} |")
     if not_run:
@@ -346,7 +343,7 @@ def report(rows: dict, summaries: dict, args) -> str:
             continue
         m = mask_stats(summaries, key)
         lines.append(f"| {v}{' (default)' if v == iee else ''} | {cell(rows, key)} | "
-                     f"{diff_cell(paired(summaries, key, 'rigl-0.95')) if v != 'rigl' else ''} | "
+                     f"{diff_cell(paired_difference(summaries, key, 'rigl-0.95')) if v != 'rigl' else ''} | "
                      f"{rows[key]['train_flops_ratio']:.3f} | {m.get('updates', 0):.0f} | "
                      f"{pct(m.get('readmitted'))} | {pct(m.get('first_time'))} | {pct(m.get('survival_next'))} | "
                      f"{pct(m.get('survival_to_end'))} | {m.get('iou_mean', float('nan')):.3f} | "
@@ -366,9 +363,9 @@ def report(rows: dict, summaries: dict, args) -> str:
                     continue
                 m = mask_stats(summaries, key)
                 lines.append(f"| {100 * s:g} % | {label} | {m.get('updates', 0):.0f} | {cell(rows, key)} | "
-                             f"{diff_cell(paired(summaries, key, f'rigl-{k}'))} | "
-                             f"{diff_cell(paired(summaries, key, f'{rigl100}-{k}'))} | "
-                             f"{diff_cell(paired(summaries, key, f'{iee}-{k}')) if label != iee else ''} | "
+                             f"{diff_cell(paired_difference(summaries, key, f'rigl-{k}'))} | "
+                             f"{diff_cell(paired_difference(summaries, key, f'{rigl100}-{k}'))} | "
+                             f"{diff_cell(paired_difference(summaries, key, f'{iee}-{k}')) if label != iee else ''} | "
                              f"{rows[key]['train_flops_ratio']:.3f} | {pct(m.get('readmitted'))} |")
     lines += fit_lines(rows, summaries, args)
     lines += dead_unit_lines(summaries)

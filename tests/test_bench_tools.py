@@ -203,9 +203,9 @@ def test_unstructured_report_sets_training_loss_of_the_last_epoch_against_test_l
 def test_unstructured_paired_differences_show_a_standard_error_only_from_two_seeds(bench_unstructured):
     summaries = {f"{m}-0.95-seed{s}": {"seed": s, "test_accuracy": acc}
                  for m, s, acc in (("a", 0, 0.90), ("a", 1, 0.91), ("b", 0, 0.89), ("b", 1, 0.89), ("c", 0, 0.88))}
-    two = bench_unstructured.paired(summaries, "a-0.95", "b-0.95")
+    two = bench_unstructured.paired_difference(summaries, "a-0.95", "b-0.95")
     assert bench_unstructured.diff_cell(two) == "+1.50 ± 0.50 (n=2)"
-    one = bench_unstructured.paired(summaries, "c-0.95", "b-0.95")
+    one = bench_unstructured.paired_difference(summaries, "c-0.95", "b-0.95")
     assert bench_unstructured.diff_cell(one) == "-1.00 (n=1)"
     assert bench_unstructured.diff_cell(None) == ""
 
