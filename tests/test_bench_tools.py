@@ -387,6 +387,51 @@ def test_channels_times_torch_pruning_at_each_methods_macs_once(bench_channels, 
                                    time_missing=False) == {}  # a report times nothing
 
 
+def test_channels_times_torch_prunings_fine_tuned_reference_with_the_weights_it_trained(bench_channels, monkeypatch):
+    # tp_finetune trains side by side and saves only weights; tp_timing later rebuilds the architecture by pruning
+    # the same dense model again and must time exactly the model that was fine-tuned, not a fresh pruning of it
+    module = bench_channels
+    from regrow import checkpoint
+    from regrow.data import load_dataset
+    from regrow.models import create_model
+
+    args = module.parse(["--model", "resnet8", "--seeds", "1", "--targets", "0.3", "--repeats", "2",
+                         "--latency-batch", "2", "--prune-first", "--quick"])
+    args.quick_steps = 2
+    folder = module.RESULTS / "runs" / args.name
+    torch.manual_seed(0)
+    dense = create_model("resnet8")
+    meta = {"kind": "model", "model": "resnet8", "dataset": "fashion-mnist", "in_channels": 1, "num_classes": 10,
+            "input_size": 28, "input_shape": [1, 28, 28], "method": "dense"}
+    checkpoint.save(folder / "dense-seed0" / module.MODEL, {"model": dense.state_dict()}, meta)
+    checkpoint.write_json(folder / "dense-seed0" / module.SUMMARY, {"train_flops": 1.0})
+    monkeypatch.setattr(module, "load_dataset",
+                        lambda name, split: load_dataset("synthetic", split, synthetic_size=256))
+    dense_macs = sum(module.layer_macs(dense, (1, 28, 28)).values())
+    out = folder / "torch-pruning-0.3-seed0"
+    trained = module.tp_finetune(args, 0, 0.4 * dense_macs, out)
+    assert trained["steps"] == 2 and "latency" not in trained  # timed later, once nothing trains
+    assert trained["macs"] <= 0.4 * dense_macs
+    saved = checkpoint.load(out / module.MODEL)[0]["model"]
+    fresh, _ = module.tp_pruned(args, dense, (1, 28, 28), 0.4 * dense_macs)
+    assert any(not torch.equal(saved[k], v) for k, v in fresh.state_dict().items())  # fine-tuning moved weights
+
+    timed_models = []
+
+    def fake_timing(models, x, repeats):
+        timed_models.append(models["pruned"])
+        return {"dense": {"ms": 2.0}, "pruned": {"ms": 1.0, "speedup": 2.0, "pass_speedups": [2.0, 2.0, 2.0]}}
+
+    monkeypatch.setattr(module, "paired_timing", fake_timing)
+    summary = module.tp_timing(args, 0, out)
+    (model,) = timed_models
+    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())  # the fine-tuned weights
+    assert sum(module.layer_macs(model, (1, 28, 28)).values()) == trained["macs"]
+    assert summary["latency"]["speedup"] == 2.0
+    assert json.loads((out / module.SUMMARY).read_text())["latency"]["speedup"] == 2.0
+    assert module.tp_timing(args, 0, out) == summary and len(timed_models) == 1  # timed once
+
+
 def test_channels_times_the_methods_where_users_deploy_and_not_every_control(bench_channels):
     module = bench_channels
     run_ids = [*module.grids(module.parse(["--seeds", "1", "--model", "resnet8", "--investigate"]))[1],
