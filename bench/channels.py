@@ -287,8 +287,9 @@ def tp_pruned(args, dense: torch.nn.Module, shape: tuple, target_macs: float) ->
     def pruned_at(ratio: float):
         model = copy.deepcopy(dense)
         convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
-        classifier = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]  # ResNet's fc, MobileNet's
-        ignored = [classifier] + ([] if args.prune_first else [convs[0]])
+        classifier = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]  # ResNet's fc, MLP's last
+        # as regrow's prune_first: only a first conv is kept (an MLP has none, so its hidden units are all prunable)
+        ignored = [classifier] + ([] if args.prune_first or not convs else [convs[0]])
         pruner = tp.pruner.MagnitudePruner(model, example, importance=tp.importance.MagnitudeImportance(p=1),
                                            pruning_ratio=ratio, ignored_layers=ignored)
         pruner.step()
@@ -524,7 +525,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, default=3, help="paired seeds (the protocol asks for at least 3)")
     p.add_argument("--targets", type=float, nargs="+", default=list(TARGETS))
     p.add_argument("--group-size", type=int, default=4)
-    p.add_argument("--prune-first", action="store_true", help="let the first conv's channels be pruned")
+    p.add_argument("--prune-first", action="store_true", help="let the first conv's channels be pruned "
+                   "(a model without convs, the MLP, has every hidden unit prunable either way)")
     p.add_argument("--prune-every", type=int, default=40, help="HALP: steps between its 30 prunings (the paper's "
                    "40; shortened where 30 of them would take more than half of the shortest HALP run)")
     p.add_argument("--latency-batch", type=int, default=64)
@@ -881,14 +883,16 @@ def write(args, rows, pairs, pre, summaries, latencies, references, argv) -> Non
         markers = {"halp-matched": "D", "halp": "s", "iee-scratch-2x": "P", "iee-scratch": "o", "iee-ramp": "v",
                    "iee-pretrained-ramp": "<", "iee-pretrained": "^", "torch-pruning": "x", "dense": "*"}
         for key, r in rows.items():
-            if r.get("measured_ms") is None:  # not timed yet (a report of a grid still training)
+            if r.get("measured_fraction") is None:  # not timed yet (a report of a grid still training)
                 continue
+            # x: the paired fraction of dense, not milliseconds: dense's own time drifts between timing sessions
             marker = next((m for prefix, m in markers.items() if key.startswith(prefix)), "o")
-            ax.errorbar(r["measured_ms"], 100 * r["accuracy"][0], yerr=100 * r["accuracy"][1], fmt=marker,
+            ax.errorbar(r["measured_fraction"], 100 * r["accuracy"][0], yerr=100 * r["accuracy"][1], fmt=marker,
                         capsize=3, label=key)
-            ax.annotate(f"{r['cost']:.1f}", (r["measured_ms"], 100 * r["accuracy"][0]), fontsize=6,
+            ax.annotate(f"{r['cost']:.1f}", (r["measured_fraction"], 100 * r["accuracy"][0]), fontsize=6,
                         textcoords="offset points", xytext=(4, 3))  # total training cost, dense epochs
-        style(ax, f"measured latency, batch {args.latency_batch}, 1 thread (ms)", "last-epoch test accuracy (%)",
+        style(ax, f"measured latency, fraction of dense (batch {args.latency_batch}, 1 thread); "
+              "labels: training cost in dense epochs", "last-epoch test accuracy (%)",
               f"{args.model} on Fashion-MNIST: accuracy vs latency", legend="lower right")
 
 
