@@ -52,6 +52,10 @@ def script_main(main: Callable[[], int]) -> int:
     except RegrowError as error:
         print(f"{Path(sys.argv[0]).name}: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
+    except TasksFailed as error:  # each failure was printed as it happened; the finished runs are kept
+        print(f"{Path(sys.argv[0]).name}: {error}; run the same command again to train only what is missing",
+              file=sys.stderr)
+        return 1
 
 
 def commit() -> str:
@@ -69,7 +73,10 @@ def commit() -> str:
 def _train_one(config: TrainConfig, out: Path, resume: bool, threads: int | None) -> dict:
     if threads:
         torch.set_num_threads(threads)
-    return build_trainer(config, out).run(resume=resume)
+    # Not resuming, the folder holds at most what a run killed before its first checkpoint left (metrics, recipe):
+    # the grid made that folder and nothing in it can be resumed, so the run starts over (run_grid only gets here
+    # without a summary, so no finished run is replaced).
+    return build_trainer(config, out).run(resume=resume, overwrite=not resume)
 
 
 def _log(message: str) -> None:
@@ -99,17 +106,50 @@ def run_in_pool(tasks: dict[str, tuple[Callable[..., dict], tuple]], jobs: int,
     ``jobs > 1`` runs that many at once in spawned worker processes, each with an equal share of the threads
     (small nets use two cores better as two single-threaded runs than as one run on two threads); otherwise they
     run here, one after the other, with ``threads=None`` (the current setting).
+
+    A task that fails is reported on stderr as it fails and the others go on (they are independent runs of a
+    grid, hours of them); once all have ended, :class:`TasksFailed` names every failure, so that nothing after the
+    pool (a report, a timing phase) runs on an incomplete grid.
     """
+    failures: dict[str, BaseException] = {}
+
+    def failed(task_id: str, error: BaseException) -> None:
+        failures[task_id] = error
+        print(f"{task_id}: failed: {type(error).__name__}: {' '.join(str(error).split())}", file=sys.stderr,
+              flush=True)
+
     if jobs <= 1:
         for task_id, (fn, args) in tasks.items():
-            finished(task_id, fn(*args, None))
-        return
-    threads = max(1, torch.get_num_threads() // jobs)
-    context = multiprocessing.get_context("spawn")  # no fork after OpenMP has started
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_die_with_parent) as pool:
-        futures = {pool.submit(fn, *args, threads): task_id for task_id, (fn, args) in tasks.items()}
-        for future in as_completed(futures):
-            finished(futures[future], future.result())
+            try:
+                result = fn(*args, None)
+            except Exception as error:  # noqa: BLE001 - reported, and raised together below
+                failed(task_id, error)
+                continue
+            finished(task_id, result)
+    else:
+        threads = max(1, torch.get_num_threads() // jobs)
+        context = multiprocessing.get_context("spawn")  # no fork after OpenMP has started
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_die_with_parent) as pool:
+            futures = {pool.submit(fn, *args, threads): task_id for task_id, (fn, args) in tasks.items()}
+            for future in as_completed(futures):
+                try:
+                    result = future.result()
+                except Exception as error:  # noqa: BLE001 - reported, and raised together below
+                    failed(futures[future], error)
+                    continue
+                finished(futures[future], result)
+    if failures:
+        raise TasksFailed(failures)
+
+
+class TasksFailed(RuntimeError):
+    """Some of a pool's tasks failed (the others finished): ``failures`` maps each id to its exception."""
+
+    def __init__(self, failures: dict[str, BaseException]):
+        self.failures = failures
+        first = next(iter(failures.values()))
+        super().__init__(f"{len(failures)} run(s) failed ({', '.join(failures)}); the first: "
+                         f"{type(first).__name__}: {' '.join(str(first).split())}")
 
 
 def run_grid(grid: str, runs: dict[str, TrainConfig], log: Callable[[str], None] = _log,

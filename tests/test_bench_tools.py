@@ -537,6 +537,55 @@ def test_pool_workers_stop_when_the_grid_process_is_killed(tmp_path):
         grid.kill()
 
 
+FAILING_POOL_SCRIPT = """
+import json, sys
+sys.path.insert(0, {bench!r})
+import runner
+
+def task(name, threads):
+    if name == "bad":
+        raise ValueError("this run broke")
+    return {{"name": name}}
+
+if __name__ == "__main__":
+    done = []
+    try:
+        runner.run_in_pool({{k: (task, (k,)) for k in ("a", "bad", "b", "c")}}, int(sys.argv[1]),
+                           lambda k, s: done.append(s["name"]))
+    except runner.TasksFailed as error:
+        print(json.dumps({{"done": sorted(done), "failed": sorted(error.failures), "message": str(error)}}))
+"""
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_a_failing_run_does_not_stop_the_others_and_fails_the_pool_once_they_end(tmp_path, jobs):
+    # a run that fails at its start (a folder it refuses to replace) used to end the loop that collects results:
+    # the pool still trained every other run, silently, and the grid's end phase never came
+    script = tmp_path / "grid.py"
+    script.write_text(FAILING_POOL_SCRIPT.format(bench=str(BENCH)))
+    done = subprocess.run([sys.executable, str(script), str(jobs)], capture_output=True, text=True, timeout=120)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["done"] == ["a", "b", "c"] and result["failed"] == ["bad"]
+    assert "1 run(s) failed (bad)" in result["message"] and "this run broke" in result["message"]
+    assert "bad: failed: ValueError: this run broke" in done.stderr  # said when it happened, not only at the end
+
+
+def test_a_grid_starts_over_a_run_killed_before_its_first_checkpoint(bench_channels):
+    import runner
+
+    from regrow.training import TrainConfig
+
+    config = TrainConfig(model="mlp", dataset="synthetic", method="static", sparsity=0.5, epochs=1, max_steps=2,
+                         batch_size=32, synthetic_size=64)
+    out = runner.RESULTS / "runs" / "grid" / "static-seed0"
+    out.mkdir(parents=True)
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 2.3}\n')  # killed before its first checkpoint
+    summaries = runner.run_grid("grid", {"static-seed0": config})
+    assert summaries["static-seed0"]["steps"] == 2
+    assert '{"step": 1, "loss": 2.3}' not in (out / "metrics.jsonl").read_text()  # the stale line went with it
+    assert runner.run_grid("grid", {"static-seed0": config}) == summaries  # finished: not trained again
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -62,6 +62,18 @@ def test_a_finished_run_is_not_replaced_without_overwrite(tmp_path, capsys):
     assert json.loads((out / "summary.json").read_text())["seed"] == 1
 
 
+def test_a_run_killed_before_its_first_checkpoint_is_named_as_such_and_kept(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 2.3}\n')
+    before = snapshot(out)
+    assert main(["train", *SMALL, "--method", "static", "--max-steps", "3", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "an unfinished run without a checkpoint (nothing to resume)" in err and "finished run" not in \
+        err.replace("unfinished run", "")
+    assert snapshot(out) == before
+
+
 def test_export_never_writes_over_a_runs_own_files(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", *SMALL, "--model", "resnet8", "--method", "halp", "--structure", "channel", "--cost",
