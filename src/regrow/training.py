@@ -563,8 +563,8 @@ class Trainer:
                 raise ConfigError("--resume continues a run and --overwrite replaces it: choose one")
             self.restore()
         elif existing and not overwrite:
-            what = ("a finished run" if SUMMARY in existing else "a run to resume (pass --resume)"
-                    if CHECKPOINT in existing else "an unfinished run without a checkpoint (nothing to resume)")
+            what = ("a run to resume (pass --resume)" if CHECKPOINT in existing else "a finished run"
+                    if SUMMARY in existing else "an unfinished run without a checkpoint (nothing to resume)")
             raise CheckpointError(f"{self.out} already holds {what}: {', '.join(existing)}; pass --overwrite to "
                                   "replace it, or choose another --out")
         elif self.rank == 0:
