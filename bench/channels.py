@@ -49,6 +49,8 @@ import torch
 import torch.nn.functional as F
 from runner import (
     RESULTS,
+    augment_suffix,
+    augments,
     commit,
     difference_text,
     figure,
@@ -110,7 +112,8 @@ TP_SPEED = "tp-speed.json"  # Torch-Pruning's pruner timed at each method's MACs
 def recipe(args, **fields) -> TrainConfig:
     return TrainConfig(model=args.model, epochs=1 if args.quick else args.epochs, device=args.device,
                        max_steps=args.quick_steps if args.quick else None, channels_last=args.channels_last,
-                       progress=sys.stderr.isatty() and args.jobs == 1, **fields)
+                       augment=augments(args.model, args.augment), progress=sys.stderr.isatty() and args.jobs == 1,
+                       **fields)
 
 
 def channel_options(args) -> dict:
@@ -370,7 +373,7 @@ def tp_finetune(args, seed: int, target_macs: float, out, threads: int | None = 
     start = time.perf_counter()
     for step in range(total):
         epoch, index = divmod(step, steps_per_epoch)
-        x, y = get_batch(train, 128, seed, epoch, index, train_augment=True)
+        x, y = get_batch(train, 128, seed, epoch, index, train_augment=augments(args.model, args.augment))
         x, y = x.to(args.device), y.to(args.device)
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(step, total, 0.1)
@@ -549,6 +552,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda: where every run trains, the latency "
                    "table is measured and the exported models are timed (one device for all, so that a budget and "
                    "the latency it is judged by are the same device's)")
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="random crop + flip in every run (default: for conv nets, not for the MLP, whose dense "
+                        "training plateaus without it)")
     p.add_argument("--name", default=None)
     p.add_argument("--report-only", action="store_true", help="write the tables from the finished runs and the "
                    "latencies already measured; train and time nothing")
@@ -560,7 +566,8 @@ def parse(argv=None) -> argparse.Namespace:
     if unknown_labels:
         p.error(f"--investigate: no open choice {', '.join(unknown_labels)}; choose from {', '.join(INVESTIGATE)}")
     floor = f"-w{args.min_width:g}" if args.min_width else ""  # another floor is another grid, not a resume
-    args.name = args.name or ("channels-quick" if args.quick else f"channels-{args.model}-e{args.epochs}{floor}")
+    args.name = args.name or ("channels-quick" if args.quick else
+                              f"channels-{args.model}-e{args.epochs}{floor}{augment_suffix(args.model, args.augment)}")
     if args.quick and args.deploy == [1, 64, 256]:
         args.deploy = [1, 8]  # a smoke test of the deployment timings, not a measurement
     return args
@@ -782,7 +789,8 @@ def write(args, rows, pairs, pre, summaries, latencies, references, argv) -> Non
              f"Setup: {args.model}, Fashion-MNIST, "
              + (f"quick smoke test: {args.quick_steps} steps per run, MACs cost, " if args.quick else
                 f"dense pretraining {args.pretrain_epochs} epochs, every other run {args.epochs} epochs, ")
-             + f"SGD Nesterov, lr 0.1 cosine, wd 5e-4, batch 128, G = {args.group_size}, "
+             + f"SGD Nesterov, lr 0.1 cosine, wd 5e-4, batch 128, augmentation "
+             f"{'random crop + flip' if augments(args.model, args.augment) else 'none'}, G = {args.group_size}, "
              f"first conv {'prunable' if args.prune_first else 'never pruned'}, HALP prunes every "
              + ("1 step 10 times, IEE H = J = Q = 5" if args.quick else
                 f"{halp_interval(args)} steps 30 times, IEE H = J = Q = 50, IEE-ramp over {args.ramp_cycles} cycles")
@@ -891,9 +899,8 @@ def write(args, rows, pairs, pre, summaries, latencies, references, argv) -> Non
                         capsize=3, label=key)
             ax.annotate(f"{r['cost']:.1f}", (r["measured_fraction"], 100 * r["accuracy"][0]), fontsize=6,
                         textcoords="offset points", xytext=(4, 3))  # total training cost, dense epochs
-        style(ax, f"measured latency, fraction of dense (batch {args.latency_batch}, 1 thread); "
-              "labels: training cost in dense epochs", "last-epoch test accuracy (%)",
-              f"{args.model} on Fashion-MNIST: accuracy vs latency", legend="lower right")
+        style(ax, f"measured latency / dense (batch {args.latency_batch}, 1 thread)", "last-epoch test accuracy (%)",
+              f"{args.model} on Fashion-MNIST (labels: training cost, dense epochs)", legend="lower right")
 
 
 if __name__ == "__main__":

@@ -30,8 +30,11 @@ import statistics
 import sys
 
 from runner import (
+    CONV_MODELS,
     RESULTS,
     aggregate,
+    augment_suffix,
+    augments,
     difference_text,
     figure,
     paired_difference,
@@ -48,7 +51,6 @@ SPARSITIES = (0.9, 0.95, 0.98)
 METHODS = ("static", "set", "rigl", "iee")
 HJQ = 50  # IEE's H = J = Q at batch 128 on Fashion-MNIST (469 steps an epoch)
 PAPER_HJQ, PAPER_RIGL_INTERVAL = 150, 100
-CONV_MODELS = ("resnet8", "resnet20", "resnet32", "resnet56", "wrn22-2", "vgg", "mobilenetv2")
 
 # The open choices of IEE that the grid measures (run ids name them), and its ablations at the chosen ones.
 CHOICE_GRID = (("init", 0.1), ("zero", 0.1), ("init", 0.3), ("init", 1.0), ("zero", 1.0))
@@ -219,10 +221,7 @@ def equal_flops_runs(args, runs: dict[str, TrainConfig], config) -> dict[str, Tr
 
 
 def augment(args) -> bool:
-    """Random crop + flip for conv nets; none for the MLP, which has no translation invariance to gain from it
-    (measured: dense MLP 88.79 % with it against 90.15 % without at 30 epochs, and without it dense has plateaued
-    at 30 epochs while with it 30 -> 60 -> 120 epochs still gain 0.71 and 0.40 points)."""
-    return args.model in CONV_MODELS if args.augment is None else args.augment
+    return augments(args.model, args.augment)
 
 
 def grid_name(args) -> str:
@@ -230,8 +229,7 @@ def grid_name(args) -> str:
         return args.grid_name
     if args.quick:
         return "unstructured-quick"
-    suffix = "" if augment(args) == (args.model in CONV_MODELS) else ("-aug" if augment(args) else "-noaug")
-    return f"unstructured-{args.model}-e{args.epochs}{suffix}"
+    return f"unstructured-{args.model}-e{args.epochs}{augment_suffix(args.model, args.augment)}"
 
 
 def read_summary(args, run_id: str) -> dict | None:

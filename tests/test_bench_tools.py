@@ -442,6 +442,23 @@ def test_channels_times_the_methods_where_users_deploy_and_not_every_control(ben
                             "iee-scratch-tightened-0.55-seed0"])
 
 
+def test_channels_augments_conv_nets_and_not_the_mlp_unless_asked_and_names_the_exception(bench_channels):
+    module = bench_channels
+
+    def grid(*argv):
+        args = module.parse(["--seeds", "1", "--targets", "0.3", "--epochs", "2", *argv])
+        pre, main = module.grids(args)
+        flags = {c.augment for c in [*pre.values(), *main.values()]}
+        assert len(flags) == 1  # every run of a grid alike, the dense pretraining included
+        return args.name, flags.pop()
+
+    assert grid("--model", "resnet20") == ("channels-resnet20-e2", True)
+    assert grid("--model", "mobilenetv2-small") == ("channels-mobilenetv2-small-e2", True)
+    assert grid("--model", "mlp") == ("channels-mlp-e2", False)  # the MLP's dense training plateaus without it
+    assert grid("--model", "mlp", "--augment") == ("channels-mlp-e2-aug", True)  # another grid, not a resume
+    assert grid("--model", "resnet20", "--no-augment") == ("channels-resnet20-e2-noaug", False)
+
+
 def test_channels_grid_size_counts_every_run_the_protocol_trains(bench_channels):
     module = bench_channels
     args = module.parse(["--seeds", "1", "--targets", "0.3", "--model", "resnet8"])
