@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import json
 import multiprocessing
 import os
@@ -127,34 +128,32 @@ def run_in_pool(tasks: dict[str, tuple[Callable[..., dict], tuple]], jobs: int,
     pool (a report, a timing phase) runs on an incomplete grid.
     """
     failures: dict[str, BaseException] = {}
-
-    def failed(task_id: str, error: BaseException) -> None:
-        failures[task_id] = error
-        print(f"{task_id}: failed: {type(error).__name__}: {' '.join(str(error).split())}", file=sys.stderr,
-              flush=True)
-
-    if jobs <= 1:
-        for task_id, (fn, args) in tasks.items():
-            try:
-                result = fn(*args, None)
-            except Exception as error:  # noqa: BLE001 - reported, and raised together below
-                failed(task_id, error)
-                continue
-            finished(task_id, result)
-    else:
-        threads = max(1, torch.get_num_threads() // jobs)
-        context = multiprocessing.get_context("spawn")  # no fork after OpenMP has started
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_die_with_parent) as pool:
-            futures = {pool.submit(fn, *args, threads): task_id for task_id, (fn, args) in tasks.items()}
-            for future in as_completed(futures):
-                try:
-                    result = future.result()
-                except Exception as error:  # noqa: BLE001 - reported, and raised together below
-                    failed(futures[future], error)
-                    continue
-                finished(futures[future], result)
+    for task_id, outcome in _outcomes(tasks, jobs):
+        try:
+            result = outcome()
+        except Exception as error:  # noqa: BLE001 - reported, and raised together below
+            failures[task_id] = error
+            print(f"{task_id}: failed: {type(error).__name__}: {' '.join(str(error).split())}", file=sys.stderr,
+                  flush=True)
+            continue
+        finished(task_id, result)
     if failures:
         raise TasksFailed(failures)
+
+
+def _outcomes(tasks: dict[str, tuple[Callable[..., dict], tuple]], jobs: int) -> Iterator[tuple[str, Callable]]:
+    """``(id, outcome)`` per task as it ends, where ``outcome()`` returns the result or raises the task's error:
+    here one after the other with ``jobs <= 1``, else from the pool, in the order they finish."""
+    if jobs <= 1:
+        for task_id, (fn, args) in tasks.items():
+            yield task_id, functools.partial(fn, *args, None)
+        return
+    threads = max(1, torch.get_num_threads() // jobs)
+    context = multiprocessing.get_context("spawn")  # no fork after OpenMP has started
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_die_with_parent) as pool:
+        futures = {pool.submit(fn, *args, threads): task_id for task_id, (fn, args) in tasks.items()}
+        for future in as_completed(futures):
+            yield futures[future], future.result
 
 
 class TasksFailed(RuntimeError):

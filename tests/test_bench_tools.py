@@ -361,19 +361,25 @@ def test_channels_report_only_tabulates_what_has_landed_and_trains_nothing(bench
     assert "over the 2 HALP/IEE models timed: mean error 5.0 %, largest 10.0 % (iee-scratch-0.3-seed0)" in md
 
 
-def test_channels_times_torch_pruning_at_each_methods_macs_once(bench_channels, monkeypatch):
-    module = bench_channels
+def save_dense_resnet8(module, folder):
+    """A seeded ResNet-8 saved as the grid's dense-seed0 model, as the channel grid's pretraining leaves it."""
     from regrow import checkpoint
     from regrow.models import create_model
 
-    args = module.parse(["--model", "resnet8", "--seeds", "1", "--targets", "0.3", "--repeats", "2",
-                         "--latency-batch", "2", "--prune-first"])
-    folder = module.RESULTS / "runs" / args.name
     torch.manual_seed(0)
     dense = create_model("resnet8")
     meta = {"kind": "model", "model": "resnet8", "dataset": "fashion-mnist", "in_channels": 1, "num_classes": 10,
             "input_size": 28, "input_shape": [1, 28, 28], "method": "dense"}
     checkpoint.save(folder / "dense-seed0" / module.MODEL, {"model": dense.state_dict()}, meta)
+    return dense
+
+
+def test_channels_times_torch_pruning_at_each_methods_macs_once(bench_channels, monkeypatch):
+    module = bench_channels
+    args = module.parse(["--model", "resnet8", "--seeds", "1", "--targets", "0.3", "--repeats", "2",
+                         "--latency-batch", "2", "--prune-first"])
+    folder = module.RESULTS / "runs" / args.name
+    dense = save_dense_resnet8(module, folder)
     dense_macs = sum(module.layer_macs(dense, (1, 28, 28)).values())
     latencies = {f"iee-scratch-0.3-seed{s}": {"exported": {"macs": dense_macs * f}} for s, f in ((0, 0.3), (1, 0.4))}
     timed = module.tp_speed_at_macs(args, latencies)
@@ -393,17 +399,11 @@ def test_channels_times_torch_prunings_fine_tuned_reference_with_the_weights_it_
     module = bench_channels
     from regrow import checkpoint
     from regrow.data import load_dataset
-    from regrow.models import create_model
 
     args = module.parse(["--model", "resnet8", "--seeds", "1", "--targets", "0.3", "--repeats", "2",
-                         "--latency-batch", "2", "--prune-first", "--quick"])
-    args.quick_steps = 2
+                         "--latency-batch", "2", "--prune-first", "--quick", "--quick-steps", "2"])
     folder = module.RESULTS / "runs" / args.name
-    torch.manual_seed(0)
-    dense = create_model("resnet8")
-    meta = {"kind": "model", "model": "resnet8", "dataset": "fashion-mnist", "in_channels": 1, "num_classes": 10,
-            "input_size": 28, "input_shape": [1, 28, 28], "method": "dense"}
-    checkpoint.save(folder / "dense-seed0" / module.MODEL, {"model": dense.state_dict()}, meta)
+    dense = save_dense_resnet8(module, folder)
     checkpoint.write_json(folder / "dense-seed0" / module.SUMMARY, {"train_flops": 1.0})
     monkeypatch.setattr(module, "load_dataset",
                         lambda name, split: load_dataset("synthetic", split, synthetic_size=256))
