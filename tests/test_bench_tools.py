@@ -311,6 +311,33 @@ def test_channels_tightens_the_slower_of_halp_and_iee_to_the_faster_ones_measure
     assert module.latency_matched_runs(args, main, summaries, latencies) == planned  # resumable: the same plan
 
 
+def test_channels_claim_verdict_decides_unmatched_pairs_only_when_the_faster_is_the_more_accurate(bench_channels):
+    module = bench_channels
+
+    def entry(*seeds, cost_ratio=0.3):  # seeds: (HALP fraction, HALP accuracy, IEE fraction, IEE accuracy)
+        pairs = [{"halp": {"fraction": hf, "accuracy": ha}, "iee-scratch": {"fraction": i_f, "accuracy": ia}}
+                 for hf, ha, i_f, ia in seeds]
+        difference = sum(100 * (p["iee-scratch"]["accuracy"] - p["halp"]["accuracy"]) for p in pairs) / len(pairs)
+        return {"pairs": pairs, "accuracy_difference": (difference, 0.0), "cost_ratio": cost_ratio}
+
+    assert module.claim_verdict(entry((0.30, 0.90, 0.301, 0.91))) == ("", "yes")
+    assert module.claim_verdict(entry((0.30, 0.90, 0.301, 0.91), cost_ratio=0.6)) == (
+        "", "no (more than half the cost)")
+    assert module.claim_verdict(entry((0.30, 0.91, 0.301, 0.90))) == ("", "no")
+    # HALP landed faster and is more accurate: the claim fails whatever the latency gap
+    note, verdict = module.claim_verdict(entry((0.25, 0.91, 0.30, 0.90), (0.30, 0.91, 0.301, 0.90)))
+    assert note == " (not matched in 1 of 2 seeds: HALP faster)"
+    assert verdict == "no (HALP faster and more accurate)"
+    # IEE ahead only where it is the slower one: not at the same latency, so not decided either way
+    note, verdict = module.claim_verdict(entry((0.25, 0.90, 0.30, 0.91)))
+    assert verdict == "undecided (not at the same latency)"
+    # IEE faster and more accurate: holds
+    assert module.claim_verdict(entry((0.30, 0.90, 0.25, 0.91)))[1] == "yes"
+    # HALP behind on average but ahead in the unmatched seed where it was faster: undecided
+    note, verdict = module.claim_verdict(entry((0.25, 0.90, 0.30, 0.89), (0.30, 0.85, 0.301, 0.90)))
+    assert verdict == "undecided (not at the same latency)"
+
+
 def test_channels_report_only_tabulates_what_has_landed_and_trains_nothing(bench_channels):
     module = bench_channels
     argv = ["--model", "resnet8", "--seeds", "2", "--targets", "0.3", "--investigate", "one-cycle", "--report-only"]
