@@ -908,21 +908,34 @@ def write(args, rows, pairs, pre, summaries, latencies, references, argv) -> Non
                  for k, s in {**pre, **summaries}.items()},
         "equal_latency": pairs, "latency": latencies, "references": references})
     print(md)
-    with figure(RESULTS / f"{args.name}.png", figsize=(6.5, 4)) as ax:
+    with figure(RESULTS / f"{args.name}.png", figsize=(9, 5)) as ax:
         markers = {"halp-matched": "D", "halp": "s", "iee-scratch-2x": "P", "iee-scratch": "o", "iee-ramp": "v",
                    "iee-pretrained-ramp": "<", "iee-pretrained": "^", "torch-pruning": "x", "dense": "*"}
+        methods = list(dict.fromkeys(key.split(" @ ")[0].split(" (")[0] for key in rows))
+        colors = {m: matplotlib_tab20(i) for i, m in enumerate(methods)}  # more methods than the default cycle
+        labelled = set()
         for key, r in rows.items():
-            if r.get("measured_fraction") is None:  # not timed yet (a report of a grid still training)
+            # x: the paired fraction of dense, not milliseconds: dense's own time drifts between timing sessions;
+            # Torch-Pruning's reference has only its paired speed-up, whose inverse is the same quantity
+            x = r.get("measured_fraction") or (1 / r["speedup"] if r.get("speedup") else None)
+            if x is None:  # not timed yet (a report of a grid still training)
                 continue
-            # x: the paired fraction of dense, not milliseconds: dense's own time drifts between timing sessions
-            marker = next((m for prefix, m in markers.items() if key.startswith(prefix)), "o")
-            ax.errorbar(r["measured_fraction"], 100 * r["accuracy"][0], yerr=100 * r["accuracy"][1], fmt=marker,
-                        capsize=3, label=key)
-            ax.annotate(f"{r['cost']:.1f}", (r["measured_fraction"], 100 * r["accuracy"][0]), fontsize=6,
+            method = key.split(" @ ")[0].split(" (")[0]
+            marker = next((m for prefix, m in markers.items() if method.startswith(prefix)), "o")
+            ax.errorbar(x, 100 * r["accuracy"][0], yerr=100 * r["accuracy"][1], fmt=marker, color=colors[method],
+                        capsize=3, label=None if method in labelled else method)
+            labelled.add(method)
+            ax.annotate(f"{r['cost']:.1f}", (x, 100 * r["accuracy"][0]), fontsize=6,
                         textcoords="offset points", xytext=(4, 3))  # total training cost, dense epochs
         style(ax, f"measured latency / dense (batch {args.latency_batch}, 1 thread)", "last-epoch test accuracy (%)",
-              f"{args.model} on Fashion-MNIST (labels: training cost, dense epochs)", legend="lower right")
+              f"{args.model} on Fashion-MNIST (labels: training cost, dense epochs)", legend="outside")
 
+
+def matplotlib_tab20(index: int):
+    """The index-th colour of matplotlib's 20-colour map, for plots with more methods than the default cycle."""
+    from matplotlib import colormaps
+
+    return colormaps["tab20"](index % 20)
 
 if __name__ == "__main__":
     sys.exit(script_main(main))

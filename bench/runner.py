@@ -320,7 +320,7 @@ def figure(path: Path, ncols: int = 1, figsize: tuple[float, float] = (6, 4)) ->
     try:
         yield axes
         fig.tight_layout()
-        fig.savefig(path, dpi=120)
+        fig.savefig(path, dpi=120, bbox_inches="tight")  # a legend beside the axes is kept, not cropped
     finally:
         plt.close(fig)
 
@@ -332,4 +332,7 @@ def style(ax, xlabel: str, ylabel: str | None = None, title: str | None = None, 
     if title:
         ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc=legend)
+    if legend == "outside":  # many series: beside the axes, where it cannot hide a point
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    else:
+        ax.legend(fontsize=8, loc=legend)
