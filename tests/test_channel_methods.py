@@ -1,6 +1,7 @@
 import json
 import platform
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -347,6 +348,15 @@ def test_a_cache_cell_that_cannot_be_a_measurement_is_measured_again(tmp_path, b
     again("layer1.0.conv1", 16, 4), again("layer1.0.conv1", 16, 8)
     assert counting.calls == 1  # only the bad cell was measured again
     assert again.fingerprint()["cells"] == 2 and len(again.fingerprint()["sha256"]) == 64
+
+
+def test_a_tables_fingerprint_names_a_file_under_home_from_tilde(tmp_path, monkeypatch):
+    shapes = layer_shapes(create_model("resnet8"), torch.zeros(1, 1, 28, 28))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    table = LatencyTable(shapes, cache_dir=tmp_path / ".cache" / "latency", measure=CountingMeasure(), key="cpu|x")
+    assert table.fingerprint()["path"] == str(Path("~") / ".cache" / "latency" / table.path.name)
+    monkeypatch.setenv("HOME", str(tmp_path / "elsewhere"))  # a table outside home keeps its full path
+    assert table.fingerprint()["path"] == str(table.path)
 
 
 def test_iee_channel_can_ramp_its_budget_down_like_halp():

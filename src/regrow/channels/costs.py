@@ -282,6 +282,14 @@ def time_layer(shape: LayerShape, c_in: int, c_out: int, batch_size: int, device
     return statistics.median(times[0]) / statistics.median(times[1]) * reference_ms
 
 
+def home_relative(path: Path) -> str:
+    """``path`` with the home directory written as ``~`` where it lies under it; unchanged otherwise."""
+    try:
+        return str(Path("~") / Path(path).resolve().relative_to(Path.home().resolve()))
+    except (ValueError, RuntimeError):  # outside home, or no home directory to resolve
+        return str(path)
+
+
 class LatencyTable:
     """Measured per-layer latency (ms) on ``device`` at ``batch_size``, filled lazily and cached on disk.
 
@@ -349,9 +357,10 @@ class LatencyTable:
         return reference, kept
 
     def fingerprint(self) -> dict[str, Any]:
-        """Which table a run used: its file, device key, reference latency and a digest of its cells."""
+        """Which table a run used: its file (under the home directory written from ``~``, so that a summary shared
+        or committed does not name the machine's user), device key, reference latency and a digest of its cells."""
         cells = json.dumps(self.entries, sort_keys=True).encode()
-        return {"path": str(self.path), "device": self.key, "reference_ms": self.reference_ms,
+        return {"path": home_relative(self.path), "device": self.key, "reference_ms": self.reference_ms,
                 "cells": sum(len(row) for row in self.entries.values()),
                 "sha256": hashlib.sha256(cells).hexdigest()}
 
