@@ -311,6 +311,31 @@ def test_channels_tightens_the_slower_of_halp_and_iee_to_the_faster_ones_measure
     assert module.latency_matched_runs(args, main, summaries, latencies) == planned  # resumable: the same plan
 
 
+def test_channels_grid_leaves_out_or_refuses_a_width_floor_that_cannot_reach_its_target(bench_channels):
+    module = bench_channels
+    # the MLP with a quarter of each hidden layer (groups of 4) keeps 0.233 of dense MACs: 0.2 out of reach, 0.3 not
+    args = module.parse(["--model", "mlp", "--quick", "--targets", "0.2", "--investigate"])
+
+    def iee(target, **options):
+        return module.recipe(args, method="iee", structure="channel", latency_target=target, cost="macs", seed=0,
+                             method_options=options)
+
+    runs = {"iee-scratch-min-width0.25-0.2-seed0": iee(0.2, min_width=0.25),
+            "iee-scratch-min-width0.25-0.3-seed0": iee(0.3, min_width=0.25),
+            "iee-scratch-one-cycle-0.2-seed0": iee(0.2, max_cycles=1)}
+    module.leave_out_floors(args, runs)  # every open choice asked for: the one out of reach is left out
+    assert list(runs) == ["iee-scratch-min-width0.25-0.3-seed0", "iee-scratch-one-cycle-0.2-seed0"]
+    args.investigate = ["min-width0.25"]  # asked for by name: refused before anything trains
+    runs["iee-scratch-min-width0.25-0.2-seed0"] = iee(0.2, min_width=0.25)
+    with pytest.raises(ConfigError, match="iee-scratch-min-width0.25-0.2-seed0: latency_target=0.2 .* 0.233 of dense"):
+        module.leave_out_floors(args, runs)
+    args.investigate = None  # a floor for every run (--min-width): refused too
+    with pytest.raises(ConfigError, match="below what this model reaches with 0.25 of every group"):
+        module.leave_out_floors(args, {"halp-0.2-seed0": module.recipe(
+            args, method="halp", structure="channel", latency_target=0.2, cost="macs", seed=0,
+            method_options={"min_width": 0.25})})
+
+
 def test_channels_claim_verdict_decides_unmatched_pairs_only_when_the_faster_is_the_more_accurate(bench_channels):
     module = bench_channels
 
