@@ -256,6 +256,35 @@ def test_precomputed_width_grid_covers_every_cost_the_methods_ask_for(tmp_path):
     assert len(sp.history) >= 3 and measure.calls == before  # every later ask was a cache hit
 
 
+def test_an_interrupted_table_build_keeps_what_it_measured(tmp_path, monkeypatch):
+    from regrow.channels.budget import ChannelBudget
+
+    monkeypatch.setattr(ChannelBudget, "SAVE_EVERY_CELLS", 10)
+    shapes = layer_shapes(create_model("resnet8"), torch.zeros(1, 1, 28, 28))
+
+    class Interrupted(CountingMeasure):
+        def __call__(self, *args):
+            if self.calls == 100:
+                raise KeyboardInterrupt  # the machine's session ended mid-build
+            return super().__call__(*args)
+
+    def halp(measure):
+        table = LatencyTable(shapes, cache_dir=tmp_path, measure=measure, key="cpu|interrupted")
+        table.reference_ms = 1.0
+        return regrow.create("halp", create_model("resnet8"), None, structure="channel", cost_model=table,
+                             latency_target=0.5, group_size=4, input_shape=(1, 28, 28))
+
+    with pytest.raises(KeyboardInterrupt):
+        halp(Interrupted()).precompute_costs()
+    again = CountingMeasure()
+    sp = halp(again)
+    kept = sum(len(row) for row in sp.cost_model.entries.values())
+    assert 90 <= kept < 100  # saved every 10 cells of the build: what was measured before the last save is kept
+    sp.precompute_costs()
+    every = sum(len(row) for row in sp.cost_model.entries.values())
+    assert again.calls == every - kept  # the rerun measured only the rest, nothing twice
+
+
 @pytest.mark.parametrize("model_name", ["resnet8", "mobilenetv2-small"])  # residual streams; depthwise convs
 def test_iee_channel_explore_from_zero_starts_exploring_from_the_pruned_network(model_name):
     x = batch(999)[0]

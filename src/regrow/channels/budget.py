@@ -193,6 +193,8 @@ class ChannelBudget:
         return grid
 
 
+    SAVE_EVERY_CELLS = 200
+
     def precompute(self, progress: bool = False) -> int:
         """Ask the cost model for every cell of :meth:`width_grid` now (a latency table measures them once, on an
         idle machine, instead of in the middle of training) and save the cache; returns the number of cells."""
@@ -200,8 +202,11 @@ class ChannelBudget:
                         for ci in ins for co in outs if not self.cost_model.shapes[n].depthwise or ci == co})
         from tqdm.auto import tqdm
 
-        for name, c_in, c_out in tqdm(cells, disable=not progress, desc="latency table", leave=False):
+        for i, (name, c_in, c_out) in enumerate(tqdm(cells, disable=not progress, desc="latency table",
+                                                     leave=False)):
             self.cost_model(name, c_in, c_out)
+            if (i + 1) % self.SAVE_EVERY_CELLS == 0:  # a table of thousands of cells takes most of an hour:
+                self.save_costs()  # an interrupted build keeps what it measured, and a rerun measures the rest
         self.save_costs()
         return len(cells)
 
