@@ -310,7 +310,8 @@ def leave_out_floors(args, main_runs: dict[str, TrainConfig]) -> None:
     a line, where ``--investigate`` asked for all of them; a refusal (exit 2, before anything trains) where the
     floor was asked for by name or for every run (``--min-width``)."""
     out_of_reach = floors_out_of_reach(args, main_runs)
-    named = [r for r in out_of_reach if args.investigate or not any(f"-{label}-" in r for label in INVESTIGATE)]
+    # a floor other than the grid's own (--min-width) can only come from an open choice (min-width0.25)
+    named = [r for r in out_of_reach if args.investigate or main_runs[r].method_options["min_width"] == args.min_width]
     if named:
         raise ConfigError(f"{named[0]}: {out_of_reach[named[0]]}")
     for run_id, reason in out_of_reach.items():
@@ -950,8 +951,8 @@ def write(args, rows, pairs, pre, summaries, latencies, references, argv) -> Non
     with figure(RESULTS / f"{args.name}.png", figsize=(9, 5)) as ax:
         markers = {"halp-matched": "D", "halp": "s", "iee-scratch-2x": "P", "iee-scratch": "o", "iee-ramp": "v",
                    "iee-pretrained-ramp": "<", "iee-pretrained": "^", "torch-pruning": "x", "dense": "*"}
-        methods = list(dict.fromkeys(key.split(" @ ")[0].split(" (")[0] for key in rows))
-        colors = {m: matplotlib_tab20(i) for i, m in enumerate(methods)}  # more methods than the default cycle
+        method = {key: key.split(" @ ")[0].split(" (")[0] for key in rows}  # a row's method, without its target
+        colors = {m: matplotlib_tab20(i) for i, m in enumerate(dict.fromkeys(method.values()))}  # > 10 methods
         labelled = set()
         for key, r in rows.items():
             # x: the paired fraction of dense, not milliseconds: dense's own time drifts between timing sessions;
@@ -959,11 +960,10 @@ def write(args, rows, pairs, pre, summaries, latencies, references, argv) -> Non
             x = r.get("measured_fraction") or (1 / r["speedup"] if r.get("speedup") else None)
             if x is None:  # not timed yet (a report of a grid still training)
                 continue
-            method = key.split(" @ ")[0].split(" (")[0]
-            marker = next((m for prefix, m in markers.items() if method.startswith(prefix)), "o")
-            ax.errorbar(x, 100 * r["accuracy"][0], yerr=100 * r["accuracy"][1], fmt=marker, color=colors[method],
-                        capsize=3, label=None if method in labelled else method)
-            labelled.add(method)
+            marker = next((m for prefix, m in markers.items() if method[key].startswith(prefix)), "o")
+            ax.errorbar(x, 100 * r["accuracy"][0], yerr=100 * r["accuracy"][1], fmt=marker,
+                        color=colors[method[key]], capsize=3, label=None if method[key] in labelled else method[key])
+            labelled.add(method[key])
             ax.annotate(f"{r['cost']:.1f}", (x, 100 * r["accuracy"][0]), fontsize=6,
                         textcoords="offset points", xytext=(4, 3))  # total training cost, dense epochs
         style(ax, f"measured latency / dense (batch {args.latency_batch}, 1 thread)", "last-epoch test accuracy (%)",
@@ -975,6 +975,7 @@ def matplotlib_tab20(index: int):
     from matplotlib import colormaps
 
     return colormaps["tab20"](index % 20)
+
 
 if __name__ == "__main__":
     sys.exit(script_main(main))

@@ -329,7 +329,7 @@ def test_channels_grid_leaves_out_or_refuses_a_width_floor_that_cannot_reach_its
     runs["iee-scratch-min-width0.25-0.2-seed0"] = iee(0.2, min_width=0.25)
     with pytest.raises(ConfigError, match="iee-scratch-min-width0.25-0.2-seed0: latency_target=0.2 .* 0.233 of dense"):
         module.leave_out_floors(args, runs)
-    args.investigate = None  # a floor for every run (--min-width): refused too
+    args.investigate, args.min_width = None, 0.25  # a floor for every run (--min-width): refused too
     with pytest.raises(ConfigError, match="below what this model reaches with 0.25 of every group"):
         module.leave_out_floors(args, {"halp-0.2-seed0": module.recipe(
             args, method="halp", structure="channel", latency_target=0.2, cost="macs", seed=0,
