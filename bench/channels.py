@@ -263,15 +263,20 @@ def investigated(args) -> str:
     return ", --investigate " + (" ".join(args.investigate) if args.investigate else "(all)")
 
 
-def prebuild_latency_table(args) -> int:
-    """Measure every cell HALP/IEE can ask for, once, single-threaded, before runs share the cores."""
+def halp_on_a_fresh_model(args, latency_target: float, cost: str, **options) -> HALP:
+    """HALP on an untrained copy of the grid's model, on its device (a latency table is measured there), with the
+    grid's channel options (``options`` override them): what a run builds when it starts, without training."""
     from regrow.models import create_model
 
+    return HALP(create_model(args.model).to(args.device), None, latency_target=latency_target, cost=cost,
+                latency_batch=args.latency_batch, input_shape=(1, 28, 28), **{**channel_options(args), **options})
+
+
+def prebuild_latency_table(args) -> int:
+    """Measure every cell HALP/IEE can ask for, once, single-threaded, before runs share the cores."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    model = create_model(args.model).to(args.device)  # the table is measured on the model's device
-    sp = HALP(model, None, latency_target=max(args.targets), cost="latency", latency_batch=args.latency_batch,
-              input_shape=(1, 28, 28), **channel_options(args))
+    sp = halp_on_a_fresh_model(args, max(args.targets), "latency")
     cells = sp.precompute_costs(progress=sys.stderr.isatty())
     floor = sp.allocator.cost_of([min(args.group_size, g.size) for g in sp.groups]) / sp.dense_cost
     print(f"latency table: {cells} cells, {sp.cost_model.measurements} measured now; dense {sp.dense_cost:.2f} ms "
@@ -284,8 +289,6 @@ def floors_out_of_reach(args, runs: dict[str, TrainConfig]) -> dict[str, str]:
     """Runs whose width floor (``min_width``) cannot come down to their latency target on this model: run id →
     the reason, found by the same check a run makes when it starts (the table is built by then, so it measures
     nothing), before anything trains. On the MLP, a quarter of each hidden layer is 0.323 of dense: above 0.3."""
-    from regrow.models import create_model
-
     reasons, verdicts = {}, {}
     for run_id, config in runs.items():
         floor = config.method_options.get("min_width", 0)
@@ -294,9 +297,7 @@ def floors_out_of_reach(args, runs: dict[str, TrainConfig]) -> dict[str, str]:
         key = (floor, config.latency_target, config.cost)
         if key not in verdicts:
             try:
-                HALP(create_model(args.model).to(args.device), None, latency_target=config.latency_target,
-                     cost=config.cost, latency_batch=args.latency_batch, input_shape=(1, 28, 28),
-                     **{**channel_options(args), "min_width": floor})
+                halp_on_a_fresh_model(args, config.latency_target, config.cost, min_width=floor)
                 verdicts[key] = None
             except ConfigError as error:
                 verdicts[key] = str(error)

@@ -192,8 +192,7 @@ class ChannelBudget:
                 grid[name] = ([full_in], outs)
         return grid
 
-
-    SAVE_EVERY_CELLS = 200
+    SAVE_EVERY_CELLS = 200  # cells measured between two saves of an unfinished table
 
     def precompute(self, progress: bool = False) -> int:
         """Ask the cost model for every cell of :meth:`width_grid` now (a latency table measures them once, on an
