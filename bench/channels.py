@@ -38,6 +38,7 @@ and timing nothing (a grid running across sessions reports as its runs land).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import shutil
@@ -217,8 +218,6 @@ def step_seconds(args, steps: int = 10) -> float:
     it gathers importance: masks train the full-width network, so every run of the grid pays about this."""
     from regrow.models import create_model
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     model = create_model(args.model).to(args.device)
     x, y = torch.randn(128, 1, 28, 28, device=args.device), torch.randint(0, 10, (128,), device=args.device)
     if args.channels_last:
@@ -227,23 +226,36 @@ def step_seconds(args, steps: int = 10) -> float:
     sparsifier = HALP(model, optimizer, latency_target=0.5, cost="macs", input_shape=(1, 28, 28),
                       prune_every=10 * steps, prune_steps=1, **channel_options(args))  # no pruning while timed
     times = []
-    for i in range(steps + 3):
-        synchronize(x.device)
-        start = time.perf_counter()
-        loss = F.cross_entropy(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        sparsifier.step()
-        synchronize(x.device)
-        if i >= 3:  # warm-up
-            times.append(time.perf_counter() - start)
-    torch.set_num_threads(threads)
+    with one_thread():
+        for i in range(steps + 3):
+            synchronize(x.device)
+            start = time.perf_counter()
+            loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            sparsifier.step()
+            synchronize(x.device)
+            if i >= 3:  # warm-up
+                times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
+@contextlib.contextmanager
+def one_thread():
+    """Run the body on one thread, as every run and every timing of the grid does (a latency table is keyed by the
+    thread count: a check made on two threads would measure and read another table than the runs')."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def plan(args, hours: float) -> int:
-    """Size the grid from the measured step time: the largest E (dense pretraining and every run) that fits."""
+    """Size the grid from the measured step time: the largest E (dense pretraining and every run) that fits; and
+    say which targets the model can reach (the grid refuses the others before anything trains)."""
     seconds = step_seconds(args)
     per_epoch = batches_per_epoch(TRAIN_SIZE, 128) * seconds
     fits = [e for e in range(1, 201) if grid_epochs(args, e) * per_epoch / args.jobs <= hours * 3600]
@@ -254,6 +266,12 @@ def plan(args, hours: float) -> int:
           + (f"E = {fits[-1]} fits {hours:g} h ({grid_epochs(args, fits[-1]) * per_epoch / args.jobs / 3600:.1f} h)"
              if fits else f"not even E = 1 fits {hours:g} h "
                           f"({grid_epochs(args, 1) * per_epoch / args.jobs / 3600:.1f} h)"))
+    cost = "macs" if args.quick else "latency"
+    thinnest, floor = reach(args, cost)
+    out_of_reach = [f"{t:g}" for t in args.targets if t < floor]
+    print(f"reach by {cost}: one group of {args.group_size} per layer {thinnest:.3f} of dense"
+          + (f", {args.min_width:g} of every group (--min-width) {floor:.3f}" if args.min_width else "")
+          + (f"; target {', '.join(out_of_reach)} out of reach: the grid would refuse it" if out_of_reach else ""))
     return 0
 
 
@@ -272,32 +290,47 @@ def halp_on_a_fresh_model(args, latency_target: float, cost: str, **options) -> 
                 latency_batch=args.latency_batch, input_shape=(1, 28, 28), **{**channel_options(args), **options})
 
 
+LOOSEST = 0.99  # the target a HALP is built at only to read its cost model (targets lie in (0, 1))
+
+
+def reach(args, cost: str) -> tuple[float, float]:
+    """The least cost this model reaches, as a fraction of dense: its thinnest version (one group of G channels per
+    layer) and, with the grid's floor (``--min-width``), the floor's widths. By a latency table this measures (one
+    thread, and keeps) only the cells of those widths and of dense, not the whole table."""
+    with one_thread():
+        sp = halp_on_a_fresh_model(args, LOOSEST, cost)
+        thinnest = sp.allocator.cost_of([min(args.group_size, g.size) for g in sp.groups]) / sp.dense_cost
+        floor = sp.allocator.cost_of([sp.allocator.fewest(i) for i in range(len(sp.groups))]) / sp.dense_cost
+        sp.allocator.save_costs()
+    return thinnest, floor
+
+
 def prebuild_latency_table(args) -> int:
     """Measure every cell HALP/IEE can ask for, once, single-threaded, before runs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    sp = halp_on_a_fresh_model(args, max(args.targets), "latency")
-    cells = sp.precompute_costs(progress=sys.stderr.isatty())
-    floor = sp.allocator.cost_of([min(args.group_size, g.size) for g in sp.groups]) / sp.dense_cost
+    with one_thread():
+        sp = halp_on_a_fresh_model(args, LOOSEST, "latency")
+        cells = sp.precompute_costs(progress=sys.stderr.isatty())
+    thinnest, _ = reach(args, "latency")  # measured by now
     print(f"latency table: {cells} cells, {sp.cost_model.measurements} measured now; dense {sp.dense_cost:.2f} ms "
-          f"at batch {args.latency_batch}; one group per layer reaches {floor:.3f} of dense", flush=True)
-    torch.set_num_threads(threads)
+          f"at batch {args.latency_batch}; one group per layer reaches {thinnest:.3f} of dense", flush=True)
     return cells
 
 
 def floors_out_of_reach(args, runs: dict[str, TrainConfig]) -> dict[str, str]:
-    """Runs whose width floor (``min_width``) cannot come down to their latency target on this model: run id →
-    the reason, found by the same check a run makes when it starts (the table is built by then, so it measures
-    nothing), before anything trains. On the MLP, a quarter of each hidden layer is 0.323 of dense: above 0.3."""
+    """Runs whose latency target is below what this model reaches with their width floor (``min_width``; without
+    one, one group of G channels per layer): run id → the reason, found by the same check a run makes when it starts, before anything trains and before the latency
+    table is built (the check measures only the cells of dense and of the floor's widths, on one thread, as the
+    table and the runs are). On the MLP, a quarter of each hidden layer is 0.323 of dense: above 0.3."""
     reasons, verdicts = {}, {}
     for run_id, config in runs.items():
         floor = config.method_options.get("min_width", 0)
-        if not floor or config.structure != "channel":
+        if config.structure != "channel":
             continue
         key = (floor, config.latency_target, config.cost)
         if key not in verdicts:
             try:
-                halp_on_a_fresh_model(args, config.latency_target, config.cost, min_width=floor)
+                with one_thread():
+                    halp_on_a_fresh_model(args, config.latency_target, config.cost, min_width=floor)
                 verdicts[key] = None
             except ConfigError as error:
                 verdicts[key] = str(error)
@@ -309,10 +342,12 @@ def floors_out_of_reach(args, runs: dict[str, TrainConfig]) -> dict[str, str]:
 def leave_out_floors(args, main_runs: dict[str, TrainConfig]) -> None:
     """Take the runs whose floor cannot reach their target out of ``main_runs``: an open choice left out, with
     a line, where ``--investigate`` asked for all of them; a refusal (exit 2, before anything trains) where the
-    floor was asked for by name or for every run (``--min-width``)."""
+    floor was asked for by name or for every run (``--min-width``), or where the target is below even the
+    thinnest network."""
     out_of_reach = floors_out_of_reach(args, main_runs)
     # a floor other than the grid's own (--min-width) can only come from an open choice (min-width0.25)
-    named = [r for r in out_of_reach if args.investigate or main_runs[r].method_options["min_width"] == args.min_width]
+    named = [r for r in out_of_reach
+             if args.investigate or main_runs[r].method_options.get("min_width", 0) == args.min_width]
     if named:
         raise ConfigError(f"{named[0]}: {out_of_reach[named[0]]}")
     for run_id, reason in out_of_reach.items():
@@ -349,14 +384,10 @@ def tp_pruned(args, dense: torch.nn.Module, shape: tuple, target_macs: float) ->
 def timed_against_dense(args, dense: torch.nn.Module, model: torch.nn.Module, shape: tuple) -> dict:
     """:func:`paired_timing` of ``model`` (as ``pruned``) against ``dense`` on one thread, as every model here is
     timed, at batch ``--latency-batch`` on a seeded random input."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         torch.manual_seed(0)
         x = torch.randn(args.latency_batch, *shape, device=args.device)
         return paired_timing({"dense": dense.eval(), "pruned": model.eval()}, x, repeats=args.repeats)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def tp_speed_at_macs(args, latencies: dict, time_missing: bool = True) -> dict[str, dict]:
@@ -649,9 +680,9 @@ def main(argv=None) -> int:
         if (out / SUMMARY).exists() and not (out / MODEL).exists():
             print(f"{run_id}: finished, but its model file is missing; training it again", flush=True)
             shutil.rmtree(out)
+    leave_out_floors(args, main_runs)  # before the table's build (most of an hour on MobileNetV2), not after it
     if not args.quick:  # first, while the machine is idle: the table times the architecture, not its weights
         prebuild_latency_table(args)
-    leave_out_floors(args, main_runs)
     pre_summaries = run_grid(args.name, pre, jobs=args.jobs)
     summaries = run_grid(args.name, main_runs, jobs=args.jobs)
     latencies = {run_id: measure(args, run_id) for run_id in summaries}

@@ -334,6 +334,22 @@ def test_channels_grid_leaves_out_or_refuses_a_width_floor_that_cannot_reach_its
         module.leave_out_floors(args, {"halp-0.2-seed0": module.recipe(
             args, method="halp", structure="channel", latency_target=0.2, cost="macs", seed=0,
             method_options={"min_width": 0.25})})
+    args.min_width = 0.0  # no floor: a target below the thinnest network (one group of 4 per layer, 0.012) too
+    thin = {"halp-0.01-seed0": module.recipe(args, method="halp", structure="channel", latency_target=0.01,
+                                             cost="macs", seed=0, method_options={})}
+    with pytest.raises(ConfigError, match="halp-0.01-seed0: .* one group of 4 channels per layer .* 0.012 of dense"):
+        module.leave_out_floors(args, thin)
+    thin["halp-0.01-seed0"].latency_target = 0.02
+    module.leave_out_floors(args, thin)
+    assert list(thin) == ["halp-0.01-seed0"]
+
+
+def test_channels_plan_says_which_targets_the_model_reaches(bench_channels, capsys):
+    args = bench_channels.parse(["--model", "mlp", "--quick", "--targets", "0.3", "0.2", "--min-width", "0.25"])
+    assert bench_channels.plan(args, 1.0) == 0
+    reach = capsys.readouterr().out.splitlines()[-1]
+    assert reach == ("reach by macs: one group of 4 per layer 0.012 of dense, 0.25 of every group (--min-width) "
+                     "0.233; target 0.2 out of reach: the grid would refuse it")
 
 
 def test_channels_claim_verdict_decides_unmatched_pairs_only_when_the_faster_is_the_more_accurate(bench_channels):
