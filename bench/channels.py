@@ -318,9 +318,10 @@ def prebuild_latency_table(args) -> int:
 
 def floors_out_of_reach(args, runs: dict[str, TrainConfig]) -> dict[str, str]:
     """Runs whose latency target is below what this model reaches with their width floor (``min_width``; without
-    one, one group of G channels per layer): run id → the reason, found by the same check a run makes when it starts, before anything trains and before the latency
-    table is built (the check measures only the cells of dense and of the floor's widths, on one thread, as the
-    table and the runs are). On the MLP, a quarter of each hidden layer is 0.323 of dense: above 0.3."""
+    one, one group of G channels per layer): run id → the reason, found by the same check a run makes when it
+    starts, before anything trains and before the latency table is built (the check measures only the cells of
+    dense and of the floor's widths, on one thread, as the table and the runs are). On the MLP, a quarter of each
+    hidden layer is 0.323 of dense: above 0.3."""
     reasons, verdicts = {}, {}
     for run_id, config in runs.items():
         floor = config.method_options.get("min_width", 0)
@@ -984,7 +985,10 @@ def write(args, rows, pairs, pre, summaries, latencies, references, argv) -> Non
         markers = {"halp-matched": "D", "halp": "s", "iee-scratch-2x": "P", "iee-scratch": "o", "iee-ramp": "v",
                    "iee-pretrained-ramp": "<", "iee-pretrained": "^", "torch-pruning": "x", "dense": "*"}
         method = {key: key.split(" @ ")[0].split(" (")[0] for key in rows}  # a row's method, without its target
-        colors = {m: matplotlib_tab20(i) for i, m in enumerate(dict.fromkeys(method.values()))}  # > 10 methods
+        # > 10 methods: tab20's colours, then the same colours hollow (the MLP grid has 27 methods), so that no two
+        # methods share both colour and fill (methods of one family share a marker)
+        order = {m: i for i, m in enumerate(dict.fromkeys(method.values()))}
+        colors = {m: matplotlib_tab20(i) for m, i in order.items()}
         labelled = set()
         for key, r in rows.items():
             # x: the paired fraction of dense, not milliseconds: dense's own time drifts between timing sessions;
@@ -994,7 +998,8 @@ def write(args, rows, pairs, pre, summaries, latencies, references, argv) -> Non
                 continue
             marker = next((m for prefix, m in markers.items() if method[key].startswith(prefix)), "o")
             ax.errorbar(x, 100 * r["accuracy"][0], yerr=100 * r["accuracy"][1], fmt=marker,
-                        color=colors[method[key]], capsize=3, label=None if method[key] in labelled else method[key])
+                        color=colors[method[key]], mfc="none" if order[method[key]] >= 20 else colors[method[key]],
+                        capsize=3, label=None if method[key] in labelled else method[key])
             labelled.add(method[key])
             ax.annotate(f"{r['cost']:.1f}", (x, 100 * r["accuracy"][0]), fontsize=6,
                         textcoords="offset points", xytext=(4, 3))  # total training cost, dense epochs
