@@ -325,13 +325,15 @@ def figure(path: Path, ncols: int = 1, figsize: tuple[float, float] = (6, 4)) ->
         plt.close(fig)
 
 
-def style(ax, xlabel: str, ylabel: str | None = None, title: str | None = None, legend: str = "best") -> None:
+def style(ax, xlabel: str, ylabel: str | None = None, title: str | None = None, legend: str | None = "best") -> None:
     ax.set_xlabel(xlabel)
     if ylabel:
         ax.set_ylabel(ylabel)
     if title:
         ax.set_title(title)
     ax.grid(alpha=0.3)
+    if legend is None:  # one series, nothing to name
+        return
     if legend == "outside":  # many series: beside the axes, where it cannot hide a point
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     else:

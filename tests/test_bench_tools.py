@@ -763,3 +763,43 @@ def test_channel_widths_cuts_both_allocations_out_at_the_budget_they_were_given(
         assert macs / dense_macs == pytest.approx(described[allocation]["macs_fraction"], rel=1e-6)
         modules = dict(small.named_modules())
         assert all(modules[root].out_channels == count for root, count in widths[allocation].items())
+
+
+def test_channels_summary_sets_the_grids_targets_side_by_side_from_their_reports(bench_channels, monkeypatch):
+    import channels_summary as summary
+
+    monkeypatch.setattr(summary, "RESULTS", bench_channels.RESULTS)
+    bench_channels.RESULTS.mkdir(parents=True)
+
+    def run(accuracy, predicted=None):
+        return {"test_accuracy": accuracy, **({"channels": {"predicted_fraction": predicted}} if predicted else {})}
+
+    def pair(halp, iee):
+        return {"halp": {"fraction": 0.30, "accuracy": halp}, "iee-scratch": {"fraction": 0.30, "accuracy": iee}}
+
+    report = {
+        "commit": "abc1234", "args": {"model": "mlp", "pretrain_epochs": 30, "targets": [0.55, 0.3]},
+        "runs": {"dense-seed0": run(0.900), "dense-seed1": run(0.902), "dense-2x-seed0": run(0.905),
+                 "dense-2x-seed1": run(0.907), "halp-0.3-seed0": run(0.90, 0.33), "halp-0.3-seed1": run(0.90, 0.33),
+                 "iee-scratch-0.3-seed0": run(0.88, 0.25), "iee-scratch-0.3-seed1": run(0.89, 0.25),
+                 "iee-scratch-one-cycle-0.3-seed0": run(0.89), "iee-scratch-one-cycle-0.3-seed1": run(0.91)},
+        "latency": {r: {"measured_speedup": 1 / 0.30} for r in ("halp-0.3-seed0", "iee-scratch-0.3-seed0")},
+        "equal_latency": {"0.3": {"seeds": 2, "pairs": [pair(0.90, 0.88), pair(0.90, 0.89)],
+                                  "accuracy_difference": [-1.5, 0.5], "cost_ratio": 0.3,
+                                  "fraction": {"halp": 0.30, "iee-scratch": 0.30}}},
+        "rows": {"halp @ 0.3": {"speedup": 3.0, "tp_speedup_same_macs": 2.5},
+                 "iee-scratch @ 0.3": {"speedup": 2.0, "tp_speedup_same_macs": 2.5}, "dense": {"speedup": 1.0}}}
+    (bench_channels.RESULTS / "channels-fake.json").write_text(json.dumps(report))
+    assert summary.main(["channels-fake"]) == 0
+    md = (bench_channels.RESULTS / "channels-summary.md").read_text()
+    # IEE 1.5 points under HALP at the same latency: the claim does not hold, whatever the cost
+    assert "| mlp, E = 30 | +0.50 | 0.3 | 0.300 / 0.300 | -1.50 ± 0.50 (n=2) | 0.30 | no |" in md
+    # IEE's export 0.80 of Torch-Pruning's speed; the table 10 % (HALP: 0.30 measured / 0.33 predicted) and 20 % off
+    assert "| mlp, E = 30 | 1 / 2 | 0.80–1.20× | iee-scratch @ 0.3 0.80 | 1 / 2 | 14.5 % | 20.0 % (iee-scratch-0.3-" \
+           "seed0) |" in md
+    assert "| one-cycle | +1.50 ± 0.50 (n=2) |" in md and "| ramp |" not in md  # only what the grid measured
+    assert json.loads((bench_channels.RESULTS / "channels-summary.json").read_text())["grids"] == {
+        "channels-fake": "abc1234"}
+    with pytest.raises(ConfigError, match="no report channels-missing.json"):
+        summary.main(["channels-missing"])  # named: refused, nothing rewritten
+    assert (bench_channels.RESULTS / "channels-summary.md").read_text() == md
