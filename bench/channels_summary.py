@@ -13,9 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 
-from channels import INVESTIGATE, claim_verdict, fidelity
+from channels import INVESTIGATE, claim_verdict, fidelity, total_cost
 from runner import RESULTS, commit, difference_text, figure, paired_difference, script_main, style
 
 from regrow import checkpoint
@@ -56,6 +57,30 @@ def claim_rows(report: dict) -> list[dict]:
                      "matching": note.strip(" ()"),
                      "plateau": plateau and plateau["mean"]})
     return rows
+
+
+def half_cost(report: dict) -> dict[str, dict]:
+    """Per target, IEE from scratch given the target's whole budget, half of HALP's training FLOPs, estimated
+    between the two lengths the grid trains (E and 2E, each paired against HALP over seeds, untightened) by a
+    straight line in cost: an interpolation, not a run."""
+    runs = report["runs"]
+
+    def cost(group: str) -> float | None:
+        costs = [total_cost(s) for k, s in runs.items() if k.rsplit("-seed", 1)[0] == group]
+        return statistics.fmean(costs) if costs else None
+
+    out = {}
+    for target in report["args"]["targets"]:
+        t = f"{target:g}"
+        halp = cost(f"halp-{t}")
+        sides = [(cost(f"{m}-{t}"), paired_difference(runs, f"{m}-{t}", f"halp-{t}"))
+                 for m in ("iee-scratch", "iee-scratch-2x")]
+        if halp is None or any(c is None or d is None for c, d in sides):
+            continue
+        (c1, d1), (c2, d2) = ((c / halp, d["mean"]) for c, d in sides)
+        out[t] = {"cost_e": c1, "difference_e": d1, "cost_2e": c2, "difference_2e": d2,
+                  "at_half": d1 + (0.5 - c1) / (c2 - c1) * (d2 - d1)}
+    return out
 
 
 def speed_row(report: dict) -> dict | None:
@@ -99,6 +124,7 @@ def main(argv=None) -> int:
     speeds = {name: speed_row(r) for name, r in reports.items()}
     fits = {name: fidelity(r["runs"], r["latency"]) for name, r in reports.items()}
     choices = {name: choice_differences(r) for name, r in reports.items()}
+    halves = {name: half_cost(r) for name, r in reports.items()}
 
     lines = [f"# {OUT}", "", f"Command: `python bench/channels_summary.py{''.join(' ' + g for g in args.grids)}`  ",
              f"Written at {commit()} from: " + ", ".join(f"`{n}` ({r['commit']})" for n, r in reports.items()), "",
@@ -114,6 +140,15 @@ def main(argv=None) -> int:
             lines.append(f"| {network(reports[name])} | {plateau} | {r['target']:g} | {r['halp_fraction']:.3f} / "
                          f"{r['iee_fraction']:.3f}{matching} | {r['difference']:+.2f} ± {r['se']:.2f} "
                          f"(n={r['seeds']}) | {r['cost_ratio']:.2f} | {r['verdict']} |")
+    lines += ["", "IEE from scratch given the target's whole budget (half of HALP's training FLOPs): between the "
+              "grid's IEE for E and for 2E epochs (each − HALP, paired, untightened), a straight line in cost; an "
+              "interpolation, not a run:", "",
+              "| network | target | IEE for E: cost / HALP's, − HALP | IEE for 2E: cost / HALP's, − HALP | "
+              "at half the cost (interpolated) |", "|---|---|---|---|---|"]
+    for name, rows in halves.items():
+        for t, h in rows.items():
+            lines.append(f"| {network(reports[name])} | {t} | {h['cost_e']:.2f}, {h['difference_e']:+.2f} | "
+                         f"{h['cost_2e']:.2f}, {h['difference_2e']:+.2f} | {h['at_half']:+.2f} |")
     lines += ["", "Every export at least as fast as Torch-Pruning's magnitude pruner at the same MACs, and the latency "
               "table's predicted speed-ups within 10 % of the measured (every HALP/IEE export):", "",
               "| network | rows at least as fast / rows | speed-up over Torch-Pruning's | slower rows | "
@@ -139,7 +174,7 @@ def main(argv=None) -> int:
     (RESULTS / f"{OUT}.md").write_text(md)
     checkpoint.write_json(RESULTS / f"{OUT}.json", {
         "grids": {n: r["commit"] for n, r in reports.items()}, "commit": commit(), "claims": claims,
-        "speed_over_torch_pruning": speeds, "fidelity": fits,
+        "at_half_the_cost": halves, "speed_over_torch_pruning": speeds, "fidelity": fits,
         "choices": choices})
     print(md)
     with figure(RESULTS / f"{OUT}.png", figsize=(7, 4)) as ax:

@@ -771,8 +771,9 @@ def test_channels_summary_sets_the_grids_targets_side_by_side_from_their_reports
     monkeypatch.setattr(summary, "RESULTS", bench_channels.RESULTS)
     bench_channels.RESULTS.mkdir(parents=True)
 
-    def run(accuracy, predicted=None):
-        return {"test_accuracy": accuracy, **({"channels": {"predicted_fraction": predicted}} if predicted else {})}
+    def run(accuracy, predicted=None, flops=1.0):
+        return {"test_accuracy": accuracy, "train_flops": flops,
+                **({"channels": {"predicted_fraction": predicted}} if predicted else {})}
 
     def pair(halp, iee):
         return {"halp": {"fraction": 0.30, "accuracy": halp}, "iee-scratch": {"fraction": 0.30, "accuracy": iee}}
@@ -780,8 +781,10 @@ def test_channels_summary_sets_the_grids_targets_side_by_side_from_their_reports
     report = {
         "commit": "abc1234", "args": {"model": "mlp", "pretrain_epochs": 30, "targets": [0.55, 0.3]},
         "runs": {"dense-seed0": run(0.900), "dense-seed1": run(0.902), "dense-2x-seed0": run(0.905),
-                 "dense-2x-seed1": run(0.907), "halp-0.3-seed0": run(0.90, 0.33), "halp-0.3-seed1": run(0.90, 0.33),
-                 "iee-scratch-0.3-seed0": run(0.88, 0.25), "iee-scratch-0.3-seed1": run(0.89, 0.25),
+                 "dense-2x-seed1": run(0.907), "halp-0.3-seed0": run(0.90, 0.33, 10.0),
+                 "halp-0.3-seed1": run(0.90, 0.33, 10.0), "iee-scratch-0.3-seed0": run(0.88, 0.25, 3.0),
+                 "iee-scratch-0.3-seed1": run(0.89, 0.25, 3.0), "iee-scratch-2x-0.3-seed0": run(0.90, None, 6.0),
+                 "iee-scratch-2x-0.3-seed1": run(0.90, None, 6.0),
                  "iee-scratch-one-cycle-0.3-seed0": run(0.89), "iee-scratch-one-cycle-0.3-seed1": run(0.91)},
         "latency": {r: {"measured_speedup": 1 / 0.30} for r in ("halp-0.3-seed0", "iee-scratch-0.3-seed0")},
         "equal_latency": {"0.3": {"seeds": 2, "pairs": [pair(0.90, 0.88), pair(0.90, 0.89)],
@@ -797,6 +800,8 @@ def test_channels_summary_sets_the_grids_targets_side_by_side_from_their_reports
     # IEE's export 0.80 of Torch-Pruning's speed; the table 10 % (HALP: 0.30 measured / 0.33 predicted) and 20 % off
     assert "| mlp, E = 30 | 1 / 2 | 0.80–1.20× | iee-scratch @ 0.3 0.80 | 1 / 2 | 14.5 % | 20.0 % (iee-scratch-0.3-" \
            "seed0) |" in md
+    # IEE at E: 0.3 of HALP's cost, 1.5 points under; at 2E: 0.6, level; at half the cost, on the line: 0.5 under
+    assert "| mlp, E = 30 | 0.3 | 0.30, -1.50 | 0.60, +0.00 | -0.50 |" in md
     assert "| one-cycle | +1.50 ± 0.50 (n=2) |" in md and "| ramp |" not in md  # only what the grid measured
     assert json.loads((bench_channels.RESULTS / "channels-summary.json").read_text())["grids"] == {
         "channels-fake": "abc1234"}
