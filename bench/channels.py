@@ -296,12 +296,12 @@ LOOSEST = 0.99  # the target a HALP is built at only to read its cost model (tar
 def reach(args, cost: str) -> tuple[float, float]:
     """The least cost this model reaches, as a fraction of dense: its thinnest version (one group of G channels per
     layer) and, with the grid's floor (``--min-width``), the floor's widths. By a latency table this measures (one
-    thread, and keeps) only the cells of those widths and of dense, not the whole table."""
+    thread) only the cells of those widths and of dense, not the whole table, and keeps none of them: ``--plan``
+    may run on a busy machine, and the grid's table must be timed on an idle one."""
     with one_thread():
         sp = halp_on_a_fresh_model(args, LOOSEST, cost)
         thinnest = sp.allocator.cost_of([min(args.group_size, g.size) for g in sp.groups]) / sp.dense_cost
         floor = sp.allocator.cost_of([sp.allocator.fewest(i) for i in range(len(sp.groups))]) / sp.dense_cost
-        sp.allocator.save_costs()
     return thinnest, floor
 
 

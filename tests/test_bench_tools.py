@@ -808,3 +808,12 @@ def test_channels_summary_sets_the_grids_targets_side_by_side_from_their_reports
     with pytest.raises(ConfigError, match="no report channels-missing.json"):
         summary.main(["channels-missing"])  # named: refused, nothing rewritten
     assert (bench_channels.RESULTS / "channels-summary.md").read_text() == md
+
+
+def test_channels_reach_by_a_latency_table_keeps_no_cell_it_measured(bench_channels, monkeypatch, tmp_path):
+    # --plan may run on a busy machine: the cells it times must not land in the table the grid builds on an idle one
+    monkeypatch.setenv("REGROW_CACHE_DIR", str(tmp_path / "cache"))
+    args = bench_channels.parse(["--model", "mlp", "--min-width", "0.25", "--latency-batch", "4"])
+    thinnest, floor = bench_channels.reach(args, "latency")
+    assert 0 < thinnest < floor < 1
+    assert not list((tmp_path / "cache").rglob("*.json"))
