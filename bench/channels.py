@@ -299,9 +299,13 @@ def reach(args, cost: str) -> tuple[float, float]:
     thread) only the cells of those widths and of dense, not the whole table, and keeps none of them: ``--plan``
     may run on a busy machine, and the grid's table must be timed on an idle one."""
     with one_thread():
-        sp = halp_on_a_fresh_model(args, LOOSEST, cost)
-        thinnest = sp.allocator.cost_of([min(args.group_size, g.size) for g in sp.groups]) / sp.dense_cost
-        floor = sp.allocator.cost_of([sp.allocator.fewest(i) for i in range(len(sp.groups))]) / sp.dense_cost
+        return reach_of(halp_on_a_fresh_model(args, LOOSEST, cost), args.group_size)
+
+
+def reach_of(sp: HALP, group_size: int) -> tuple[float, float]:
+    """:func:`reach` read off a built HALP (its cost model measures what it lacks)."""
+    thinnest = sp.allocator.cost_of([min(group_size, g.size) for g in sp.groups]) / sp.dense_cost
+    floor = sp.allocator.cost_of([sp.allocator.fewest(i) for i in range(len(sp.groups))]) / sp.dense_cost
     return thinnest, floor
 
 
@@ -310,7 +314,7 @@ def prebuild_latency_table(args) -> int:
     with one_thread():
         sp = halp_on_a_fresh_model(args, LOOSEST, "latency")
         cells = sp.precompute_costs(progress=sys.stderr.isatty())
-    thinnest, _ = reach(args, "latency")  # measured by now
+        thinnest, _ = reach_of(sp, args.group_size)  # measured by now
     print(f"latency table: {cells} cells, {sp.cost_model.measurements} measured now; dense {sp.dense_cost:.2f} ms "
           f"at batch {args.latency_batch}; one group per layer reaches {thinnest:.3f} of dense", flush=True)
     return cells

@@ -13,10 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
 
-from channels import INVESTIGATE, claim_verdict, fidelity, total_cost
+from channels import INVESTIGATE, _mean_of, claim_verdict, fidelity, total_cost
 from runner import RESULTS, commit, difference_text, figure, paired_difference, script_main, style
 
 from regrow import checkpoint
@@ -66,8 +65,7 @@ def half_cost(report: dict) -> dict[str, dict]:
     runs = report["runs"]
 
     def cost(group: str) -> float | None:
-        costs = [total_cost(s) for k, s in runs.items() if k.rsplit("-seed", 1)[0] == group]
-        return statistics.fmean(costs) if costs else None
+        return _mean_of(total_cost(s) for k, s in runs.items() if k.rsplit("-seed", 1)[0] == group)
 
     out = {}
     for target in report["args"]["targets"]:
