@@ -93,7 +93,7 @@ def speed_row(report: dict) -> dict | None:
 
 
 def choice_differences(report: dict) -> dict[str, dict]:
-    """Each open choice against IEE from scratch at regrow's defaults, at the grid's tightest target, paired."""
+    """Each open choice against the grid's IEE from scratch (the straight first cut), at its tightest target, paired."""
     target = f"{min(report['args']['targets']):g}"
     out = {}
     for label, group in CHOICES.items():
@@ -160,8 +160,9 @@ def main(argv=None) -> int:
                                               f"{100 * f['max']:.1f} % ({f['worst']})")
         lines.append(f"| {network(reports[name])} | {speed} | {fit} |")
     labels = [label for label in CHOICES if any(label in c for c in choices.values())]
-    lines += ["", "IEE's open choices, each paired against IEE from scratch at regrow's defaults at the grid's "
-              "tightest target (points; `ramp`: the first cut ramped, at every grid):", "",
+    lines += ["", "IEE's open choices, each paired against the grid's IEE from scratch (regrow's defaults with the "
+              "straight first cut) at the grid's tightest target (points; `ramp`: the first cut ramped, at every "
+              "grid):", "",
               "| choice | " + " | ".join(f"{network(reports[n])} @ {min(reports[n]['args']['targets']):g}"
                                         for n in reports) + " |",
               "|---|" + "---|" * len(reports)]

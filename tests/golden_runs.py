@@ -58,6 +58,9 @@ RUNS: dict[str, dict] = {
                                 method_options=IEE_CHANNEL_PAPER),
     "resnet8-iee-channel-defaults": dict(model="resnet8", method="iee", structure="channel", cost="macs",
                                          latency_target=0.6, method_options=IEE_SHORT),
+    # three cycles of H = J = Q = 1 in the 9 steps before t_end: the default first cut, ramped over all three
+    "resnet8-iee-channel-ramp": dict(model="resnet8", method="iee", structure="channel", cost="macs",
+                                     latency_target=0.6, method_options=dict.fromkeys(IEE_SHORT, 1)),
     "mlp-rigl": dict(model="mlp", method="rigl", method_options={"interval": 2}),
     "mlp-iee": dict(model="mlp", method="iee", method_options=IEE_INIT),
     "mlp-set": dict(model="mlp", method="set", method_options={"interval": 2}),

@@ -12,7 +12,7 @@ from conftest import CountingMeasure, train_on
 from regrow import masking
 from regrow.channels.costs import LatencyTable, layer_shapes
 from regrow.errors import ConfigError
-from regrow.methods.channel import CHANNEL_PAPER_CYCLE
+from regrow.methods.channel import CHANNEL_PAPER_CYCLE, DEFAULT_RAMP_CYCLES
 from regrow.models import create_model
 
 
@@ -208,11 +208,13 @@ def test_iee_channel_keeps_the_budget_and_explores_with_the_active_channels_froz
 
     train(model, optimizer, sp, 60, each=watch)
     assert len(sp.history) == sp.cycles >= 4 and snapshots
-    for record in sp.history:
-        assert record["cost_after_prune"] <= (1 - record["fraction"]) * sp.budget + 1e-9
-        assert record["cost_after_grow"] <= sp.budget + 1e-9
+    for record in sp.history:  # each cycle's budget: on the default ramp's path down to the target, then the target
+        budget = record.get("budget", sp.budget)
+        assert budget >= sp.budget
+        assert record["cost_after_prune"] <= (1 - record["fraction"]) * budget + 1e-9
+        assert record["cost_after_grow"] <= budget + 1e-9
+        assert record["cost_after_grow"] > 0.9 * budget  # the knapsack fills the budget, not far below it
     assert sum(record["grown_channels"] for record in sp.history) > 0
-    assert sp.history[0]["cost_after_grow"] > 0.9 * sp.budget  # the knapsack fills the budget, not far below it
     assert sp.predicted_cost() <= sp.budget
 
 
@@ -333,7 +335,8 @@ def test_iee_channel_ablation_switches(switch):
                                         for (w, a), m in zip(seen["snapshot"].values(), sp.layers.values()))
 
     train(model, optimizer, sp, 60, each=watch)
-    assert len(sp.history) == sp.cycles and all(h["cost_after_grow"] <= sp.budget + 1e-9 for h in sp.history)
+    assert len(sp.history) == sp.cycles
+    assert all(h["cost_after_grow"] <= h.get("budget", sp.budget) + 1e-9 for h in sp.history)
     if switch == "explore":  # no exploration: the pruned channels never rejoin the forward
         assert not seen["all_on"] and "snapshot" not in seen
     else:  # exploration happens and the active channels train during it
@@ -397,14 +400,28 @@ def test_iee_channel_can_ramp_its_budget_down_like_halp():
     assert budgets[0] == pytest.approx(sp.dense_cost * (sp.budget / sp.dense_cost) ** (1 / 3))  # HALP's path
     assert all(h["cost_after_grow"] <= b * (1 + 1e-9) for h, b in zip(sp.history, budgets))
     assert sp.predicted_cost() <= sp.budget
-    _, _, straight = setup("iee")
+    _, _, straight = setup("iee", ramp_cycles=0)
     assert straight.budget_at(1) == straight.budget  # the paper's first cut: straight to the budget
     with pytest.raises(ConfigError, match="ramp_cycles=9 is more than the 5 IEE cycles"):
         setup("iee", ramp_cycles=9)
 
 
+def test_iee_channel_ramps_its_first_cut_by_default_over_the_cycles_that_fit():
+    _, _, default = setup("iee")  # 5 cycles fit: the default ramp, DEFAULT_RAMP_CYCLES of them
+    assert default.ramp_cycles == DEFAULT_RAMP_CYCLES == 5
+    assert default.budget_at(1) > default.budget and default.budget_at(4 * default.cycle_length + 1) == pytest.approx(
+        default.budget)
+    _, _, short = setup("iee", max_cycles=2)  # fewer fit: the ramp over those, reaching the budget at the last
+    assert short.ramp_cycles == 2 and short.budget_at(short.cycle_length + 1) == pytest.approx(short.budget)
+    _, _, one = setup("iee", max_cycles=1)  # one cycle: its cut is straight to the budget
+    assert one.ramp_cycles == 1 and one.budget_at(1) == pytest.approx(one.budget)
+    for bad in (-1, 2.5, True, "5"):
+        with pytest.raises(ConfigError, match="ramp_cycles must be a number of cycles"):
+            setup("iee", ramp_cycles=bad)
+
+
 def test_iee_channel_regrow_within_groups_keeps_the_widths_of_its_first_cut_and_swaps_channels():
-    model, optimizer, sp = setup("iee", regrow="within_groups")
+    model, optimizer, sp = setup("iee", regrow="within_groups", ramp_cycles=0)  # one cut, then exchanges only
     keeps = []
     train(model, optimizer, sp, 60, each=lambda step: keeps.append(
         sp.active_keep() if sp.position(step) == sp.cycle_length else None))
@@ -415,7 +432,7 @@ def test_iee_channel_regrow_within_groups_keeps_the_widths_of_its_first_cut_and_
     ends = [k for k in keeps if k is not None]
     assert any(not torch.equal(a, b) for x, y in zip(ends, ends[1:]) for a, b in zip(x, y))  # channels do move
     assert sp.predicted_cost() <= sp.budget * (1 + 1e-9)
-    knapsack_model, knapsack_optimizer, knapsack = setup("iee", **CHANNEL_PAPER_CYCLE)
+    knapsack_model, knapsack_optimizer, knapsack = setup("iee", ramp_cycles=0, **CHANNEL_PAPER_CYCLE)
     train(knapsack_model, knapsack_optimizer, knapsack, 60)
     moved = [h["kept_channels"] for h in knapsack.history]
     assert any(w != moved[1] for w in moved[2:])  # the default re-solves the allocation: widths move
@@ -423,10 +440,11 @@ def test_iee_channel_regrow_within_groups_keeps_the_widths_of_its_first_cut_and_
         setup("iee", regrow="per-layer")
 
 
-def test_iee_channel_max_cycles_stops_after_the_same_first_cuts_as_the_full_run():
-    full_model, full_optimizer, full = setup("iee", seed=2)
+@pytest.mark.parametrize("ramp_cycles", [0, 2])
+def test_iee_channel_max_cycles_stops_after_the_same_first_cuts_as_the_full_run(ramp_cycles):
+    full_model, full_optimizer, full = setup("iee", seed=2, ramp_cycles=ramp_cycles)
     train(full_model, full_optimizer, full, 60)
-    model, optimizer, sp = setup("iee", seed=2, max_cycles=2)
+    model, optimizer, sp = setup("iee", seed=2, max_cycles=2, ramp_cycles=ramp_cycles)
     masks = []
     train(model, optimizer, sp, 60, each=lambda step: masks.append(sp.masks()) if step > 2 * sp.cycle_length else None)
     assert sp.cycles == 2 and len(sp.history) == 2 < len(full.history)

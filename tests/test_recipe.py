@@ -52,23 +52,27 @@ def test_a_runs_recipe_repeats_it_exactly_and_flags_win(tmp_path, capsys):
 
 def test_a_recipe_written_before_an_option_existed_repeats_the_run_without_it(tmp_path):
     """A channel IEE recipe from before ``explore_from`` existed ran from the remembered values; the default is zero
-    now. A recipe regrow wrote (its header) gets the old value; a hand-written one today's default."""
+    now. Likewise the first cut went straight to the budget before ``ramp_cycles`` (whose default is now a ramp). A
+    recipe regrow wrote (its header) gets the old values; a hand-written one today's defaults."""
     first = tmp_path / "first"
     assert main(["train", *SMALL, "--model", "resnet8", "--method", "iee", "--structure", "channel", "--cost", "macs",
                  "--latency-target", "0.6", "--opt", "estimate_steps=2", "--opt", "improve_steps=1",
                  "--opt", "explore_steps=2", "--out", str(first)]) == 0
     text = (first / "recipe.yaml").read_text()
-    assert "explore_from: zero" in text
+    assert "explore_from: zero" in text and "ramp_cycles: null" in text
     old = tmp_path / "old.yaml"
-    old.write_text(text.replace("  explore_from: zero\n", ""))  # as regrow wrote it before the option existed
+    # as regrow wrote it before the options existed
+    old.write_text(text.replace("  explore_from: zero\n", "").replace("  ramp_cycles: null\n", ""))
     hand = tmp_path / "hand.yaml"
     hand.write_text(old.read_text().split("\n", 1)[1])  # the same options without regrow's header
-    for recipe, expected in ((old, "remembered"), (hand, "zero")):
+    for recipe, explore_from, ramp_cycles in ((old, "remembered", 0), (hand, "zero", None)):
         out = tmp_path / recipe.stem
         assert main(["train", "--recipe", str(recipe), "--max-steps", "8", "--out", str(out), "--no-progress"]) == 0
         options = json.loads((out / "summary.json").read_text())["config"]["method_options"]
-        assert options.get("explore_from", "zero") == expected
-        assert yaml.safe_load((out / "recipe.yaml").read_text())["opt"]["explore_from"] == expected
+        assert options.get("explore_from", "zero") == explore_from
+        assert options.get("ramp_cycles") == ramp_cycles
+        written = yaml.safe_load((out / "recipe.yaml").read_text())["opt"]
+        assert written["explore_from"] == explore_from and written["ramp_cycles"] == ramp_cycles
 
 
 def test_a_dense_runs_recipe_is_accepted_back(tmp_path):

@@ -178,9 +178,10 @@ def test_an_iee_checkpoint_older_than_recorded_defaults_resumes_only_as_it_ran(t
     del meta["method_defaults"]
     checkpoint.save(tmp_path / "channel" / CHECKPOINT, sections, meta)
     with pytest.raises(CheckpointError, match=r"options differ \(explore_from: 'remembered' -> 'zero', "
-                                              r"freeze_active: True -> False\)"):
+                                              r"freeze_active: True -> False, ramp_cycles: 0 -> None\)"):
         build_trainer(channel(), tmp_path / "channel").run(resume=True)
-    assert build_trainer(channel(**CHANNEL_PAPER_CYCLE), tmp_path / "channel").run(resume=True)["steps"] > 5
+    paper = channel(**CHANNEL_PAPER_CYCLE, ramp_cycles=0)  # and its straight first cut, before the ramp
+    assert build_trainer(paper, tmp_path / "channel").run(resume=True)["steps"] > 5
 
 
 def test_a_checkpoint_from_before_an_option_existed_resumes_only_as_it_ran(tmp_path):
@@ -198,6 +199,25 @@ def test_a_checkpoint_from_before_an_option_existed_resumes_only_as_it_ran(tmp_p
     with pytest.raises(CheckpointError, match=r"options differ \(explore_from: 'remembered' -> 'zero'\)"):
         build_trainer(channel, tmp_path).run(resume=True)
     given = dataclasses.replace(channel, method_options={**options, "explore_from": "remembered"})
+    assert build_trainer(given, tmp_path).run(resume=True)["steps"] > 5
+
+
+def test_a_checkpoint_from_before_a_default_changed_resumes_only_as_it_ran(tmp_path):
+    """IEE for channels cut straight to its budget (``ramp_cycles=0``) before the ramp became its default: a checkpoint
+    that records that default is refused at today's until it is given back, even where the run's cycles are few
+    enough that the ramp would cut straight too (the options are compared, not what they come to)."""
+    from regrow import checkpoint
+    options = {"estimate_steps": 2, "improve_steps": 2, "explore_steps": 2}
+    channel = config(method="iee", structure="channel", cost="macs", latency_target=0.6, method_options=options,
+                     checkpoint_every=5)
+    build_trainer(channel, tmp_path).run(stop_after=5)
+    sections, meta = checkpoint.load(tmp_path / CHECKPOINT)
+    assert meta["method_defaults"]["ramp_cycles"] is None
+    meta["method_defaults"]["ramp_cycles"] = 0
+    checkpoint.save(tmp_path / CHECKPOINT, sections, meta)
+    with pytest.raises(CheckpointError, match=r"options differ \(ramp_cycles: 0 -> None\).*--opt key=value"):
+        build_trainer(channel, tmp_path).run(resume=True)
+    given = dataclasses.replace(channel, method_options={**options, "ramp_cycles": 0})
     assert build_trainer(given, tmp_path).run(resume=True)["steps"] > 5
 
 
