@@ -309,7 +309,8 @@ class ChannelIEE(IEECycle, ChannelSparsifier):
     """IEE over channel groups (``--method iee --structure channel``).
 
     Each cycle: accumulate importance over H steps; prune the lowest-importance channels until the cost falls
-    to (1 − Ω_t)·budget (the first prune, from the dense start, lands there directly); train J steps;
+    to (1 − Ω_t)·budget (the first cycles' budgets ramped down from the dense cost by default, ``ramp_cycles``;
+    the paper's first prune lands at the budget directly); train J steps;
     reactivate every pruned channel for Q steps, the explored ones at ``explore_lr_scale`` times the learning rate,
     accumulating their importance; grow back by the same importance with the knapsack, active channels forced in,
     until the budget is full. By default the explored channels start with zero weight in their consumers
