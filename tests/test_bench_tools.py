@@ -785,7 +785,9 @@ def test_channels_summary_sets_the_grids_targets_side_by_side_from_their_reports
                  "halp-0.3-seed1": run(0.90, 0.33, 10.0), "iee-scratch-0.3-seed0": run(0.88, 0.25, 3.0),
                  "iee-scratch-0.3-seed1": run(0.89, 0.25, 3.0), "iee-scratch-2x-0.3-seed0": run(0.90, None, 6.0),
                  "iee-scratch-2x-0.3-seed1": run(0.90, None, 6.0),
-                 "iee-scratch-one-cycle-0.3-seed0": run(0.89), "iee-scratch-one-cycle-0.3-seed1": run(0.91)},
+                 "iee-scratch-one-cycle-0.3-seed0": run(0.89), "iee-scratch-one-cycle-0.3-seed1": run(0.91),
+                 "iee-pretrained-0.3-seed0": run(0.80), "iee-pretrained-0.3-seed1": run(0.81),
+                 "iee-pretrained-ramp-0.3-seed0": run(0.82), "iee-pretrained-ramp-0.3-seed1": run(0.84)},
         "latency": {r: {"measured_speedup": 1 / 0.30} for r in ("halp-0.3-seed0", "iee-scratch-0.3-seed0")},
         "equal_latency": {"0.3": {"seeds": 2, "pairs": [pair(0.90, 0.88), pair(0.90, 0.89)],
                                   "accuracy_difference": [-1.5, 0.5], "cost_ratio": 0.3,
@@ -803,6 +805,7 @@ def test_channels_summary_sets_the_grids_targets_side_by_side_from_their_reports
     # IEE at E: 0.3 of HALP's cost, 1.5 points under; at 2E: 0.6, level; at half the cost, on the line: 0.5 under
     assert "| mlp, E = 30 | 0.3 | 0.30, -1.50 | 0.60, +0.00 | -0.50 |" in md
     assert "| one-cycle | +1.50 ± 0.50 (n=2) |" in md and "| ramp |" not in md  # only what the grid measured
+    assert "| ramp-pretrained | +2.50 ± 0.50 (n=2) |" in md  # against IEE from the same start, not from scratch
     assert json.loads((bench_channels.RESULTS / "channels-summary.json").read_text())["grids"] == {
         "channels-fake": "abc1234"}
     with pytest.raises(ConfigError, match="no report channels-missing.json"):
