@@ -820,3 +820,68 @@ def test_channels_reach_by_a_latency_table_keeps_no_cell_it_measured(bench_chann
     thinnest, floor = bench_channels.reach(args, "latency")
     assert 0 < thinnest < floor < 1
     assert not list((tmp_path / "cache").rglob("*.json"))
+
+
+def test_table_recheck_times_the_dense_cells_again_and_reads_the_grids_fidelity_off_them(bench_channels,
+                                                                                         monkeypatch, tmp_path):
+    import table_recheck as recheck
+
+    from regrow.channels.costs import LatencyTable, layer_shapes
+    from regrow.models import create_model
+
+    monkeypatch.setattr(recheck, "RESULTS", bench_channels.RESULTS)
+    model = create_model("resnet8")
+    shapes = layer_shapes(model, torch.zeros(1, 1, 28, 28), epilogues=True)
+    table = LatencyTable(shapes, cache_dir=tmp_path / "cache", key="cpu|fake", measure=lambda *a: 2.0)
+    table.reference_ms = 1.0
+    cells = recheck.dense_cells(model, shapes)
+    dense = sum(table(name, c_in, c_out) for name, c_in, c_out in cells)
+    full = {(shapes[name].key(), c_in, c_out) for name, c_in, c_out in cells}
+    for name, c_in, c_out in cells:  # narrower cells, twice as many as the dense ones: the sample's majority
+        for narrower in ((c_in, c_out // 2), (max(1, c_in // 2), c_out // 2), (max(1, c_in // 4), c_out // 4)):
+            if min(narrower) >= 1 and (shapes[name].key(), *narrower) not in full:
+                table(name, *narrower)
+    table.save()
+    held = sum(len(row) for row in table.entries.values())
+    assert held > 3 * len({key for key, _, _ in full})
+
+    def grid(entries_sha=None):
+        import hashlib
+        entries = json.dumps(json.loads(table.path.read_text())["entries"], sort_keys=True)
+        fingerprint = {"path": str(table.path), "device": "cpu|fake", "reference_ms": 1.0, "cells": 0,
+                       "sha256": entries_sha or hashlib.sha256(entries.encode()).hexdigest()}
+        for run, predicted, measured in (("halp-0.3-seed0", 2.0, 1.0), ("iee-scratch-0.3-seed0", 2.0, 1.9)):
+            folder = bench_channels.RESULTS / "runs" / "channels-fake" / run
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "summary.json").write_text(json.dumps({
+                "config": {"model": "resnet8", "latency_batch": 64, "method_options": {}},
+                "channels": {"cost_table": fingerprint}}))
+            (folder / "latency.json").write_text(json.dumps({
+                "dense": {"predicted_ms": dense}, "predicted_speedup": predicted, "measured_speedup": measured}))
+
+    # timed again: every dense cell at half the table's value, the narrower ones as the table has them
+    def time_layer(shape, c_in, c_out, batch, device, repeats, reference_ms):
+        return 1.0 if (shape.key(), c_in, c_out) in full else 2.0
+    monkeypatch.setattr(recheck, "time_layer", time_layer)
+    grid()
+    assert recheck.main(["channels-fake", "--sample", str(held), "--passes", "2"]) == 0
+    result = json.loads((bench_channels.RESULTS / "table-recheck-channels-fake.json").read_text())
+    # the sample is every cell the table holds, most of them as the table has them (no drift); the dense cells
+    # take half their time: the dense sum, and with it every predicted speed-up, is halved
+    assert result["sample_ratio"] == {"median": 1.0, "min": 0.5, "max": 1.0, "cells": held}
+    assert result["dense_ms"]["cached"] == pytest.approx(dense)
+    assert result["dense_ms"]["passes"] == pytest.approx([dense / 2] * 2)
+    assert result["dense_factor"] == pytest.approx(0.5)
+    # committed: HALP predicted 2.0 against 1.0 measured (100 % off), IEE 2.0 against 1.9 (5 %); re-timed, HALP
+    # 1.0 (exact) and IEE 1.0 against 1.9 (47 % under)
+    committed, retimed = result["fidelity_as_committed"], result["fidelity_dense_retimed"]
+    assert (committed["within"], committed["over_predicted"], committed["worst_run"]) == (1, 2, "halp-0.3-seed0")
+    assert (retimed["within"], retimed["over_predicted"], retimed["worst_run"]) == (1, 0, "iee-scratch-0.3-seed0")
+    assert retimed["worst"] == pytest.approx(1 - 1.0 / 1.9)
+    md = (bench_channels.RESULTS / "table-recheck-channels-fake.md").read_text()
+    assert f"Cells more than 10 % under their value in the table: {len(cells)}." in md
+    assert (bench_channels.RESULTS / "table-recheck-channels-fake.png").exists()
+    grid(entries_sha="0" * 64)  # the table changed since the grid used it: refused before anything is timed
+    monkeypatch.setattr(recheck, "time_layer", lambda *a, **k: pytest.fail("timed a cell"))
+    with pytest.raises(ConfigError, match="no longer holds the cells the grid used"):
+        recheck.main(["channels-fake"])
