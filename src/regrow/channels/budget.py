@@ -194,18 +194,32 @@ class ChannelBudget:
 
     SAVE_EVERY_CELLS = 200  # cells measured between two saves of an unfinished table
 
+    DENSE_RETIMES = 2  # more timings of each dense cell at the end of a build that measured anything
+
     def precompute(self, progress: bool = False) -> int:
         """Ask the cost model for every cell of :meth:`width_grid` now (a latency table measures them once, on an
-        idle machine, instead of in the middle of training) and save the cache; returns the number of cells."""
+        idle machine, instead of in the middle of training) and save the cache; returns the number of cells.
+        A build that measured anything then times every cell of the dense network :attr:`DENSE_RETIMES` times
+        more and keeps each one's median (:meth:`regrow.channels.costs.LatencyTable.retime`): the dense sum is the
+        denominator of every budget and predicted fraction, and the end of the build is another moment of the
+        machine than its start, when the dense cells were timed first."""
         cells = sorted({(n, ci, co) for n, (ins, outs) in self.width_grid().items()
                         for ci in ins for co in outs if not self.cost_model.shapes[n].depthwise or ci == co})
         from tqdm.auto import tqdm
 
+        measured = getattr(self.cost_model, "measurements", 0)
         for i, (name, c_in, c_out) in enumerate(tqdm(cells, disable=not progress, desc="latency table",
                                                      leave=False)):
             self.cost_model(name, c_in, c_out)
             if (i + 1) % self.SAVE_EVERY_CELLS == 0:  # a table of thousands of cells takes most of an hour:
                 self.save_costs()  # an interrupted build keeps what it measured, and a rerun measures the rest
+        if hasattr(self.cost_model, "retime") and self.cost_model.measurements > measured:
+            timed = set()  # layers of one shape share a cell: each is timed again once
+            for name, (c_in, c_out) in self.channel_widths([g.size for g in self.groups]).items():
+                cell = (self.cost_model.shapes[name].key(), c_in, c_out)
+                if cell not in timed:
+                    timed.add(cell)
+                    self.cost_model.retime(name, c_in, c_out, self.DENSE_RETIMES)
         self.save_costs()
         return len(cells)
 

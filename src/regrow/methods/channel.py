@@ -128,24 +128,34 @@ class ChannelSparsifier(BaseSparsifier):
         self.allocator = ChannelBudget(model, self.groups, self.cost_model, group_size, resolution, min_width)
         self.importance = [torch.zeros(g.size) for g in self.groups]
         self.importance_steps = 0
+        self._first_conv_kept = bool(ignored)
+        self._set_budget()
+        self.initialize()
+
+    def _set_budget(self) -> None:
+        """The dense cost and the budget it gives, refused below what the model reaches with the fewest channels."""
         self.dense_cost = self.allocator.cost_of([g.size for g in self.groups])
         self.budget = self.latency_target * self.dense_cost
         floor = self.allocator.cost_of([self.allocator.fewest(i) for i in range(len(self.groups))])
         if self.budget < floor:
+            min_width = self.allocator.min_width
             fewest = (f"{min_width:g} of every group's channels" if min_width else
-                      f"one group of {group_size} channels per layer")
-            raise ConfigError(f"latency_target={latency_target:g} ({self.budget:.4g} {self.cost_model.unit}) is below "
-                              f"what this model reaches with {fewest} "
+                      f"one group of {self.group_size} channels per layer")
+            raise ConfigError(f"latency_target={self.latency_target:g} ({self.budget:.4g} {self.cost_model.unit}) is "
+                              f"below what this model reaches with {fewest} "
                               f"({floor:.4g} {self.cost_model.unit} = {floor / self.dense_cost:.3f} of dense)"
                               + ("; the first conv's channels are kept (prune_first=false), which in a CIFAR-style "
-                                 "ResNet keeps the whole first stage: try prune_first=true" if ignored else ""))
-        self.initialize()
+                                 "ResNet keeps the whole first stage: try prune_first=true"
+                                 if self._first_conv_kept else ""))
 
     # ----- costs ------------------------------------------------------------------------------------------
     def precompute_costs(self, progress: bool = False) -> int:
         """Measure every cost the allocator can ask for now, not in the middle of training (see
-        :meth:`regrow.channels.budget.ChannelBudget.precompute`); returns the number of cells."""
-        return self.allocator.precompute(progress=progress)
+        :meth:`regrow.channels.budget.ChannelBudget.precompute`); returns the number of cells. A build re-times the
+        dense network's cells at its end, so the dense cost and the budget are read again after it."""
+        cells = self.allocator.precompute(progress=progress)
+        self._set_budget()
+        return cells
 
     def before_training(self, progress: bool = False) -> None:
         if self.cost_model.name == "latency":  # measured now, not in the middle of training
