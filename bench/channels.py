@@ -191,7 +191,7 @@ def check_cycles(runs: dict[str, TrainConfig]) -> None:
         options = {**defaults, **config.method_options}
         length = sum(options[k] for k in HJQ)
         cycles = option_steps(options["t_end"], run_length(config, TRAIN_SIZE)[1], "t_end") // length
-        needed = max(1, options["ramp_cycles"])
+        needed = max(1, options["ramp_cycles"] or 0)  # None: regrow's default ramp, shortened to the cycles that fit
         if cycles < needed:
             raise ConfigError(f"{run_id}: {cycles} IEE cycle(s) of H + J + Q = {length} steps fit in its "
                               f"{config.epochs} epoch(s), it needs {needed}"

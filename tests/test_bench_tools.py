@@ -1,6 +1,7 @@
 """The benchmark scripts' own machinery: the post-training grid's plan and the worker pool's lifetime."""
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -545,6 +546,11 @@ def test_channels_grid_size_counts_every_run_the_protocol_trains(bench_channels)
     with pytest.raises(ConfigError, match=r"iee-ramp-0.3-seed0: 2 IEE cycle\(s\) of H \+ J \+ Q = 150 steps .* "
                                           r"needs 5 for its ramp"):
         module.check_cycles(module.grids(short)[1])  # 352 steps before t_end: 2 cycles, the ramp wants 5
+    straight = module.grids(short)[1]["iee-scratch-0.3-seed0"]
+    assert straight.method_options["ramp_cycles"] == 0  # the grid's IEE: the paper's straight cut, as measured
+    default = dataclasses.replace(straight, method_options={k: v for k, v in straight.method_options.items()
+                                                            if k != "ramp_cycles"})
+    module.check_cycles({"iee-default": default})  # regrow's default ramp shortens to the 2 cycles that fit
     assert module.halp_interval(module.parse(["--epochs", "20"])) == 40  # the paper's interval where it fits
     assert module.halp_interval(module.parse(["--epochs", "2"])) == 469 // 60
     with pytest.raises(SystemExit) as refused:  # a plan for no time at all: one line, exit 2
