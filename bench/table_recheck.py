@@ -20,7 +20,6 @@ recorded, or the check refuses.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import random
 import statistics
@@ -85,17 +84,18 @@ def main(argv=None) -> int:
     path = Path(fingerprint["path"]).expanduser()
     if not path.is_file():
         raise ConfigError(f"the grid's latency table {fingerprint['path']} is not on this machine")
-    data = json.loads(path.read_text())
-    if hashlib.sha256(json.dumps(data.get("entries"), sort_keys=True).encode()).hexdigest() != fingerprint["sha256"]:
-        raise ConfigError(f"{fingerprint['path']} no longer holds the cells the grid used (its SHA-256 differs)")
     config = next(iter(summaries.values()))["config"]
     model = create_model(config["model"])
     epilogues = config.get("method_options", {}).get("latency_epilogues", True)
     shapes = layer_shapes(model, torch.zeros(1, *INPUT), epilogues=epilogues)
     # read only: the cells are looked up, never measured into it nor saved
-    table = LatencyTable(shapes, cache_dir=path.parent, key=data["device"], batch_size=config["latency_batch"])
-    if table.path != path or table.reference_ms != fingerprint["reference_ms"]:
-        raise ConfigError(f"{fingerprint['path']} is not the table of device {data['device']!r}")
+    table = LatencyTable(shapes, cache_dir=path.parent, key=fingerprint["device"], batch_size=config["latency_batch"])
+    if table.path != path:
+        raise ConfigError(f"{fingerprint['path']} is not the table of device {fingerprint['device']!r}")
+    # the runs recorded the table's fingerprint(); the file must give the same one
+    if {k: table.fingerprint()[k] for k in ("reference_ms", "sha256")} != {
+            k: fingerprint[k] for k in ("reference_ms", "sha256")}:
+        raise ConfigError(f"{fingerprint['path']} no longer holds the cells the grid used (its SHA-256 differs)")
     cells = dense_cells(model, shapes)
     missing = [name for name, c_in, c_out in cells
                if f"{c_in},{c_out}" not in table.entries.get(shapes[name].key(), {})]
