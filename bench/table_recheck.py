@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from runner import RESULTS, commit, figure, script_main, style
 
+from regrow import checkpoint
 from regrow.channels.costs import LatencyTable, layer_shapes, time_layer
 from regrow.env import steady_allocator
 from regrow.errors import ConfigError
@@ -139,7 +140,7 @@ def main(argv=None) -> int:
               "dense_cells": {name: {"cached": cached[name], "fresh": fresh[name]} for name in cached},
               "dense_factor": factor, "fidelity_as_committed": fidelity(1.0),
               "fidelity_dense_retimed": fidelity(factor)}
-    (RESULTS / f"table-recheck-{args.grid}.json").write_text(json.dumps(result, indent=1) + "\n")
+    checkpoint.write_json(RESULTS / f"table-recheck-{args.grid}.json", result)  # atomic, as the other reports
     md = report(result)
     (RESULTS / f"table-recheck-{args.grid}.md").write_text(md)
     with figure(RESULTS / f"table-recheck-{args.grid}.png", figsize=(9, 3.5)) as ax:
